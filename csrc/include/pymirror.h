@@ -1,0 +1,359 @@
+/*
+ * pymirror.h - the one public header of the pymirror C core.
+ *
+ * pymirror keeps a mirror of a block volume and restores the volume from it
+ * while the host keeps using it.  This header is the whole C API: track
+ * tables (bit-packed atomic bitmaps), stores (file and memory backends),
+ * and pairs (state machine, background copier, host I/O arbitration).
+ *
+ * Conventions (see docs/c-api.md):
+ *  - Every function that can fail returns 0 (or a non-negative count) on
+ *    success and a negative code on failure: a negated errno (-EIO, -ENOMEM,
+ *    -EINVAL, ...) or one of the PM_E_* codes below (all below -4096).
+ *    pm_strerror(code) names every code; pm_last_error() gives a thread-local
+ *    message for the last failure on this thread, prefixed by the function's
+ *    name ("pm_pair_write: offset 4096+512 is beyond the volume size 4096").
+ *  - Constructors return the object through an out-parameter.  Every
+ *    create/open has a destroy; destroy(NULL) is a no-op.
+ *  - The core never prints, never aborts on a recoverable error, and never
+ *    keeps a pointer to caller memory beyond the call.
+ *  - "Thread-safe" means any number of threads may call it at once on the
+ *    same object.  "Caller-serialised" means the caller must not run it
+ *    concurrently with any other call on the same object.
+ *
+ * The block between PM_CDEF_BEGIN and PM_CDEF_END is fed, minus preprocessor
+ * lines, to cffi's cdef by pymirror/_build.py: keep it plain C declarations
+ * (no macros, no _Atomic, no inline functions, no attributes).
+ */
+#ifndef PYMIRROR_H
+#define PYMIRROR_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* PM_CDEF_BEGIN */
+
+/* ---- versions and errors ------------------------------------------------ */
+
+enum {
+    PM_VERSION_MAJOR = 0,
+    PM_VERSION_MINOR = 1
+};
+
+enum pm_error {
+    PM_OK = 0,
+    PM_E_RANGE = -4097,     /* offset, length or index outside the object */
+    PM_E_ALIGN = -4098,     /* an offset or length is not aligned as required */
+    PM_E_GEOMETRY = -4099,  /* bad volume or track size, or two volumes differ */
+    PM_E_STATE = -4100,     /* the command is not allowed in the pair's state */
+    PM_E_READONLY = -4101,  /* the volume is write-protected in this state */
+    PM_E_CORRUPT = -4102,   /* metadata fails its magic, checksum or bounds */
+    PM_E_FOREIGN = -4103,   /* metadata of another version, pair or volume */
+    PM_E_JOB = -4104,       /* the copy job stopped on an error (see progress) */
+    PM_E_TIMEDOUT = -4105,  /* a wait ran out of time; nothing is wrong */
+    PM_E_CLOSED = -4106     /* the object is closing or closed */
+};
+
+/* Name of a code: "Input/output error", "pair is in the wrong state", ...
+ * Never NULL; unknown codes give "unknown error".  Thread-safe. */
+const char *pm_strerror(int code);
+
+/* The message of the last failed call on this thread ("" if none).  The
+ * pointer stays valid until the next pymirror call on this thread. */
+const char *pm_last_error(void);
+
+/* ---- bitmaps -------------------------------------------------------------
+ *
+ * A fixed-size array of bits, packed into uint64_t words (bit i lives in word
+ * i / 64, at bit position i % 64), with a summary level of one bit per word
+ * ("this word may be non-zero") so that scans skip empty regions.  All single-
+ * bit operations are atomic; range and whole-map operations are atomic per
+ * word.  Every function is thread-safe unless marked otherwise.  Indexes
+ * out of range return PM_E_RANGE and change nothing.
+ */
+typedef struct pm_bitmap pm_bitmap;
+
+int pm_bitmap_create(uint64_t nbits, pm_bitmap **out);
+void pm_bitmap_destroy(pm_bitmap *bm);
+
+uint64_t pm_bitmap_size(const pm_bitmap *bm);        /* bits */
+uint64_t pm_bitmap_nwords(const pm_bitmap *bm);      /* ceil(bits / 64) */
+/* The word array (nwords words, bits past the size always zero).  Read-only
+ * for callers: writing through it bypasses the summary level. */
+const uint64_t *pm_bitmap_words(const pm_bitmap *bm);
+
+int pm_bitmap_get(const pm_bitmap *bm, uint64_t bit);            /* 0, 1 or <0 */
+int pm_bitmap_set(pm_bitmap *bm, uint64_t bit);                  /* old value */
+int pm_bitmap_clear(pm_bitmap *bm, uint64_t bit);                /* old value */
+int pm_bitmap_test_and_set(pm_bitmap *bm, uint64_t bit);         /* old value */
+int pm_bitmap_test_and_clear(pm_bitmap *bm, uint64_t bit);       /* old value */
+/* Set or clear bits [start, start+count); returns how many bits changed. */
+int64_t pm_bitmap_set_range(pm_bitmap *bm, uint64_t start, uint64_t count);
+int64_t pm_bitmap_clear_range(pm_bitmap *bm, uint64_t start, uint64_t count);
+int pm_bitmap_fill(pm_bitmap *bm);           /* set every bit */
+int pm_bitmap_zero(pm_bitmap *bm);           /* clear every bit */
+
+uint64_t pm_bitmap_count(const pm_bitmap *bm);                   /* set bits */
+uint64_t pm_bitmap_count_range(const pm_bitmap *bm, uint64_t start, uint64_t count);
+/* First set (clear) bit at or after `from`; -1 if none (also if from >= size). */
+int64_t pm_bitmap_next_set(const pm_bitmap *bm, uint64_t from);
+int64_t pm_bitmap_next_clear(const pm_bitmap *bm, uint64_t from);
+/* The first run of set bits starting at or after `from`: *start is its first
+ * bit, *len its length capped at max_len (max_len >= 1).  Returns 1 if a run
+ * was found, 0 if no bit is set at or after `from`. */
+int pm_bitmap_next_run(const pm_bitmap *bm, uint64_t from, uint64_t max_len,
+                       uint64_t *start, uint64_t *len);
+/* Write the indexes of up to `max` set bits at or after `from` into out[];
+ * returns how many were written (0 when none are left).  The way to
+ * enumerate bits from Python without a per-bit call. */
+int64_t pm_bitmap_collect(const pm_bitmap *bm, uint64_t from, uint64_t *out, uint64_t max);
+
+/* dst |= src, dst &= src, dst &= ~src.  Same size required (PM_E_GEOMETRY). */
+int pm_bitmap_union(pm_bitmap *dst, const pm_bitmap *src);
+int pm_bitmap_intersect(pm_bitmap *dst, const pm_bitmap *src);
+int pm_bitmap_subtract(pm_bitmap *dst, const pm_bitmap *src);
+int pm_bitmap_copy(pm_bitmap *dst, const pm_bitmap *src);      /* dst = src */
+int pm_bitmap_equal(const pm_bitmap *a, const pm_bitmap *b);   /* 1, 0 or <0 */
+
+/* Stable serialisation: ceil(nbits / 8) bytes, bit i in byte i / 8 at bit
+ * i % 8 (little-endian), independent of the host's byte order.  Loading
+ * rejects a wrong length (PM_E_GEOMETRY) or set bits past the size
+ * (PM_E_CORRUPT) and leaves the bitmap unchanged. */
+uint64_t pm_bitmap_serial_size(const pm_bitmap *bm);
+int pm_bitmap_save(const pm_bitmap *bm, void *buf, uint64_t len);
+int pm_bitmap_load(pm_bitmap *bm, const void *buf, uint64_t len);
+
+/* Debug check of internal invariants (summary level consistent with the
+ * words, no bits past the size).  0 if sound, PM_E_CORRUPT otherwise.
+ * Caller-serialised: only meaningful when no other thread modifies bm. */
+int pm_bitmap_validate(const pm_bitmap *bm);
+
+/* Which popcount implementation the run-time dispatch chose:
+ * "avx512-vpopcntdq", "popcnt" or "portable". */
+const char *pm_popcount_impl(void);
+
+/* ---- track tables --------------------------------------------------------
+ *
+ * The geometry of one volume (its size cut into tracks of track_size bytes,
+ * the last one possibly shorter) and its per-track flag bitmaps.
+ */
+enum pm_flag {
+    PM_PENDING = 0,   /* this side's copy of the track is stale; the other side holds the valid data */
+    PM_CHANGED = 1,   /* written since the last split (or since the last establish/restore began) */
+    PM_BUSY = 2,      /* claimed by a copier or a host I/O for arbitration */
+    PM_NFLAGS = 3
+};
+
+enum {
+    PM_TRACK_SIZE_MIN = 4096,
+    PM_TRACK_SIZE_MAX = 16777216,
+    PM_TRACK_SIZE_DEFAULT = 65536
+};
+
+typedef struct pm_table pm_table;
+
+/* track_size: a power of two in [PM_TRACK_SIZE_MIN, PM_TRACK_SIZE_MAX];
+ * volume_size: > 0 (need not be a multiple of track_size). */
+int pm_table_create(uint64_t volume_size, uint32_t track_size, pm_table **out);
+void pm_table_destroy(pm_table *t);
+uint64_t pm_table_volume_size(const pm_table *t);
+uint32_t pm_table_track_size(const pm_table *t);
+uint64_t pm_table_tracks(const pm_table *t);
+uint32_t pm_table_last_track_size(const pm_table *t);
+/* The flag's bitmap, owned by the table (NULL for an unknown flag). */
+pm_bitmap *pm_table_flag(pm_table *t, int flag);
+/* The track holding a byte offset, and a track's first byte and length. */
+int64_t pm_table_track_of(const pm_table *t, uint64_t offset);
+int pm_table_track_span(const pm_table *t, uint64_t track, uint64_t *offset, uint32_t *length);
+
+/* ---- stores --------------------------------------------------------------
+ *
+ * The bytes behind a volume.  All I/O functions are thread-safe and
+ * positional; a short read or write is retried inside until done or failed.
+ */
+typedef struct pm_store pm_store;
+
+enum pm_store_flags {
+    PM_STORE_READONLY = 1,  /* open read-only */
+    PM_STORE_CREATE = 2,    /* create a new sparse file of `size` bytes; fail if it exists */
+    PM_STORE_DIRECT = 4     /* O_DIRECT where the filesystem supports it */
+};
+
+/* A regular file or block device.  Without PM_STORE_CREATE, size is ignored
+ * and the store's size is the file's or device's size (must be > 0). */
+int pm_store_open_file(const char *path, unsigned flags, uint64_t size, pm_store **out);
+/* A zero-filled volume in memory (for tests and scratch pairs). */
+int pm_store_create_memory(uint64_t size, pm_store **out);
+void pm_store_destroy(pm_store *s);
+
+uint64_t pm_store_size(const pm_store *s);
+/* The path given at open ("" for memory stores); owned by the store. */
+const char *pm_store_path(const pm_store *s);
+int pm_store_read(pm_store *s, void *buf, uint64_t len, uint64_t offset);
+int pm_store_write(pm_store *s, const void *buf, uint64_t len, uint64_t offset);
+int pm_store_flush(pm_store *s);   /* fdatasync for files */
+
+/* Injected faults, for tests: the next `count` reads (or writes) that touch
+ * [offset, offset+len) fail with `error` (a negative errno such as -EIO or
+ * -ENOSPC); count -1 means until cleared by pm_store_clear_faults. */
+enum pm_fault_op { PM_FAULT_READ = 1, PM_FAULT_WRITE = 2 };
+int pm_store_inject_fault(pm_store *s, int op, uint64_t offset, uint64_t len, int error, int64_t count);
+int pm_store_clear_faults(pm_store *s);
+
+/* ---- pairs ---------------------------------------------------------------
+ *
+ * A standard volume (the host's) and its mirror, their track tables, the
+ * pair's state, and one background copy job at a time.  The states:
+ *
+ *   NEW --establish--> SYNCING --(copy done)--> ESTABLISHED --split--> SPLIT
+ *   SPLIT/RESTORED --establish--> SYNCING
+ *   SPLIT/RESTORED --restore--> RESTORING --(copy done)--> RESTORED (protect)
+ *                                                     \--> ESTABLISHED (no protect)
+ *
+ * The pair borrows its two stores: they must outlive it.  All pair functions
+ * are thread-safe.
+ */
+typedef struct pm_pair pm_pair;
+
+enum pm_state {
+    PM_STATE_NEW = 0,
+    PM_STATE_SYNCING = 1,
+    PM_STATE_ESTABLISHED = 2,
+    PM_STATE_SPLIT = 3,
+    PM_STATE_RESTORING = 4,
+    PM_STATE_RESTORED = 5
+};
+
+enum pm_side { PM_STANDARD = 0, PM_MIRROR = 1 };
+
+enum pm_read_policy {
+    PM_READ_REDIRECT = 0,   /* a read of a PENDING track is served from the source side */
+    PM_READ_HYDRATE = 1     /* ... or the track is copied first, then served */
+};
+
+enum pm_io_flags { PM_IO_FUA = 1 };
+
+struct pm_copy_config {
+    uint32_t copiers;       /* copier threads, >= 1 (default 2) */
+    uint32_t batch_bytes;   /* largest copy I/O, a multiple of the track size (default 1 MiB) */
+    uint64_t rate_bytes;    /* bytes per second for the background copy, 0 = unlimited */
+    uint32_t retries;       /* attempts per failed track copy before the job pauses (default 3) */
+    int32_t read_policy;    /* enum pm_read_policy */
+};
+
+/* Fill a config with the defaults above. */
+void pm_copy_config_default(struct pm_copy_config *cfg);
+
+struct pm_progress {
+    int32_t state;             /* enum pm_state */
+    int32_t running;           /* 1 while a copy job exists and has not finished */
+    int32_t paused;            /* 1 while paused by request or by an error */
+    int32_t error;             /* 0, or the code that paused the job */
+    int64_t error_track;       /* the track that failed, or -1 */
+    int32_t incremental;       /* the current/last job was incremental */
+    int32_t protect;           /* the current/last restore is protected */
+    uint64_t tracks_total;     /* tracks marked PENDING when the job began */
+    uint64_t tracks_pending;   /* tracks still PENDING now */
+    uint64_t tracks_copied;    /* tracks copied by the copier or by hydrating reads */
+    uint64_t tracks_skipped;   /* tracks whose copy a whole-track host write made unnecessary */
+    uint64_t tracks_merged;    /* partial host writes merged with the source's track */
+    uint64_t reads_redirected; /* host reads of PENDING tracks served from the source */
+    uint64_t reads_hydrated;   /* host reads that copied their track first */
+    uint64_t bytes_read;       /* bytes the job read from the source (copies and merges) */
+    uint64_t bytes_written;    /* bytes the job wrote to the target (copies and merges) */
+    uint64_t changed_standard; /* tracks CHANGED on the standard now */
+    uint64_t changed_mirror;   /* tracks CHANGED on the mirror now */
+    double elapsed;            /* seconds since the job began (frozen when it ends) */
+};
+
+/* A new pair over two stores of equal size, in state NEW. */
+int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm_pair **out);
+/* Stops the copier (the job stays resumable from the tables) and frees. */
+void pm_pair_destroy(pm_pair *p);
+
+int pm_pair_state(const pm_pair *p);                 /* enum pm_state */
+const char *pm_state_name(int state);                /* "new", "syncing", ... */
+pm_table *pm_pair_table(pm_pair *p, int side);       /* owned by the pair */
+uint64_t pm_pair_size(const pm_pair *p);
+uint32_t pm_pair_track_size(const pm_pair *p);
+
+/* Commands.  Each checks the state (PM_E_STATE, with a message naming the
+ * state and what is allowed) and the config (-EINVAL), and returns at once:
+ * the copy runs on copier threads.  A pair has at most one job. */
+int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *cfg);
+int pm_pair_split(pm_pair *p);
+int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_copy_config *cfg);
+
+/* Job control.  wait returns 0 when no job is running (done), PM_E_TIMEDOUT
+ * when timeout_ms passed first (timeout_ms < 0 waits forever), or PM_E_JOB
+ * if the job is paused on an error.  pause/resume return PM_E_STATE when
+ * there is no job; resume also clears an error pause and retries. */
+int pm_pair_wait(pm_pair *p, int64_t timeout_ms);
+int pm_pair_pause(pm_pair *p);
+int pm_pair_resume(pm_pair *p);
+int pm_pair_set_rate(pm_pair *p, uint64_t rate_bytes);
+int pm_pair_progress(const pm_pair *p, struct pm_progress *out);
+
+/* Host I/O, arbitrated against the copier per track.  side PM_STANDARD is
+ * the host's volume; PM_MIRROR is allowed for reads whenever the mirror is
+ * consistent and for writes only when split or restored (PM_E_READONLY
+ * otherwise).  Out-of-range I/O returns PM_E_RANGE and does nothing. */
+int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset);
+int pm_pair_write(pm_pair *p, int side, const void *buf, uint64_t len, uint64_t offset, unsigned flags);
+int pm_pair_write_zeroes(pm_pair *p, int side, uint64_t len, uint64_t offset, unsigned flags);
+int pm_pair_flush(pm_pair *p, int side);
+
+/* Compare the two sides track by track, writing the numbers of up to `max`
+ * differing tracks at or after track `from` into out[]; returns how many,
+ * and sets *next to the track to continue from (tracks when done).  Only
+ * meaningful while no job runs. */
+int64_t pm_pair_verify(pm_pair *p, uint64_t from, uint64_t *out, uint64_t max, uint64_t *next);
+
+/* ---- persistence ---------------------------------------------------------
+ *
+ * A pair's durable state lives in one metadata file (format and commit
+ * protocol: docs/format.md): the geometry and identity of both volumes,
+ * their paths, the state, the job's kind, and the track tables.
+ */
+enum { PM_PATH_MAX = 4096 };
+
+struct pm_meta_info {
+    int32_t state;                 /* enum pm_state as last committed */
+    int32_t incremental;
+    int32_t protect;
+    uint32_t track_size;
+    uint64_t volume_size;
+    uint64_t generation;           /* bumped by every state change */
+    char standard_path[4096];      /* as given at creation */
+    char mirror_path[4096];
+};
+
+/* Read a metadata file's header without opening the pair (to find the
+ * volumes' paths).  Writes nothing.  PM_E_CORRUPT / PM_E_FOREIGN / -ENOENT. */
+int pm_meta_peek(const char *meta_path, struct pm_meta_info *out);
+/* Like pm_pair_create, and also create the metadata file (it must not
+ * exist); the stores' paths are recorded in it. */
+int pm_pair_create_meta(const char *meta_path, pm_store *standard, pm_store *mirror,
+                        uint32_t track_size, pm_pair **out);
+/* Open a pair from its metadata.  The stores must be the ones it names (same
+ * size and identity, else PM_E_FOREIGN).  A pair that was SYNCING or
+ * RESTORING comes back in that state with its job paused: host I/O is
+ * arbitrated at once, and pm_pair_resume continues the copy. */
+int pm_pair_open_meta(const char *meta_path, pm_store *standard, pm_store *mirror, pm_pair **out);
+/* Make the pair's current state and tables durable (a no-op without a
+ * metadata file). */
+int pm_pair_commit(pm_pair *p);
+/* Settings for the current and later jobs (used by resume after open). */
+int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg);
+
+/* PM_CDEF_END */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PYMIRROR_H */

@@ -1,0 +1,45 @@
+"""pymirror: keep a mirror of a block volume and restore the volume from it
+while the host keeps using it.
+
+    >>> import pymirror
+    >>> pair = pymirror.Pair.memory(1 << 20, track_size=64 << 10)
+    >>> pair.establish().wait()
+    True
+    >>> pair.split(); pair.state
+    'split'
+"""
+from __future__ import annotations
+
+from .config import ConfigError, CopyConfig, Settings, load_settings
+from .errors import (
+    AlignmentError,
+    ClosedError,
+    CorruptMetadataError,
+    ForeignMetadataError,
+    GeometryError,
+    JobError,
+    MirrorError,
+    RangeError,
+    ReadOnlyError,
+    StateError,
+)
+from .job import Job, Progress
+from .pair import STATES, Pair
+from .volume import Volume
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlignmentError", "ClosedError", "ConfigError", "CopyConfig", "CorruptMetadataError",
+    "ForeignMetadataError", "GeometryError", "Job", "JobError", "MirrorError", "Pair",
+    "Progress", "RangeError", "ReadOnlyError", "STATES", "Settings", "StateError", "Volume",
+    "load_settings", "__version__",
+]
+
+
+def __getattr__(name: str) -> object:
+    # Track tables live in pymirror.tables (written alongside); import lazily.
+    if name in ("Bitmap", "TrackTable"):
+        from . import tables
+        return getattr(tables, name)
+    raise AttributeError(f"module 'pymirror' has no attribute {name!r}")

@@ -1,0 +1,162 @@
+"""Copy settings and the configuration file.
+
+Settings come, lowest priority first, from the built-in defaults, the
+configuration file, and explicit arguments.  The file is TOML with one
+``[pymirror]`` table::
+
+    [pymirror]
+    track_size = "64K"
+    copiers = 2
+    batch_size = "1M"
+    rate = "0"            # bytes per second, 0 = unlimited
+    read_policy = "redirect"   # or "hydrate"
+    retries = 3
+
+It is found by the first of: ``--config PATH`` (CLI) or ``config_path``
+(API), the environment variable ``PYMIRROR_CONFIG``, then
+``$XDG_CONFIG_HOME/pymirror/config.toml`` (``~/.config/pymirror/config.toml``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from .sizes import parse_size
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+READ_POLICIES = ("redirect", "hydrate")
+TRACK_SIZE_MIN = 4096
+TRACK_SIZE_MAX = 16 << 20
+
+
+class ConfigError(ValueError):
+    """A configuration file or setting is invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyConfig:
+    """How a background copy runs.
+
+    copiers: copier threads.  batch_size: the largest copy I/O in bytes (a
+    multiple of the track size is used).  rate: bytes per second, 0 for no
+    limit.  retries: attempts per failing track before the job pauses.
+    read_policy: ``"redirect"`` serves a read of a not-yet-restored track from
+    the source; ``"hydrate"`` copies the track first.
+    """
+
+    copiers: int = 2
+    batch_size: int = 1 << 20
+    rate: int = 0
+    retries: int = 3
+    read_policy: str = "redirect"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.copiers <= 64:
+            raise ConfigError(f"copiers must be between 1 and 64, got {self.copiers}")
+        if not 4096 <= self.batch_size <= 256 << 20:
+            raise ConfigError(f"batch_size must be between 4K and 256M, got {self.batch_size}")
+        if self.rate < 0:
+            raise ConfigError(f"rate must not be negative, got {self.rate}")
+        if not 1 <= self.retries <= 100:
+            raise ConfigError(f"retries must be between 1 and 100, got {self.retries}")
+        if self.read_policy not in READ_POLICIES:
+            raise ConfigError(
+                f"read_policy must be one of {', '.join(READ_POLICIES)}, got {self.read_policy!r}"
+            )
+
+    def replace(self, **changes: Any) -> "CopyConfig":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Defaults read from the configuration file."""
+
+    track_size: int = 64 << 10
+    copy: CopyConfig = CopyConfig()
+    source: "str | None" = None  # the file they came from
+
+    def __post_init__(self) -> None:
+        ts = self.track_size
+        if ts & (ts - 1) or not TRACK_SIZE_MIN <= ts <= TRACK_SIZE_MAX:
+            raise ConfigError(f"track_size must be a power of two from 4K to 16M, got {ts}")
+
+
+def default_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "pymirror" / "config.toml"
+
+
+def find_config(explicit: "str | os.PathLike[str] | None" = None) -> "Path | None":
+    """The configuration file to use, or None.  An explicit path must exist."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"configuration file {str(path)!r} does not exist")
+        return path
+    env = os.environ.get("PYMIRROR_CONFIG")
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise ConfigError(f"PYMIRROR_CONFIG names {env!r}, which does not exist")
+        return path
+    path = default_config_path()
+    return path if path.is_file() else None
+
+
+_KEYS = {"track_size", "copiers", "batch_size", "rate", "retries", "read_policy"}
+
+
+def settings_from_mapping(data: Mapping[str, Any], source: "str | None" = None) -> Settings:
+    where = f" in {source}" if source else ""
+    unknown = set(data) - _KEYS
+    if unknown:
+        raise ConfigError(
+            f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(sorted(unknown))}{where}; "
+            f"known: {', '.join(sorted(_KEYS))}"
+        )
+    try:
+        copy = CopyConfig(
+            copiers=int(data.get("copiers", 2)),
+            batch_size=parse_size(data.get("batch_size", 1 << 20), "batch_size"),
+            rate=parse_size(data.get("rate", 0), "rate"),
+            retries=int(data.get("retries", 3)),
+            read_policy=str(data.get("read_policy", "redirect")),
+        )
+        return Settings(
+            track_size=parse_size(data.get("track_size", 64 << 10), "track_size"),
+            copy=copy,
+            source=source,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{where}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{exc}{where}") from None
+
+
+def load_settings(explicit: "str | os.PathLike[str] | None" = None) -> Settings:
+    """Settings from the configuration file found by :func:`find_config`."""
+    path = find_config(explicit)
+    if path is None:
+        return Settings()
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    table = doc.get("pymirror", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [pymirror] must be a table")
+    extra = set(doc) - {"pymirror"}
+    if extra:
+        raise ConfigError(f"{path}: unknown table(s) {', '.join(sorted(extra))}; only [pymirror]")
+    return settings_from_mapping(table, str(path))

@@ -1,0 +1,48 @@
+"""pymirror's exceptions.
+
+Every exception the package raises for a user's mistake or a failing store
+is one of these (or a builtin the C code maps to, such as ``OSError`` with
+an ``errno``).  Each one also inherits the builtin a caller would naturally
+catch, so ``except ValueError`` works for a bad offset.
+"""
+from __future__ import annotations
+
+
+class MirrorError(Exception):
+    """Base class of pymirror's own errors."""
+
+
+class RangeError(MirrorError, IndexError, ValueError):
+    """An offset, length or track number lies outside the volume."""
+
+
+class AlignmentError(MirrorError, ValueError):
+    """An offset or length is not aligned as required."""
+
+
+class GeometryError(MirrorError, ValueError):
+    """A bad volume or track size, or two volumes whose geometry differs."""
+
+
+class StateError(MirrorError, RuntimeError):
+    """The command is not allowed in the pair's current state."""
+
+
+class ReadOnlyError(MirrorError, PermissionError):
+    """The volume is write-protected in the pair's current state."""
+
+
+class CorruptMetadataError(MirrorError, ValueError):
+    """The metadata file fails its magic, checksum or bounds checks."""
+
+
+class ForeignMetadataError(MirrorError, ValueError):
+    """The metadata file belongs to another version, pair or volume."""
+
+
+class JobError(MirrorError, RuntimeError):
+    """The background copy stopped on an error; see ``Job.progress``."""
+
+
+class ClosedError(MirrorError, ValueError):
+    """The pair or volume is closed."""

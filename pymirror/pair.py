@@ -1,0 +1,406 @@
+"""Pairs: a standard volume, its mirror, their track tables and state.
+
+See docs/states.md for the state machine and invariants.  The C core owns
+the state machine (its transitions at the end of a copy happen on a copier
+thread, atomically with host I/O arbitration); this module owns the policy
+around it: which volumes, which settings, when to commit, and the Python
+shapes of the calls.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from types import TracebackType
+from typing import Any, Iterator, Optional, Type, Union
+
+from . import errors
+from ._native import check, ffi, fspath, lib
+from .config import CopyConfig
+from .job import Job, Progress, read_progress
+from .volume import DEFAULT_TRACK_SIZE, Volume, check_io
+
+PathLike = Union[str, "os.PathLike[str]"]
+STATES = ("new", "syncing", "established", "split", "restoring", "restored")
+
+
+class _InFlight:
+    """Counts calls inside the C core so ``close`` never frees the pair
+    under another thread's feet."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._count = 0
+        self.closed = False
+
+    def __enter__(self) -> None:
+        with self._cond:
+            if self.closed:
+                raise errors.ClosedError("the pair is closed")
+            self._count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._count -= 1
+            if self._count == 0 and self.closed:
+                self._cond.notify_all()
+
+    def close(self) -> bool:
+        """Mark closed and wait for calls in flight; False if already closed."""
+        with self._cond:
+            if self.closed:
+                return False
+            self.closed = True
+            while self._count:
+                self._cond.wait()
+            return True
+
+
+def _c_config(cfg: CopyConfig, track_size: int) -> Any:
+    c = ffi.new("struct pm_copy_config *")
+    lib.pm_copy_config_default(c)
+    c.copiers = cfg.copiers
+    c.batch_bytes = max(track_size, cfg.batch_size // track_size * track_size)
+    c.rate_bytes = cfg.rate
+    c.retries = cfg.retries
+    c.read_policy = lib.PM_READ_HYDRATE if cfg.read_policy == "hydrate" else lib.PM_READ_REDIRECT
+    return c
+
+
+def _as_volume(v: "PathLike | Volume", track_size: int, role: str) -> tuple[Volume, bool]:
+    """(volume, owned): open a path, or use a Volume the caller owns."""
+    if isinstance(v, Volume):
+        return v, False
+    if not isinstance(v, (str, os.PathLike)):
+        raise TypeError(f"{role} must be a path or a Volume, got {type(v).__name__}")
+    return Volume.open(v, track_size=track_size), True
+
+
+class Pair:
+    """A standard volume and its mirror.  Thread-safe: many threads may do
+    host I/O at once (the C core releases the GIL and arbitrates per track).
+
+    Build one with :meth:`create`, :meth:`open` or :meth:`memory`.
+    """
+
+    def __init__(self, ptr: Any, standard: Volume, mirror: Volume, owned: list[Volume],
+                 meta_path: Optional[str], config: CopyConfig) -> None:
+        self._ptr = ptr
+        self.standard = standard
+        self.mirror = mirror
+        self._owned = owned
+        self.meta_path = meta_path
+        self._config = config
+        self._inflight = _InFlight()
+        self.size: int = lib.pm_pair_size(ptr)
+        self.track_size: int = lib.pm_pair_track_size(ptr)
+        self._job_kind = "restore" if self.state == "restoring" else "establish"
+
+    # -- constructors -------------------------------------------------------
+    @classmethod
+    def create(cls, meta: Optional[PathLike], standard: "PathLike | Volume",
+               mirror: "PathLike | Volume", *, track_size: Optional[int] = None,
+               config: Optional[CopyConfig] = None) -> "Pair":
+        """A new pair in state ``"new"``.  ``meta`` is the metadata file to
+        create (it must not exist), or None for a pair kept only in memory.
+        ``standard`` and ``mirror`` are paths or :class:`Volume` objects of the
+        same size.  The track size defaults to the standard Volume's (64 KiB
+        for a path)."""
+        if track_size is None:
+            track_size = standard.track_size if isinstance(standard, Volume) else DEFAULT_TRACK_SIZE
+        owned: list[Volume] = []
+        try:
+            std, own = _as_volume(standard, track_size, "standard")
+            if own:
+                owned.append(std)
+            mir, own = _as_volume(mirror, track_size, "mirror")
+            if own:
+                owned.append(mir)
+            if std.path is not None and mir.path is not None and \
+                    os.path.realpath(std.path) == os.path.realpath(mir.path):
+                raise errors.GeometryError(f"the standard and the mirror are the same file: {std.path}")
+            out = ffi.new("pm_pair **")
+            if meta is None:
+                check(lib.pm_pair_create(std._p, mir._p, track_size, out))
+                meta_path = None
+            else:
+                if std.path is None or mir.path is None:
+                    raise TypeError("a pair with a metadata file needs file-backed volumes")
+                meta_path = os.fspath(meta)
+                check(lib.pm_pair_create_meta(fspath(meta_path), std._p, mir._p, track_size, out),
+                      meta_path)
+        except BaseException:
+            for v in owned:
+                v.close()
+            raise
+        return cls(ffi.gc(out[0], lib.pm_pair_destroy), std, mir, owned, meta_path,
+                   config or CopyConfig())
+
+    @classmethod
+    def open(cls, meta: PathLike, *, config: Optional[CopyConfig] = None) -> "Pair":
+        """Open a pair from its metadata file.  A pair that was syncing or
+        restoring comes back in that state with its job paused: host I/O is
+        arbitrated at once; :meth:`resume` continues the copy."""
+        meta_path = os.fspath(meta)
+        info = ffi.new("struct pm_meta_info *")
+        check(lib.pm_meta_peek(fspath(meta_path), info), meta_path)
+        ts = int(info.track_size)
+        std_path = os.fsdecode(ffi.string(info.standard_path))
+        mir_path = os.fsdecode(ffi.string(info.mirror_path))
+        owned: list[Volume] = []
+        try:
+            std = Volume.open(std_path, track_size=ts)
+            owned.append(std)
+            mir = Volume.open(mir_path, track_size=ts)
+            owned.append(mir)
+            out = ffi.new("pm_pair **")
+            check(lib.pm_pair_open_meta(fspath(meta_path), std._p, mir._p, out), meta_path)
+        except BaseException:
+            for v in owned:
+                v.close()
+            raise
+        pair = cls(ffi.gc(out[0], lib.pm_pair_destroy), std, mir, owned, meta_path,
+                   config or CopyConfig())
+        pair._configure(pair._config)
+        return pair
+
+    @classmethod
+    def memory(cls, size: int, track_size: int = DEFAULT_TRACK_SIZE, *,
+               config: Optional[CopyConfig] = None) -> "Pair":
+        """A pair of two zero-filled in-memory volumes (tests, experiments)."""
+        std = Volume.memory(size, track_size)
+        mir = Volume.memory(size, track_size)
+        pair = cls.create(None, std, mir, track_size=track_size, config=config)
+        pair._owned = [std, mir]
+        return pair
+
+    # -- state --------------------------------------------------------------
+    @property
+    def _p(self) -> Any:
+        if self._ptr is None:
+            raise errors.ClosedError("the pair is closed")
+        return self._ptr
+
+    @property
+    def state(self) -> str:
+        """One of ``new, syncing, established, split, restoring, restored``."""
+        return STATES[lib.pm_pair_state(self._p)]
+
+    @property
+    def tracks(self) -> int:
+        return -(-self.size // self.track_size)
+
+    @property
+    def mirror_writable(self) -> bool:
+        """True when the host may write the mirror (split or restored)."""
+        return self.state in ("split", "restored")
+
+    @property
+    def config(self) -> CopyConfig:
+        return self._config
+
+    @property
+    def progress(self) -> Progress:
+        return read_progress(self)
+
+    @property
+    def job(self) -> Optional[Job]:
+        """The copy job in progress (running or paused), or None."""
+        return Job(self, self._job_kind) if self.progress.running else None
+
+    def _configure(self, cfg: CopyConfig) -> None:
+        self._config = cfg
+        check(lib.pm_pair_configure(self._p, _c_config(cfg, self.track_size)))
+
+    # -- commands -----------------------------------------------------------
+    def establish(self, incremental: bool = False, config: Optional[CopyConfig] = None) -> Job:
+        """Copy the standard to the mirror (every track, or with ``incremental``
+        only the tracks changed on either side since the split); host writes
+        are mirrored from now on.  Returns at once with the copy's Job; the
+        pair is ``established`` when it is done."""
+        cfg = config or self._config
+        with self._inflight:
+            check(lib.pm_pair_establish(self._p, bool(incremental), _c_config(cfg, self.track_size)))
+        self._config, self._job_kind = cfg, "establish"
+        return Job(self, "establish")
+
+    def split(self) -> None:
+        """Make the mirror an independent volume (instant).  Both sides start
+        recording the tracks written from now on."""
+        with self._inflight:
+            check(lib.pm_pair_split(self._p))
+
+    def restore(self, incremental: bool = False, protect: bool = True,
+                config: Optional[CopyConfig] = None) -> Job:
+        """Restore the standard from the mirror, while the host keeps using
+        the standard.  Returns at once, before any data is copied.
+
+        incremental: copy only the tracks changed on either side since the
+        split.  protect: keep the mirror write-disabled and unchanged for the
+        whole restore (the pair ends ``restored``); without it, host writes are
+        mirrored and the pair ends ``established``."""
+        cfg = config or self._config
+        with self._inflight:
+            check(lib.pm_pair_restore(self._p, bool(incremental), bool(protect),
+                                      _c_config(cfg, self.track_size)))
+        self._config, self._job_kind = cfg, "restore"
+        return Job(self, "restore")
+
+    def resume(self, config: Optional[CopyConfig] = None) -> Job:
+        """Continue a job that is paused (by request, by an error, or because
+        the pair was reopened mid-copy)."""
+        with self._inflight:
+            if config is not None:
+                self._configure(config)
+            if not read_progress(self).running:
+                raise errors.StateError(f"the pair is {self.state}; there is no copy to resume")
+            check(lib.pm_pair_resume(self._p))
+        return Job(self, self._job_kind)
+
+    # -- host I/O -----------------------------------------------------------
+    def _readinto(self, side: int, offset: int, buf: Any) -> None:
+        mv = memoryview(buf)
+        if mv.readonly:
+            raise TypeError("readinto needs a writable buffer")
+        check_io(offset, mv.nbytes, self.size)
+        with self._inflight:
+            check(lib.pm_pair_read(self._ptr, side, ffi.from_buffer(mv), mv.nbytes, offset))
+
+    def _write(self, side: int, offset: int, data: Any, fua: bool) -> None:
+        mv = memoryview(data)
+        check_io(offset, mv.nbytes, self.size)
+        with self._inflight:
+            check(lib.pm_pair_write(self._ptr, side, ffi.from_buffer(mv), mv.nbytes, offset,
+                                    lib.PM_IO_FUA if fua else 0))
+
+    def _write_zeroes(self, side: int, offset: int, length: int, fua: bool) -> None:
+        check_io(offset, length, self.size)
+        with self._inflight:
+            check(lib.pm_pair_write_zeroes(self._ptr, side, length, offset, lib.PM_IO_FUA if fua else 0))
+
+    def _flush(self, side: int) -> None:
+        with self._inflight:
+            check(lib.pm_pair_flush(self._ptr, side))
+
+    def readinto(self, offset: int, buf: Any) -> None:
+        """Read the standard volume into ``buf`` (zero-copy)."""
+        self._readinto(lib.PM_STANDARD, offset, buf)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read the standard volume.  During a restore this returns what it
+        would return had the restore finished instantly."""
+        check_io(offset, length, self.size)
+        buf = bytearray(length)
+        self._readinto(lib.PM_STANDARD, offset, buf)
+        return bytes(buf)
+
+    def write(self, offset: int, data: Any, *, fua: bool = False) -> None:
+        """Write the standard volume (mirrored while syncing or established).
+        With ``fua`` the data and the metadata covering it are durable when
+        this returns."""
+        self._write(lib.PM_STANDARD, offset, data, fua)
+
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self._write_zeroes(lib.PM_STANDARD, offset, length, fua)
+
+    def flush(self) -> None:
+        """Make every completed write, and the metadata covering it, durable."""
+        self._flush(lib.PM_STANDARD)
+
+    def mirror_readinto(self, offset: int, buf: Any) -> None:
+        self._readinto(lib.PM_MIRROR, offset, buf)
+
+    def mirror_read(self, offset: int, length: int) -> bytes:
+        """Read the mirror (while split, restoring or restored)."""
+        check_io(offset, length, self.size)
+        buf = bytearray(length)
+        self._readinto(lib.PM_MIRROR, offset, buf)
+        return bytes(buf)
+
+    def mirror_write(self, offset: int, data: Any, *, fua: bool = False) -> None:
+        """Write the mirror (only while split or restored)."""
+        self._write(lib.PM_MIRROR, offset, data, fua)
+
+    def mirror_write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self._write_zeroes(lib.PM_MIRROR, offset, length, fua)
+
+    def mirror_flush(self) -> None:
+        self._flush(lib.PM_MIRROR)
+
+    # -- checks and lifetime ------------------------------------------------
+    def iter_differences(self, batch: int = 4096) -> Iterator[int]:
+        """Yield the numbers of the tracks whose bytes differ between the
+        two sides (reads both volumes track by track, in bounded memory)."""
+        out = ffi.new("uint64_t[]", batch)
+        nxt = ffi.new("uint64_t *")
+        start = 0
+        while start < self.tracks:
+            with self._inflight:
+                n = check(lib.pm_pair_verify(self._ptr, start, out, batch, nxt))
+            yield from (int(x) for x in ffi.unpack(out, n))
+            if nxt[0] <= start:
+                break
+            start = int(nxt[0])
+
+    def verify(self) -> list[int]:
+        """The numbers of the tracks that differ between the two sides."""
+        return list(self.iter_differences())
+
+    def commit(self) -> None:
+        """Make the pair's state and track tables durable."""
+        with self._inflight:
+            check(lib.pm_pair_commit(self._ptr), self.meta_path)
+
+    def close(self) -> None:
+        """Stop the copier (a job stays resumable from the metadata), commit,
+        and close both volumes this pair opened."""
+        if self._ptr is None or not self._inflight.close():
+            return
+        ptr, self._ptr = self._ptr, None
+        try:
+            lib.pm_pair_commit(ptr)
+        finally:
+            ffi.release(ptr)
+            for v in self._owned:
+                v.close()
+
+    def __enter__(self) -> "Pair":
+        return self
+
+    def __exit__(self, et: Optional[Type[BaseException]], ev: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self._ptr is None:
+            return "<Pair closed>"
+        return f"<Pair {self.meta_path or 'memory'} state={self.state} size={self.size}>"
+
+
+def track_counts(pair: Pair) -> dict[str, dict[str, int]]:
+    """Tracks PENDING and CHANGED on each side, counted in C."""
+    out: dict[str, dict[str, int]] = {}
+    for name, side in (("standard", lib.PM_STANDARD), ("mirror", lib.PM_MIRROR)):
+        table = lib.pm_pair_table(pair._p, side)
+        out[name] = {
+            "pending": int(lib.pm_bitmap_count(lib.pm_table_flag(table, lib.PM_PENDING))),
+            "changed": int(lib.pm_bitmap_count(lib.pm_table_flag(table, lib.PM_CHANGED))),
+        }
+    return out
+
+
+def peek(meta: PathLike) -> dict[str, Any]:
+    """The last committed header of a metadata file, without opening the
+    pair or its volumes (writes nothing)."""
+    meta_path = os.fspath(meta)
+    info = ffi.new("struct pm_meta_info *")
+    check(lib.pm_meta_peek(fspath(meta_path), info), meta_path)
+    return {
+        "state": STATES[info.state] if 0 <= info.state < len(STATES) else str(info.state),
+        "incremental": bool(info.incremental),
+        "protect": bool(info.protect),
+        "track_size": int(info.track_size),
+        "size": int(info.volume_size),
+        "generation": int(info.generation),
+        "standard": os.fsdecode(ffi.string(info.standard_path)),
+        "mirror": os.fsdecode(ffi.string(info.mirror_path)),
+    }

@@ -1,0 +1,181 @@
+"""A rule-based state machine drives a pair (commands, host reads and
+writes of every shape, pauses, waits) against a plain-Python model of both
+volumes.  Every read must equal the model: the restore is visible to the
+host only in speed (invariants 2, 3, 4), the protected mirror never changes
+(invariant 1), established sides stay equal (invariant 6)."""
+from __future__ import annotations
+
+import hypothesis.strategies as st
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import pymirror
+from pymirror import CopyConfig, ReadOnlyError, StateError
+
+TRACK = 4096
+SIZE = 7 * TRACK + 1000          # a short last track
+COMMANDS_OK = {
+    "establish": {"new", "split", "restored"},
+    "establish_incremental": {"split", "restored"},
+    "split": {"established"},
+    "restore": {"split", "restored"},
+}
+
+
+def io_range():
+    """Aligned, unaligned, spanning and last-track ranges."""
+    return st.one_of(
+        st.tuples(st.integers(0, SIZE - 1), st.integers(1, 3 * TRACK)).map(
+            lambda t: (t[0], min(t[1], SIZE - t[0]))),
+        st.integers(0, SIZE // TRACK).map(lambda t: (t * TRACK, min(TRACK, SIZE - t * TRACK))),
+        st.just((SIZE - 1000, 1000)),
+    )
+
+
+class PairMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = CopyConfig(copiers=2, batch_size=2 * TRACK)
+        self.pair = pymirror.Pair.memory(SIZE, TRACK, config=self.cfg)
+        self.std = bytearray(SIZE)        # what the host must see on the standard
+        self.mir = bytearray(SIZE)        # what the mirror must hold
+        self.phase = "new"                # new, sync, est, split, restore_p, restore_u, restored
+        self.counter = 0
+
+    def teardown(self) -> None:
+        self.pair.close()
+
+    def _data(self, n: int) -> bytes:
+        self.counter += 1
+        return bytes([(self.counter * 37 + i) & 0xFF for i in range(min(n, 251))]) * (n // 251 + 1)
+
+    def _settle_phase(self) -> None:
+        state = self.pair.state
+        if self.phase == "sync" and state == "established":
+            self.phase = "est"
+        elif self.phase == "restore_p" and state == "restored":
+            self.phase = "restored"
+        elif self.phase == "restore_u" and state == "established":
+            self.phase = "est"
+
+    # -- commands -------------------------------------------------------
+    @rule(incremental=st.booleans(), pause=st.booleans())
+    def establish(self, incremental: bool, pause: bool) -> None:
+        self._settle_phase()
+        state = self.pair.state
+        allowed = COMMANDS_OK["establish_incremental" if incremental else "establish"]
+        if state not in allowed:
+            try:
+                self.pair.establish(incremental=incremental)
+            except StateError as exc:
+                assert state in str(exc)
+                return
+            raise AssertionError(f"establish(incremental={incremental}) allowed in {state}")
+        job = self.pair.establish(incremental=incremental)
+        if pause:
+            job.pause()
+        self.mir[:] = self.std
+        self.phase = "sync"
+
+    @rule()
+    def split(self) -> None:
+        self._settle_phase()
+        if self.pair.state != "established":
+            try:
+                self.pair.split()
+            except StateError:
+                return
+            raise AssertionError("split allowed while not established")
+        self.pair.split()
+        self.phase = "split"
+
+    @rule(incremental=st.booleans(), protect=st.booleans(), hydrate=st.booleans(), pause=st.booleans())
+    def restore(self, incremental: bool, protect: bool, hydrate: bool, pause: bool) -> None:
+        self._settle_phase()
+        state = self.pair.state
+        cfg = self.cfg.replace(read_policy="hydrate" if hydrate else "redirect")
+        if state not in COMMANDS_OK["restore"]:
+            try:
+                self.pair.restore(incremental=incremental, protect=protect, config=cfg)
+            except StateError:
+                return
+            raise AssertionError(f"restore allowed in {state}")
+        job = self.pair.restore(incremental=incremental, protect=protect, config=cfg)
+        if pause:
+            job.pause()
+        self.std[:] = self.mir
+        self.phase = "restore_p" if protect else "restore_u"
+
+    @rule()
+    def wait(self) -> None:
+        job = self.pair.job
+        if job is not None:
+            if job.progress.paused:
+                job.resume()
+            assert job.wait(timeout=30)
+        self._settle_phase()
+        assert self.pair.state in ("new", "established", "split", "restored")
+
+    @rule()
+    def pause_or_resume(self) -> None:
+        job = self.pair.job
+        if job is None:
+            return
+        if job.progress.paused:
+            job.resume()
+        else:
+            job.pause()
+
+    # -- host I/O -------------------------------------------------------
+    @rule(r=io_range())
+    def host_write(self, r: tuple[int, int]) -> None:
+        off, n = r
+        data = self._data(n)[:n]
+        self.pair.write(off, data)
+        self.std[off:off + n] = data
+        self._settle_phase()
+        if self.phase in ("sync", "est", "restore_u"):
+            self.mir[off:off + n] = data
+
+    @rule(r=io_range())
+    def host_read(self, r: tuple[int, int]) -> None:
+        off, n = r
+        assert self.pair.read(off, n) == bytes(self.std[off:off + n])
+
+    @rule(r=io_range())
+    def mirror_write(self, r: tuple[int, int]) -> None:
+        off, n = r
+        data = self._data(n)[:n]
+        self._settle_phase()
+        if self.pair.mirror_writable:
+            self.pair.mirror_write(off, data)
+            self.mir[off:off + n] = data
+        else:
+            try:
+                self.pair.mirror_write(off, data)
+            except (ReadOnlyError, StateError):
+                return
+            raise AssertionError(f"mirror write allowed while {self.pair.state}")
+
+    @precondition(lambda self: self.phase in ("split", "restored", "restore_p"))
+    @rule(r=io_range())
+    def mirror_read(self, r: tuple[int, int]) -> None:
+        off, n = r
+        assert self.pair.mirror_read(off, n) == bytes(self.mir[off:off + n])
+
+    # -- invariants -----------------------------------------------------
+    @invariant()
+    def settled_sides_match_model(self) -> None:
+        # Only when no copy runs is the raw content of both sides defined.
+        if self.pair.progress.running:
+            return
+        self._settle_phase()
+        assert self.pair.read(0, SIZE) == bytes(self.std)
+        if self.phase in ("split", "restored"):
+            assert self.pair.mirror_read(0, SIZE) == bytes(self.mir)
+        if self.phase == "est":
+            assert self.pair.verify() == []
+
+
+PairMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+TestPairMachine = PairMachine.TestCase
