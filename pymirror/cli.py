@@ -458,3 +458,15 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def cli_reference() -> str:
+    """The README's CLI reference, generated from the commands' own help
+    (tests/test_readme.py checks that README.md carries exactly this)."""
+    parts = []
+    for name in ["", *sorted(cli.commands)]:
+        cmd = cli if not name else cli.commands[name]
+        with click.Context(cmd, info_name=f"pymirror {name}".strip(), terminal_width=100,
+                           max_content_width=100) as ctx:
+            parts.append(f"#### `pymirror {name}`\n\n```text\n{cmd.get_help(ctx)}\n```\n".replace("`pymirror `", "`pymirror`"))
+    return "\n".join(parts)
