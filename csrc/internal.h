@@ -1,5 +1,5 @@
 /*
- * internal.h - shared by csrc/*.c only; never installed, never seen by cffi.
+ * internal.h - shared by the csrc C files only; never installed, never seen by cffi.
  *
  * Holds the atomics shim (one comment per memory order), the error helpers
  * and the struct layouts that more than one .c file needs.

@@ -1,0 +1,387 @@
+/*
+ * arbitrate.c - host I/O against the background copy, track by track.
+ *
+ * Track locks are the BUSY bits of the standard's table: one lock per
+ * track for the whole pair.  A host I/O locks every track it touches, in
+ * ascending order, waiting (never spinning) when a track is held; a copier
+ * only try-locks.  Waiting uses hashed buckets of mutex + condvar + waiter
+ * count: a waiter increments the count before testing the bit under the
+ * bucket mutex, and a releaser clears the bit (seq_cst) before reading the
+ * count, so either the waiter sees the bit clear or the releaser sees the
+ * waiter and broadcasts under the mutex (no lost wake-up).
+ *
+ * What a host I/O does (docs/arbitration.md has the table):
+ *  RESTORING (target standard, source mirror):
+ *   - read of a PENDING track: served from the mirror (redirect), or the
+ *     track is copied first (hydrate); other tracks read the standard;
+ *   - write covering a whole PENDING track: written, PENDING cleared, no copy;
+ *   - partial write to a PENDING track: the mirror's track is read, the new
+ *     bytes laid over it, the whole track written, PENDING cleared;
+ *   - every write marks CHANGED(standard), durably before the data (meta.c);
+ *   - unprotected: the same bytes also go to the mirror, under the same lock.
+ *  SYNCING (target mirror): writes go to the standard and to the mirror;
+ *   a whole-track write to a PENDING mirror track clears it; a partial one
+ *   leaves it PENDING (the copier will copy the whole track from the
+ *   standard, which already has the new bytes).
+ *  ESTABLISHED: writes go to both sides under the track lock, so concurrent
+ *   overlapping writers leave both sides identical.
+ *  NEW, SPLIT, RESTORED: each side is written alone and marks its CHANGED.
+ *
+ * The state is read once per I/O (acquire) under cmd_lock held for reading,
+ * so commands cannot change it meanwhile; only the end of a copy can (the
+ * copier moves SYNCING -> ESTABLISHED or RESTORING -> RESTORED/ESTABLISHED).
+ * Acting on the older state is still right: once no track is PENDING, the
+ * RESTORING and SYNCING paths do exactly what RESTORED and ESTABLISHED do.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "pair.h"
+
+/* ---- track locks --------------------------------------------------------- */
+
+static inline struct pm_lock_bucket *bucket_of(pm_pair *p, uint64_t t)
+{
+    return &p->buckets[(t * 0x9E3779B97F4A7C15ULL) >> 58];
+}
+
+int pm_track_trylock(pm_pair *p, uint64_t t)
+{
+    return pm_bitmap_test_and_set(p->busy, t) == 0;
+}
+
+void pm_track_lock(pm_pair *p, uint64_t t)
+{
+    if (pm_bitmap_test_and_set(p->busy, t) == 0)
+        return;
+    struct pm_lock_bucket *b = bucket_of(p, t);
+    pthread_mutex_lock(&b->m);
+    pm_fetch_add(&b->waiters, 1);
+    while (pm_bitmap_test_and_set(p->busy, t) != 0)
+        pthread_cond_wait(&b->c, &b->m);
+    pm_fetch_sub(&b->waiters, 1);
+    pthread_mutex_unlock(&b->m);
+}
+
+void pm_track_unlock(pm_pair *p, uint64_t t)
+{
+    pm_bitmap_test_and_clear(p->busy, t);
+    struct pm_lock_bucket *b = bucket_of(p, t);
+    if (pm_load_seqcst(&b->waiters) > 0) {
+        pthread_mutex_lock(&b->m);
+        pthread_cond_broadcast(&b->c);
+        pthread_mutex_unlock(&b->m);
+    }
+}
+
+static void lock_span(pm_pair *p, uint64_t t0, uint64_t t1)
+{
+    for (uint64_t t = t0; t <= t1; t++)
+        pm_track_lock(p, t);
+}
+
+static void unlock_span(pm_pair *p, uint64_t t0, uint64_t t1)
+{
+    for (uint64_t t = t0; t <= t1; t++)
+        pm_track_unlock(p, t);
+}
+
+/* ---- checks -------------------------------------------------------------- */
+
+static int check_io(const pm_pair *p, int side, uint64_t len, uint64_t off, const char *func)
+{
+    if (side != PM_STANDARD && side != PM_MIRROR)
+        return pm_fail(func, -EINVAL, "side must be PM_STANDARD or PM_MIRROR, got %d", side);
+    if (off > p->size || len > p->size - off)
+        return pm_fail(func, PM_E_RANGE, "offset %llu + length %llu is beyond the volume size %llu",
+                       (unsigned long long)off, (unsigned long long)len, (unsigned long long)p->size);
+    return 0;
+}
+
+static int mirror_readable(int state) { return state != PM_STATE_NEW && state != PM_STATE_SYNCING; }
+static int mirror_writable(int state) { return state == PM_STATE_SPLIT || state == PM_STATE_RESTORED; }
+
+static int is_mirrored(pm_pair *p, int state)
+{
+    return state == PM_STATE_SYNCING || state == PM_STATE_ESTABLISHED ||
+           (state == PM_STATE_RESTORING && !pm_load_relaxed(&p->protect));
+}
+
+static int read_policy(pm_pair *p)
+{
+    pthread_mutex_lock(&p->mu);
+    int r = p->cfg.read_policy;
+    pthread_mutex_unlock(&p->mu);
+    return r;
+}
+
+/* ---- reads --------------------------------------------------------------- */
+
+/* Read [off, off+len) of the standard while restoring.  Tracks t0..t1 are
+ * NOT locked on entry; PENDING tracks are locked one at a time. */
+static int read_restoring(pm_pair *p, unsigned char *buf, uint64_t len, uint64_t off)
+{
+    pm_bitmap *pending = p->table[PM_STANDARD]->flags[PM_PENDING];
+    uint64_t end = off + len;
+    unsigned char *tbuf = NULL;
+    int rc = 0, policy = -1;
+    while (off < end && rc == 0) {
+        uint64_t t = off >> p->shift;
+        uint64_t tend = pm_track_off(p, t) + pm_track_len(p, t);
+        uint64_t n = (tend < end ? tend : end) - off;
+        if (pm_bitmap_get(pending, t) != 1) {
+            /* A run of non-PENDING tracks is read in one I/O. */
+            uint64_t stop = t + 1;
+            while (pm_track_off(p, stop) < end && stop < p->tracks && pm_bitmap_get(pending, stop) != 1)
+                stop++;
+            uint64_t run_end = stop >= p->tracks ? p->size : pm_track_off(p, stop);
+            n = (run_end < end ? run_end : end) - off;
+            rc = pm_store_read(p->store[PM_STANDARD], buf, n, off);
+        } else {
+            pm_track_lock(p, t);
+            if (pm_bitmap_get(pending, t) != 1) {
+                rc = pm_store_read(p->store[PM_STANDARD], buf, n, off);
+            } else {
+                if (policy < 0)
+                    policy = read_policy(p);
+                if (policy == PM_READ_HYDRATE) {
+                    if (tbuf == NULL && (tbuf = malloc(p->track_size)) == NULL)
+                        rc = PM_FAIL(-ENOMEM, "out of memory");
+                    if (rc == 0 && (rc = pm_copy_track_locked(p, t, tbuf)) == 0) {
+                        memcpy(buf, tbuf + (off - pm_track_off(p, t)), (size_t)n);
+                        pm_count_add(&p->reads_hydrated, 1);
+                    }
+                } else {
+                    rc = pm_store_read(p->store[PM_MIRROR], buf, n, off);
+                    if (rc == 0)
+                        pm_count_add(&p->reads_redirected, 1);
+                }
+            }
+            pm_track_unlock(p, t);
+        }
+        buf += n, off += n;
+    }
+    free(tbuf);
+    return rc;
+}
+
+int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
+{
+    int rc = check_io(p, side, len, offset, __func__);
+    if (rc || len == 0)
+        return rc;
+    pthread_rwlock_rdlock(&p->cmd_lock);
+    int state = pm_pair_state(p);
+    if (side == PM_MIRROR) {
+        if (!mirror_readable(state))
+            rc = PM_FAIL(PM_E_STATE, "the pair is %s; the mirror is readable when established, "
+                         "split, restoring or restored", pm_state_name(state));
+        else
+            rc = pm_store_read(p->store[PM_MIRROR], buf, len, offset);
+    } else if (state == PM_STATE_RESTORING) {
+        rc = read_restoring(p, buf, len, offset);
+    } else {
+        rc = pm_store_read(p->store[PM_STANDARD], buf, len, offset);
+    }
+    pthread_rwlock_unlock(&p->cmd_lock);
+    return rc;
+}
+
+/* ---- writes -------------------------------------------------------------- */
+
+/* Mark CHANGED for tracks t0..t1 on a side (noted for the next commit
+ * when a bit is new); returns 1 if any bit was new. */
+static int mark_changed(pm_pair *p, int side, uint64_t t0, uint64_t t1)
+{
+    pm_bitmap *changed = p->table[side]->flags[PM_CHANGED];
+    int fresh = 0;
+    for (uint64_t t = t0; t <= t1; t++) {
+        /* relaxed pre-check: most writes hit tracks already marked */
+        if (pm_bitmap_get(changed, t) != 1 && pm_bitmap_test_and_set(changed, t) == 0)
+            fresh = 1;
+    }
+    if (fresh)
+        pm_meta_note(p);
+    return fresh;
+}
+
+/* Data source for a write: a caller buffer, or zeroes. */
+struct wsrc {
+    const unsigned char *buf;   /* NULL for zeroes */
+    unsigned char *zero;        /* a zero buffer of zero_len bytes */
+    uint64_t zero_len;
+};
+
+static int store_put(pm_store *s, const struct wsrc *src, uint64_t rel, uint64_t len, uint64_t off)
+{
+    if (src->buf != NULL)
+        return pm_store_write(s, src->buf + rel, len, off);
+    while (len > 0) {
+        uint64_t n = len < src->zero_len ? len : src->zero_len;
+        int rc = pm_store_write(s, src->zero, n, off);
+        if (rc)
+            return rc;
+        len -= n, off += n;
+    }
+    return 0;
+}
+
+/* Write the part [off, off+len) of track t of the standard while restoring
+ * (track locked).  rel is off's position in the caller's buffer. */
+static int write_restoring_track(pm_pair *p, uint64_t t, const struct wsrc *src, uint64_t rel,
+                                 uint64_t len, uint64_t off, int mirrored, unsigned char **tbuf)
+{
+    pm_bitmap *pending = p->table[PM_STANDARD]->flags[PM_PENDING];
+    uint64_t toff = pm_track_off(p, t);
+    uint32_t tlen = pm_track_len(p, t);
+    int rc;
+    if (pm_bitmap_get(pending, t) != 1) {
+        rc = store_put(p->store[PM_STANDARD], src, rel, len, off);
+    } else if (len == tlen) {
+        rc = store_put(p->store[PM_STANDARD], src, rel, len, off);
+        if (rc == 0 && pm_bitmap_test_and_clear(pending, t) == 1) {
+            pm_count_add(&p->tracks_skipped, 1);
+            pm_job_track_cleared(p);
+        }
+    } else {
+        if (*tbuf == NULL && (*tbuf = malloc(p->track_size)) == NULL)
+            return PM_FAIL(-ENOMEM, "out of memory");
+        rc = pm_store_read(p->store[PM_MIRROR], *tbuf, tlen, toff);
+        if (rc)
+            return rc;
+        if (src->buf != NULL)
+            memcpy(*tbuf + (off - toff), src->buf + rel, (size_t)len);
+        else
+            memset(*tbuf + (off - toff), 0, (size_t)len);
+        rc = pm_store_write(p->store[PM_STANDARD], *tbuf, tlen, toff);
+        if (rc == 0) {
+            pm_count_add(&p->bytes_read, tlen);
+            pm_count_add(&p->bytes_written, tlen);
+            if (pm_bitmap_test_and_clear(pending, t) == 1) {
+                pm_count_add(&p->tracks_merged, 1);
+                pm_job_track_cleared(p);
+            }
+        }
+    }
+    if (rc == 0 && mirrored)
+        rc = store_put(p->store[PM_MIRROR], src, rel, len, off);
+    return rc;
+}
+
+static int write_locked(pm_pair *p, int side, int state, const struct wsrc *src, uint64_t len,
+                        uint64_t offset, uint64_t t0, uint64_t t1, unsigned *flush_mask)
+{
+    int rc;
+    if (side == PM_MIRROR) {
+        rc = store_put(p->store[PM_MIRROR], src, 0, len, offset);
+        *flush_mask |= 2;
+        return rc;
+    }
+    int mirrored = is_mirrored(p, state);
+    *flush_mask |= mirrored ? 3 : 1;
+    if (state == PM_STATE_RESTORING) {
+        unsigned char *tbuf = NULL;
+        uint64_t off = offset, end = offset + len;
+        rc = 0;
+        for (uint64_t t = t0; t <= t1 && rc == 0; t++) {
+            uint64_t tend = pm_track_off(p, t) + pm_track_len(p, t);
+            uint64_t n = (tend < end ? tend : end) - off;
+            rc = write_restoring_track(p, t, src, off - offset, n, off, mirrored, &tbuf);
+            off += n;
+        }
+        free(tbuf);
+        return rc;
+    }
+    rc = store_put(p->store[PM_STANDARD], src, 0, len, offset);
+    if (rc || !mirrored)
+        return rc;
+    if (state != PM_STATE_SYNCING)
+        return store_put(p->store[PM_MIRROR], src, 0, len, offset);
+    /* SYNCING: whole PENDING mirror tracks are written and cleared; partial
+     * ones stay PENDING for the copier, which copies them from the standard. */
+    pm_bitmap *pending = p->table[PM_MIRROR]->flags[PM_PENDING];
+    uint64_t off = offset, end = offset + len;
+    for (uint64_t t = t0; t <= t1 && rc == 0; t++) {
+        uint64_t toff = pm_track_off(p, t);
+        uint64_t tend = toff + pm_track_len(p, t);
+        uint64_t n = (tend < end ? tend : end) - off;
+        if (pm_bitmap_get(pending, t) != 1) {
+            rc = store_put(p->store[PM_MIRROR], src, off - offset, n, off);
+        } else if (n == pm_track_len(p, t)) {
+            rc = store_put(p->store[PM_MIRROR], src, off - offset, n, off);
+            if (rc == 0 && pm_bitmap_test_and_clear(pending, t) == 1) {
+                pm_count_add(&p->tracks_skipped, 1);
+                pm_job_track_cleared(p);
+            }
+        }
+        off += n;
+    }
+    return rc;
+}
+
+static int do_write(pm_pair *p, int side, const struct wsrc *src, uint64_t len, uint64_t offset,
+                    unsigned flags, const char *func)
+{
+    int rc = check_io(p, side, len, offset, func);
+    if (rc || len == 0)
+        return rc;
+    pthread_rwlock_rdlock(&p->cmd_lock);
+    int state = pm_pair_state(p);
+    if (side == PM_MIRROR && !mirror_writable(state)) {
+        pthread_rwlock_unlock(&p->cmd_lock);
+        if (state == PM_STATE_NEW)
+            return pm_fail(func, PM_E_STATE, "the pair is new; the mirror is writable only when split or restored");
+        return pm_fail(func, PM_E_READONLY, "the pair is %s; the mirror is write-protected "
+                       "(writable only when split or restored)", pm_state_name(state));
+    }
+    uint64_t t0 = offset >> p->shift, t1 = (offset + len - 1) >> p->shift;
+    lock_span(p, t0, t1);
+    /* Write-intent: the CHANGED bits covering this write are durable before
+     * the data is written (a no-op without metadata, and cheap once the
+     * tracks are marked). */
+    mark_changed(p, side, t0, t1);
+    rc = pm_meta_changed_durable(p);
+    unsigned flush_mask = 0;
+    if (rc == 0)
+        rc = write_locked(p, side, state, src, len, offset, t0, t1, &flush_mask);
+    unlock_span(p, t0, t1);
+    pthread_rwlock_unlock(&p->cmd_lock);
+    if (rc == 0 && (flags & PM_IO_FUA)) {
+        for (int s = 0; s < 2 && rc == 0; s++)
+            if (flush_mask & (1u << s))
+                rc = pm_store_flush(p->store[s]);
+        if (rc == 0)
+            rc = pm_meta_commit_all(p);
+    }
+    return rc;
+}
+
+int pm_pair_write(pm_pair *p, int side, const void *buf, uint64_t len, uint64_t offset, unsigned flags)
+{
+    struct wsrc src = { buf, NULL, 0 };
+    if (buf == NULL && len > 0)
+        return PM_FAIL(-EINVAL, "buf must not be NULL");
+    return do_write(p, side, &src, len, offset, flags, __func__);
+}
+
+int pm_pair_write_zeroes(pm_pair *p, int side, uint64_t len, uint64_t offset, unsigned flags)
+{
+    struct wsrc src = { NULL, NULL, len < (1u << 20) ? len : (1u << 20) };
+    if (len > 0 && (src.zero = calloc(1, (size_t)src.zero_len)) == NULL)
+        return PM_FAIL(-ENOMEM, "out of memory");
+    int rc = do_write(p, side, &src, len, offset, flags, __func__);
+    free(src.zero);
+    return rc;
+}
+
+int pm_pair_flush(pm_pair *p, int side)
+{
+    if (side != PM_STANDARD && side != PM_MIRROR)
+        return PM_FAIL(-EINVAL, "side must be PM_STANDARD or PM_MIRROR, got %d", side);
+    int rc = pm_store_flush(p->store[side]);
+    if (rc == 0 && side == PM_STANDARD && is_mirrored(p, pm_pair_state(p)))
+        rc = pm_store_flush(p->store[PM_MIRROR]);
+    if (rc == 0)
+        rc = pm_meta_commit_all(p);
+    return rc;
+}

@@ -1,0 +1,260 @@
+/*
+ * copier.c - the background copy of a job, and job control.
+ *
+ * Each copier thread loops: take the next run of PENDING tracks on the
+ * target from a shared cursor (at most batch_bytes), try-lock each track's
+ * BUSY bit in ascending order (stopping at the first busy or no-longer-
+ * PENDING track: a copier never waits while holding a track), read the run
+ * from the source into its own buffer, write it to the target, then clear
+ * PENDING track by track and release the locks.  Buffers are bounded by
+ * copiers x batch_bytes.
+ *
+ * A failed read or write is retried (cfg.retries attempts, with backoff).
+ * If a multi-track batch still fails, its tracks are retried one by one so
+ * the error names the failing track; that track stays PENDING, the job
+ * pauses with the error, and pm_pair_resume retries it.
+ *
+ * Whoever clears the last PENDING bit (a copier, a hydrating read or a
+ * whole-track host write) ends the job: the state moves on under mu.
+ */
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "pair.h"
+
+static void sleep_seconds(double s)
+{
+    if (s <= 0)
+        return;
+    struct timespec ts = { (time_t)s, (long)((s - (double)(time_t)s) * 1e9) };
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+/* End the job if it is still active (called when pending_left reached 0). */
+static void finish_job(pm_pair *p)
+{
+    pthread_mutex_lock(&p->mu);
+    if (p->job_active && pm_load_seqcst(&p->pending_left) == 0) {
+        int done = p->target == PM_MIRROR ? PM_STATE_ESTABLISHED
+                 : (pm_load_relaxed(&p->protect) ? PM_STATE_RESTORED : PM_STATE_ESTABLISHED);
+        p->job_active = 0;
+        p->t_end = pm_now();
+        /* Data before state: the copied tracks are made durable by the
+         * commit (meta.c flushes both stores before writing the tables). */
+        pm_store_release(&p->state, done);
+        pm_meta_commit_all(p);
+        pthread_cond_broadcast(&p->cond);
+    }
+    pthread_mutex_unlock(&p->mu);
+}
+
+void pm_job_track_cleared(pm_pair *p)
+{
+    if (pm_fetch_sub(&p->pending_left, 1) == 1)
+        finish_job(p);
+}
+
+/* Wait for the rate limit to allow `bytes` more. */
+static void rate_wait(pm_pair *p, uint64_t bytes)
+{
+    uint64_t rate = pm_load_relaxed(&p->rate);
+    if (rate == 0)
+        return;
+    pthread_mutex_lock(&p->rate_mu);
+    double now = pm_now();
+    double start = p->rate_next > now ? p->rate_next : now;
+    /* no credit for idle time beyond 50 ms, so a pause is not followed by a burst */
+    if (start < now - 0.05)
+        start = now - 0.05;
+    p->rate_next = start + (double)bytes / (double)rate;
+    pthread_mutex_unlock(&p->rate_mu);
+    while (start > pm_now() && !pm_load_relaxed(&p->stop)) {
+        double left = start - pm_now();
+        sleep_seconds(left > 0.05 ? 0.05 : left);
+    }
+}
+
+/* Copy bytes [off, off+len) from the source side to the target, with
+ * retries.  Returns 0 or the last error. */
+static int copy_bytes(pm_pair *p, int target, uint64_t off, uint64_t len, unsigned char *buf,
+                      uint32_t retries)
+{
+    int rc = 0;
+    for (uint32_t attempt = 0; attempt < retries; attempt++) {
+        if (attempt)
+            sleep_seconds(0.001 * (double)(1u << (attempt < 8 ? attempt : 8)));
+        rc = pm_store_read(p->store[1 - target], buf, len, off);
+        if (rc < 0)
+            continue;
+        pm_count_add(&p->bytes_read, len);
+        rc = pm_store_write(p->store[target], buf, len, off);
+        if (rc == 0) {
+            pm_count_add(&p->bytes_written, len);
+            return 0;
+        }
+    }
+    return rc;
+}
+
+static void clear_pending_locked(pm_pair *p, int target, uint64_t t)
+{
+    /* release (seq_cst RMW): a reader that sees PENDING clear sees the data */
+    if (pm_bitmap_test_and_clear(p->table[target]->flags[PM_PENDING], t) == 1) {
+        pm_count_add(&p->tracks_copied, 1);
+        pm_job_track_cleared(p);
+    }
+}
+
+int pm_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf)
+{
+    pthread_mutex_lock(&p->mu);
+    int target = p->target;
+    uint32_t retries = p->cfg.retries;
+    pthread_mutex_unlock(&p->mu);
+    int rc = copy_bytes(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries);
+    if (rc == 0)
+        clear_pending_locked(p, target, t);
+    return rc;
+}
+
+static void job_error(pm_pair *p, int rc, uint64_t track)
+{
+    pthread_mutex_lock(&p->mu);
+    if (p->error == 0) {
+        p->error = rc;
+        p->error_track = (int64_t)track;
+    }
+    pm_store_seqcst(&p->run, 0);
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* Copy the run [s, s+k) whose tracks this thread holds. */
+static void copy_run(pm_pair *p, int target, uint64_t s, uint64_t k, unsigned char *buf, uint32_t retries)
+{
+    uint64_t off = pm_track_off(p, s);
+    uint64_t end = s + k >= p->tracks ? p->size : pm_track_off(p, s + k);
+    int rc = copy_bytes(p, target, off, end - off, buf, retries);
+    if (rc == 0) {
+        for (uint64_t t = s; t < s + k; t++)
+            clear_pending_locked(p, target, t);
+        return;
+    }
+    /* Find the failing track: copy one by one. */
+    for (uint64_t t = s; t < s + k; t++) {
+        rc = k == 1 ? rc : copy_bytes(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries);
+        if (rc < 0) {
+            job_error(p, rc, t);
+            return;
+        }
+        clear_pending_locked(p, target, t);
+    }
+}
+
+static void *copier_main(void *arg)
+{
+    pm_pair *p = arg;
+    pthread_mutex_lock(&p->mu);
+    uint32_t batch_bytes = p->cfg.batch_bytes;
+    pthread_mutex_unlock(&p->mu);
+    unsigned char *buf = aligned_alloc(4096, (batch_bytes + 4095) / 4096 * 4096);
+    if (buf == NULL) {
+        job_error(p, -ENOMEM, pm_load_relaxed(&p->cursor));
+        return NULL;
+    }
+    /* The job's start must be durable before any data moves (a restore
+     * returns before committing; see pair.c). */
+    int rc = pm_meta_changed_durable(p);
+    if (rc < 0)
+        job_error(p, rc, 0);
+    unsigned idle = 0;
+    for (;;) {
+        pthread_mutex_lock(&p->mu);
+        while (!pm_load_relaxed(&p->stop) && p->job_active && (p->paused_req || p->error))
+            pthread_cond_wait(&p->cond, &p->mu);
+        int active = p->job_active && !pm_load_relaxed(&p->stop);
+        int target = p->target;
+        uint64_t max_tracks = p->cfg.batch_bytes >> p->shift;
+        if (max_tracks > batch_bytes >> p->shift)
+            max_tracks = batch_bytes >> p->shift;
+        uint32_t retries = p->cfg.retries;
+        pthread_mutex_unlock(&p->mu);
+        if (!active)
+            break;
+
+        pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
+        uint64_t s, n, cur = pm_load_relaxed(&p->cursor);
+        if (!pm_bitmap_next_run(pending, cur, max_tracks, &s, &n) &&
+            (cur == 0 || !pm_bitmap_next_run(pending, 0, max_tracks, &s, &n))) {
+            if (pm_load_seqcst(&p->pending_left) == 0) {
+                finish_job(p);
+                break;
+            }
+            sleep_seconds(0.0005);   /* the last tracks are being cleared by others */
+            continue;
+        }
+        uint64_t k = 0;
+        while (k < n && pm_track_trylock(p, s + k)) {
+            if (pm_bitmap_get(pending, s + k) != 1) {
+                pm_track_unlock(p, s + k);
+                break;
+            }
+            k++;
+        }
+        if (k == 0) {
+            /* held by host I/O: move on, and back off if it keeps happening */
+            pm_store_relaxed(&p->cursor, s + 1 < p->tracks ? s + 1 : 0);
+            if (++idle > 64) {
+                sleep_seconds(0.0002);
+                idle = 0;
+            } else {
+                sched_yield();
+            }
+            continue;
+        }
+        idle = 0;
+        pm_store_relaxed(&p->cursor, s + k < p->tracks ? s + k : 0);
+        rate_wait(p, k << p->shift);
+        copy_run(p, target, s, k, buf, retries);
+        for (uint64_t t = s; t < s + k; t++)
+            pm_track_unlock(p, t);
+        pm_meta_copied(p, k);
+    }
+    free(buf);
+    return NULL;
+}
+
+int pm_job_start_threads_locked(pm_pair *p)
+{
+    pm_store_seqcst(&p->run, 1);
+    uint32_t want = p->cfg.copiers;
+    while ((uint32_t)p->nthreads < want) {
+        int e = pthread_create(&p->threads[p->nthreads], NULL, copier_main, p);
+        if (e != 0) {
+            if (p->nthreads > 0)
+                break;   /* run with fewer copiers */
+            p->error = -e;
+            p->error_track = -1;
+            return PM_FAIL(-e, "cannot start a copier thread");
+        }
+        p->nthreads++;
+    }
+    return 0;
+}
+
+void pm_job_join_threads(pm_pair *p)
+{
+    pthread_t threads[PM_MAX_COPIERS];
+    pthread_mutex_lock(&p->mu);
+    int n = p->nthreads;
+    memcpy(threads, p->threads, sizeof(pthread_t) * (size_t)n);
+    p->nthreads = 0;
+    if (n)
+        pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < n; i++)
+        pthread_join(threads[i], NULL);
+}

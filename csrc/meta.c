@@ -1,0 +1,522 @@
+/*
+ * meta.c - the pair's metadata file and its commit protocol.
+ *
+ * File layout (docs/format.md):
+ *   [0, 16 KiB)           header slot 0
+ *   [16 KiB, 32 KiB)      header slot 1
+ *   [32 KiB, +T)          tables of slot 0      T = 4 x round_up(ceil(tracks/8), 4 KiB)
+ *   [32 KiB + T, +T)      tables of slot 1
+ * Tables, in order: PENDING(standard), CHANGED(standard), PENDING(mirror),
+ * CHANGED(mirror), each in the bitmap serial format.  A header holds the
+ * generation, the state, the geometry and identity of both volumes, their
+ * paths, the CRC-32C of each table and its own CRC-32C.  The valid slot with
+ * the highest generation is current.
+ *
+ * A commit writes the *other* slot: snapshot the tables, make the volumes'
+ * data durable (fdatasync both stores), write the tables, fdatasync, write
+ * the header, fdatasync.  A torn commit leaves the previous slot current.
+ * Snapshot before the data flush: every PENDING bit cleared in the snapshot
+ * was cleared after its data write completed, so the flush makes that data
+ * durable before the cleared bit can be.
+ *
+ * Write-intent (group commit): a host write sets its CHANGED bits, notes it
+ * (noted++), then waits in pm_meta_changed_durable until a commit that began
+ * after the note is durable.  Commits are serialised by meta->lock, so every
+ * writer that noted before a commit's snapshot shares that commit.
+ */
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "crc32c.h"
+#include "pair.h"
+
+#define SLOT_SIZE 16384u
+#define TABLES_AT (2u * SLOT_SIZE)
+#define FORMAT_VERSION 1u
+static const char MAGIC[8] = { 'P', 'M', 'I', 'R', 'M', 'E', 'T', 'A' };
+
+/* On-disk header, little-endian; paths follow at fixed offsets. */
+struct disk_header {
+    char magic[8];
+    uint32_t version;
+    uint32_t slot_size;
+    uint64_t generation;
+    uint32_t state;
+    uint32_t flags;            /* bit 0 incremental, bit 1 protect */
+    uint32_t track_size;
+    uint32_t ntables;
+    uint64_t volume_size;
+    uint64_t tracks;
+    uint64_t table_bytes;      /* one table, padded */
+    uint64_t std_ino, mir_ino;
+    uint8_t pair_id[16];
+    uint32_t table_crc[4];
+};
+#define STD_PATH_AT 512u
+#define MIR_PATH_AT (512u + 4096u)
+#define CRC_AT (SLOT_SIZE - 4u)
+
+struct pm_meta {
+    int fd;
+    char *path;
+    pthread_mutex_t lock;       /* serialises commits */
+    pthread_cond_t unused;
+    uint64_t generation;        /* of the current slot */
+    uint8_t pair_id[16];
+    uint64_t table_bytes;
+    unsigned char *snap;        /* 4 tables, for commits */
+    pm_atomic_u64 noted;        /* changes noted */
+    pm_atomic_u64 durable;      /* changes known durable */
+    double last_commit;
+    pm_atomic_u64 commits;
+};
+
+static uint64_t round4k(uint64_t n) { return (n + 4095) & ~(uint64_t)4095; }
+
+static int full_pwrite(int fd, const void *buf, size_t len, off_t off)
+{
+    const unsigned char *p = buf;
+    while (len) {
+        ssize_t n = pwrite(fd, p, len, off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += n, len -= (size_t)n, off += n;
+    }
+    return 0;
+}
+
+static int full_pread(int fd, void *buf, size_t len, off_t off)
+{
+    unsigned char *p = buf;
+    while (len) {
+        ssize_t n = pread(fd, p, len, off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -ENODATA;
+        p += n, len -= (size_t)n, off += n;
+    }
+    return 0;
+}
+
+static pm_bitmap *table_of(pm_pair *p, int i)
+{
+    return p->table[i / 2]->flags[i % 2 == 0 ? PM_PENDING : PM_CHANGED];
+}
+
+/* ---- commit -------------------------------------------------------------- */
+
+static int commit_locked(pm_pair *p)
+{
+    struct pm_meta *m = p->meta;
+    uint64_t seq = pm_load_seqcst(&m->noted);
+    unsigned char *hdr = calloc(1, SLOT_SIZE);
+    if (hdr == NULL)
+        return PM_FAIL(-ENOMEM, "out of memory");
+    struct disk_header h;
+    memset(&h, 0, sizeof h);
+    memcpy(h.magic, MAGIC, 8);
+    h.version = FORMAT_VERSION;
+    h.slot_size = SLOT_SIZE;
+    h.generation = m->generation + 1;
+    /* snapshot: state first, then tables (a state change is followed by
+     * its table changes under cmd_lock, and commits after commands) */
+    h.state = (uint32_t)pm_pair_state(p);
+    h.flags = (pm_load_relaxed(&p->incremental) ? 1u : 0u) | (pm_load_relaxed(&p->protect) ? 2u : 0u);
+    h.track_size = p->track_size;
+    h.ntables = 4;
+    h.volume_size = p->size;
+    h.tracks = p->tracks;
+    h.table_bytes = m->table_bytes;
+    h.std_ino = p->store[PM_STANDARD]->ino;
+    h.mir_ino = p->store[PM_MIRROR]->ino;
+    memcpy(h.pair_id, m->pair_id, 16);
+    memset(m->snap, 0, (size_t)(4 * m->table_bytes));
+    for (int i = 0; i < 4; i++) {
+        pm_bitmap *bm = table_of(p, i);
+        pm_bitmap_save(bm, m->snap + (uint64_t)i * m->table_bytes, m->table_bytes);
+        h.table_crc[i] = pm_crc32c(0, m->snap + (uint64_t)i * m->table_bytes, (size_t)m->table_bytes);
+    }
+    memcpy(hdr, &h, sizeof h);
+    snprintf((char *)hdr + STD_PATH_AT, PM_PATH_MAX, "%s", p->store[PM_STANDARD]->path);
+    snprintf((char *)hdr + MIR_PATH_AT, PM_PATH_MAX, "%s", p->store[PM_MIRROR]->path);
+    uint32_t crc = pm_crc32c(0, hdr, CRC_AT);
+    memcpy(hdr + CRC_AT, &crc, 4);
+
+    int slot = (int)(h.generation % 2);
+    int rc = 0;
+    for (int s = 0; s < 2 && rc == 0; s++)   /* data before the bits that describe it */
+        if (!p->store[s]->readonly)
+            rc = pm_store_flush(p->store[s]);
+    if (rc == 0)
+        rc = full_pwrite(m->fd, m->snap, (size_t)(4 * m->table_bytes),
+                         (off_t)(TABLES_AT + (uint64_t)slot * 4 * m->table_bytes));
+    if (rc == 0 && fdatasync(m->fd) < 0)
+        rc = -errno;
+    if (rc == 0)
+        rc = full_pwrite(m->fd, hdr, SLOT_SIZE, (off_t)((uint64_t)slot * SLOT_SIZE));
+    if (rc == 0 && fdatasync(m->fd) < 0)
+        rc = -errno;
+    free(hdr);
+    if (rc < 0)
+        return PM_FAIL(rc, "%s: cannot commit the metadata", m->path);
+    m->generation = h.generation;
+    m->last_commit = pm_now();
+    pm_count_add(&m->commits, 1);
+    pm_store_seqcst(&m->durable, seq);
+    return 0;
+}
+
+int pm_meta_commit_all(pm_pair *p)
+{
+    if (p->meta == NULL)
+        return 0;
+    pthread_mutex_lock(&p->meta->lock);
+    int rc = commit_locked(p);
+    pthread_mutex_unlock(&p->meta->lock);
+    return rc;
+}
+
+void pm_meta_note(pm_pair *p)
+{
+    if (p->meta != NULL)
+        pm_fetch_add(&p->meta->noted, 1);
+}
+
+int pm_meta_changed_durable(pm_pair *p)
+{
+    struct pm_meta *m = p->meta;
+    if (m == NULL)
+        return 0;
+    uint64_t want = pm_load_seqcst(&m->noted);
+    if (pm_load_seqcst(&m->durable) >= want)
+        return 0;
+    pthread_mutex_lock(&m->lock);
+    int rc = 0;
+    if (pm_load_seqcst(&m->durable) < want)
+        rc = commit_locked(p);
+    pthread_mutex_unlock(&m->lock);
+    return rc;
+}
+
+void pm_meta_copied(pm_pair *p, uint64_t ntracks)
+{
+    struct pm_meta *m = p->meta;
+    if (m == NULL)
+        return;
+    /* Bound the copy work a crash can lose to about a second. */
+    if (pthread_mutex_trylock(&m->lock) != 0)
+        return;
+    if (pm_now() - m->last_commit > 1.0)
+        commit_locked(p);
+    pthread_mutex_unlock(&m->lock);
+}
+
+void pm_meta_close(pm_pair *p)
+{
+    struct pm_meta *m = p->meta;
+    if (m == NULL)
+        return;
+    pthread_mutex_lock(&m->lock);
+    commit_locked(p);
+    pthread_mutex_unlock(&m->lock);
+    close(m->fd);   /* also drops the flock */
+    pthread_mutex_destroy(&m->lock);
+    free(m->snap);
+    free(m->path);
+    free(m);
+    p->meta = NULL;
+}
+
+/* ---- reading headers ----------------------------------------------------- */
+
+/* Validate slot `slot`; fill h/hdr.  Returns 0, PM_E_CORRUPT or PM_E_FOREIGN. */
+static int read_slot(int fd, int slot, unsigned char *hdr, struct disk_header *h, int check_tables,
+                     const char *path)
+{
+    int rc = full_pread(fd, hdr, SLOT_SIZE, (off_t)((uint64_t)slot * SLOT_SIZE));
+    if (rc == -ENODATA)
+        return PM_FAIL(PM_E_CORRUPT, "%s: the metadata file is truncated (no header slot %d)", path, slot);
+    if (rc < 0)
+        return PM_FAIL(rc, "%s: cannot read the metadata", path);
+    memcpy(h, hdr, sizeof *h);
+    if (memcmp(h->magic, MAGIC, 8) != 0)
+        return PM_FAIL(PM_E_FOREIGN, "%s: not a pymirror metadata file", path);
+    uint32_t crc;
+    memcpy(&crc, hdr + CRC_AT, 4);
+    if (pm_crc32c(0, hdr, CRC_AT) != crc)
+        return PM_FAIL(PM_E_CORRUPT, "%s: header slot %d fails its checksum", path, slot);
+    if (h->version != FORMAT_VERSION)
+        return PM_FAIL(PM_E_FOREIGN, "%s: metadata format version %u; this pymirror reads version %u",
+                       path, h->version, FORMAT_VERSION);
+    if (h->slot_size != SLOT_SIZE || h->ntables != 4 || h->state > PM_STATE_RESTORED ||
+        h->track_size < PM_TRACK_SIZE_MIN || h->track_size > PM_TRACK_SIZE_MAX ||
+        (h->track_size & (h->track_size - 1)) || h->volume_size == 0 ||
+        h->tracks != (h->volume_size + h->track_size - 1) / h->track_size ||
+        h->table_bytes != round4k((h->tracks + 7) / 8) ||
+        hdr[STD_PATH_AT + PM_PATH_MAX - 1] != 0 || hdr[MIR_PATH_AT + PM_PATH_MAX - 1] != 0)
+        return PM_FAIL(PM_E_CORRUPT, "%s: header slot %d has impossible values", path, slot);
+    if (!check_tables)
+        return 0;
+    unsigned char *buf = malloc((size_t)h->table_bytes);
+    if (buf == NULL)
+        return PM_FAIL(-ENOMEM, "out of memory");
+    for (int i = 0; i < 4 && rc == 0; i++) {
+        rc = full_pread(fd, buf, (size_t)h->table_bytes,
+                        (off_t)(TABLES_AT + ((uint64_t)slot * 4 + (uint64_t)i) * h->table_bytes));
+        if (rc == -ENODATA)
+            rc = PM_FAIL(PM_E_CORRUPT, "%s: the metadata file is truncated (tables of slot %d)", path, slot);
+        else if (rc < 0)
+            rc = PM_FAIL(rc, "%s: cannot read the metadata", path);
+        else if (pm_crc32c(0, buf, (size_t)h->table_bytes) != h->table_crc[i])
+            rc = PM_FAIL(PM_E_CORRUPT, "%s: table %d of slot %d fails its checksum", path, i, slot);
+    }
+    free(buf);
+    return rc;
+}
+
+/* The current slot: the valid one with the highest generation. */
+static int pick_slot(int fd, unsigned char *hdr, struct disk_header *h, const char *path)
+{
+    unsigned char *other = malloc(SLOT_SIZE);
+    if (other == NULL)
+        return PM_FAIL(-ENOMEM, "out of memory");
+    struct disk_header h1;
+    int rc0 = read_slot(fd, 0, hdr, h, 1, path);
+    char msg0[512];
+    snprintf(msg0, sizeof msg0, "%s", pm_last_error());
+    int rc1 = read_slot(fd, 1, other, &h1, 1, path);
+    int rc;
+    if (rc1 == 0 && (rc0 != 0 || h1.generation > h->generation)) {
+        memcpy(hdr, other, SLOT_SIZE);
+        *h = h1;
+        rc = 0;
+    } else if (rc0 == 0) {
+        rc = 0;
+    } else {
+        /* neither slot is valid: report the more telling error */
+        rc = rc0 == PM_E_FOREIGN || rc1 == PM_E_FOREIGN ? PM_E_FOREIGN : rc0;
+        if (rc == rc0)
+            pm_fail("pm_meta", rc0, "%s", strchr(msg0, ':') ? strchr(msg0, ':') + 2 : msg0);
+    }
+    free(other);
+    return rc;
+}
+
+static int open_meta_fd(const char *path, int *fd_out, int lock)
+{
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0 && errno == EACCES && !lock)
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return PM_FAIL(-errno, "%s: cannot open the metadata", path);
+    struct stat st;
+    if (fstat(fd, &st) == 0 && !S_ISREG(st.st_mode)) {
+        close(fd);
+        return PM_FAIL(PM_E_FOREIGN, "%s: not a pymirror metadata file (not a regular file)", path);
+    }
+    if (lock && flock(fd, LOCK_EX | LOCK_NB) < 0) {
+        int e = errno;
+        close(fd);
+        if (e == EWOULDBLOCK)
+            return PM_FAIL(-EBUSY, "%s: the pair is in use by another process", path);
+        return PM_FAIL(-e, "%s: cannot lock the metadata", path);
+    }
+    *fd_out = fd;
+    return 0;
+}
+
+int pm_meta_peek(const char *meta_path, struct pm_meta_info *out)
+{
+    if (meta_path == NULL || out == NULL)
+        return PM_FAIL(-EINVAL, "meta_path and out must not be NULL");
+    int fd;
+    int rc = open_meta_fd(meta_path, &fd, 0);
+    if (rc)
+        return rc;
+    unsigned char *hdr = malloc(SLOT_SIZE);
+    struct disk_header h;
+    rc = hdr ? pick_slot(fd, hdr, &h, meta_path) : PM_FAIL(-ENOMEM, "out of memory");
+    close(fd);
+    if (rc == 0) {
+        memset(out, 0, sizeof *out);
+        out->state = (int32_t)h.state;
+        out->incremental = (h.flags & 1) != 0;
+        out->protect = (h.flags & 2) != 0;
+        out->track_size = h.track_size;
+        out->volume_size = h.volume_size;
+        out->generation = h.generation;
+        memcpy(out->standard_path, hdr + STD_PATH_AT, PM_PATH_MAX);
+        memcpy(out->mirror_path, hdr + MIR_PATH_AT, PM_PATH_MAX);
+    }
+    free(hdr);
+    return rc;
+}
+
+/* ---- create / open ------------------------------------------------------- */
+
+static int meta_alloc(pm_pair *p, int fd, const char *path)
+{
+    struct pm_meta *m = calloc(1, sizeof *m);
+    if (m == NULL)
+        return PM_FAIL(-ENOMEM, "out of memory");
+    m->fd = fd;
+    m->path = strdup(path);
+    m->table_bytes = round4k((p->tracks + 7) / 8);
+    m->snap = malloc((size_t)(4 * m->table_bytes));
+    if (m->path == NULL || m->snap == NULL) {
+        free(m->path), free(m->snap), free(m);
+        return PM_FAIL(-ENOMEM, "out of memory");
+    }
+    pthread_mutex_init(&m->lock, NULL);
+    p->meta = m;
+    return 0;
+}
+
+int pm_pair_create_meta(const char *meta_path, pm_store *standard, pm_store *mirror,
+                        uint32_t track_size, pm_pair **out)
+{
+    if (meta_path == NULL || out == NULL)
+        return PM_FAIL(-EINVAL, "meta_path and out must not be NULL");
+    *out = NULL;
+    if (strlen(standard->path) >= PM_PATH_MAX || strlen(mirror->path) >= PM_PATH_MAX ||
+        standard->path[0] == 0 || mirror->path[0] == 0)
+        return PM_FAIL(-EINVAL, "a pair with metadata needs file volumes with paths shorter than %d",
+                       PM_PATH_MAX);
+    pm_pair *p;
+    int rc = pm_pair_create(standard, mirror, track_size, &p);
+    if (rc)
+        return rc;
+    int fd = open(meta_path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        rc = PM_FAIL(-errno, "%s: cannot create the metadata", meta_path);
+        pm_pair_destroy(p);
+        return rc;
+    }
+    flock(fd, LOCK_EX | LOCK_NB);
+    rc = meta_alloc(p, fd, meta_path);
+    if (rc == 0) {
+        if (getrandom(p->meta->pair_id, 16, 0) != 16)
+            memset(p->meta->pair_id, 0x5a, 16);
+        rc = pm_meta_commit_all(p);          /* generation 1, slot 1 */
+        if (rc == 0)
+            rc = pm_meta_commit_all(p);      /* generation 2, slot 0: both slots valid */
+        if (rc == 0) {
+            /* make the new file's directory entry durable */
+            char *dir = strdup(meta_path), *slash = dir ? strrchr(dir, '/') : NULL;
+            if (dir != NULL) {
+                if (slash == dir)
+                    slash[1] = 0;
+                else if (slash != NULL)
+                    *slash = 0;
+                int dfd = open(slash ? dir : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+                if (dfd >= 0) {
+                    fsync(dfd);
+                    close(dfd);
+                }
+                free(dir);
+            }
+        }
+    } else {
+        close(fd);
+    }
+    if (rc) {
+        int keep = rc;
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", pm_last_error());
+        pm_pair_destroy(p);
+        unlink(meta_path);
+        pm_fail("pm_pair_create_meta", keep, "%s", msg);
+        return keep;
+    }
+    *out = p;
+    return 0;
+}
+
+int pm_pair_open_meta(const char *meta_path, pm_store *standard, pm_store *mirror, pm_pair **out)
+{
+    if (meta_path == NULL || out == NULL || standard == NULL || mirror == NULL)
+        return PM_FAIL(-EINVAL, "meta_path, the stores and out must not be NULL");
+    *out = NULL;
+    int fd;
+    int rc = open_meta_fd(meta_path, &fd, 1);
+    if (rc)
+        return rc;
+    unsigned char *hdr = malloc(SLOT_SIZE);
+    unsigned char *buf = NULL;
+    struct disk_header h;
+    pm_pair *p = NULL;
+    rc = hdr ? pick_slot(fd, hdr, &h, meta_path) : PM_FAIL(-ENOMEM, "out of memory");
+    if (rc == 0 && (standard->size != h.volume_size || mirror->size != h.volume_size))
+        rc = PM_FAIL(PM_E_FOREIGN, "%s: the pair's volumes are %llu bytes, but %s is %llu and %s is %llu",
+                     meta_path, (unsigned long long)h.volume_size, standard->path,
+                     (unsigned long long)standard->size, mirror->path, (unsigned long long)mirror->size);
+    if (rc == 0 && ((h.std_ino && standard->ino != h.std_ino) || (h.mir_ino && mirror->ino != h.mir_ino)))
+        rc = PM_FAIL(PM_E_FOREIGN, "%s: %s or %s is not the volume this pair was made with "
+                     "(the file was replaced or the two were swapped)", meta_path, standard->path, mirror->path);
+    if (rc == 0)
+        rc = pm_pair_create(standard, mirror, h.track_size, &p);
+    if (rc == 0 && (buf = malloc((size_t)h.table_bytes)) == NULL)
+        rc = PM_FAIL(-ENOMEM, "out of memory");
+    int slot = (int)(h.generation % 2);
+    for (int i = 0; i < 4 && rc == 0; i++) {
+        rc = full_pread(fd, buf, (size_t)h.table_bytes,
+                        (off_t)(TABLES_AT + ((uint64_t)slot * 4 + (uint64_t)i) * h.table_bytes));
+        if (rc < 0)
+            rc = PM_FAIL(PM_E_CORRUPT, "%s: cannot read table %d", meta_path, i);
+        else
+            rc = pm_bitmap_load(table_of(p, i), buf, pm_bitmap_serial_size(table_of(p, i)));
+    }
+    if (rc == 0)
+        rc = meta_alloc(p, fd, meta_path);
+    if (rc) {
+        free(hdr), free(buf);
+        if (p != NULL && p->meta == NULL)
+            close(fd);
+        pm_pair_destroy(p);
+        return rc;
+    }
+    p->meta->generation = h.generation;
+    memcpy(p->meta->pair_id, h.pair_id, 16);
+    p->meta->last_commit = pm_now();
+    int state = (int)h.state;
+    pm_store_relaxed(&p->incremental, (int)(h.flags & 1));
+    pm_store_relaxed(&p->protect, (int)((h.flags >> 1) & 1));
+    if (state == PM_STATE_SYNCING || state == PM_STATE_RESTORING) {
+        int target = state == PM_STATE_SYNCING ? PM_MIRROR : PM_STANDARD;
+        uint64_t n = pm_bitmap_count(p->table[target]->flags[PM_PENDING]);
+        p->target = target;
+        p->job_active = 1;
+        p->paused_req = 1;          /* resumes on request */
+        p->t_start = pm_now();
+        pm_store_relaxed(&p->tracks_total, n);
+        pm_store_seqcst(&p->pending_left, n);
+        if (n == 0) {               /* committed just before it ended */
+            p->job_active = 0;
+            p->paused_req = 0;
+            p->t_end = p->t_start;
+            state = target == PM_MIRROR || !(h.flags & 2) ? PM_STATE_ESTABLISHED : PM_STATE_RESTORED;
+        }
+    }
+    pm_store_release(&p->state, state);
+    free(hdr), free(buf);
+    *out = p;
+    return 0;
+}
+
+int pm_pair_commit(pm_pair *p)
+{
+    return pm_meta_commit_all(p);
+}

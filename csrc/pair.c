@@ -1,0 +1,439 @@
+/*
+ * pair.c - a pair's construction, its state machine and its commands.
+ *
+ *   NEW --establish--> SYNCING --(copy done)--> ESTABLISHED --split--> SPLIT
+ *   SPLIT/RESTORED --establish--> SYNCING
+ *   SPLIT/RESTORED --restore--> RESTORING --(copy done)--> RESTORED (protect)
+ *                                                     \--> ESTABLISHED
+ *
+ * Commands take cmd_lock for writing, so no host I/O is in flight while the
+ * state and the PENDING/CHANGED tables change: a host write is wholly before
+ * a command (and seen by it, e.g. in CHANGED) or wholly after it (and
+ * arbitrated by the new state).  The end of a copy is decided by the copier
+ * (copier.c) without cmd_lock; see arbitrate.c for why that is safe.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "pair.h"
+
+static const char *const state_names[] = {
+    "new", "syncing", "established", "split", "restoring", "restored",
+};
+
+const char *pm_state_name(int state)
+{
+    if (state < 0 || state > PM_STATE_RESTORED)
+        return "unknown";
+    return state_names[state];
+}
+
+double pm_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+void pm_copy_config_default(struct pm_copy_config *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    cfg->copiers = 2;
+    cfg->batch_bytes = 1u << 20;
+    cfg->rate_bytes = 0;
+    cfg->retries = 3;
+    cfg->read_policy = PM_READ_REDIRECT;
+}
+
+static int check_config(const pm_pair *p, const struct pm_copy_config *c, const char *func)
+{
+    if (c->copiers < 1 || c->copiers > PM_MAX_COPIERS)
+        return pm_fail(func, -EINVAL, "copiers must be 1 to %d, got %u", PM_MAX_COPIERS, c->copiers);
+    if (c->batch_bytes < p->track_size || c->batch_bytes % p->track_size || c->batch_bytes > (256u << 20))
+        return pm_fail(func, -EINVAL, "batch size %u is not a multiple of the track size %u up to 256 MiB",
+                       c->batch_bytes, p->track_size);
+    if (c->retries < 1 || c->retries > 100)
+        return pm_fail(func, -EINVAL, "retries must be 1 to 100, got %u", c->retries);
+    if (c->read_policy != PM_READ_REDIRECT && c->read_policy != PM_READ_HYDRATE)
+        return pm_fail(func, -EINVAL, "unknown read policy %d", c->read_policy);
+    return 0;
+}
+
+/* ---- construction -------------------------------------------------------- */
+
+int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm_pair **out)
+{
+    if (out == NULL || standard == NULL || mirror == NULL)
+        return PM_FAIL(-EINVAL, "standard, mirror and out must not be NULL");
+    *out = NULL;
+    if (standard == mirror)
+        return PM_FAIL(PM_E_GEOMETRY, "the standard and the mirror are the same store");
+    if (standard->size != mirror->size)
+        return PM_FAIL(PM_E_GEOMETRY, "the standard is %llu bytes but the mirror is %llu: "
+                       "a pair needs two volumes of the same size",
+                       (unsigned long long)standard->size, (unsigned long long)mirror->size);
+    if (standard->fd >= 0 && mirror->fd >= 0 && standard->dev == mirror->dev && standard->ino == mirror->ino)
+        return PM_FAIL(PM_E_GEOMETRY, "the standard and the mirror are the same file (%s)", standard->path);
+    pm_pair *p = calloc(1, sizeof *p);
+    if (p == NULL)
+        return PM_FAIL(-ENOMEM, "out of memory");
+    for (int side = 0; side < 2; side++) {
+        int rc = pm_table_create(standard->size, track_size, &p->table[side]);
+        if (rc < 0) {
+            pm_table_destroy(p->table[0]);
+            free(p);
+            return rc;
+        }
+    }
+    p->store[PM_STANDARD] = standard;
+    p->store[PM_MIRROR] = mirror;
+    p->busy = p->table[PM_STANDARD]->flags[PM_BUSY];
+    p->size = standard->size;
+    p->tracks = p->table[0]->tracks;
+    p->track_size = track_size;
+    p->shift = p->table[0]->track_shift;
+    p->last_track_size = p->table[0]->last_track_size;
+    pthread_rwlockattr_t ra;
+    pthread_rwlockattr_init(&ra);
+#ifdef __GLIBC__
+    /* commands must not starve behind a constant stream of host I/O */
+    pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+#endif
+    pthread_rwlock_init(&p->cmd_lock, &ra);
+    pthread_rwlockattr_destroy(&ra);
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cond, NULL);
+    pthread_mutex_init(&p->rate_mu, NULL);
+    for (int i = 0; i < PM_LOCK_BUCKETS; i++) {
+        pthread_mutex_init(&p->buckets[i].m, NULL);
+        pthread_cond_init(&p->buckets[i].c, NULL);
+    }
+    pm_copy_config_default(&p->cfg);
+    p->error_track = -1;
+    p->target = PM_MIRROR;
+    atomic_init(&p->state, PM_STATE_NEW);
+    *out = p;
+    return 0;
+}
+
+void pm_pair_destroy(pm_pair *p)
+{
+    if (p == NULL)
+        return;
+    pm_store_seqcst(&p->stop, 1);
+    pthread_mutex_lock(&p->mu);
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->mu);
+    pm_job_join_threads(p);
+    pm_meta_close(p);
+    for (int i = 0; i < PM_LOCK_BUCKETS; i++) {
+        pthread_mutex_destroy(&p->buckets[i].m);
+        pthread_cond_destroy(&p->buckets[i].c);
+    }
+    pthread_mutex_destroy(&p->rate_mu);
+    pthread_cond_destroy(&p->cond);
+    pthread_mutex_destroy(&p->mu);
+    pthread_rwlock_destroy(&p->cmd_lock);
+    pm_table_destroy(p->table[0]);
+    pm_table_destroy(p->table[1]);
+    free(p);
+}
+
+int pm_pair_state(const pm_pair *p) { return pm_load_acquire(&((pm_pair *)p)->state); }
+pm_table *pm_pair_table(pm_pair *p, int side) { return (side == PM_STANDARD || side == PM_MIRROR) ? p->table[side] : NULL; }
+uint64_t pm_pair_size(const pm_pair *p) { return p->size; }
+uint32_t pm_pair_track_size(const pm_pair *p) { return p->track_size; }
+
+/* ---- commands ------------------------------------------------------------ */
+
+static int wrong_state(const char *func, int state, const char *what)
+{
+    return pm_fail(func, PM_E_STATE, "the pair is %s; %s", pm_state_name(state), what);
+}
+
+/* Begin a job copying towards `target` (cmd_lock held for writing). */
+static int begin_job(pm_pair *p, int target, int incremental, int protect, int new_state,
+                     const struct pm_copy_config *cfg)
+{
+    pm_job_join_threads(p);   /* threads of a finished job */
+    pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
+    pm_bitmap *chg_std = p->table[PM_STANDARD]->flags[PM_CHANGED];
+    pm_bitmap *chg_mir = p->table[PM_MIRROR]->flags[PM_CHANGED];
+    pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_PENDING]);
+    pm_bitmap_zero(p->table[PM_MIRROR]->flags[PM_PENDING]);
+    if (incremental) {
+        pm_bitmap_union(pending, chg_std);
+        pm_bitmap_union(pending, chg_mir);
+    } else {
+        pm_bitmap_fill(pending);
+    }
+    /* From now on CHANGED records writes made since this operation began. */
+    pm_bitmap_zero(chg_std);
+    pm_bitmap_zero(chg_mir);
+    uint64_t n = pm_bitmap_count(pending);
+
+    pthread_mutex_lock(&p->mu);
+    p->cfg = *cfg;
+    p->target = target;
+    p->error = 0;
+    p->error_track = -1;
+    p->paused_req = 0;
+    p->t_start = pm_now();
+    p->t_end = 0;
+    pm_store_relaxed(&p->cursor, 0);
+    pm_store_relaxed(&p->rate, cfg->rate_bytes);
+    p->rate_next = 0;
+    pm_store_relaxed(&p->tracks_total, n);
+    pm_store_relaxed(&p->tracks_copied, 0);
+    pm_store_relaxed(&p->tracks_skipped, 0);
+    pm_store_relaxed(&p->tracks_merged, 0);
+    pm_store_relaxed(&p->reads_redirected, 0);
+    pm_store_relaxed(&p->reads_hydrated, 0);
+    pm_store_relaxed(&p->bytes_read, 0);
+    pm_store_relaxed(&p->bytes_written, 0);
+    pm_store_seqcst(&p->pending_left, n);
+    pm_store_relaxed(&p->incremental, incremental);
+    pm_store_relaxed(&p->protect, protect);
+    p->job_active = 1;
+    pm_meta_note(p);
+    /* release: host I/O that sees the new state also sees the tables above */
+    pm_store_release(&p->state, new_state);
+    int rc = 0;
+    if (n == 0) {
+        /* nothing to copy: the job is done at once */
+        p->job_active = 0;
+        p->t_end = p->t_start;
+        int done = target == PM_MIRROR ? PM_STATE_ESTABLISHED
+                 : (protect ? PM_STATE_RESTORED : PM_STATE_ESTABLISHED);
+        pm_store_release(&p->state, done);
+    } else {
+        rc = pm_job_start_threads_locked(p);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return rc;
+}
+
+int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *cfg)
+{
+    struct pm_copy_config dflt;
+    if (cfg == NULL) {
+        pm_copy_config_default(&dflt);
+        cfg = &dflt;
+    }
+    int rc = check_config(p, cfg, __func__);
+    if (rc)
+        return rc;
+    pthread_rwlock_wrlock(&p->cmd_lock);
+    int s = pm_pair_state(p);
+    if (s == PM_STATE_NEW && incremental)
+        rc = wrong_state(__func__, s, "an incremental establish needs a pair that was established "
+                                      "once (split or restored); use a full establish");
+    else if (s != PM_STATE_NEW && s != PM_STATE_SPLIT && s != PM_STATE_RESTORED)
+        rc = wrong_state(__func__, s, "establish is allowed when new, split or restored");
+    else
+        rc = begin_job(p, PM_MIRROR, incremental, 0, PM_STATE_SYNCING, cfg);
+    if (rc == 0)
+        rc = pm_meta_commit_all(p);
+    pthread_rwlock_unlock(&p->cmd_lock);
+    return rc;
+}
+
+int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_copy_config *cfg)
+{
+    struct pm_copy_config dflt;
+    if (cfg == NULL) {
+        pm_copy_config_default(&dflt);
+        cfg = &dflt;
+    }
+    int rc = check_config(p, cfg, __func__);
+    if (rc)
+        return rc;
+    pthread_rwlock_wrlock(&p->cmd_lock);
+    int s = pm_pair_state(p);
+    if (s != PM_STATE_SPLIT && s != PM_STATE_RESTORED)
+        rc = wrong_state(__func__, s, "restore is allowed when split or restored");
+    else
+        rc = begin_job(p, PM_STANDARD, incremental, protect, PM_STATE_RESTORING, cfg);
+    pthread_rwlock_unlock(&p->cmd_lock);
+    /* The restore's commit is made by the first copier before it copies
+     * (copier.c), so the command returns in a time that does not grow with
+     * the volume; host writes wait for it through write-intent. */
+    return rc;
+}
+
+int pm_pair_split(pm_pair *p)
+{
+    pthread_rwlock_wrlock(&p->cmd_lock);
+    int s = pm_pair_state(p);
+    int rc = 0;
+    if (s != PM_STATE_ESTABLISHED && s != PM_STATE_RESTORED)
+        rc = wrong_state(__func__, s, "split is allowed only when established (or restored)");
+    else {
+        pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_CHANGED]);
+        pm_bitmap_zero(p->table[PM_MIRROR]->flags[PM_CHANGED]);
+        pthread_mutex_lock(&p->mu);
+        pm_store_release(&p->state, PM_STATE_SPLIT);
+        pthread_mutex_unlock(&p->mu);
+        rc = pm_meta_commit_all(p);
+    }
+    pthread_rwlock_unlock(&p->cmd_lock);
+    return rc;
+}
+
+/* ---- job control --------------------------------------------------------- */
+
+int pm_pair_wait(pm_pair *p, int64_t timeout_ms)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    if (timeout_ms >= 0) {
+        deadline.tv_sec += timeout_ms / 1000;
+        deadline.tv_nsec += (timeout_ms % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000L;
+        }
+    }
+    int rc = 0;
+    pthread_mutex_lock(&p->mu);
+    while (p->job_active) {
+        if (p->error) {
+            rc = PM_FAIL(PM_E_JOB, "the copy stopped at track %lld: %s", (long long)p->error_track,
+                         pm_strerror(p->error));
+            break;
+        }
+        if (timeout_ms < 0) {
+            pthread_cond_wait(&p->cond, &p->mu);
+        } else if (pthread_cond_timedwait(&p->cond, &p->mu, &deadline) != 0) {
+            rc = p->job_active ? PM_E_TIMEDOUT : 0;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&p->mu);
+    return rc;
+}
+
+int pm_pair_pause(pm_pair *p)
+{
+    int rc = 0;
+    pthread_mutex_lock(&p->mu);
+    if (!p->job_active)
+        rc = PM_FAIL(PM_E_STATE, "there is no copy job to pause (the pair is %s)",
+                     pm_state_name(pm_pair_state(p)));
+    else {
+        p->paused_req = 1;
+        pm_store_seqcst(&p->run, 0);
+        pthread_cond_broadcast(&p->cond);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return rc;
+}
+
+int pm_pair_resume(pm_pair *p)
+{
+    int rc = 0;
+    pthread_mutex_lock(&p->mu);
+    if (!p->job_active)
+        rc = PM_FAIL(PM_E_STATE, "there is no copy job to resume (the pair is %s)",
+                     pm_state_name(pm_pair_state(p)));
+    else {
+        p->paused_req = 0;
+        p->error = 0;
+        p->error_track = -1;
+        pm_store_seqcst(&p->run, 1);
+        if (p->nthreads == 0)
+            rc = pm_job_start_threads_locked(p);
+        pthread_cond_broadcast(&p->cond);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return rc;
+}
+
+int pm_pair_set_rate(pm_pair *p, uint64_t rate_bytes)
+{
+    pm_store_relaxed(&p->rate, rate_bytes);
+    pthread_mutex_lock(&p->mu);
+    p->cfg.rate_bytes = rate_bytes;
+    pthread_mutex_unlock(&p->mu);
+    return 0;
+}
+
+int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg)
+{
+    int rc = check_config(p, cfg, __func__);
+    if (rc)
+        return rc;
+    pthread_mutex_lock(&p->mu);
+    p->cfg = *cfg;
+    pm_store_relaxed(&p->rate, cfg->rate_bytes);
+    pthread_mutex_unlock(&p->mu);
+    return 0;
+}
+
+int pm_pair_progress(const pm_pair *cp, struct pm_progress *o)
+{
+    pm_pair *p = (pm_pair *)cp;
+    memset(o, 0, sizeof *o);
+    pthread_mutex_lock(&p->mu);
+    o->running = p->job_active;
+    o->paused = p->job_active && (p->paused_req || p->error);
+    o->error = p->error;
+    o->error_track = p->error ? p->error_track : -1;
+    o->elapsed = p->t_start == 0 ? 0 : (p->t_end ? p->t_end : pm_now()) - p->t_start;
+    int target = p->target;
+    pthread_mutex_unlock(&p->mu);
+    o->state = pm_pair_state(p);
+    o->incremental = pm_load_relaxed(&p->incremental);
+    o->protect = pm_load_relaxed(&p->protect);
+    o->tracks_total = pm_load_relaxed(&p->tracks_total);
+    o->tracks_pending = pm_bitmap_count(p->table[target]->flags[PM_PENDING]);
+    o->tracks_copied = pm_load_relaxed(&p->tracks_copied);
+    o->tracks_skipped = pm_load_relaxed(&p->tracks_skipped);
+    o->tracks_merged = pm_load_relaxed(&p->tracks_merged);
+    o->reads_redirected = pm_load_relaxed(&p->reads_redirected);
+    o->reads_hydrated = pm_load_relaxed(&p->reads_hydrated);
+    o->bytes_read = pm_load_relaxed(&p->bytes_read);
+    o->bytes_written = pm_load_relaxed(&p->bytes_written);
+    o->changed_standard = pm_bitmap_count(p->table[PM_STANDARD]->flags[PM_CHANGED]);
+    o->changed_mirror = pm_bitmap_count(p->table[PM_MIRROR]->flags[PM_CHANGED]);
+    return 0;
+}
+
+/* ---- verify -------------------------------------------------------------- */
+
+int64_t pm_pair_verify(pm_pair *p, uint64_t from, uint64_t *out, uint64_t max, uint64_t *next)
+{
+    const uint64_t chunk = (1u << 20) > p->track_size ? (1u << 20) : p->track_size;
+    unsigned char *a = malloc(chunk), *b = malloc(chunk);
+    if (a == NULL || b == NULL) {
+        free(a), free(b);
+        return PM_FAIL(-ENOMEM, "out of memory");
+    }
+    int64_t n = 0;
+    uint64_t t = from;
+    int rc = 0;
+    while (t < p->tracks && (uint64_t)n < max) {
+        uint64_t off = pm_track_off(p, t);
+        uint64_t len = p->size - off < chunk ? p->size - off : chunk;
+        if ((rc = pm_store_read(p->store[PM_STANDARD], a, len, off)) < 0 ||
+            (rc = pm_store_read(p->store[PM_MIRROR], b, len, off)) < 0)
+            break;
+        uint64_t end = t + ((len + p->track_size - 1) >> p->shift);
+        for (; t < end; t++) {
+            uint64_t o = pm_track_off(p, t) - off;
+            if (memcmp(a + o, b + o, pm_track_len(p, t)) != 0) {
+                out[n++] = t;
+                if ((uint64_t)n == max) {
+                    t++;
+                    break;
+                }
+            }
+        }
+    }
+    free(a), free(b);
+    if (rc < 0)
+        return rc;
+    *next = t;
+    return n;
+}

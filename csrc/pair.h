@@ -1,0 +1,106 @@
+/*
+ * pair.h - internal layout of a pair, shared by pair.c (state machine and
+ * commands), copier.c (the background copy), arbitrate.c (host I/O and
+ * track locks) and meta.c (persistence).
+ *
+ * Lock order (outer first): cmd_lock (rwlock: commands write, host I/O
+ * read) -> track locks (BUSY bits, ascending track order) -> mu (job state)
+ * -> meta->lock.  Copier threads never take cmd_lock and only try-lock
+ * tracks, so they cannot deadlock with host I/O or commands.
+ */
+#ifndef PM_PAIR_H
+#define PM_PAIR_H
+
+#include <pthread.h>
+
+#include "internal.h"
+#include "store.h"
+
+#define PM_MAX_COPIERS 64
+#define PM_LOCK_BUCKETS 64
+
+struct pm_lock_bucket {
+    pthread_mutex_t m;
+    pthread_cond_t c;
+    pm_atomic_int waiters;
+} __attribute__((aligned(64)));
+
+struct pm_meta;
+
+struct pm_pair {
+    pm_store *store[2];          /* PM_STANDARD, PM_MIRROR (borrowed) */
+    pm_table *table[2];
+    pm_bitmap *busy;             /* track locks: the standard table's BUSY bitmap */
+    uint64_t size, tracks;
+    uint32_t track_size, shift, last_track_size;
+
+    pthread_rwlock_t cmd_lock;
+    /* The state: written under mu (and cmd_lock, or by the copier at the end
+     * of a job) with release; host I/O reads it with acquire. */
+    pm_atomic_int state;
+    pm_atomic_int protect;       /* the current/last restore is protected */
+    pm_atomic_int incremental;
+
+    /* ---- the job (protected by mu unless atomic) ---- */
+    pthread_mutex_t mu;
+    pthread_cond_t cond;         /* job finished, paused, errored, resumed */
+    struct pm_copy_config cfg;
+    int target;                  /* side receiving copies while a job exists */
+    int job_active;              /* a job exists (running or paused) */
+    int paused_req;              /* paused by request (or reopened mid-copy) */
+    int error;                   /* the error that paused the job, or 0 */
+    int64_t error_track;
+    int nthreads;                /* copier threads started and not yet joined */
+    pthread_t threads[PM_MAX_COPIERS];
+    pm_atomic_int stop;          /* copiers must exit (destroy) */
+    pm_atomic_int run;           /* 1 while copiers may copy (not paused, no error) */
+    pm_atomic_u64 cursor;        /* where the next copier scan starts */
+    pm_atomic_u64 pending_left;  /* PENDING bits set on the target */
+    double t_start, t_end;       /* monotonic seconds; t_end 0 while running */
+
+    /* rate limit: a token bucket under rate_mu */
+    pthread_mutex_t rate_mu;
+    pm_atomic_u64 rate;
+    double rate_next;            /* earliest time the next batch may start */
+
+    /* counters: relaxed atomics, read without locks */
+    pm_atomic_u64 tracks_total, tracks_copied, tracks_skipped, tracks_merged;
+    pm_atomic_u64 reads_redirected, reads_hydrated, bytes_read, bytes_written;
+
+    struct pm_lock_bucket buckets[PM_LOCK_BUCKETS];
+    struct pm_meta *meta;        /* NULL for a pair without a metadata file */
+};
+
+double pm_now(void);
+
+/* track locks (arbitrate.c) */
+void pm_track_lock(pm_pair *p, uint64_t t);
+int pm_track_trylock(pm_pair *p, uint64_t t);
+void pm_track_unlock(pm_pair *p, uint64_t t);
+
+/* span of a track */
+static inline uint64_t pm_track_off(const pm_pair *p, uint64_t t) { return t << p->shift; }
+static inline uint32_t pm_track_len(const pm_pair *p, uint64_t t)
+{
+    return t == p->tracks - 1 ? p->last_track_size : p->track_size;
+}
+
+/* job (copier.c) */
+int pm_job_start_threads_locked(pm_pair *p);   /* mu held */
+void pm_job_join_threads(pm_pair *p);          /* mu not held */
+void pm_job_track_cleared(pm_pair *p);         /* a PENDING bit went 1 -> 0 */
+/* Copy one PENDING track now (the track lock held), for a hydrating read:
+ * buf receives the track's bytes. */
+int pm_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf);
+
+/* persistence (meta.c); all are no-ops returning 0 when p->meta is NULL */
+int pm_meta_commit_all(pm_pair *p);            /* tables + header, durable */
+/* Note that the state or a CHANGED bit changed and must reach the disk. */
+void pm_meta_note(pm_pair *p);
+/* Block until everything noted so far is durable (group commit). */
+int pm_meta_changed_durable(pm_pair *p);
+/* Copier finished a batch: schedule a background commit. */
+void pm_meta_copied(pm_pair *p, uint64_t ntracks);
+void pm_meta_close(pm_pair *p);
+
+#endif

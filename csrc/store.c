@@ -1,0 +1,319 @@
+/*
+ * store.c - the bytes behind a volume: a file or block device (positional
+ * I/O, fdatasync), or memory; plus injectable faults for tests.
+ *
+ * All I/O entry points check bounds, consult the fault list (one relaxed
+ * load when none is armed), then call the backend through its ops table, so
+ * other backends (a crash simulator, a remote export) plug in the same way.
+ */
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "store.h"
+
+/* ---- file backend -------------------------------------------------------- */
+
+static int file_read(pm_store *s, void *buf, uint64_t len, uint64_t off)
+{
+    unsigned char *p = buf;
+    while (len > 0) {
+        ssize_t n = pread(s->fd, p, len > (1u << 30) ? (1u << 30) : (size_t)len, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return PM_FAIL(-errno, "%s: read of %llu bytes at %llu failed", s->path,
+                           (unsigned long long)len, (unsigned long long)off);
+        }
+        if (n == 0) {  /* past the end of a file that shrank: reads as zeros */
+            memset(p, 0, (size_t)len);
+            return 0;
+        }
+        p += n, off += (uint64_t)n, len -= (uint64_t)n;
+    }
+    return 0;
+}
+
+static int file_write(pm_store *s, const void *buf, uint64_t len, uint64_t off)
+{
+    const unsigned char *p = buf;
+    while (len > 0) {
+        ssize_t n = pwrite(s->fd, p, len > (1u << 30) ? (1u << 30) : (size_t)len, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return PM_FAIL(-errno, "%s: write of %llu bytes at %llu failed", s->path,
+                           (unsigned long long)len, (unsigned long long)off);
+        }
+        p += n, off += (uint64_t)n, len -= (uint64_t)n;
+    }
+    return 0;
+}
+
+static int file_flush(pm_store *s)
+{
+    if (s->readonly)
+        return 0;
+    if (fdatasync(s->fd) < 0)
+        return PM_FAIL(-errno, "%s: fdatasync failed", s->path);
+    return 0;
+}
+
+static void file_close(pm_store *s)
+{
+    if (s->fd >= 0)
+        close(s->fd);
+}
+
+static const struct pm_store_ops file_ops = { file_read, file_write, file_flush, file_close };
+
+/* ---- memory backend ------------------------------------------------------ */
+
+static int mem_read(pm_store *s, void *buf, uint64_t len, uint64_t off)
+{
+    memcpy(buf, s->mem + off, (size_t)len);
+    return 0;
+}
+
+static int mem_write(pm_store *s, const void *buf, uint64_t len, uint64_t off)
+{
+    memcpy(s->mem + off, buf, (size_t)len);
+    return 0;
+}
+
+static int mem_flush(pm_store *s) { return 0; }
+
+static void mem_close(pm_store *s)
+{
+    if (s->mem != NULL)
+        munmap(s->mem, (size_t)s->size);
+}
+
+static const struct pm_store_ops mem_ops = { mem_read, mem_write, mem_flush, mem_close };
+
+/* ---- construction -------------------------------------------------------- */
+
+static pm_store *store_alloc(const char *path)
+{
+    pm_store *s = calloc(1, sizeof *s);
+    if (s == NULL)
+        return NULL;
+    s->path = strdup(path ? path : "");
+    if (s->path == NULL) {
+        free(s);
+        return NULL;
+    }
+    s->fd = -1;
+    pthread_mutex_init(&s->fault_lock, NULL);
+    return s;
+}
+
+int pm_store_open_file(const char *path, unsigned flags, uint64_t size, pm_store **out)
+{
+    if (out == NULL || path == NULL)
+        return PM_FAIL(-EINVAL, "path and out must not be NULL");
+    *out = NULL;
+    if (path[0] == '\0')
+        return PM_FAIL(-ENOENT, "the path is empty");
+    int create = (flags & PM_STORE_CREATE) != 0;
+    int readonly = (flags & PM_STORE_READONLY) != 0;
+    if (create && readonly)
+        return PM_FAIL(-EINVAL, "%s: cannot create a read-only store", path);
+    if (create && size == 0)
+        return PM_FAIL(PM_E_GEOMETRY, "%s: a new volume needs a size greater than zero", path);
+    int oflags = O_CLOEXEC | (readonly ? O_RDONLY : O_RDWR);
+    if (create)
+        oflags |= O_CREAT | O_EXCL;
+#ifdef O_DIRECT
+    if (flags & PM_STORE_DIRECT)
+        oflags |= O_DIRECT;
+#endif
+    int fd = open(path, oflags, 0644);
+    if (fd < 0)
+        return PM_FAIL(-errno, "%s: cannot %s", path, create ? "create" : "open");
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        int e = -errno;
+        close(fd);
+        return PM_FAIL(e, "%s: cannot stat", path);
+    }
+    uint64_t real = 0;
+    if (create) {
+        if (ftruncate(fd, (off_t)size) < 0) {  /* sparse: no blocks allocated */
+            int e = -errno;
+            close(fd);
+            unlink(path);
+            return PM_FAIL(e, "%s: cannot set the size to %llu", path, (unsigned long long)size);
+        }
+        real = size;
+    } else if (S_ISREG(st.st_mode)) {
+        real = (uint64_t)st.st_size;
+    } else if (S_ISBLK(st.st_mode)) {
+        if (ioctl(fd, BLKGETSIZE64, &real) < 0) {
+            int e = -errno;
+            close(fd);
+            return PM_FAIL(e, "%s: cannot read the device size", path);
+        }
+    } else {
+        close(fd);
+        return PM_FAIL(-EINVAL, "%s: not a regular file or block device", path);
+    }
+    if (real == 0) {
+        close(fd);
+        return PM_FAIL(PM_E_GEOMETRY, "%s: the volume is empty (0 bytes)", path);
+    }
+    pm_store *s = store_alloc(path);
+    if (s == NULL) {
+        close(fd);
+        if (create)
+            unlink(path);
+        return PM_FAIL(-ENOMEM, "out of memory");
+    }
+    s->ops = &file_ops;
+    s->fd = fd;
+    s->size = real;
+    s->readonly = readonly;
+    s->dev = (uint64_t)st.st_dev;
+    s->ino = (uint64_t)st.st_ino;
+    *out = s;
+    return 0;
+}
+
+int pm_store_create_memory(uint64_t size, pm_store **out)
+{
+    if (out == NULL)
+        return PM_FAIL(-EINVAL, "out must not be NULL");
+    *out = NULL;
+    if (size == 0)
+        return PM_FAIL(PM_E_GEOMETRY, "a volume needs a size greater than zero");
+    if (size > ((uint64_t)1 << 46))
+        return PM_FAIL(-ENOMEM, "a memory volume of %llu bytes is too large", (unsigned long long)size);
+    pm_store *s = store_alloc("");
+    if (s == NULL)
+        return PM_FAIL(-ENOMEM, "out of memory");
+    /* anonymous mmap: zero-filled and lazily backed, so large scratch
+     * volumes cost only what is written */
+    void *m = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) {
+        pm_store_destroy(s);
+        return PM_FAIL(-ENOMEM, "cannot map %llu bytes", (unsigned long long)size);
+    }
+    s->mem = m;
+    s->ops = &mem_ops;
+    s->size = size;
+    *out = s;
+    return 0;
+}
+
+void pm_store_destroy(pm_store *s)
+{
+    if (s == NULL)
+        return;
+    if (s->ops != NULL)
+        s->ops->close(s);
+    pm_store_clear_faults(s);
+    pthread_mutex_destroy(&s->fault_lock);
+    free(s->path);
+    free(s);
+}
+
+uint64_t pm_store_size(const pm_store *s) { return s->size; }
+const char *pm_store_path(const pm_store *s) { return s->path; }
+
+/* ---- faults -------------------------------------------------------------- */
+
+int pm_store_inject_fault(pm_store *s, int op, uint64_t offset, uint64_t len, int error, int64_t count)
+{
+    if ((op != PM_FAULT_READ && op != PM_FAULT_WRITE) || error >= 0 || count == 0 || count < -1)
+        return PM_FAIL(-EINVAL, "bad fault: op %d, error %d, count %lld", op, error, (long long)count);
+    struct pm_fault *f = calloc(1, sizeof *f);
+    if (f == NULL)
+        return PM_FAIL(-ENOMEM, "out of memory");
+    f->op = op, f->offset = offset, f->len = len, f->error = error, f->count = count;
+    pthread_mutex_lock(&s->fault_lock);
+    f->next = s->faults;
+    s->faults = f;
+    atomic_fetch_add_explicit(&s->nfaults, 1, memory_order_release);
+    pthread_mutex_unlock(&s->fault_lock);
+    return 0;
+}
+
+int pm_store_clear_faults(pm_store *s)
+{
+    pthread_mutex_lock(&s->fault_lock);
+    struct pm_fault *f = s->faults;
+    s->faults = NULL;
+    atomic_store_explicit(&s->nfaults, 0, memory_order_release);
+    pthread_mutex_unlock(&s->fault_lock);
+    while (f != NULL) {
+        struct pm_fault *next = f->next;
+        free(f);
+        f = next;
+    }
+    return 0;
+}
+
+/* The error of an armed fault matching this I/O, or 0. */
+static int fault_hit(pm_store *s, int op, uint64_t len, uint64_t off)
+{
+    /* acquire pairs with the release in inject: a thread that sees the
+     * count also sees the list under the lock anyway; this is a fast path */
+    if (PM_LIKELY(atomic_load_explicit(&s->nfaults, memory_order_acquire) == 0))
+        return 0;
+    int err = 0;
+    pthread_mutex_lock(&s->fault_lock);
+    for (struct pm_fault *f = s->faults; f != NULL; f = f->next) {
+        if (f->op == op && f->count != 0 && off < f->offset + f->len && f->offset < off + len) {
+            err = f->error;
+            if (f->count > 0)
+                f->count--;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&s->fault_lock);
+    return err;
+}
+
+/* ---- I/O ----------------------------------------------------------------- */
+
+static int check_io(const pm_store *s, uint64_t len, uint64_t off, const char *func)
+{
+    if (off > s->size || len > s->size - off)
+        return pm_fail(func, PM_E_RANGE, "offset %llu + length %llu is beyond the volume size %llu",
+                       (unsigned long long)off, (unsigned long long)len, (unsigned long long)s->size);
+    return 0;
+}
+
+int pm_store_read(pm_store *s, void *buf, uint64_t len, uint64_t offset)
+{
+    int rc = check_io(s, len, offset, __func__);
+    if (rc || len == 0)
+        return rc;
+    if ((rc = fault_hit(s, PM_FAULT_READ, len, offset)) != 0)
+        return PM_FAIL(rc, "%s: injected fault on read at %llu", s->path[0] ? s->path : "memory",
+                       (unsigned long long)offset);
+    return s->ops->read(s, buf, len, offset);
+}
+
+int pm_store_write(pm_store *s, const void *buf, uint64_t len, uint64_t offset)
+{
+    int rc = check_io(s, len, offset, __func__);
+    if (rc || len == 0)
+        return rc;
+    if (s->readonly)
+        return PM_FAIL(-EROFS, "%s: the volume is open read-only", s->path);
+    if ((rc = fault_hit(s, PM_FAULT_WRITE, len, offset)) != 0)
+        return PM_FAIL(rc, "%s: injected fault on write at %llu", s->path[0] ? s->path : "memory",
+                       (unsigned long long)offset);
+    return s->ops->write(s, buf, len, offset);
+}
+
+int pm_store_flush(pm_store *s)
+{
+    return s->ops->flush(s);
+}

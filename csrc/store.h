@@ -1,0 +1,37 @@
+/* store.h - internal layout of stores (store.c), shared with the pair. */
+#ifndef PM_STORE_H
+#define PM_STORE_H
+
+#include <pthread.h>
+
+#include "internal.h"
+
+struct pm_store_ops {
+    int (*read)(pm_store *s, void *buf, uint64_t len, uint64_t off);
+    int (*write)(pm_store *s, const void *buf, uint64_t len, uint64_t off);
+    int (*flush)(pm_store *s);
+    void (*close)(pm_store *s);
+};
+
+struct pm_fault {
+    struct pm_fault *next;
+    int op;                /* PM_FAULT_READ or PM_FAULT_WRITE */
+    uint64_t offset, len;
+    int error;             /* negative errno */
+    int64_t count;         /* -1: until cleared */
+};
+
+struct pm_store {
+    const struct pm_store_ops *ops;
+    uint64_t size;
+    char *path;            /* "" for memory */
+    int fd;                /* -1 for memory */
+    int readonly;
+    uint64_t dev, ino;     /* identity of a file store (0 for memory) */
+    unsigned char *mem;    /* memory store */
+    pthread_mutex_t fault_lock;
+    pm_atomic_int nfaults; /* fast check: any faults armed? */
+    struct pm_fault *faults;
+};
+
+#endif

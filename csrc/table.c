@@ -1,0 +1,80 @@
+/*
+ * table.c - the track table of one volume: its geometry (size cut into
+ * tracks of track_size bytes, the last one possibly short) and one bitmap
+ * per flag (PENDING, CHANGED, BUSY).
+ */
+#include <stdlib.h>
+
+#include "internal.h"
+
+int pm_table_create(uint64_t volume_size, uint32_t track_size, pm_table **out)
+{
+    if (out == NULL)
+        return PM_FAIL(-EINVAL, "out must not be NULL");
+    *out = NULL;
+    if (track_size < PM_TRACK_SIZE_MIN || track_size > PM_TRACK_SIZE_MAX ||
+        (track_size & (track_size - 1)) != 0)
+        return PM_FAIL(PM_E_GEOMETRY, "track size %u is not a power of two from %d to %d",
+                       track_size, PM_TRACK_SIZE_MIN, PM_TRACK_SIZE_MAX);
+    if (volume_size == 0)
+        return PM_FAIL(PM_E_GEOMETRY, "volume size must be greater than zero");
+    pm_table *t = calloc(1, sizeof *t);
+    if (t == NULL)
+        return PM_FAIL(-ENOMEM, "out of memory");
+    t->volume_size = volume_size;
+    t->track_size = track_size;
+    t->track_shift = (uint32_t)__builtin_ctz(track_size);
+    t->tracks = (volume_size + track_size - 1) >> t->track_shift;
+    uint64_t rem = volume_size & (track_size - 1);
+    t->last_track_size = rem ? (uint32_t)rem : track_size;
+    for (int f = 0; f < PM_NFLAGS; f++) {
+        int rc = pm_bitmap_create(t->tracks, &t->flags[f]);
+        if (rc < 0) {
+            pm_table_destroy(t);
+            return rc;
+        }
+    }
+    *out = t;
+    return 0;
+}
+
+void pm_table_destroy(pm_table *t)
+{
+    if (t == NULL)
+        return;
+    for (int f = 0; f < PM_NFLAGS; f++)
+        pm_bitmap_destroy(t->flags[f]);
+    free(t);
+}
+
+uint64_t pm_table_volume_size(const pm_table *t) { return t->volume_size; }
+uint32_t pm_table_track_size(const pm_table *t) { return t->track_size; }
+uint64_t pm_table_tracks(const pm_table *t) { return t->tracks; }
+uint32_t pm_table_last_track_size(const pm_table *t) { return t->last_track_size; }
+
+pm_bitmap *pm_table_flag(pm_table *t, int flag)
+{
+    if (flag < 0 || flag >= PM_NFLAGS) {
+        PM_FAIL(-EINVAL, "unknown flag %d", flag);
+        return NULL;
+    }
+    return t->flags[flag];
+}
+
+int64_t pm_table_track_of(const pm_table *t, uint64_t offset)
+{
+    if (offset >= t->volume_size)
+        return PM_FAIL(PM_E_RANGE, "offset %llu is beyond the volume size %llu",
+                       (unsigned long long)offset, (unsigned long long)t->volume_size);
+    return (int64_t)(offset >> t->track_shift);
+}
+
+int pm_table_track_span(const pm_table *t, uint64_t track, uint64_t *offset, uint32_t *length)
+{
+    if (track >= t->tracks)
+        return PM_FAIL(PM_E_RANGE, "track %llu is beyond the last track %llu",
+                       (unsigned long long)track, (unsigned long long)(t->tracks - 1));
+    *offset = track << t->track_shift;
+    *length = track == t->tracks - 1 ? t->last_track_size : t->track_size;
+    return 0;
+}
