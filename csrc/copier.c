@@ -53,28 +53,38 @@ static void finish_job(pm_pair *p)
 
 void pm_job_track_cleared(pm_pair *p)
 {
+    pm_meta_note(p);
     if (pm_fetch_sub(&p->pending_left, 1) == 1)
         finish_job(p);
 }
 
-/* Wait for the rate limit to allow `bytes` more. */
-static void rate_wait(pm_pair *p, uint64_t bytes)
+/* Wait until the rate limit allows `bytes` more: the time a batch costs is
+ * paid before it is copied, so a low rate never begins with a burst.
+ * Returns 0 to go on, or 1 if the job was paused or stopped meanwhile. */
+static int rate_wait(pm_pair *p, uint64_t bytes)
 {
     uint64_t rate = pm_load_relaxed(&p->rate);
     if (rate == 0)
-        return;
+        return 0;
     pthread_mutex_lock(&p->rate_mu);
     double now = pm_now();
     double start = p->rate_next > now ? p->rate_next : now;
-    /* no credit for idle time beyond 50 ms, so a pause is not followed by a burst */
-    if (start < now - 0.05)
-        start = now - 0.05;
-    p->rate_next = start + (double)bytes / (double)rate;
+    double until = start + (double)bytes / (double)rate;
+    p->rate_next = until;
     pthread_mutex_unlock(&p->rate_mu);
-    while (start > pm_now() && !pm_load_relaxed(&p->stop)) {
-        double left = start - pm_now();
-        sleep_seconds(left > 0.05 ? 0.05 : left);
+    while (pm_now() < until) {
+        if (pm_load_relaxed(&p->stop) || !pm_load_seqcst(&p->run)) {
+            pthread_mutex_lock(&p->rate_mu);
+            p->rate_next = 0;     /* the batch was not copied: no debt */
+            pthread_mutex_unlock(&p->rate_mu);
+            return 1;
+        }
+        if (pm_load_relaxed(&p->rate) != rate)
+            break;                /* the rate changed: go on at once */
+        double left = until - pm_now();
+        sleep_seconds(left > 0.02 ? 0.02 : left);
     }
+    return 0;
 }
 
 /* Copy bytes [off, off+len) from the source side to the target, with
@@ -118,6 +128,17 @@ int pm_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf)
     if (rc == 0)
         clear_pending_locked(p, target, t);
     return rc;
+}
+
+/* Give back the rate credit of bytes paid for but not copied. */
+static void rate_refund(pm_pair *p, uint64_t bytes)
+{
+    uint64_t rate = pm_load_relaxed(&p->rate);
+    if (rate == 0 || bytes == 0)
+        return;
+    pthread_mutex_lock(&p->rate_mu);
+    p->rate_next -= (double)bytes / (double)rate;
+    pthread_mutex_unlock(&p->rate_mu);
 }
 
 static void job_error(pm_pair *p, int rc, uint64_t track)
@@ -196,6 +217,10 @@ static void *copier_main(void *arg)
             sleep_seconds(0.0005);   /* the last tracks are being cleared by others */
             continue;
         }
+        /* Pay for the run before claiming it, so no track is held while
+         * the rate limit sleeps; what is not claimed is refunded. */
+        if (rate_wait(p, n << p->shift))
+            continue;
         uint64_t k = 0;
         while (k < n && pm_track_trylock(p, s + k)) {
             if (pm_bitmap_get(pending, s + k) != 1) {
@@ -204,6 +229,7 @@ static void *copier_main(void *arg)
             }
             k++;
         }
+        rate_refund(p, (n - k) << p->shift);
         if (k == 0) {
             /* held by host I/O: move on, and back off if it keeps happening */
             pm_store_relaxed(&p->cursor, s + 1 < p->tracks ? s + 1 : 0);
@@ -217,7 +243,6 @@ static void *copier_main(void *arg)
         }
         idle = 0;
         pm_store_relaxed(&p->cursor, s + k < p->tracks ? s + k : 0);
-        rate_wait(p, k << p->shift);
         copy_run(p, target, s, k, buf, retries);
         for (uint64_t t = s; t < s + k; t++)
             pm_track_unlock(p, t);

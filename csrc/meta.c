@@ -75,6 +75,9 @@ struct pm_meta {
     pm_atomic_u64 durable;      /* changes known durable */
     double last_commit;
     pm_atomic_u64 commits;
+    pm_atomic_int need_full;    /* the next commit must refresh PENDING too */
+    uint32_t crc[4];            /* of the tables in snap */
+    int have_snap;              /* snap holds a full snapshot */
 };
 
 static uint64_t round4k(uint64_t n) { return (n + 4095) & ~(uint64_t)4095; }
@@ -118,7 +121,12 @@ static pm_bitmap *table_of(pm_pair *p, int i)
 
 /* ---- commit -------------------------------------------------------------- */
 
-static int commit_locked(pm_pair *p)
+/* A full commit snapshots all four tables and makes the volumes' data
+ * durable first.  An intent commit (for write-intent) refreshes only the
+ * CHANGED tables and the state, and writes PENDING as of the last full
+ * commit, so it needs no data flush: a PENDING bit is never durable-clear
+ * before the data behind it. */
+static int commit_locked(pm_pair *p, int full)
 {
     struct pm_meta *m = p->meta;
     uint64_t seq = pm_load_seqcst(&m->noted);
@@ -143,12 +151,18 @@ static int commit_locked(pm_pair *p)
     h.std_ino = p->store[PM_STANDARD]->ino;
     h.mir_ino = p->store[PM_MIRROR]->ino;
     memcpy(h.pair_id, m->pair_id, 16);
-    memset(m->snap, 0, (size_t)(4 * m->table_bytes));
+    if (!m->have_snap || atomic_exchange(&m->need_full, 0))
+        full = 1;
     for (int i = 0; i < 4; i++) {
-        pm_bitmap *bm = table_of(p, i);
-        pm_bitmap_save(bm, m->snap + (uint64_t)i * m->table_bytes, m->table_bytes);
-        h.table_crc[i] = pm_crc32c(0, m->snap + (uint64_t)i * m->table_bytes, (size_t)m->table_bytes);
+        if (!full && i % 2 == 0)
+            continue;   /* PENDING: keep the last full snapshot */
+        unsigned char *dst = m->snap + (uint64_t)i * m->table_bytes;
+        memset(dst, 0, (size_t)m->table_bytes);
+        pm_bitmap_save(table_of(p, i), dst, m->table_bytes);
+        m->crc[i] = pm_crc32c(0, dst, (size_t)m->table_bytes);
     }
+    m->have_snap = 1;
+    memcpy(h.table_crc, m->crc, sizeof h.table_crc);
     memcpy(hdr, &h, sizeof h);
     snprintf((char *)hdr + STD_PATH_AT, PM_PATH_MAX, "%s", p->store[PM_STANDARD]->path);
     snprintf((char *)hdr + MIR_PATH_AT, PM_PATH_MAX, "%s", p->store[PM_MIRROR]->path);
@@ -157,7 +171,7 @@ static int commit_locked(pm_pair *p)
 
     int slot = (int)(h.generation % 2);
     int rc = 0;
-    for (int s = 0; s < 2 && rc == 0; s++)   /* data before the bits that describe it */
+    for (int s = 0; s < 2 && rc == 0 && full; s++)   /* data before the bits that describe it */
         if (!p->store[s]->readonly)
             rc = pm_store_flush(p->store[s]);
     if (rc == 0)
@@ -184,9 +198,17 @@ int pm_meta_commit_all(pm_pair *p)
     if (p->meta == NULL)
         return 0;
     pthread_mutex_lock(&p->meta->lock);
-    int rc = commit_locked(p);
+    int rc = commit_locked(p, 1);
     pthread_mutex_unlock(&p->meta->lock);
     return rc;
+}
+
+void pm_meta_need_full(pm_pair *p)
+{
+    if (p->meta != NULL) {
+        pm_store_seqcst(&p->meta->need_full, 1);
+        pm_fetch_add(&p->meta->noted, 1);
+    }
 }
 
 void pm_meta_note(pm_pair *p)
@@ -206,7 +228,7 @@ int pm_meta_changed_durable(pm_pair *p)
     pthread_mutex_lock(&m->lock);
     int rc = 0;
     if (pm_load_seqcst(&m->durable) < want)
-        rc = commit_locked(p);
+        rc = commit_locked(p, 0);
     pthread_mutex_unlock(&m->lock);
     return rc;
 }
@@ -220,7 +242,7 @@ void pm_meta_copied(pm_pair *p, uint64_t ntracks)
     if (pthread_mutex_trylock(&m->lock) != 0)
         return;
     if (pm_now() - m->last_commit > 1.0)
-        commit_locked(p);
+        commit_locked(p, 1);
     pthread_mutex_unlock(&m->lock);
 }
 
@@ -230,7 +252,9 @@ void pm_meta_close(pm_pair *p)
     if (m == NULL)
         return;
     pthread_mutex_lock(&m->lock);
-    commit_locked(p);
+    /* only if something changed: opening and closing a pair writes nothing */
+    if (pm_load_seqcst(&m->durable) < pm_load_seqcst(&m->noted))
+        commit_locked(p, 1);
     pthread_mutex_unlock(&m->lock);
     close(m->fd);   /* also drops the flock */
     pthread_mutex_destroy(&m->lock);

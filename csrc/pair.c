@@ -196,7 +196,7 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
     pm_store_relaxed(&p->incremental, incremental);
     pm_store_relaxed(&p->protect, protect);
     p->job_active = 1;
-    pm_meta_note(p);
+    pm_meta_need_full(p);
     /* release: host I/O that sees the new state also sees the tables above */
     pm_store_release(&p->state, new_state);
     int rc = 0;

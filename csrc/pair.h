@@ -97,6 +97,8 @@ int pm_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf);
 int pm_meta_commit_all(pm_pair *p);            /* tables + header, durable */
 /* Note that the state or a CHANGED bit changed and must reach the disk. */
 void pm_meta_note(pm_pair *p);
+/* The PENDING set was rebuilt (a job began): the next commit must be full. */
+void pm_meta_need_full(pm_pair *p);
 /* Block until everything noted so far is durable (group commit). */
 int pm_meta_changed_durable(pm_pair *p);
 /* Copier finished a batch: schedule a background commit. */

@@ -357,9 +357,8 @@ class Pair:
             return
         ptr, self._ptr = self._ptr, None
         try:
-            lib.pm_pair_commit(ptr)
+            ffi.release(ptr)   # pm_pair_destroy: stops the copier, commits if anything changed
         finally:
-            ffi.release(ptr)
             for v in self._owned:
                 v.close()
 

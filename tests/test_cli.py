@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,11 +18,14 @@ import pytest
 import pymirror
 
 EXE = [sys.executable, "-m", "pymirror"]
+# Run from a neutral folder, so "-m pymirror" finds the installed package,
+# not the source tree (which has no compiled core).
+NEUTRAL = tempfile.gettempdir()
 
 
 def run(*args, check=True, cwd=None, timeout=120):
     proc = subprocess.run(EXE + [str(a) for a in args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL)
+                          cwd=cwd or NEUTRAL, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"pymirror {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -85,7 +89,7 @@ def test_sigint_mid_restore_then_resume(tmp_path):
         for off in range(0, 64 << 20, 1 << 20):
             p.write(off, b"\x5a" * (1 << 20))
     proc = subprocess.Popen(EXE + ["restore", str(meta), "--rate", "8M"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=NEUTRAL)
     time.sleep(2.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -142,7 +146,7 @@ def test_config_file_sets_defaults(tmp_path, monkeypatch):
     assert "64 tracks of 16.0 KiB" in out
     env = dict(os.environ, PYMIRROR_CONFIG=str(cfg))
     proc = subprocess.run(EXE + ["create", str(tmp_path / "z.img"), "--size", "1M"], env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, cwd=NEUTRAL)
     assert "16.0 KiB" in proc.stdout
 
 

@@ -17,7 +17,7 @@ SIZE = 7 * TRACK + 1000          # a short last track
 COMMANDS_OK = {
     "establish": {"new", "split", "restored"},
     "establish_incremental": {"split", "restored"},
-    "split": {"established"},
+    "split": {"established", "restored"},
     "restore": {"split", "restored"},
 }
 
@@ -59,8 +59,8 @@ class PairMachine(RuleBasedStateMachine):
             self.phase = "est"
 
     # -- commands -------------------------------------------------------
-    @rule(incremental=st.booleans(), pause=st.booleans())
-    def establish(self, incremental: bool, pause: bool) -> None:
+    @rule(incremental=st.booleans(), slow=st.booleans())
+    def establish(self, incremental: bool, slow: bool) -> None:
         self._settle_phase()
         state = self.pair.state
         allowed = COMMANDS_OK["establish_incremental" if incremental else "establish"]
@@ -71,16 +71,15 @@ class PairMachine(RuleBasedStateMachine):
                 assert state in str(exc)
                 return
             raise AssertionError(f"establish(incremental={incremental}) allowed in {state}")
-        job = self.pair.establish(incremental=incremental)
-        if pause:
-            job.pause()
+        # slow: a rate of 1 byte/s copies nothing until the wait rule lifts it
+        self.pair.establish(incremental=incremental, config=self.cfg.replace(rate=1 if slow else 0))
         self.mir[:] = self.std
         self.phase = "sync"
 
     @rule()
     def split(self) -> None:
         self._settle_phase()
-        if self.pair.state != "established":
+        if self.pair.state not in COMMANDS_OK["split"]:
             try:
                 self.pair.split()
             except StateError:
@@ -89,20 +88,18 @@ class PairMachine(RuleBasedStateMachine):
         self.pair.split()
         self.phase = "split"
 
-    @rule(incremental=st.booleans(), protect=st.booleans(), hydrate=st.booleans(), pause=st.booleans())
-    def restore(self, incremental: bool, protect: bool, hydrate: bool, pause: bool) -> None:
+    @rule(incremental=st.booleans(), protect=st.booleans(), hydrate=st.booleans(), slow=st.booleans())
+    def restore(self, incremental: bool, protect: bool, hydrate: bool, slow: bool) -> None:
         self._settle_phase()
         state = self.pair.state
-        cfg = self.cfg.replace(read_policy="hydrate" if hydrate else "redirect")
+        cfg = self.cfg.replace(read_policy="hydrate" if hydrate else "redirect", rate=1 if slow else 0)
         if state not in COMMANDS_OK["restore"]:
             try:
                 self.pair.restore(incremental=incremental, protect=protect, config=cfg)
             except StateError:
                 return
             raise AssertionError(f"restore allowed in {state}")
-        job = self.pair.restore(incremental=incremental, protect=protect, config=cfg)
-        if pause:
-            job.pause()
+        self.pair.restore(incremental=incremental, protect=protect, config=cfg)
         self.std[:] = self.mir
         self.phase = "restore_p" if protect else "restore_u"
 
@@ -110,6 +107,7 @@ class PairMachine(RuleBasedStateMachine):
     def wait(self) -> None:
         job = self.pair.job
         if job is not None:
+            job.set_rate(0)
             if job.progress.paused:
                 job.resume()
             assert job.wait(timeout=30)
@@ -121,10 +119,13 @@ class PairMachine(RuleBasedStateMachine):
         job = self.pair.job
         if job is None:
             return
-        if job.progress.paused:
-            job.resume()
-        else:
-            job.pause()
+        try:
+            if job.progress.paused:
+                job.resume()
+            else:
+                job.pause()
+        except StateError:
+            assert self.pair.job is None   # it finished in between
 
     # -- host I/O -------------------------------------------------------
     @rule(r=io_range())
