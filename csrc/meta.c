@@ -412,8 +412,8 @@ static int meta_alloc(pm_pair *p, int fd, const char *path)
 int pm_pair_create_meta(const char *meta_path, pm_store *standard, pm_store *mirror,
                         uint32_t track_size, pm_pair **out)
 {
-    if (meta_path == NULL || out == NULL)
-        return PM_FAIL(-EINVAL, "meta_path and out must not be NULL");
+    if (meta_path == NULL || out == NULL || standard == NULL || mirror == NULL)
+        return PM_FAIL(-EINVAL, "meta_path, the stores and out must not be NULL");
     *out = NULL;
     if (strlen(standard->path) >= PM_PATH_MAX || strlen(mirror->path) >= PM_PATH_MAX ||
         standard->path[0] == 0 || mirror->path[0] == 0)
@@ -507,8 +507,8 @@ int pm_pair_open_meta(const char *meta_path, pm_store *standard, pm_store *mirro
         rc = meta_alloc(p, fd, meta_path);
     if (rc) {
         free(hdr), free(buf);
-        if (p != NULL && p->meta == NULL)
-            close(fd);
+        if (p == NULL || p->meta == NULL)
+            close(fd);   /* and its lock */
         pm_pair_destroy(p);
         return rc;
     }

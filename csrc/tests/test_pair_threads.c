@@ -1,0 +1,150 @@
+/* test_pair_threads.c - pthreads against the copier on shared tracks.
+ *
+ * Restore: each writer thread owns the bytes of every NT-th 1000-byte
+ * segment (segments straddle track boundaries, so all threads share every
+ * track), writes random pieces of its own segments and reads them back;
+ * untouched segments must read as the mirror.  Afterwards the standard
+ * equals the mirror overlaid with each thread's writes and the mirror is
+ * unchanged.  Established: threads write the same bytes at once; both sides
+ * must end identical (invariant 6). */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pymirror.h"
+#include "check.h"
+
+#define TS 4096u
+#define SIZE (256u * TS + 777u)
+#define SEG 1000u
+#define NTH 4
+
+static pm_pair *pair;
+static unsigned char *mirror_img, *expect;
+static pthread_barrier_t barrier;
+static int failures;
+
+static uint64_t rnd(uint64_t *s)
+{
+    *s ^= *s << 13, *s ^= *s >> 7, *s ^= *s << 17;
+    return *s;
+}
+
+static void *writer(void *arg)
+{
+    int id = (int)(intptr_t)arg;
+    uint64_t seed = 0x1234567ULL * (uint64_t)(id + 1);
+    unsigned char buf[SEG], back[SEG];
+    unsigned char *written = calloc(SIZE / SEG + 1, 1);
+    pthread_barrier_wait(&barrier);
+    for (int i = 0; i < 400; i++) {
+        uint64_t seg = (rnd(&seed) % (SIZE / SEG / NTH)) * NTH + (uint64_t)id;
+        uint64_t start = rnd(&seed) % SEG, len = 1 + rnd(&seed) % (SEG - start);
+        uint64_t off = seg * SEG + start;
+        if (off + len > SIZE)
+            continue;
+        for (uint64_t k = 0; k < len; k++)
+            buf[k] = (unsigned char)rnd(&seed);
+        if (pm_pair_write(pair, PM_STANDARD, buf, len, off, 0) != 0)
+            __atomic_add_fetch(&failures, 1, __ATOMIC_RELAXED);
+        memcpy(expect + off, buf, len);          /* this thread owns these bytes */
+        written[seg] = 1;
+        if (pm_pair_read(pair, PM_STANDARD, back, len, off) != 0 || memcmp(back, buf, len) != 0)
+            __atomic_add_fetch(&failures, 1, __ATOMIC_RELAXED);
+        uint64_t fresh = (rnd(&seed) % (SIZE / SEG / NTH)) * NTH + (uint64_t)id;
+        if (!written[fresh] && (fresh + 1) * SEG <= SIZE) {
+            if (pm_pair_read(pair, PM_STANDARD, back, SEG, fresh * SEG) != 0 ||
+                memcmp(back, mirror_img + fresh * SEG, SEG) != 0)
+                __atomic_add_fetch(&failures, 1, __ATOMIC_RELAXED);
+        }
+    }
+    free(written);
+    return NULL;
+}
+
+static void *same_bytes_writer(void *arg)
+{
+    int id = (int)(intptr_t)arg;
+    uint64_t seed = 99 + (uint64_t)id;
+    unsigned char buf[3 * TS];
+    memset(buf, id + 1, sizeof buf);
+    pthread_barrier_wait(&barrier);
+    for (int i = 0; i < 500; i++) {
+        uint64_t off = rnd(&seed) % (8 * TS), len = 1 + rnd(&seed) % (3 * TS);
+        if (pm_pair_write(pair, PM_STANDARD, buf, len, off, 0) != 0)
+            __atomic_add_fetch(&failures, 1, __ATOMIC_RELAXED);
+    }
+    return NULL;
+}
+
+int main(void)
+{
+    pm_store *a, *b;
+    CHECK_EQ(pm_store_create_memory(SIZE, &a), 0);
+    CHECK_EQ(pm_store_create_memory(SIZE, &b), 0);
+    CHECK_EQ(pm_pair_create(a, b, TS, &pair), 0);
+    mirror_img = malloc(SIZE);
+    expect = malloc(SIZE);
+    uint64_t seed = 7;
+    for (uint64_t i = 0; i < SIZE; i++)
+        mirror_img[i] = (unsigned char)rnd(&seed);
+    CHECK_EQ(pm_pair_write(pair, PM_STANDARD, mirror_img, SIZE, 0, 0), 0);
+    struct pm_copy_config c;
+    pm_copy_config_default(&c);
+    CHECK_EQ(pm_pair_establish(pair, 0, &c), 0);
+    CHECK_EQ(pm_pair_wait(pair, -1), 0);
+    CHECK_EQ(pm_pair_split(pair), 0);
+    unsigned char *junk = malloc(SIZE);
+    memset(junk, 0xEE, SIZE);
+    CHECK_EQ(pm_pair_write(pair, PM_STANDARD, junk, SIZE, 0, 0), 0);
+    free(junk);
+    memcpy(expect, mirror_img, SIZE);
+
+    for (int policy = 0; policy < 2; policy++) {
+        pthread_barrier_init(&barrier, NULL, NTH + 1);
+        pthread_t t[NTH];
+        for (int i = 0; i < NTH; i++)
+            pthread_create(&t[i], NULL, writer, (void *)(intptr_t)i);
+        c.copiers = 2;
+        c.batch_bytes = 4 * TS;
+        c.rate_bytes = 4u << 20;          /* slow enough that the writers overlap the copy */
+        c.read_policy = policy;
+        CHECK_EQ(pm_pair_restore(pair, 0, 1, &c), 0);
+        pthread_barrier_wait(&barrier);
+        for (int i = 0; i < NTH; i++)
+            pthread_join(t[i], NULL);
+        pm_pair_set_rate(pair, 0);
+        CHECK_EQ(pm_pair_wait(pair, -1), 0);
+        pthread_barrier_destroy(&barrier);
+        CHECK_EQ(failures, 0);
+        CHECK_EQ(pm_pair_state(pair), PM_STATE_RESTORED);
+        unsigned char *got = malloc(SIZE);
+        CHECK_EQ(pm_pair_read(pair, PM_STANDARD, got, SIZE, 0), 0);
+        CHECK(memcmp(got, expect, SIZE) == 0);          /* invariant 3 */
+        CHECK_EQ(pm_pair_read(pair, PM_MIRROR, got, SIZE, 0), 0);
+        CHECK(memcmp(got, mirror_img, SIZE) == 0);      /* invariant 1 */
+        free(got);
+        memcpy(expect, mirror_img, SIZE);               /* the next full restore starts over */
+    }
+
+    /* invariant 6 */
+    CHECK_EQ(pm_pair_establish(pair, 1, &c), 0);
+    pthread_barrier_init(&barrier, NULL, NTH);
+    pthread_t t[NTH];
+    for (int i = 0; i < NTH; i++)
+        pthread_create(&t[i], NULL, same_bytes_writer, (void *)(intptr_t)i);
+    for (int i = 0; i < NTH; i++)
+        pthread_join(t[i], NULL);
+    pthread_barrier_destroy(&barrier);
+    CHECK_EQ(pm_pair_wait(pair, -1), 0);
+    CHECK_EQ(pm_pair_state(pair), PM_STATE_ESTABLISHED);
+    uint64_t out[8], next;
+    CHECK_EQ(pm_pair_verify(pair, 0, out, 8, &next), 0);
+    CHECK_EQ(failures, 0);
+
+    pm_pair_destroy(pair);
+    pm_store_destroy(a);
+    pm_store_destroy(b);
+    free(mirror_img), free(expect);
+    return CHECK_DONE("test_pair_threads");
+}
