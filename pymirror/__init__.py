@@ -25,21 +25,15 @@ from .errors import (
 )
 from .job import Job, Progress
 from .pair import STATES, Pair
+from .tables import Bitmap, TrackTable
 from .volume import Volume
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlignmentError", "ClosedError", "ConfigError", "CopyConfig", "CorruptMetadataError",
+    "AlignmentError", "Bitmap", "ClosedError", "ConfigError", "CopyConfig", "CorruptMetadataError",
     "ForeignMetadataError", "GeometryError", "Job", "JobError", "MirrorError", "Pair",
-    "Progress", "RangeError", "ReadOnlyError", "STATES", "Settings", "StateError", "Volume",
+    "Progress", "RangeError", "ReadOnlyError", "STATES", "Settings", "StateError", "TrackTable", "Volume",
     "load_settings", "__version__",
 ]
 
-
-def __getattr__(name: str) -> object:
-    # Track tables live in pymirror.tables (written alongside); import lazily.
-    if name in ("Bitmap", "TrackTable"):
-        from . import tables
-        return getattr(tables, name)
-    raise AttributeError(f"module 'pymirror' has no attribute {name!r}")
