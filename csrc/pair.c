@@ -281,6 +281,25 @@ int pm_pair_split(pm_pair *p)
     return rc;
 }
 
+int pm_pair_assume_established(pm_pair *p)
+{
+    pthread_rwlock_wrlock(&p->cmd_lock);
+    int s = pm_pair_state(p);
+    int rc = 0;
+    if (s != PM_STATE_NEW)
+        rc = wrong_state(__func__, s, "establishing without a copy is allowed only for a new pair");
+    else {
+        pthread_mutex_lock(&p->mu);
+        pm_store_release(&p->state, PM_STATE_ESTABLISHED);
+        pthread_mutex_unlock(&p->mu);
+        pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_CHANGED]);
+        pm_bitmap_zero(p->table[PM_MIRROR]->flags[PM_CHANGED]);
+        rc = pm_meta_commit_all(p);
+    }
+    pthread_rwlock_unlock(&p->cmd_lock);
+    return rc;
+}
+
 /* ---- job control --------------------------------------------------------- */
 
 int pm_pair_wait(pm_pair *p, int64_t timeout_ms)

@@ -260,16 +260,19 @@ def pair_cmd(obj: Ctx, meta: str, standard: str, mirror: str, track_size: Option
 @cli.command()
 @click.argument("meta", type=click.Path(dir_okay=False))
 @click.option("--incremental", is_flag=True, help="Copy only the tracks changed on either side since the split.")
+@click.option("--assume-equal", is_flag=True,
+              help="New pair only: skip the copy, the two volumes are known to be identical (e.g. both blank).")
 @copy_options
 @serve_options
 @click.pass_obj
-def establish(obj: Ctx, meta: str, incremental: bool, rate: Optional[int], copiers: Optional[int],
-              batch_size: Optional[int], socket_path: Optional[str], listen: Optional[str],
-              allow_remote: bool) -> None:
+def establish(obj: Ctx, meta: str, incremental: bool, assume_equal: bool, rate: Optional[int],
+              copiers: Optional[int], batch_size: Optional[int], socket_path: Optional[str],
+              listen: Optional[str], allow_remote: bool) -> None:
     """Copy the standard to the mirror and keep them identical."""
     pair = open_pair(meta, obj)
     try:
-        job = pair.establish(incremental=incremental, config=build_config(obj, rate, copiers, batch_size))
+        job = pair.establish(incremental=incremental, config=build_config(obj, rate, copiers, batch_size),
+                             assume_equal=assume_equal)
         server = start_server(pair, socket_path, listen, allow_remote)
     except BaseException:
         pair.close()

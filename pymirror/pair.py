@@ -212,14 +212,23 @@ class Pair:
         check(lib.pm_pair_configure(self._p, _c_config(cfg, self.track_size)))
 
     # -- commands -----------------------------------------------------------
-    def establish(self, incremental: bool = False, config: Optional[CopyConfig] = None) -> Job:
+    def establish(self, incremental: bool = False, config: Optional[CopyConfig] = None, *,
+                  assume_equal: bool = False) -> Job:
         """Copy the standard to the mirror (every track, or with ``incremental``
         only the tracks changed on either side since the split); host writes
         are mirrored from now on.  Returns at once with the copy's Job; the
-        pair is ``established`` when it is done."""
+        pair is ``established`` when it is done.
+
+        ``assume_equal`` (a new pair only) skips the copy for two volumes you
+        know are identical, such as two freshly created (all-zero) images."""
         cfg = config or self._config
         with self._inflight:
-            check(lib.pm_pair_establish(self._p, bool(incremental), _c_config(cfg, self.track_size)))
+            if assume_equal:
+                if incremental:
+                    raise ValueError("assume_equal and incremental cannot be combined")
+                check(lib.pm_pair_assume_established(self._p))
+            else:
+                check(lib.pm_pair_establish(self._p, bool(incremental), _c_config(cfg, self.track_size)))
         self._config, self._job_kind = cfg, "establish"
         return Job(self, "establish")
 

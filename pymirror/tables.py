@@ -55,12 +55,6 @@ class Bitmap:
         return self
 
     # -- checks ---------------------------------------------------------------
-    def _bit(self, i: object) -> int:
-        b = _index(i)
-        if not 0 <= b < self._size:
-            raise errors.RangeError(f"bit {b} is outside the bitmap (size {self._size})")
-        return b
-
     def _span(self, start: object, count: object) -> tuple[int, int]:
         s, c = _index(start, "start"), _index(count, "count")
         if s < 0 or c < 0 or s + c > self._size:
@@ -78,25 +72,38 @@ class Bitmap:
     def __len__(self) -> int:
         return self._size
 
+    def _single(self, fn: Any, i: object) -> bool:
+        # The C call checks the range; cffi rejects non-integers (TypeError)
+        # and negative or huge ones (OverflowError).  One crossing per call.
+        try:
+            r = fn(self._p, i)
+        except OverflowError:
+            raise errors.RangeError(f"bit {i} is outside the bitmap (size {self._size})") from None
+        except TypeError:
+            raise TypeError(f"bit must be an int, got {type(i).__name__}") from None
+        if r < 0:
+            raise errors.RangeError(f"bit {i} is outside the bitmap (size {self._size})")
+        return r == 1
+
     def get(self, i: int) -> bool:
-        return bool(check(lib.pm_bitmap_get(self._p, self._bit(i))))
+        return self._single(lib.pm_bitmap_get, i)
 
     __getitem__ = get
 
     def set(self, i: int) -> bool:
         """Set bit i; returns its old value."""
-        return bool(check(lib.pm_bitmap_set(self._p, self._bit(i))))
+        return self._single(lib.pm_bitmap_set, i)
 
     def clear(self, i: int) -> bool:
         """Clear bit i; returns its old value."""
-        return bool(check(lib.pm_bitmap_clear(self._p, self._bit(i))))
+        return self._single(lib.pm_bitmap_clear, i)
 
     def test_and_set(self, i: int) -> bool:
         """Atomically set bit i; True if it was already set (someone else won)."""
-        return bool(check(lib.pm_bitmap_test_and_set(self._p, self._bit(i))))
+        return self._single(lib.pm_bitmap_test_and_set, i)
 
     def test_and_clear(self, i: int) -> bool:
-        return bool(check(lib.pm_bitmap_test_and_clear(self._p, self._bit(i))))
+        return self._single(lib.pm_bitmap_test_and_clear, i)
 
     # -- ranges and counts ----------------------------------------------------
     def set_range(self, start: int, count: int) -> int:

@@ -239,3 +239,15 @@ def test_closed_pair_raises():
     pair.close()  # idempotent
     with pytest.raises(pymirror.ClosedError):
         pair.read(0, 1)
+
+
+def test_assume_equal_skips_the_copy_for_a_new_pair_only():
+    pair = pymirror.Pair.memory(16 * TRACK, TRACK)
+    job = pair.establish(assume_equal=True)
+    assert pair.state == "established" and job.progress.tracks_total == 0
+    pair.write(0, b"mirrored")
+    assert pair.verify() == []
+    pair.split()
+    with pytest.raises(StateError, match="new pair"):
+        pair.establish(assume_equal=True)
+    pair.close()

@@ -286,6 +286,10 @@ uint32_t pm_pair_track_size(const pm_pair *p);
  * the copy runs on copier threads.  A pair has at most one job. */
 int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *cfg);
 int pm_pair_split(pm_pair *p);
+/* NEW -> ESTABLISHED without copying, for two volumes the caller knows to
+ * be identical (e.g. both freshly created, hence all zeroes).  Like mdadm's
+ * --assume-clean: if they are not identical, nothing will notice. */
+int pm_pair_assume_established(pm_pair *p);
 int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_copy_config *cfg);
 
 /* Job control.  wait returns 0 when no job is running (done), PM_E_TIMEDOUT
