@@ -117,48 +117,52 @@ static int read_policy(pm_pair *p)
 
 /* ---- reads --------------------------------------------------------------- */
 
-/* Read [off, off+len) of the standard while restoring.  Tracks t0..t1 are
- * NOT locked on entry; PENDING tracks are locked one at a time. */
+/* Read [off, off+len) of the standard while restoring.
+ *
+ * Runs of non-PENDING tracks are read from the standard, runs of PENDING
+ * tracks from the mirror, each in one I/O and without track locks: a
+ * PENDING track has not been written by the host since the restore began
+ * (a host write clears PENDING), so its final image is the mirror's bytes,
+ * which the copier only reads.  A host write racing with this read overlaps
+ * it in time, and either result is allowed.  So a read never waits for a
+ * copier's batch.  Only the hydrate policy locks, to copy the track first. */
 static int read_restoring(pm_pair *p, unsigned char *buf, uint64_t len, uint64_t off)
 {
     pm_bitmap *pending = p->table[PM_STANDARD]->flags[PM_PENDING];
     uint64_t end = off + len;
     unsigned char *tbuf = NULL;
-    int rc = 0, policy = -1;
+    int rc = 0, policy = read_policy(p);
     while (off < end && rc == 0) {
         uint64_t t = off >> p->shift;
-        uint64_t tend = pm_track_off(p, t) + pm_track_len(p, t);
-        uint64_t n = (tend < end ? tend : end) - off;
-        if (pm_bitmap_get(pending, t) != 1) {
-            /* A run of non-PENDING tracks is read in one I/O. */
-            uint64_t stop = t + 1;
-            while (pm_track_off(p, stop) < end && stop < p->tracks && pm_bitmap_get(pending, stop) != 1)
-                stop++;
-            uint64_t run_end = stop >= p->tracks ? p->size : pm_track_off(p, stop);
-            n = (run_end < end ? run_end : end) - off;
-            rc = pm_store_read(p->store[PM_STANDARD], buf, n, off);
-        } else {
+        int is_pending = pm_bitmap_get(pending, t) == 1;
+        if (is_pending && policy == PM_READ_HYDRATE) {
+            uint64_t tend = pm_track_off(p, t) + pm_track_len(p, t);
+            uint64_t n = (tend < end ? tend : end) - off;
             pm_track_lock(p, t);
             if (pm_bitmap_get(pending, t) != 1) {
                 rc = pm_store_read(p->store[PM_STANDARD], buf, n, off);
             } else {
-                if (policy < 0)
-                    policy = read_policy(p);
-                if (policy == PM_READ_HYDRATE) {
-                    if (tbuf == NULL && (tbuf = malloc(p->track_size)) == NULL)
-                        rc = PM_FAIL(-ENOMEM, "out of memory");
-                    if (rc == 0 && (rc = pm_copy_track_locked(p, t, tbuf)) == 0) {
-                        memcpy(buf, tbuf + (off - pm_track_off(p, t)), (size_t)n);
-                        pm_count_add(&p->reads_hydrated, 1);
-                    }
-                } else {
-                    rc = pm_store_read(p->store[PM_MIRROR], buf, n, off);
-                    if (rc == 0)
-                        pm_count_add(&p->reads_redirected, 1);
+                if (tbuf == NULL && (tbuf = malloc(p->track_size)) == NULL)
+                    rc = PM_FAIL(-ENOMEM, "out of memory");
+                if (rc == 0 && (rc = pm_copy_track_locked(p, t, tbuf)) == 0) {
+                    memcpy(buf, tbuf + (off - pm_track_off(p, t)), (size_t)n);
+                    pm_count_add(&p->reads_hydrated, 1);
                 }
             }
             pm_track_unlock(p, t);
+            buf += n, off += n;
+            continue;
         }
+        /* the run of tracks with the same PENDING value */
+        uint64_t stop = t + 1;
+        while (stop < p->tracks && pm_track_off(p, stop) < end &&
+               (pm_bitmap_get(pending, stop) == 1) == is_pending)
+            stop++;
+        uint64_t run_end = stop >= p->tracks ? p->size : pm_track_off(p, stop);
+        uint64_t n = (run_end < end ? run_end : end) - off;
+        rc = pm_store_read(p->store[is_pending ? PM_MIRROR : PM_STANDARD], buf, n, off);
+        if (rc == 0 && is_pending)
+            pm_count_add(&p->reads_redirected, stop - t);
         buf += n, off += n;
     }
     free(tbuf);

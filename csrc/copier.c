@@ -124,7 +124,10 @@ int pm_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf)
     int target = p->target;
     uint32_t retries = p->cfg.retries;
     pthread_mutex_unlock(&p->mu);
-    int rc = copy_bytes(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries);
+    /* like a copier: the job's PENDING set is durable before a bit of it is cleared */
+    int rc = pm_meta_changed_durable(p);
+    if (rc == 0)
+        rc = copy_bytes(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries);
     if (rc == 0)
         clear_pending_locked(p, target, t);
     return rc;

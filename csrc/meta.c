@@ -75,7 +75,7 @@ struct pm_meta {
     pm_atomic_u64 durable;      /* changes known durable */
     double last_commit;
     pm_atomic_u64 commits;
-    pm_atomic_int need_full;    /* the next commit must refresh PENDING too */
+    pm_atomic_int need_full;    /* the next commit must refresh PENDING (a job began) */
     uint32_t crc[4];            /* of the tables in snap */
     int have_snap;              /* snap holds a full snapshot */
 };
@@ -151,10 +151,12 @@ static int commit_locked(pm_pair *p, int full)
     h.std_ino = p->store[PM_STANDARD]->ino;
     h.mir_ino = p->store[PM_MIRROR]->ino;
     memcpy(h.pair_id, m->pair_id, 16);
-    if (!m->have_snap || atomic_exchange(&m->need_full, 0))
-        full = 1;
+    /* A job that just began rebuilt PENDING: snapshot it fresh.  No data
+     * flush is needed for that: no host write or copy can have cleared a
+     * bit of the new set before this commit (both wait for it). */
+    int fresh = full || !m->have_snap || atomic_exchange(&m->need_full, 0);
     for (int i = 0; i < 4; i++) {
-        if (!full && i % 2 == 0)
+        if (!fresh && i % 2 == 0)
             continue;   /* PENDING: keep the last full snapshot */
         unsigned char *dst = m->snap + (uint64_t)i * m->table_bytes;
         memset(dst, 0, (size_t)m->table_bytes);
