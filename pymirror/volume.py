@@ -55,8 +55,9 @@ class Volume:
         if not isinstance(size, int) or size <= 0:
             raise errors.GeometryError(f"volume size must be a positive number of bytes, got {size!r}")
         out = ffi.new("pm_store **")
-        check(lib.pm_store_open_file(fspath(path), lib.PM_STORE_CREATE, size, out), os.fspath(path))
-        return cls(ffi.gc(out[0], lib.pm_store_destroy), os.fspath(path), track_size)
+        path = os.path.abspath(path)   # a pair records its volumes' paths: make them absolute
+        check(lib.pm_store_open_file(fspath(path), lib.PM_STORE_CREATE, size, out), path)
+        return cls(ffi.gc(out[0], lib.pm_store_destroy), path, track_size)
 
     @classmethod
     def open(cls, path: "str | os.PathLike[str]", *, readonly: bool = False,
@@ -65,8 +66,9 @@ class Volume:
         _check_track_size(track_size)
         out = ffi.new("pm_store **")
         flags = lib.PM_STORE_READONLY if readonly else 0
-        check(lib.pm_store_open_file(fspath(path), flags, 0, out), os.fspath(path))
-        return cls(ffi.gc(out[0], lib.pm_store_destroy), os.fspath(path), track_size)
+        path = os.path.abspath(path)
+        check(lib.pm_store_open_file(fspath(path), flags, 0, out), path)
+        return cls(ffi.gc(out[0], lib.pm_store_destroy), path, track_size)
 
     @classmethod
     def memory(cls, size: int, track_size: int = DEFAULT_TRACK_SIZE) -> "Volume":

@@ -251,3 +251,14 @@ def test_assume_equal_skips_the_copy_for_a_new_pair_only():
     with pytest.raises(StateError, match="new pair"):
         pair.establish(assume_equal=True)
     pair.close()
+
+
+def test_reopen_from_another_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pymirror.Volume.create("s.img", 8 * TRACK, TRACK).close()
+    pymirror.Volume.create("m.img", 8 * TRACK, TRACK).close()
+    pymirror.Pair.create("p.meta", "s.img", "m.img", track_size=TRACK).close()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pymirror.Pair.open("../p.meta") as pair:
+        assert pair.standard.path == str(tmp_path / "s.img")
