@@ -158,9 +158,13 @@ def start_server(pair: Any, socket_path: Optional[str], listen: Optional[str], a
 
 
 def _sigterm_as_interrupt() -> None:
+    """SIGINT and SIGTERM both stop a long command cleanly.  SIGINT is set
+    explicitly: a process started in the background by a shell inherits it
+    ignored, and a server must still stop on it."""
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def wait_forever() -> None:

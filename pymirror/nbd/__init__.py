@@ -1,0 +1,4 @@
+"""NBD export of a pair (see docs/nbd.md)."""
+from .server import NBDServer
+
+__all__ = ["NBDServer"]
