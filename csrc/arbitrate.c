@@ -193,20 +193,21 @@ int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
 
 /* ---- writes -------------------------------------------------------------- */
 
-/* Mark CHANGED for tracks t0..t1 on a side (noted for the next commit
- * when a bit is new); returns 1 if any bit was new. */
-static int mark_changed(pm_pair *p, int side, uint64_t t0, uint64_t t1)
+/* Mark CHANGED for tracks t0..t1 on a side, and their write-intent
+ * regions (meta.c), which must be durable before the data is written. */
+static void mark_changed(pm_pair *p, int side, uint64_t t0, uint64_t t1)
 {
     pm_bitmap *changed = p->table[side]->flags[PM_CHANGED];
     int fresh = 0;
     for (uint64_t t = t0; t <= t1; t++) {
-        /* relaxed pre-check: most writes hit tracks already marked */
+        /* plain check first: most writes hit tracks already marked */
         if (pm_bitmap_get(changed, t) != 1 && pm_bitmap_test_and_set(changed, t) == 0)
             fresh = 1;
     }
-    if (fresh)
-        pm_meta_note(p);
-    return fresh;
+    if (fresh) {
+        pm_meta_dirty(p);
+        pm_meta_intent(p, side, t0, t1);
+    }
 }
 
 /* Data source for a write: a caller buffer, or zeroes. */

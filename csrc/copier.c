@@ -53,7 +53,7 @@ static void finish_job(pm_pair *p)
 
 void pm_job_track_cleared(pm_pair *p)
 {
-    pm_meta_note(p);
+    pm_meta_dirty(p);
     if (pm_fetch_sub(&p->pending_left, 1) == 1)
         finish_job(p);
 }

@@ -4,10 +4,12 @@
  * File layout (docs/format.md):
  *   [0, 16 KiB)           header slot 0
  *   [16 KiB, 32 KiB)      header slot 1
- *   [32 KiB, +T)          tables of slot 0      T = 4 x round_up(ceil(tracks/8), 4 KiB)
+ *   [32 KiB, +T)          tables of slot 0
  *   [32 KiB + T, +T)      tables of slot 1
  * Tables, in order: PENDING(standard), CHANGED(standard), PENDING(mirror),
- * CHANGED(mirror), each in the bitmap serial format.  A header holds the
+ * CHANGED(mirror), each round_up(ceil(tracks/8), 4 KiB) bytes, then
+ * INTENT(standard), INTENT(mirror), each round_up(ceil(regions/8), 4 KiB),
+ * all in the bitmap serial format.  An intent region is 4 MiB of tracks.  A header holds the
  * generation, the state, the geometry and identity of both volumes, their
  * paths, the CRC-32C of each table and its own CRC-32C.  The valid slot with
  * the highest generation is current.
@@ -19,10 +21,16 @@
  * was cleared after its data write completed, so the flush makes that data
  * durable before the cleared bit can be.
  *
- * Write-intent (group commit): a host write sets its CHANGED bits, notes it
- * (noted++), then waits in pm_meta_changed_durable until a commit that began
- * after the note is durable.  Commits are serialised by meta->lock, so every
- * writer that noted before a commit's snapshot shares that commit.
+ * Write-intent (group commit), after md's write-intent bitmap: a host write
+ * sets its CHANGED bits in memory and the INTENT bit of each 4 MiB region it
+ * touches; if a region bit is new it notes it (noted++), and every write
+ * waits in pm_meta_changed_durable until everything noted before it is
+ * durable.  Commits are serialised by meta->lock, so writers that noted
+ * before a commit's snapshot share that commit; once a region's bit is
+ * durable, writes there wait for nothing.  The precise CHANGED tables reach
+ * the disk with any commit.  After an unclean shutdown, opening adds every
+ * track of every INTENT region to CHANGED (a superset: nothing is forgotten);
+ * a clean close marks the header so that the precise tables are used alone.
  */
 #include <fcntl.h>
 #include <stdio.h>
@@ -50,14 +58,21 @@ struct disk_header {
     uint32_t state;
     uint32_t flags;            /* bit 0 incremental, bit 1 protect */
     uint32_t track_size;
-    uint32_t ntables;
+    uint32_t ntables;          /* 6 */
     uint64_t volume_size;
     uint64_t tracks;
-    uint64_t table_bytes;      /* one table, padded */
+    uint64_t table_bytes;      /* one PENDING/CHANGED table, padded */
     uint64_t std_ino, mir_ino;
     uint8_t pair_id[16];
-    uint32_t table_crc[4];
+    uint32_t table_crc[6];
+    uint64_t region_tracks;    /* tracks per intent region */
+    uint64_t intent_bytes;     /* one INTENT table, padded */
 };
+#define FLAG_INCREMENTAL 1u
+#define FLAG_PROTECT 2u
+#define FLAG_CLEAN 4u              /* closed cleanly: CHANGED is complete */
+#define NTABLES 6
+#define REGION_BYTES (4u << 20)
 #define STD_PATH_AT 512u
 #define MIR_PATH_AT (512u + 4096u)
 #define CRC_AT (SLOT_SIZE - 4u)
@@ -69,14 +84,18 @@ struct pm_meta {
     pthread_cond_t unused;
     uint64_t generation;        /* of the current slot */
     uint8_t pair_id[16];
-    uint64_t table_bytes;
-    unsigned char *snap;        /* 4 tables, for commits */
-    pm_atomic_u64 noted;        /* changes noted */
-    pm_atomic_u64 durable;      /* changes known durable */
+    uint64_t table_bytes, intent_bytes, region_tracks, nregions;
+    pm_bitmap *intent[2];       /* write-intent regions per side */
+    unsigned char *snap;        /* the six tables, for commits */
+    pm_atomic_u64 noted;        /* changes that writers wait for */
+    pm_atomic_u64 durable;      /* ... known durable */
+    pm_atomic_u64 dirty;        /* changes nobody waits for (commit on close) */
+    uint64_t dirty_committed;
+    int last_clean;             /* the current slot says "closed cleanly" */
     double last_commit;
     pm_atomic_u64 commits;
     pm_atomic_int need_full;    /* the next commit must refresh PENDING (a job began) */
-    uint32_t crc[4];            /* of the tables in snap */
+    uint32_t crc[NTABLES];      /* of the tables in snap */
     int have_snap;              /* snap holds a full snapshot */
 };
 
@@ -116,8 +135,18 @@ static int full_pread(int fd, void *buf, size_t len, off_t off)
 
 static pm_bitmap *table_of(pm_pair *p, int i)
 {
+    if (i >= 4)
+        return p->meta->intent[i - 4];
     return p->table[i / 2]->flags[i % 2 == 0 ? PM_PENDING : PM_CHANGED];
 }
+
+/* Offset of table i within a slot's table area, and its padded size. */
+static uint64_t table_off(uint64_t tb, uint64_t ib, int i)
+{
+    return i < 4 ? (uint64_t)i * tb : 4 * tb + (uint64_t)(i - 4) * ib;
+}
+static uint64_t table_len(uint64_t tb, uint64_t ib, int i) { return i < 4 ? tb : ib; }
+static uint64_t slot_tables(uint64_t tb, uint64_t ib) { return 4 * tb + 2 * ib; }
 
 /* ---- commit -------------------------------------------------------------- */
 
@@ -126,10 +155,11 @@ static pm_bitmap *table_of(pm_pair *p, int i)
  * CHANGED tables and the state, and writes PENDING as of the last full
  * commit, so it needs no data flush: a PENDING bit is never durable-clear
  * before the data behind it. */
-static int commit_locked(pm_pair *p, int full)
+static int commit_locked(pm_pair *p, int full, int clean)
 {
     struct pm_meta *m = p->meta;
     uint64_t seq = pm_load_seqcst(&m->noted);
+    uint64_t dirty = pm_load_seqcst(&m->dirty);
     unsigned char *hdr = calloc(1, SLOT_SIZE);
     if (hdr == NULL)
         return PM_FAIL(-ENOMEM, "out of memory");
@@ -142,9 +172,12 @@ static int commit_locked(pm_pair *p, int full)
     /* snapshot: state first, then tables (a state change is followed by
      * its table changes under cmd_lock, and commits after commands) */
     h.state = (uint32_t)pm_pair_state(p);
-    h.flags = (pm_load_relaxed(&p->incremental) ? 1u : 0u) | (pm_load_relaxed(&p->protect) ? 2u : 0u);
+    h.flags = (pm_load_relaxed(&p->incremental) ? FLAG_INCREMENTAL : 0u) |
+              (pm_load_relaxed(&p->protect) ? FLAG_PROTECT : 0u) | (clean ? FLAG_CLEAN : 0u);
     h.track_size = p->track_size;
-    h.ntables = 4;
+    h.ntables = NTABLES;
+    h.region_tracks = m->region_tracks;
+    h.intent_bytes = m->intent_bytes;
     h.volume_size = p->size;
     h.tracks = p->tracks;
     h.table_bytes = m->table_bytes;
@@ -155,13 +188,14 @@ static int commit_locked(pm_pair *p, int full)
      * flush is needed for that: no host write or copy can have cleared a
      * bit of the new set before this commit (both wait for it). */
     int fresh = full || !m->have_snap || atomic_exchange(&m->need_full, 0);
-    for (int i = 0; i < 4; i++) {
-        if (!fresh && i % 2 == 0)
+    for (int i = 0; i < NTABLES; i++) {
+        if (!fresh && i < 4 && i % 2 == 0)
             continue;   /* PENDING: keep the last full snapshot */
-        unsigned char *dst = m->snap + (uint64_t)i * m->table_bytes;
-        memset(dst, 0, (size_t)m->table_bytes);
-        pm_bitmap_save(table_of(p, i), dst, m->table_bytes);
-        m->crc[i] = pm_crc32c(0, dst, (size_t)m->table_bytes);
+        uint64_t len = table_len(m->table_bytes, m->intent_bytes, i);
+        unsigned char *dst = m->snap + table_off(m->table_bytes, m->intent_bytes, i);
+        memset(dst, 0, (size_t)len);
+        pm_bitmap_save(table_of(p, i), dst, len);
+        m->crc[i] = pm_crc32c(0, dst, (size_t)len);
     }
     m->have_snap = 1;
     memcpy(h.table_crc, m->crc, sizeof h.table_crc);
@@ -176,9 +210,9 @@ static int commit_locked(pm_pair *p, int full)
     for (int s = 0; s < 2 && rc == 0 && full; s++)   /* data before the bits that describe it */
         if (!p->store[s]->readonly)
             rc = pm_store_flush(p->store[s]);
+    uint64_t st = slot_tables(m->table_bytes, m->intent_bytes);
     if (rc == 0)
-        rc = full_pwrite(m->fd, m->snap, (size_t)(4 * m->table_bytes),
-                         (off_t)(TABLES_AT + (uint64_t)slot * 4 * m->table_bytes));
+        rc = full_pwrite(m->fd, m->snap, (size_t)st, (off_t)(TABLES_AT + (uint64_t)slot * st));
     if (rc == 0 && fdatasync(m->fd) < 0)
         rc = -errno;
     if (rc == 0)
@@ -192,6 +226,8 @@ static int commit_locked(pm_pair *p, int full)
     m->last_commit = pm_now();
     pm_count_add(&m->commits, 1);
     pm_store_seqcst(&m->durable, seq);
+    m->dirty_committed = dirty;
+    m->last_clean = clean;
     return 0;
 }
 
@@ -200,9 +236,38 @@ int pm_meta_commit_all(pm_pair *p)
     if (p->meta == NULL)
         return 0;
     pthread_mutex_lock(&p->meta->lock);
-    int rc = commit_locked(p, 1);
+    int rc = commit_locked(p, 1, 0);
     pthread_mutex_unlock(&p->meta->lock);
     return rc;
+}
+
+void pm_meta_dirty(pm_pair *p)
+{
+    if (p->meta != NULL)
+        pm_count_add(&p->meta->dirty, 1);
+}
+
+int pm_meta_intent(pm_pair *p, int side, uint64_t t0, uint64_t t1)
+{
+    struct pm_meta *m = p->meta;
+    if (m == NULL)
+        return 0;
+    int fresh = 0;
+    for (uint64_t r = t0 / m->region_tracks; r <= t1 / m->region_tracks; r++)
+        if (pm_bitmap_get(m->intent[side], r) != 1 && pm_bitmap_test_and_set(m->intent[side], r) == 0)
+            fresh = 1;
+    if (fresh)
+        pm_fetch_add(&m->noted, 1);   /* after the bits: a commit that reads it sees them */
+    return fresh;
+}
+
+void pm_meta_intent_reset(pm_pair *p)
+{
+    if (p->meta != NULL) {
+        pm_bitmap_zero(p->meta->intent[0]);
+        pm_bitmap_zero(p->meta->intent[1]);
+        pm_fetch_add(&p->meta->noted, 1);
+    }
 }
 
 void pm_meta_need_full(pm_pair *p)
@@ -230,7 +295,7 @@ int pm_meta_changed_durable(pm_pair *p)
     pthread_mutex_lock(&m->lock);
     int rc = 0;
     if (pm_load_seqcst(&m->durable) < want)
-        rc = commit_locked(p, 0);
+        rc = commit_locked(p, 0, 0);
     pthread_mutex_unlock(&m->lock);
     return rc;
 }
@@ -244,7 +309,7 @@ void pm_meta_copied(pm_pair *p, uint64_t ntracks)
     if (pthread_mutex_trylock(&m->lock) != 0)
         return;
     if (pm_now() - m->last_commit > 1.0)
-        commit_locked(p, 1);
+        commit_locked(p, 1, 0);
     pthread_mutex_unlock(&m->lock);
 }
 
@@ -255,11 +320,14 @@ void pm_meta_close(pm_pair *p)
         return;
     pthread_mutex_lock(&m->lock);
     /* only if something changed: opening and closing a pair writes nothing */
-    if (pm_load_seqcst(&m->durable) < pm_load_seqcst(&m->noted))
-        commit_locked(p, 1);
+    if (pm_load_seqcst(&m->durable) < pm_load_seqcst(&m->noted) ||
+        pm_load_seqcst(&m->dirty) != m->dirty_committed || !m->last_clean)
+        commit_locked(p, 1, 1);
     pthread_mutex_unlock(&m->lock);
     close(m->fd);   /* also drops the flock */
     pthread_mutex_destroy(&m->lock);
+    pm_bitmap_destroy(m->intent[0]);
+    pm_bitmap_destroy(m->intent[1]);
     free(m->snap);
     free(m->path);
     free(m);
@@ -287,7 +355,10 @@ static int read_slot(int fd, int slot, unsigned char *hdr, struct disk_header *h
     if (h->version != FORMAT_VERSION)
         return PM_FAIL(PM_E_FOREIGN, "%s: metadata format version %u; this pymirror reads version %u",
                        path, h->version, FORMAT_VERSION);
-    if (h->slot_size != SLOT_SIZE || h->ntables != 4 || h->state > PM_STATE_RESTORED ||
+    uint64_t rt = h->track_size ? ((uint64_t)REGION_BYTES / h->track_size ? (uint64_t)REGION_BYTES / h->track_size : 1) : 1;
+    if (h->slot_size != SLOT_SIZE || h->ntables != NTABLES || h->state > PM_STATE_RESTORED ||
+        h->region_tracks != rt || h->tracks == 0 ||
+        h->intent_bytes != round4k(((h->tracks + rt - 1) / rt + 7) / 8) ||
         h->track_size < PM_TRACK_SIZE_MIN || h->track_size > PM_TRACK_SIZE_MAX ||
         (h->track_size & (h->track_size - 1)) || h->volume_size == 0 ||
         h->tracks != (h->volume_size + h->track_size - 1) / h->track_size ||
@@ -299,14 +370,16 @@ static int read_slot(int fd, int slot, unsigned char *hdr, struct disk_header *h
     unsigned char *buf = malloc((size_t)h->table_bytes);
     if (buf == NULL)
         return PM_FAIL(-ENOMEM, "out of memory");
-    for (int i = 0; i < 4 && rc == 0; i++) {
-        rc = full_pread(fd, buf, (size_t)h->table_bytes,
-                        (off_t)(TABLES_AT + ((uint64_t)slot * 4 + (uint64_t)i) * h->table_bytes));
+    uint64_t st = slot_tables(h->table_bytes, h->intent_bytes);
+    for (int i = 0; i < NTABLES && rc == 0; i++) {
+        uint64_t len = table_len(h->table_bytes, h->intent_bytes, i);
+        rc = full_pread(fd, buf, (size_t)len,
+                        (off_t)(TABLES_AT + (uint64_t)slot * st + table_off(h->table_bytes, h->intent_bytes, i)));
         if (rc == -ENODATA)
             rc = PM_FAIL(PM_E_CORRUPT, "%s: the metadata file is truncated (tables of slot %d)", path, slot);
         else if (rc < 0)
             rc = PM_FAIL(rc, "%s: cannot read the metadata", path);
-        else if (pm_crc32c(0, buf, (size_t)h->table_bytes) != h->table_crc[i])
+        else if (pm_crc32c(0, buf, (size_t)len) != h->table_crc[i])
             rc = PM_FAIL(PM_E_CORRUPT, "%s: table %d of slot %d fails its checksum", path, i, slot);
     }
     free(buf);
@@ -379,8 +452,8 @@ int pm_meta_peek(const char *meta_path, struct pm_meta_info *out)
     if (rc == 0) {
         memset(out, 0, sizeof *out);
         out->state = (int32_t)h.state;
-        out->incremental = (h.flags & 1) != 0;
-        out->protect = (h.flags & 2) != 0;
+        out->incremental = (h.flags & FLAG_INCREMENTAL) != 0;
+        out->protect = (h.flags & FLAG_PROTECT) != 0;
         out->track_size = h.track_size;
         out->volume_size = h.volume_size;
         out->generation = h.generation;
@@ -401,8 +474,13 @@ static int meta_alloc(pm_pair *p, int fd, const char *path)
     m->fd = fd;
     m->path = strdup(path);
     m->table_bytes = round4k((p->tracks + 7) / 8);
-    m->snap = malloc((size_t)(4 * m->table_bytes));
-    if (m->path == NULL || m->snap == NULL) {
+    m->region_tracks = REGION_BYTES / p->track_size ? REGION_BYTES / p->track_size : 1;
+    m->nregions = (p->tracks + m->region_tracks - 1) / m->region_tracks;
+    m->intent_bytes = round4k((m->nregions + 7) / 8);
+    m->snap = malloc((size_t)slot_tables(m->table_bytes, m->intent_bytes));
+    if (m->path == NULL || m->snap == NULL || pm_bitmap_create(m->nregions, &m->intent[0]) < 0 ||
+        pm_bitmap_create(m->nregions, &m->intent[1]) < 0) {
+        pm_bitmap_destroy(m->intent[0]);
         free(m->path), free(m->snap), free(m);
         return PM_FAIL(-ENOMEM, "out of memory");
     }
@@ -496,17 +574,35 @@ int pm_pair_open_meta(const char *meta_path, pm_store *standard, pm_store *mirro
         rc = pm_pair_create(standard, mirror, h.track_size, &p);
     if (rc == 0 && (buf = malloc((size_t)h.table_bytes)) == NULL)
         rc = PM_FAIL(-ENOMEM, "out of memory");
+    if (rc == 0)
+        rc = meta_alloc(p, fd, meta_path);
     int slot = (int)(h.generation % 2);
-    for (int i = 0; i < 4 && rc == 0; i++) {
-        rc = full_pread(fd, buf, (size_t)h.table_bytes,
-                        (off_t)(TABLES_AT + ((uint64_t)slot * 4 + (uint64_t)i) * h.table_bytes));
+    uint64_t st = slot_tables(h.table_bytes, h.intent_bytes);
+    for (int i = 0; i < NTABLES && rc == 0; i++) {
+        pm_bitmap *bm = table_of(p, i);
+        rc = full_pread(fd, buf, (size_t)pm_bitmap_serial_size(bm),
+                        (off_t)(TABLES_AT + (uint64_t)slot * st + table_off(h.table_bytes, h.intent_bytes, i)));
         if (rc < 0)
             rc = PM_FAIL(PM_E_CORRUPT, "%s: cannot read table %d", meta_path, i);
         else
-            rc = pm_bitmap_load(table_of(p, i), buf, pm_bitmap_serial_size(table_of(p, i)));
+            rc = pm_bitmap_load(bm, buf, pm_bitmap_serial_size(bm));
     }
-    if (rc == 0)
-        rc = meta_alloc(p, fd, meta_path);
+    if (rc == 0 && !(h.flags & FLAG_CLEAN)) {
+        /* Unclean shutdown: writes may have landed after the precise CHANGED
+         * tables were committed, but never outside their durable intent
+         * regions.  Count every track of those regions as CHANGED. */
+        for (int side = 0; side < 2; side++) {
+            pm_bitmap *changed = p->table[side]->flags[PM_CHANGED];
+            for (int64_t r = pm_bitmap_next_set(p->meta->intent[side], 0); r >= 0;
+                 r = pm_bitmap_next_set(p->meta->intent[side], (uint64_t)r + 1)) {
+                uint64_t first = (uint64_t)r * p->meta->region_tracks;
+                uint64_t n = p->tracks - first < p->meta->region_tracks ? p->tracks - first
+                                                                         : p->meta->region_tracks;
+                pm_bitmap_set_range(changed, first, n);
+            }
+        }
+        pm_meta_dirty(p);
+    }
     if (rc) {
         free(hdr), free(buf);
         if (p == NULL || p->meta == NULL)
@@ -515,11 +611,12 @@ int pm_pair_open_meta(const char *meta_path, pm_store *standard, pm_store *mirro
         return rc;
     }
     p->meta->generation = h.generation;
+    p->meta->last_clean = (h.flags & FLAG_CLEAN) != 0;
     memcpy(p->meta->pair_id, h.pair_id, 16);
     p->meta->last_commit = pm_now();
     int state = (int)h.state;
-    pm_store_relaxed(&p->incremental, (int)(h.flags & 1));
-    pm_store_relaxed(&p->protect, (int)((h.flags >> 1) & 1));
+    pm_store_relaxed(&p->incremental, (int)((h.flags & FLAG_INCREMENTAL) != 0));
+    pm_store_relaxed(&p->protect, (int)((h.flags & FLAG_PROTECT) != 0));
     if (state == PM_STATE_SYNCING || state == PM_STATE_RESTORING) {
         int target = state == PM_STATE_SYNCING ? PM_MIRROR : PM_STANDARD;
         uint64_t n = pm_bitmap_count(p->table[target]->flags[PM_PENDING]);
@@ -533,7 +630,7 @@ int pm_pair_open_meta(const char *meta_path, pm_store *standard, pm_store *mirro
             p->job_active = 0;
             p->paused_req = 0;
             p->t_end = p->t_start;
-            state = target == PM_MIRROR || !(h.flags & 2) ? PM_STATE_ESTABLISHED : PM_STATE_RESTORED;
+            state = target == PM_MIRROR || !(h.flags & FLAG_PROTECT) ? PM_STATE_ESTABLISHED : PM_STATE_RESTORED;
         }
     }
     pm_store_release(&p->state, state);

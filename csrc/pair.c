@@ -171,6 +171,7 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
     /* From now on CHANGED records writes made since this operation began. */
     pm_bitmap_zero(chg_std);
     pm_bitmap_zero(chg_mir);
+    pm_meta_intent_reset(p);
     uint64_t n = pm_bitmap_count(pending);
 
     pthread_mutex_lock(&p->mu);
@@ -272,6 +273,7 @@ int pm_pair_split(pm_pair *p)
     else {
         pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_CHANGED]);
         pm_bitmap_zero(p->table[PM_MIRROR]->flags[PM_CHANGED]);
+        pm_meta_intent_reset(p);
         pthread_mutex_lock(&p->mu);
         pm_store_release(&p->state, PM_STATE_SPLIT);
         pthread_mutex_unlock(&p->mu);
@@ -294,6 +296,7 @@ int pm_pair_assume_established(pm_pair *p)
         pthread_mutex_unlock(&p->mu);
         pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_CHANGED]);
         pm_bitmap_zero(p->table[PM_MIRROR]->flags[PM_CHANGED]);
+        pm_meta_intent_reset(p);
         rc = pm_meta_commit_all(p);
     }
     pthread_rwlock_unlock(&p->cmd_lock);

@@ -95,8 +95,16 @@ int pm_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf);
 
 /* persistence (meta.c); all are no-ops returning 0 when p->meta is NULL */
 int pm_meta_commit_all(pm_pair *p);            /* tables + header, durable */
-/* Note that the state or a CHANGED bit changed and must reach the disk. */
+/* Note that the state changed and must reach the disk before data moves. */
 void pm_meta_note(pm_pair *p);
+/* Note a change that the next commit should carry, which nothing waits for
+ * (a PENDING bit cleared). */
+void pm_meta_dirty(pm_pair *p);
+/* Write-intent for tracks t0..t1 of a side: sets their intent regions and
+ * notes any region that was new.  Returns 1 if one was. */
+int pm_meta_intent(pm_pair *p, int side, uint64_t t0, uint64_t t1);
+/* CHANGED tables were cleared (split, job start): clear the intent regions. */
+void pm_meta_intent_reset(pm_pair *p);
 /* The PENDING set was rebuilt (a job began): the next commit must be full. */
 void pm_meta_need_full(pm_pair *p);
 /* Block until everything noted so far is durable (group commit). */
