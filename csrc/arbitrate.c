@@ -194,8 +194,9 @@ int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
 /* ---- writes -------------------------------------------------------------- */
 
 /* Mark CHANGED for tracks t0..t1 on a side, and their write-intent
- * regions (meta.c), which must be durable before the data is written. */
-static void mark_changed(pm_pair *p, int side, uint64_t t0, uint64_t t1)
+ * regions (meta.c).  Returns 1 if a region's intent is not yet known to be
+ * durable: the caller must wait for it before writing the data. */
+static int mark_changed(pm_pair *p, int side, uint64_t t0, uint64_t t1)
 {
     pm_bitmap *changed = p->table[side]->flags[PM_CHANGED];
     int fresh = 0;
@@ -204,10 +205,9 @@ static void mark_changed(pm_pair *p, int side, uint64_t t0, uint64_t t1)
         if (pm_bitmap_get(changed, t) != 1 && pm_bitmap_test_and_set(changed, t) == 0)
             fresh = 1;
     }
-    if (fresh) {
+    if (fresh)
         pm_meta_dirty(p);
-        pm_meta_intent(p, side, t0, t1);
-    }
+    return pm_meta_intent(p, side, t0, t1);
 }
 
 /* Data source for a write: a caller buffer, or zeroes. */
@@ -344,8 +344,8 @@ static int do_write(pm_pair *p, int side, const struct wsrc *src, uint64_t len, 
     /* Write-intent: the CHANGED bits covering this write are durable before
      * the data is written (a no-op without metadata, and cheap once the
      * tracks are marked). */
-    mark_changed(p, side, t0, t1);
-    rc = pm_meta_changed_durable(p);
+    if (mark_changed(p, side, t0, t1))
+        rc = pm_meta_changed_durable(p);
     unsigned flush_mask = 0;
     if (rc == 0)
         rc = write_locked(p, side, state, src, len, offset, t0, t1, &flush_mask);

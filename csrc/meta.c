@@ -78,7 +78,8 @@ struct disk_header {
 #define CRC_AT (SLOT_SIZE - 4u)
 
 struct pm_meta {
-    int fd;
+    pm_store *store;            /* where the metadata lives */
+    int own_store;              /* opened by path: closed with the pair */
     char *path;
     pthread_mutex_t lock;       /* serialises commits */
     pthread_cond_t unused;
@@ -86,6 +87,8 @@ struct pm_meta {
     uint8_t pair_id[16];
     uint64_t table_bytes, intent_bytes, region_tracks, nregions;
     pm_bitmap *intent[2];       /* write-intent regions per side */
+    pm_bitmap *intent_durable[2];   /* ... of which a commit made these durable */
+    pm_bitmap *intent_snap[2];      /* ... as the commit in progress saw them */
     unsigned char *snap;        /* the six tables, for commits */
     pm_atomic_u64 noted;        /* changes that writers wait for */
     pm_atomic_u64 durable;      /* ... known durable */
@@ -101,42 +104,19 @@ struct pm_meta {
 
 static uint64_t round4k(uint64_t n) { return (n + 4095) & ~(uint64_t)4095; }
 
-static int full_pwrite(int fd, const void *buf, size_t len, off_t off)
+/* Metadata I/O goes through a store, so tests can put it on a store that
+ * simulates power loss.  A read past the end means a truncated file. */
+static int meta_read(pm_store *st, void *buf, uint64_t len, uint64_t off)
 {
-    const unsigned char *p = buf;
-    while (len) {
-        ssize_t n = pwrite(fd, p, len, off);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        p += n, len -= (size_t)n, off += n;
-    }
-    return 0;
-}
-
-static int full_pread(int fd, void *buf, size_t len, off_t off)
-{
-    unsigned char *p = buf;
-    while (len) {
-        ssize_t n = pread(fd, p, len, off);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (n == 0)
-            return -ENODATA;
-        p += n, len -= (size_t)n, off += n;
-    }
-    return 0;
+    if (off > pm_store_size(st) || len > pm_store_size(st) - off)
+        return -ENODATA;
+    return pm_store_read(st, buf, len, off);
 }
 
 static pm_bitmap *table_of(pm_pair *p, int i)
 {
     if (i >= 4)
-        return p->meta->intent[i - 4];
+        return p->meta->intent_snap[i - 4];
     return p->table[i / 2]->flags[i % 2 == 0 ? PM_PENDING : PM_CHANGED];
 }
 
@@ -187,7 +167,10 @@ static int commit_locked(pm_pair *p, int full, int clean)
     /* A job that just began rebuilt PENDING: snapshot it fresh.  No data
      * flush is needed for that: no host write or copy can have cleared a
      * bit of the new set before this commit (both wait for it). */
-    int fresh = full || !m->have_snap || atomic_exchange(&m->need_full, 0);
+    int job_began = atomic_exchange(&m->need_full, 0);   /* always consumed, full commit or not */
+    int fresh = full || !m->have_snap || job_began;
+    pm_bitmap_copy(m->intent_snap[0], m->intent[0]);
+    pm_bitmap_copy(m->intent_snap[1], m->intent[1]);
     for (int i = 0; i < NTABLES; i++) {
         if (!fresh && i < 4 && i % 2 == 0)
             continue;   /* PENDING: keep the last full snapshot */
@@ -212,19 +195,21 @@ static int commit_locked(pm_pair *p, int full, int clean)
             rc = pm_store_flush(p->store[s]);
     uint64_t st = slot_tables(m->table_bytes, m->intent_bytes);
     if (rc == 0)
-        rc = full_pwrite(m->fd, m->snap, (size_t)st, (off_t)(TABLES_AT + (uint64_t)slot * st));
-    if (rc == 0 && fdatasync(m->fd) < 0)
-        rc = -errno;
+        rc = pm_store_write(m->store, m->snap, st, TABLES_AT + (uint64_t)slot * st);
     if (rc == 0)
-        rc = full_pwrite(m->fd, hdr, SLOT_SIZE, (off_t)((uint64_t)slot * SLOT_SIZE));
-    if (rc == 0 && fdatasync(m->fd) < 0)
-        rc = -errno;
+        rc = pm_store_flush(m->store);
+    if (rc == 0)
+        rc = pm_store_write(m->store, hdr, SLOT_SIZE, (uint64_t)slot * SLOT_SIZE);
+    if (rc == 0)
+        rc = pm_store_flush(m->store);
     free(hdr);
     if (rc < 0)
         return PM_FAIL(rc, "%s: cannot commit the metadata", m->path);
     m->generation = h.generation;
     m->last_commit = pm_now();
     pm_count_add(&m->commits, 1);
+    pm_bitmap_union(m->intent_durable[0], m->intent_snap[0]);
+    pm_bitmap_union(m->intent_durable[1], m->intent_snap[1]);
     pm_store_seqcst(&m->durable, seq);
     m->dirty_committed = dirty;
     m->last_clean = clean;
@@ -252,22 +237,31 @@ int pm_meta_intent(pm_pair *p, int side, uint64_t t0, uint64_t t1)
     struct pm_meta *m = p->meta;
     if (m == NULL)
         return 0;
-    int fresh = 0;
-    for (uint64_t r = t0 / m->region_tracks; r <= t1 / m->region_tracks; r++)
-        if (pm_bitmap_get(m->intent[side], r) != 1 && pm_bitmap_test_and_set(m->intent[side], r) == 0)
-            fresh = 1;
-    if (fresh)
+    int need = 0;
+    for (uint64_t r = t0 / m->region_tracks; r <= t1 / m->region_tracks; r++) {
+        if (pm_bitmap_get(m->intent_durable[side], r) == 1)
+            continue;                  /* already on disk: nothing to wait for */
+        pm_bitmap_set(m->intent[side], r);
+        need = 1;   /* set by us or by a writer whose commit may still be running */
+    }
+    if (need)
         pm_fetch_add(&m->noted, 1);   /* after the bits: a commit that reads it sees them */
-    return fresh;
+    return need;
 }
 
 void pm_meta_intent_reset(pm_pair *p)
 {
-    if (p->meta != NULL) {
-        pm_bitmap_zero(p->meta->intent[0]);
-        pm_bitmap_zero(p->meta->intent[1]);
-        pm_fetch_add(&p->meta->noted, 1);
+    struct pm_meta *m = p->meta;
+    if (m == NULL)
+        return;
+    /* under the commit lock, so no commit in flight marks an old region durable */
+    pthread_mutex_lock(&m->lock);
+    for (int side = 0; side < 2; side++) {
+        pm_bitmap_zero(m->intent[side]);
+        pm_bitmap_zero(m->intent_durable[side]);
     }
+    pm_fetch_add(&m->noted, 1);
+    pthread_mutex_unlock(&m->lock);
 }
 
 void pm_meta_need_full(pm_pair *p)
@@ -324,10 +318,14 @@ void pm_meta_close(pm_pair *p)
         pm_load_seqcst(&m->dirty) != m->dirty_committed || !m->last_clean)
         commit_locked(p, 1, 1);
     pthread_mutex_unlock(&m->lock);
-    close(m->fd);   /* also drops the flock */
+    if (m->own_store)
+        pm_store_destroy(m->store);   /* closes the file, dropping the flock */
     pthread_mutex_destroy(&m->lock);
-    pm_bitmap_destroy(m->intent[0]);
-    pm_bitmap_destroy(m->intent[1]);
+    for (int side = 0; side < 2; side++) {
+        pm_bitmap_destroy(m->intent[side]);
+        pm_bitmap_destroy(m->intent_durable[side]);
+        pm_bitmap_destroy(m->intent_snap[side]);
+    }
     free(m->snap);
     free(m->path);
     free(m);
@@ -337,12 +335,14 @@ void pm_meta_close(pm_pair *p)
 /* ---- reading headers ----------------------------------------------------- */
 
 /* Validate slot `slot`; fill h/hdr.  Returns 0, PM_E_CORRUPT or PM_E_FOREIGN. */
-static int read_slot(int fd, int slot, unsigned char *hdr, struct disk_header *h, int check_tables,
-                     const char *path)
+static int read_slot(pm_store *st, int slot, unsigned char *hdr, struct disk_header *h, const char *path)
 {
-    int rc = full_pread(fd, hdr, SLOT_SIZE, (off_t)((uint64_t)slot * SLOT_SIZE));
-    if (rc == -ENODATA)
-        return PM_FAIL(PM_E_CORRUPT, "%s: the metadata file is truncated (no header slot %d)", path, slot);
+    int rc = meta_read(st, hdr, SLOT_SIZE, (uint64_t)slot * SLOT_SIZE);
+    if (rc == -ENODATA) {
+        if (meta_read(st, hdr, 8, 0) == 0 && memcmp(hdr, MAGIC, 8) != 0)
+            return PM_FAIL(PM_E_FOREIGN, "%s: not a pymirror metadata file", path);
+        return PM_FAIL(PM_E_CORRUPT, "%s: the metadata is truncated (no header slot %d)", path, slot);
+    }
     if (rc < 0)
         return PM_FAIL(rc, "%s: cannot read the metadata", path);
     memcpy(h, hdr, sizeof *h);
@@ -365,18 +365,15 @@ static int read_slot(int fd, int slot, unsigned char *hdr, struct disk_header *h
         h->table_bytes != round4k((h->tracks + 7) / 8) ||
         hdr[STD_PATH_AT + PM_PATH_MAX - 1] != 0 || hdr[MIR_PATH_AT + PM_PATH_MAX - 1] != 0)
         return PM_FAIL(PM_E_CORRUPT, "%s: header slot %d has impossible values", path, slot);
-    if (!check_tables)
-        return 0;
     unsigned char *buf = malloc((size_t)h->table_bytes);
     if (buf == NULL)
         return PM_FAIL(-ENOMEM, "out of memory");
-    uint64_t st = slot_tables(h->table_bytes, h->intent_bytes);
+    uint64_t stb = slot_tables(h->table_bytes, h->intent_bytes);
     for (int i = 0; i < NTABLES && rc == 0; i++) {
         uint64_t len = table_len(h->table_bytes, h->intent_bytes, i);
-        rc = full_pread(fd, buf, (size_t)len,
-                        (off_t)(TABLES_AT + (uint64_t)slot * st + table_off(h->table_bytes, h->intent_bytes, i)));
+        rc = meta_read(st, buf, len, TABLES_AT + (uint64_t)slot * stb + table_off(h->table_bytes, h->intent_bytes, i));
         if (rc == -ENODATA)
-            rc = PM_FAIL(PM_E_CORRUPT, "%s: the metadata file is truncated (tables of slot %d)", path, slot);
+            rc = PM_FAIL(PM_E_CORRUPT, "%s: the metadata is truncated (tables of slot %d)", path, slot);
         else if (rc < 0)
             rc = PM_FAIL(rc, "%s: cannot read the metadata", path);
         else if (pm_crc32c(0, buf, (size_t)len) != h->table_crc[i])
@@ -387,16 +384,16 @@ static int read_slot(int fd, int slot, unsigned char *hdr, struct disk_header *h
 }
 
 /* The current slot: the valid one with the highest generation. */
-static int pick_slot(int fd, unsigned char *hdr, struct disk_header *h, const char *path)
+static int pick_slot(pm_store *st, unsigned char *hdr, struct disk_header *h, const char *path)
 {
     unsigned char *other = malloc(SLOT_SIZE);
     if (other == NULL)
         return PM_FAIL(-ENOMEM, "out of memory");
     struct disk_header h1;
-    int rc0 = read_slot(fd, 0, hdr, h, 1, path);
+    int rc0 = read_slot(st, 0, hdr, h, path);
     char msg0[512];
     snprintf(msg0, sizeof msg0, "%s", pm_last_error());
-    int rc1 = read_slot(fd, 1, other, &h1, 1, path);
+    int rc1 = read_slot(st, 1, other, &h1, path);
     int rc;
     if (rc1 == 0 && (rc0 != 0 || h1.generation > h->generation)) {
         memcpy(hdr, other, SLOT_SIZE);
@@ -414,78 +411,137 @@ static int pick_slot(int fd, unsigned char *hdr, struct disk_header *h, const ch
     return rc;
 }
 
-static int open_meta_fd(const char *path, int *fd_out, int lock)
+/* Open a metadata file as a store; with `lock`, take an exclusive flock. */
+static int open_meta_store(const char *path, int lock, pm_store **out)
 {
-    int fd = open(path, O_RDWR | O_CLOEXEC);
-    if (fd < 0 && errno == EACCES && !lock)
-        fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    struct stat sb;
+    if (stat(path, &sb) < 0)
         return PM_FAIL(-errno, "%s: cannot open the metadata", path);
-    struct stat st;
-    if (fstat(fd, &st) == 0 && !S_ISREG(st.st_mode)) {
-        close(fd);
+    if (!S_ISREG(sb.st_mode))
         return PM_FAIL(PM_E_FOREIGN, "%s: not a pymirror metadata file (not a regular file)", path);
-    }
-    if (lock && flock(fd, LOCK_EX | LOCK_NB) < 0) {
+    if (sb.st_size == 0)
+        return PM_FAIL(PM_E_CORRUPT, "%s: the metadata file is empty", path);
+    pm_store *st;
+    int rc = pm_store_open_file(path, 0, 0, &st);
+    if (rc == -EACCES && !lock)
+        rc = pm_store_open_file(path, PM_STORE_READONLY, 0, &st);
+    if (rc < 0)
+        return rc;
+    if (lock && flock(st->fd, LOCK_EX | LOCK_NB) < 0) {
         int e = errno;
-        close(fd);
+        pm_store_destroy(st);
         if (e == EWOULDBLOCK)
             return PM_FAIL(-EBUSY, "%s: the pair is in use by another process", path);
         return PM_FAIL(-e, "%s: cannot lock the metadata", path);
     }
-    *fd_out = fd;
+    *out = st;
     return 0;
+}
+
+static void fill_info(const struct disk_header *h, const unsigned char *hdr, struct pm_meta_info *out)
+{
+    memset(out, 0, sizeof *out);
+    out->state = (int32_t)h->state;
+    out->incremental = (h->flags & FLAG_INCREMENTAL) != 0;
+    out->protect = (h->flags & FLAG_PROTECT) != 0;
+    out->track_size = h->track_size;
+    out->volume_size = h->volume_size;
+    out->generation = h->generation;
+    memcpy(out->standard_path, hdr + STD_PATH_AT, PM_PATH_MAX);
+    memcpy(out->mirror_path, hdr + MIR_PATH_AT, PM_PATH_MAX);
 }
 
 int pm_meta_peek(const char *meta_path, struct pm_meta_info *out)
 {
     if (meta_path == NULL || out == NULL)
         return PM_FAIL(-EINVAL, "meta_path and out must not be NULL");
-    int fd;
-    int rc = open_meta_fd(meta_path, &fd, 0);
+    pm_store *st;
+    int rc = open_meta_store(meta_path, 0, &st);
     if (rc)
         return rc;
     unsigned char *hdr = malloc(SLOT_SIZE);
     struct disk_header h;
-    rc = hdr ? pick_slot(fd, hdr, &h, meta_path) : PM_FAIL(-ENOMEM, "out of memory");
-    close(fd);
-    if (rc == 0) {
-        memset(out, 0, sizeof *out);
-        out->state = (int32_t)h.state;
-        out->incremental = (h.flags & FLAG_INCREMENTAL) != 0;
-        out->protect = (h.flags & FLAG_PROTECT) != 0;
-        out->track_size = h.track_size;
-        out->volume_size = h.volume_size;
-        out->generation = h.generation;
-        memcpy(out->standard_path, hdr + STD_PATH_AT, PM_PATH_MAX);
-        memcpy(out->mirror_path, hdr + MIR_PATH_AT, PM_PATH_MAX);
-    }
+    rc = hdr ? pick_slot(st, hdr, &h, meta_path) : PM_FAIL(-ENOMEM, "out of memory");
+    pm_store_destroy(st);
+    if (rc == 0)
+        fill_info(&h, hdr, out);
     free(hdr);
     return rc;
 }
 
+uint64_t pm_meta_size(uint64_t volume_size, uint32_t track_size)
+{
+    if (track_size == 0 || volume_size == 0)
+        return 0;
+    uint64_t tracks = (volume_size + track_size - 1) / track_size;
+    uint64_t rt = REGION_BYTES / track_size ? REGION_BYTES / track_size : 1;
+    uint64_t tb = round4k((tracks + 7) / 8), ib = round4k(((tracks + rt - 1) / rt + 7) / 8);
+    return TABLES_AT + 2 * slot_tables(tb, ib);
+}
+
 /* ---- create / open ------------------------------------------------------- */
 
-static int meta_alloc(pm_pair *p, int fd, const char *path)
+static int meta_alloc(pm_pair *p, pm_store *st, int own, const char *path)
 {
     struct pm_meta *m = calloc(1, sizeof *m);
     if (m == NULL)
         return PM_FAIL(-ENOMEM, "out of memory");
-    m->fd = fd;
+    m->store = st;
+    m->own_store = own;
     m->path = strdup(path);
     m->table_bytes = round4k((p->tracks + 7) / 8);
     m->region_tracks = REGION_BYTES / p->track_size ? REGION_BYTES / p->track_size : 1;
     m->nregions = (p->tracks + m->region_tracks - 1) / m->region_tracks;
     m->intent_bytes = round4k((m->nregions + 7) / 8);
     m->snap = malloc((size_t)slot_tables(m->table_bytes, m->intent_bytes));
-    if (m->path == NULL || m->snap == NULL || pm_bitmap_create(m->nregions, &m->intent[0]) < 0 ||
-        pm_bitmap_create(m->nregions, &m->intent[1]) < 0) {
-        pm_bitmap_destroy(m->intent[0]);
+    int ok = m->path != NULL && m->snap != NULL;
+    for (int side = 0; side < 2 && ok; side++)
+        ok = pm_bitmap_create(m->nregions, &m->intent[side]) == 0 &&
+             pm_bitmap_create(m->nregions, &m->intent_durable[side]) == 0 &&
+             pm_bitmap_create(m->nregions, &m->intent_snap[side]) == 0;
+    if (!ok) {
+        for (int side = 0; side < 2; side++) {
+            pm_bitmap_destroy(m->intent[side]);
+            pm_bitmap_destroy(m->intent_durable[side]);
+            pm_bitmap_destroy(m->intent_snap[side]);
+        }
         free(m->path), free(m->snap), free(m);
         return PM_FAIL(-ENOMEM, "out of memory");
     }
     pthread_mutex_init(&m->lock, NULL);
     p->meta = m;
+    return 0;
+}
+
+/* Create the pair and write its first metadata into `st` (which it owns
+ * when `own`).  On failure `st` is left to the caller. */
+static int create_on_store(pm_store *st, int own, const char *label, pm_store *standard, pm_store *mirror,
+                           uint32_t track_size, pm_pair **out)
+{
+    pm_pair *p;
+    int rc = pm_pair_create(standard, mirror, track_size, &p);
+    if (rc)
+        return rc;
+    if (pm_store_size(st) < pm_meta_size(p->size, track_size)) {
+        pm_pair_destroy(p);
+        return PM_FAIL(PM_E_GEOMETRY, "%s: a metadata store of %llu bytes is smaller than the %llu needed",
+                       label, (unsigned long long)pm_store_size(st),
+                       (unsigned long long)pm_meta_size(p->size, track_size));
+    }
+    rc = meta_alloc(p, st, 0, label);
+    if (rc == 0) {
+        if (getrandom(p->meta->pair_id, 16, 0) != 16)
+            memset(p->meta->pair_id, 0x5a, 16);
+        rc = pm_meta_commit_all(p);          /* generation 1, slot 1 */
+        if (rc == 0)
+            rc = pm_meta_commit_all(p);      /* generation 2, slot 0: both slots valid */
+    }
+    if (rc) {
+        pm_pair_destroy(p);                  /* does not destroy st: not yet owned */
+        return rc;
+    }
+    p->meta->own_store = own;
+    *out = p;
     return 0;
 }
 
@@ -497,95 +553,92 @@ int pm_pair_create_meta(const char *meta_path, pm_store *standard, pm_store *mir
     *out = NULL;
     if (strlen(standard->path) >= PM_PATH_MAX || strlen(mirror->path) >= PM_PATH_MAX ||
         standard->path[0] == 0 || mirror->path[0] == 0)
-        return PM_FAIL(-EINVAL, "a pair with metadata needs file volumes with paths shorter than %d",
+        return PM_FAIL(-EINVAL, "a pair with a metadata file needs file volumes with paths shorter than %d",
                        PM_PATH_MAX);
-    pm_pair *p;
-    int rc = pm_pair_create(standard, mirror, track_size, &p);
+    {   /* check the geometry before creating anything on disk */
+        pm_pair *probe;
+        int rc = pm_pair_create(standard, mirror, track_size, &probe);
+        if (rc)
+            return rc;
+        pm_pair_destroy(probe);
+    }
+    pm_store *st;
+    int rc = pm_store_open_file(meta_path, PM_STORE_CREATE, pm_meta_size(standard->size, track_size), &st);
     if (rc)
-        return rc;
-    int fd = open(meta_path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        rc = PM_FAIL(-errno, "%s: cannot create the metadata", meta_path);
-        pm_pair_destroy(p);
-        return rc;
-    }
-    flock(fd, LOCK_EX | LOCK_NB);
-    rc = meta_alloc(p, fd, meta_path);
-    if (rc == 0) {
-        if (getrandom(p->meta->pair_id, 16, 0) != 16)
-            memset(p->meta->pair_id, 0x5a, 16);
-        rc = pm_meta_commit_all(p);          /* generation 1, slot 1 */
-        if (rc == 0)
-            rc = pm_meta_commit_all(p);      /* generation 2, slot 0: both slots valid */
-        if (rc == 0) {
-            /* make the new file's directory entry durable */
-            char *dir = strdup(meta_path), *slash = dir ? strrchr(dir, '/') : NULL;
-            if (dir != NULL) {
-                if (slash == dir)
-                    slash[1] = 0;
-                else if (slash != NULL)
-                    *slash = 0;
-                int dfd = open(slash ? dir : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-                if (dfd >= 0) {
-                    fsync(dfd);
-                    close(dfd);
-                }
-                free(dir);
-            }
-        }
-    } else {
-        close(fd);
-    }
+        return PM_FAIL(rc, "%s: cannot create the metadata", meta_path);
+    flock(st->fd, LOCK_EX | LOCK_NB);
+    rc = create_on_store(st, 1, meta_path, standard, mirror, track_size, out);
     if (rc) {
-        int keep = rc;
         char msg[512];
         snprintf(msg, sizeof msg, "%s", pm_last_error());
-        pm_pair_destroy(p);
+        pm_store_destroy(st);
         unlink(meta_path);
-        pm_fail("pm_pair_create_meta", keep, "%s", msg);
-        return keep;
+        pm_fail("pm_pair_create_meta", rc, "%s", msg);
+        return rc;
     }
-    *out = p;
+    /* make the new file's directory entry durable */
+    char *dir = strdup(meta_path), *slash = dir ? strrchr(dir, '/') : NULL;
+    if (dir != NULL) {
+        if (slash == dir)
+            slash[1] = 0;
+        else if (slash != NULL)
+            *slash = 0;
+        int dfd = open(slash ? dir : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0) {
+            fsync(dfd);
+            close(dfd);
+        }
+        free(dir);
+    }
     return 0;
 }
 
-int pm_pair_open_meta(const char *meta_path, pm_store *standard, pm_store *mirror, pm_pair **out)
+int pm_pair_create_meta_store(pm_store *meta, pm_store *standard, pm_store *mirror,
+                              uint32_t track_size, pm_pair **out)
 {
-    if (meta_path == NULL || out == NULL || standard == NULL || mirror == NULL)
-        return PM_FAIL(-EINVAL, "meta_path, the stores and out must not be NULL");
+    if (meta == NULL || out == NULL || standard == NULL || mirror == NULL)
+        return PM_FAIL(-EINVAL, "the stores and out must not be NULL");
     *out = NULL;
-    int fd;
-    int rc = open_meta_fd(meta_path, &fd, 1);
-    if (rc)
-        return rc;
+    return create_on_store(meta, 0, "metadata store", standard, mirror, track_size, out);
+}
+
+static int open_on_store(pm_store *st, int own, const char *label, pm_store *standard, pm_store *mirror,
+                         pm_pair **out)
+{
     unsigned char *hdr = malloc(SLOT_SIZE);
     unsigned char *buf = NULL;
     struct disk_header h;
     pm_pair *p = NULL;
-    rc = hdr ? pick_slot(fd, hdr, &h, meta_path) : PM_FAIL(-ENOMEM, "out of memory");
+    int rc = hdr ? pick_slot(st, hdr, &h, label) : PM_FAIL(-ENOMEM, "out of memory");
     if (rc == 0 && (standard->size != h.volume_size || mirror->size != h.volume_size))
         rc = PM_FAIL(PM_E_FOREIGN, "%s: the pair's volumes are %llu bytes, but %s is %llu and %s is %llu",
-                     meta_path, (unsigned long long)h.volume_size, standard->path,
+                     label, (unsigned long long)h.volume_size, standard->path,
                      (unsigned long long)standard->size, mirror->path, (unsigned long long)mirror->size);
     if (rc == 0 && ((h.std_ino && standard->ino != h.std_ino) || (h.mir_ino && mirror->ino != h.mir_ino)))
         rc = PM_FAIL(PM_E_FOREIGN, "%s: %s or %s is not the volume this pair was made with "
-                     "(the file was replaced or the two were swapped)", meta_path, standard->path, mirror->path);
+                     "(the file was replaced or the two were swapped)", label, standard->path, mirror->path);
     if (rc == 0)
         rc = pm_pair_create(standard, mirror, h.track_size, &p);
     if (rc == 0 && (buf = malloc((size_t)h.table_bytes)) == NULL)
         rc = PM_FAIL(-ENOMEM, "out of memory");
     if (rc == 0)
-        rc = meta_alloc(p, fd, meta_path);
+        rc = meta_alloc(p, st, 0, label);
     int slot = (int)(h.generation % 2);
-    uint64_t st = slot_tables(h.table_bytes, h.intent_bytes);
+    uint64_t stb = rc == 0 ? slot_tables(h.table_bytes, h.intent_bytes) : 0;
     for (int i = 0; i < NTABLES && rc == 0; i++) {
         pm_bitmap *bm = table_of(p, i);
-        rc = full_pread(fd, buf, (size_t)pm_bitmap_serial_size(bm),
-                        (off_t)(TABLES_AT + (uint64_t)slot * st + table_off(h.table_bytes, h.intent_bytes, i)));
+        rc = meta_read(st, buf, pm_bitmap_serial_size(bm),
+                       TABLES_AT + (uint64_t)slot * stb + table_off(h.table_bytes, h.intent_bytes, i));
         if (rc < 0)
-            rc = PM_FAIL(PM_E_CORRUPT, "%s: cannot read table %d", meta_path, i);
+            rc = PM_FAIL(PM_E_CORRUPT, "%s: cannot read table %d", label, i);
         else
             rc = pm_bitmap_load(bm, buf, pm_bitmap_serial_size(bm));
+    }
+    if (rc == 0) {   /* the intent regions on disk are durable ones */
+        for (int side = 0; side < 2; side++) {
+            pm_bitmap_copy(p->meta->intent[side], p->meta->intent_snap[side]);
+            pm_bitmap_copy(p->meta->intent_durable[side], p->meta->intent_snap[side]);
+        }
     }
     if (rc == 0 && !(h.flags & FLAG_CLEAN)) {
         /* Unclean shutdown: writes may have landed after the precise CHANGED
@@ -603,13 +656,12 @@ int pm_pair_open_meta(const char *meta_path, pm_store *standard, pm_store *mirro
         }
         pm_meta_dirty(p);
     }
+    free(hdr), free(buf);
     if (rc) {
-        free(hdr), free(buf);
-        if (p == NULL || p->meta == NULL)
-            close(fd);   /* and its lock */
-        pm_pair_destroy(p);
+        pm_pair_destroy(p);   /* the store is not owned yet: left to the caller */
         return rc;
     }
+    p->meta->own_store = own;
     p->meta->generation = h.generation;
     p->meta->last_clean = (h.flags & FLAG_CLEAN) != 0;
     memcpy(p->meta->pair_id, h.pair_id, 16);
@@ -617,6 +669,18 @@ int pm_pair_open_meta(const char *meta_path, pm_store *standard, pm_store *mirro
     int state = (int)h.state;
     pm_store_relaxed(&p->incremental, (int)((h.flags & FLAG_INCREMENTAL) != 0));
     pm_store_relaxed(&p->protect, (int)((h.flags & FLAG_PROTECT) != 0));
+    if (!(h.flags & FLAG_CLEAN) && (state == PM_STATE_SYNCING || state == PM_STATE_ESTABLISHED ||
+                                   (state == PM_STATE_RESTORING && !(h.flags & FLAG_PROTECT)))) {
+        /* Host writes were mirrored: a crash may have landed one on one side
+         * only.  Copy every track they may have touched again, in the job's
+         * direction (md's resync of the write-intent regions). */
+        int target = state == PM_STATE_RESTORING ? PM_STANDARD : PM_MIRROR;
+        pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
+        pm_bitmap_union(pending, p->table[PM_STANDARD]->flags[PM_CHANGED]);
+        pm_bitmap_union(pending, p->table[PM_MIRROR]->flags[PM_CHANGED]);
+        if (state == PM_STATE_ESTABLISHED && pm_bitmap_count(pending) > 0)
+            state = PM_STATE_SYNCING;      /* resumable like any interrupted establish */
+    }
     if (state == PM_STATE_SYNCING || state == PM_STATE_RESTORING) {
         int target = state == PM_STATE_SYNCING ? PM_MIRROR : PM_STANDARD;
         uint64_t n = pm_bitmap_count(p->table[target]->flags[PM_PENDING]);
@@ -631,12 +695,35 @@ int pm_pair_open_meta(const char *meta_path, pm_store *standard, pm_store *mirro
             p->paused_req = 0;
             p->t_end = p->t_start;
             state = target == PM_MIRROR || !(h.flags & FLAG_PROTECT) ? PM_STATE_ESTABLISHED : PM_STATE_RESTORED;
+            pm_meta_dirty(p);
         }
     }
     pm_store_release(&p->state, state);
-    free(hdr), free(buf);
     *out = p;
     return 0;
+}
+
+int pm_pair_open_meta(const char *meta_path, pm_store *standard, pm_store *mirror, pm_pair **out)
+{
+    if (meta_path == NULL || out == NULL || standard == NULL || mirror == NULL)
+        return PM_FAIL(-EINVAL, "meta_path, the stores and out must not be NULL");
+    *out = NULL;
+    pm_store *st;
+    int rc = open_meta_store(meta_path, 1, &st);
+    if (rc)
+        return rc;
+    rc = open_on_store(st, 1, meta_path, standard, mirror, out);
+    if (rc)
+        pm_store_destroy(st);   /* and its lock */
+    return rc;
+}
+
+int pm_pair_open_meta_store(pm_store *meta, pm_store *standard, pm_store *mirror, pm_pair **out)
+{
+    if (meta == NULL || out == NULL || standard == NULL || mirror == NULL)
+        return PM_FAIL(-EINVAL, "the stores and out must not be NULL");
+    *out = NULL;
+    return open_on_store(meta, 0, "metadata store", standard, mirror, out);
 }
 
 int pm_pair_commit(pm_pair *p)

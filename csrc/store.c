@@ -98,7 +98,7 @@ static const struct pm_store_ops mem_ops = { mem_read, mem_write, mem_flush, mem
 
 /* ---- construction -------------------------------------------------------- */
 
-static pm_store *store_alloc(const char *path)
+pm_store *pm__store_alloc(const char *path)
 {
     pm_store *s = calloc(1, sizeof *s);
     if (s == NULL)
@@ -167,7 +167,7 @@ int pm_store_open_file(const char *path, unsigned flags, uint64_t size, pm_store
         close(fd);
         return PM_FAIL(PM_E_GEOMETRY, "%s: the volume is empty (0 bytes)", path);
     }
-    pm_store *s = store_alloc(path);
+    pm_store *s = pm__store_alloc(path);
     if (s == NULL) {
         close(fd);
         if (create)
@@ -193,7 +193,7 @@ int pm_store_create_memory(uint64_t size, pm_store **out)
         return PM_FAIL(PM_E_GEOMETRY, "a volume needs a size greater than zero");
     if (size > ((uint64_t)1 << 46))
         return PM_FAIL(-ENOMEM, "a memory volume of %llu bytes is too large", (unsigned long long)size);
-    pm_store *s = store_alloc("");
+    pm_store *s = pm__store_alloc("");
     if (s == NULL)
         return PM_FAIL(-ENOMEM, "out of memory");
     /* anonymous mmap: zero-filled and lazily backed, so large scratch

@@ -21,6 +21,9 @@ struct pm_fault {
     int64_t count;         /* -1: until cleared */
 };
 
+struct pm_power;            /* a power line shared by volatile stores */
+struct pm_unflushed;        /* a write since the last flush */
+
 struct pm_store {
     const struct pm_store_ops *ops;
     uint64_t size;
@@ -32,6 +35,12 @@ struct pm_store {
     pthread_mutex_t fault_lock;
     pm_atomic_int nfaults; /* fast check: any faults armed? */
     struct pm_fault *faults;
+    /* volatile stores (store_volatile.c) */
+    unsigned char *durable;       /* what survives a power loss */
+    struct pm_power *power;
+    struct pm_unflushed *unflushed, *unflushed_tail;
 };
+
+pm_store *pm__store_alloc(const char *path);
 
 #endif

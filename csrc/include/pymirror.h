@@ -204,6 +204,19 @@ enum pm_fault_op { PM_FAULT_READ = 1, PM_FAULT_WRITE = 2 };
 int pm_store_inject_fault(pm_store *s, int op, uint64_t offset, uint64_t len, int error, int64_t count);
 int pm_store_clear_faults(pm_store *s);
 
+/* A memory volume with a volatile write cache, for crash tests: a write is
+ * visible at once but durable only after pm_store_flush.  Stores created
+ * with the same `share_power_with` store (NULL: a new line) share one power
+ * line; all their I/O is serialised on it. */
+int pm_store_create_volatile(uint64_t size, pm_store *share_power_with, pm_store **out);
+/* Cut the power of the line: on every store of it, each write since its
+ * last flush is kept whole, dropped, or kept in random 512-byte pieces
+ * (chosen from `seed`); from then on every I/O fails with -EIO.  Returns
+ * how many unflushed writes there were. */
+int64_t pm_store_power_loss(pm_store *s, uint64_t seed);
+/* Power back on: the stores hold what survived. */
+int pm_store_power_on(pm_store *s);
+
 /* ---- pairs ---------------------------------------------------------------
  *
  * A standard volume (the host's) and its mirror, their track tables, the
@@ -348,6 +361,12 @@ int pm_pair_create_meta(const char *meta_path, pm_store *standard, pm_store *mir
  * RESTORING comes back in that state with its job paused: host I/O is
  * arbitrated at once, and pm_pair_resume continues the copy. */
 int pm_pair_open_meta(const char *meta_path, pm_store *standard, pm_store *mirror, pm_pair **out);
+/* The same on a store of your own (for instance the simulated volatile
+ * cache below): at least pm_meta_size() bytes; the pair borrows it. */
+uint64_t pm_meta_size(uint64_t volume_size, uint32_t track_size);
+int pm_pair_create_meta_store(pm_store *meta, pm_store *standard, pm_store *mirror,
+                              uint32_t track_size, pm_pair **out);
+int pm_pair_open_meta_store(pm_store *meta, pm_store *standard, pm_store *mirror, pm_pair **out);
 /* Make the pair's current state and tables durable (a no-op without a
  * metadata file). */
 int pm_pair_commit(pm_pair *p);

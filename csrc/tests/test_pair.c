@@ -269,6 +269,9 @@ static void metadata(void)
     CHECK_EQ(pwrite(fd, "NOTMAGIC", 8, 16384), 8);
     close(fd);
     CHECK_EQ(pm_meta_peek(meta, &info), PM_E_FOREIGN);
+    fd = open(meta, O_RDWR);
+    CHECK_EQ(pwrite(fd, "PMIRMETA", 8, 0), 8);                   /* ours, but cut short */
+    close(fd);
     CHECK_EQ(truncate(meta, 100), 0);
     CHECK_EQ(pm_meta_peek(meta, &info), PM_E_CORRUPT);
     pm_store_destroy(a);
