@@ -37,17 +37,25 @@ static void sleep_seconds(double s)
 static void finish_job(pm_pair *p)
 {
     pthread_mutex_lock(&p->mu);
-    if (p->job_active && pm_load_seqcst(&p->pending_left) == 0) {
+    int ended = p->job_active && pm_load_seqcst(&p->pending_left) == 0;
+    if (ended) {
         int done = p->target == PM_MIRROR ? PM_STATE_ESTABLISHED
                  : (pm_load_relaxed(&p->protect) ? PM_STATE_RESTORED : PM_STATE_ESTABLISHED);
         p->job_active = 0;
+        p->finishing = 1;       /* waiters wait for the commit below */
         p->t_end = pm_now();
-        /* Data before state: the copied tracks are made durable by the
-         * commit (meta.c flushes both stores before writing the tables). */
         pm_store_release(&p->state, done);
-        pm_meta_commit_all(p);
-        pthread_cond_broadcast(&p->cond);
     }
+    pthread_mutex_unlock(&p->mu);
+    if (!ended)
+        return;
+    /* Data before state: the copied tracks are made durable by this commit
+     * (meta.c flushes both stores before writing the tables).  Outside mu:
+     * the lock order is metadata lock, then mu. */
+    pm_meta_commit_all(p);
+    pthread_mutex_lock(&p->mu);
+    p->finishing = 0;
+    pthread_cond_broadcast(&p->cond);
     pthread_mutex_unlock(&p->mu);
 }
 

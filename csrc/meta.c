@@ -95,8 +95,9 @@ struct pm_meta {
     pm_atomic_u64 dirty;        /* changes nobody waits for (commit on close) */
     uint64_t dirty_committed;
     int last_clean;             /* the current slot says "closed cleanly" */
+    uint32_t snap_state, snap_flags;   /* state recorded with the PENDING snapshot */
     double last_commit;
-    pm_atomic_u64 commits;
+    pm_atomic_u64 commits, syncs;
     pm_atomic_int need_full;    /* the next commit must refresh PENDING (a job began) */
     uint32_t crc[NTABLES];      /* of the tables in snap */
     int have_snap;              /* snap holds a full snapshot */
@@ -149,11 +150,13 @@ static int commit_locked(pm_pair *p, int full, int clean)
     h.version = FORMAT_VERSION;
     h.slot_size = SLOT_SIZE;
     h.generation = m->generation + 1;
-    /* snapshot: state first, then tables (a state change is followed by
-     * its table changes under cmd_lock, and commits after commands) */
-    h.state = (uint32_t)pm_pair_state(p);
-    h.flags = (pm_load_relaxed(&p->incremental) ? FLAG_INCREMENTAL : 0u) |
-              (pm_load_relaxed(&p->protect) ? FLAG_PROTECT : 0u) | (clean ? FLAG_CLEAN : 0u);
+    /* The state and the PENDING tables are recorded as a pair: a state
+     * that ends a job ("restored") must never sit beside PENDING tables of
+     * an earlier instant, or a reopen would skip tracks never made durable.
+     * So an intent commit writes both as of the last full snapshot. */
+    uint32_t state_now = (uint32_t)pm_pair_state(p);
+    uint32_t flags_now = (pm_load_relaxed(&p->incremental) ? FLAG_INCREMENTAL : 0u) |
+                         (pm_load_relaxed(&p->protect) ? FLAG_PROTECT : 0u);
     h.track_size = p->track_size;
     h.ntables = NTABLES;
     h.region_tracks = m->region_tracks;
@@ -169,6 +172,12 @@ static int commit_locked(pm_pair *p, int full, int clean)
      * bit of the new set before this commit (both wait for it). */
     int job_began = atomic_exchange(&m->need_full, 0);   /* always consumed, full commit or not */
     int fresh = full || !m->have_snap || job_began;
+    if (fresh) {
+        m->snap_state = state_now;
+        m->snap_flags = flags_now;
+    }
+    h.state = m->snap_state;
+    h.flags = m->snap_flags | (clean ? FLAG_CLEAN : 0u);
     pm_bitmap_copy(m->intent_snap[0], m->intent[0]);
     pm_bitmap_copy(m->intent_snap[1], m->intent[1]);
     for (int i = 0; i < NTABLES; i++) {
@@ -208,6 +217,7 @@ static int commit_locked(pm_pair *p, int full, int clean)
     m->generation = h.generation;
     m->last_commit = pm_now();
     pm_count_add(&m->commits, 1);
+    pm_count_add(&m->syncs, full ? 4 : 2);
     pm_bitmap_union(m->intent_durable[0], m->intent_snap[0]);
     pm_bitmap_union(m->intent_durable[1], m->intent_snap[1]);
     pm_store_seqcst(&m->durable, seq);
@@ -224,6 +234,12 @@ int pm_meta_commit_all(pm_pair *p)
     int rc = commit_locked(p, 1, 0);
     pthread_mutex_unlock(&p->meta->lock);
     return rc;
+}
+
+void pm_meta_counters(pm_pair *p, uint64_t *commits, uint64_t *syncs)
+{
+    *commits = p->meta ? pm_load_relaxed(&p->meta->commits) : 0;
+    *syncs = p->meta ? pm_load_relaxed(&p->meta->syncs) : 0;
 }
 
 void pm_meta_dirty(pm_pair *p)
@@ -249,19 +265,29 @@ int pm_meta_intent(pm_pair *p, int side, uint64_t t0, uint64_t t1)
     return need;
 }
 
-void pm_meta_intent_reset(pm_pair *p)
+void pm_meta_intent_reset_locked(pm_pair *p)
 {
     struct pm_meta *m = p->meta;
     if (m == NULL)
         return;
     /* under the commit lock, so no commit in flight marks an old region durable */
-    pthread_mutex_lock(&m->lock);
     for (int side = 0; side < 2; side++) {
         pm_bitmap_zero(m->intent[side]);
         pm_bitmap_zero(m->intent_durable[side]);
     }
     pm_fetch_add(&m->noted, 1);
-    pthread_mutex_unlock(&m->lock);
+}
+
+void pm_meta_lock(pm_pair *p)
+{
+    if (p->meta != NULL)
+        pthread_mutex_lock(&p->meta->lock);
+}
+
+void pm_meta_unlock(pm_pair *p)
+{
+    if (p->meta != NULL)
+        pthread_mutex_unlock(&p->meta->lock);
 }
 
 void pm_meta_need_full(pm_pair *p)

@@ -157,6 +157,7 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
                      const struct pm_copy_config *cfg)
 {
     pm_job_join_threads(p);   /* threads of a finished job */
+    pm_meta_lock(p);          /* no commit sees half of this */
     pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
     pm_bitmap *chg_std = p->table[PM_STANDARD]->flags[PM_CHANGED];
     pm_bitmap *chg_mir = p->table[PM_MIRROR]->flags[PM_CHANGED];
@@ -171,7 +172,7 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
     /* From now on CHANGED records writes made since this operation began. */
     pm_bitmap_zero(chg_std);
     pm_bitmap_zero(chg_mir);
-    pm_meta_intent_reset(p);
+    pm_meta_intent_reset_locked(p);
     uint64_t n = pm_bitmap_count(pending);
 
     pthread_mutex_lock(&p->mu);
@@ -212,6 +213,7 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
         rc = pm_job_start_threads_locked(p);
     }
     pthread_mutex_unlock(&p->mu);
+    pm_meta_unlock(p);        /* the copiers commit the new job before they copy */
     return rc;
 }
 
@@ -271,12 +273,14 @@ int pm_pair_split(pm_pair *p)
     if (s != PM_STATE_ESTABLISHED && s != PM_STATE_RESTORED)
         rc = wrong_state(__func__, s, "split is allowed only when established (or restored)");
     else {
+        pm_meta_lock(p);
         pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_CHANGED]);
         pm_bitmap_zero(p->table[PM_MIRROR]->flags[PM_CHANGED]);
-        pm_meta_intent_reset(p);
+        pm_meta_intent_reset_locked(p);
         pthread_mutex_lock(&p->mu);
         pm_store_release(&p->state, PM_STATE_SPLIT);
         pthread_mutex_unlock(&p->mu);
+        pm_meta_unlock(p);
         rc = pm_meta_commit_all(p);
     }
     pthread_rwlock_unlock(&p->cmd_lock);
@@ -291,12 +295,14 @@ int pm_pair_assume_established(pm_pair *p)
     if (s != PM_STATE_NEW)
         rc = wrong_state(__func__, s, "establishing without a copy is allowed only for a new pair");
     else {
+        pm_meta_lock(p);
         pthread_mutex_lock(&p->mu);
         pm_store_release(&p->state, PM_STATE_ESTABLISHED);
         pthread_mutex_unlock(&p->mu);
         pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_CHANGED]);
         pm_bitmap_zero(p->table[PM_MIRROR]->flags[PM_CHANGED]);
-        pm_meta_intent_reset(p);
+        pm_meta_intent_reset_locked(p);
+        pm_meta_unlock(p);
         rc = pm_meta_commit_all(p);
     }
     pthread_rwlock_unlock(&p->cmd_lock);
@@ -319,8 +325,8 @@ int pm_pair_wait(pm_pair *p, int64_t timeout_ms)
     }
     int rc = 0;
     pthread_mutex_lock(&p->mu);
-    while (p->job_active) {
-        if (p->error) {
+    while (p->job_active || p->finishing) {
+        if (p->job_active && p->error) {
             rc = PM_FAIL(PM_E_JOB, "the copy stopped at track %lld: %s", (long long)p->error_track,
                          pm_strerror(p->error));
             break;
@@ -328,7 +334,7 @@ int pm_pair_wait(pm_pair *p, int64_t timeout_ms)
         if (timeout_ms < 0) {
             pthread_cond_wait(&p->cond, &p->mu);
         } else if (pthread_cond_timedwait(&p->cond, &p->mu, &deadline) != 0) {
-            rc = p->job_active ? PM_E_TIMEDOUT : 0;
+            rc = (p->job_active || p->finishing) ? PM_E_TIMEDOUT : 0;
             break;
         }
     }
@@ -419,6 +425,7 @@ int pm_pair_progress(const pm_pair *cp, struct pm_progress *o)
     o->bytes_written = pm_load_relaxed(&p->bytes_written);
     o->changed_standard = pm_bitmap_count(p->table[PM_STANDARD]->flags[PM_CHANGED]);
     o->changed_mirror = pm_bitmap_count(p->table[PM_MIRROR]->flags[PM_CHANGED]);
+    pm_meta_counters(p, &o->commits, &o->syncs);
     return 0;
 }
 

@@ -4,8 +4,8 @@
  * track locks) and meta.c (persistence).
  *
  * Lock order (outer first): cmd_lock (rwlock: commands write, host I/O
- * read) -> track locks (BUSY bits, ascending track order) -> mu (job state)
- * -> meta->lock.  Copier threads never take cmd_lock and only try-lock
+ * read) -> track locks (BUSY bits, ascending track order) -> meta->lock ->
+ * mu (job state).  Copier threads never take cmd_lock and only try-lock
  * tracks, so they cannot deadlock with host I/O or commands.
  */
 #ifndef PM_PAIR_H
@@ -47,6 +47,7 @@ struct pm_pair {
     struct pm_copy_config cfg;
     int target;                  /* side receiving copies while a job exists */
     int job_active;              /* a job exists (running or paused) */
+    int finishing;               /* the job ended; its final commit is being made */
     int paused_req;              /* paused by request (or reopened mid-copy) */
     int error;                   /* the error that paused the job, or 0 */
     int64_t error_track;
@@ -103,8 +104,13 @@ void pm_meta_dirty(pm_pair *p);
 /* Write-intent for tracks t0..t1 of a side: sets their intent regions and
  * notes any region that was new.  Returns 1 if one was. */
 int pm_meta_intent(pm_pair *p, int side, uint64_t t0, uint64_t t1);
-/* CHANGED tables were cleared (split, job start): clear the intent regions. */
-void pm_meta_intent_reset(pm_pair *p);
+/* CHANGED tables were cleared (split, job start): clear the intent regions
+ * (the caller holds the metadata lock). */
+void pm_meta_intent_reset_locked(pm_pair *p);
+/* Commands hold the metadata lock while they change the tables and the
+ * state, so a commit never snapshots half of a command. */
+void pm_meta_lock(pm_pair *p);
+void pm_meta_unlock(pm_pair *p);
 /* The PENDING set was rebuilt (a job began): the next commit must be full. */
 void pm_meta_need_full(pm_pair *p);
 /* Block until everything noted so far is durable (group commit). */
@@ -112,5 +118,6 @@ int pm_meta_changed_durable(pm_pair *p);
 /* Copier finished a batch: schedule a background commit. */
 void pm_meta_copied(pm_pair *p, uint64_t ntracks);
 void pm_meta_close(pm_pair *p);
+void pm_meta_counters(pm_pair *p, uint64_t *commits, uint64_t *syncs);
 
 #endif

@@ -36,6 +36,8 @@ class Progress:
     changed_mirror: int
     elapsed: float
     track_size: int
+    commits: int = 0
+    syncs: int = 0
 
     @property
     def tracks_done(self) -> int:
@@ -91,6 +93,8 @@ def read_progress(pair: "Pair") -> Progress:
         changed_mirror=int(p.changed_mirror),
         elapsed=float(p.elapsed),
         track_size=pair.track_size,
+        commits=int(p.commits),
+        syncs=int(p.syncs),
     )
 
 

@@ -281,6 +281,8 @@ struct pm_progress {
     uint64_t changed_standard; /* tracks CHANGED on the standard now */
     uint64_t changed_mirror;   /* tracks CHANGED on the mirror now */
     double elapsed;            /* seconds since the job began (frozen when it ends) */
+    uint64_t commits;          /* metadata commits since the pair was opened */
+    uint64_t syncs;            /* data and metadata syncs those commits made */
 };
 
 /* A new pair over two stores of equal size, in state NEW. */

@@ -48,6 +48,8 @@ static void gen(unsigned char *buf, uint64_t len, uint64_t off, uint64_t tag)
     }
 }
 
+static int reopened_state = -1, run_incremental = -1;
+
 struct run {
     pm_pair *pair;
     struct hw w[MAXW];
@@ -126,9 +128,18 @@ static int check_sectors(struct run *r, pm_store *std, uint64_t base_tag, const 
             }
         }
         if (!ok) {
-            fprintf(stderr, "seed %llu: sector %llu (track %llu) holds neither the %s image nor a host write%s\n",
+            unsigned char orig[SECT];
+            gen(orig, SECT, off, 1);
+            int n_cover = 0;
+            for (int i = 0; i < r->nw; i++)
+                n_cover += r->w[i].off <= off && off < r->w[i].off + r->w[i].len;
+            fprintf(stderr, "seed %llu: sector %llu (track %llu) holds neither the %s image nor a host write%s "
+                    "[byte 0 = %02x, original image %s, %d host writes cover it, durable upto %d of %d; "
+                    "reopened %s, incremental %d]\n",
                     (unsigned long long)r->seed, (unsigned long long)s, (unsigned long long)(off / TS),
-                    base_img ? "mirror's" : "standard's", last_durable >= 0 ? " at or after a durable one" : "");
+                    base_img ? "mirror's" : "standard's", last_durable >= 0 ? " at or after a durable one" : "",
+                    got[0], memcmp(got, orig, SECT) ? "no" : "yes", n_cover, r->durable_upto, r->nw,
+                    pm_state_name(reopened_state), run_incremental);
             bad++;
         }
     }
@@ -193,6 +204,7 @@ static void one_crash(uint64_t seed, int establish)
         goto out;
     }
     int state = pm_pair_state(p);
+    reopened_state = state, run_incremental = incremental;
     if (getenv("PM_CRASH_DEBUG") && establish) {
         pm_bitmap *pd = pm_table_flag(pm_pair_table(p, PM_MIRROR), PM_PENDING);
         pm_bitmap *cs = pm_table_flag(pm_pair_table(p, PM_STANDARD), PM_CHANGED);
@@ -250,10 +262,12 @@ out:
 
 int main(void)
 {
-    const char *env = getenv("PM_CRASH_POINTS");
+    const char *env = getenv("PM_CRASH_POINTS"), *only = getenv("PM_CRASH_SEED");
     long n = env ? atol(env) : 200;
-    for (long i = 0; i < n; i++)
-        one_crash((uint64_t)i + 1, (int)(i % 3 == 2));      /* two restores, then an establish */
+    for (long i = 0; i < n; i++) {
+        long k = only ? atol(only) - 1 : i;                 /* PM_CRASH_SEED: repeat one seed */
+        one_crash((uint64_t)k + 1, (int)(k % 3 == 2));      /* two restores, then an establish */
+    }
     printf("%ld crash points\n", n);
     return CHECK_DONE("test_crash");
 }
