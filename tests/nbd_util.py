@@ -12,8 +12,8 @@ import pytest
 from pymirror.nbd import protocol as P
 
 CLIENTS = {
-    "nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin", "nbdsh": "libnbd-bin (and python3-libnbd)",
-    "qemu-img": "qemu-utils", "qemu-nbd": "qemu-utils", "nbdkit": "nbdkit", "fio": "fio",
+    "nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin", "nbdsh": "python3-libnbd",
+    "qemu-img": "qemu-utils", "qemu-io": "qemu-utils", "qemu-nbd": "qemu-utils", "nbdkit": "nbdkit", "fio": "fio",
 }
 
 

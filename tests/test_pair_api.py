@@ -262,3 +262,28 @@ def test_reopen_from_another_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "elsewhere")
     with pymirror.Pair.open("../p.meta") as pair:
         assert pair.standard.path == str(tmp_path / "s.img")
+
+
+@pytest.mark.parametrize("where", ["source-read-eio", "target-write-enospc"])
+def test_failing_store_during_establish_pauses_then_resumes(where):
+    std = pymirror.Volume.memory(32 * TRACK, TRACK)
+    mir = pymirror.Volume.memory(32 * TRACK, TRACK)
+    pair = pymirror.Pair.create(None, std, mir)
+    for t in range(32):
+        pair.write(t * TRACK, bytes([t + 1]) * TRACK)
+    if where == "source-read-eio":
+        std.inject_fault("read", 20 * TRACK, TRACK, errno.EIO)
+    else:
+        mir.inject_fault("write", 20 * TRACK, TRACK, errno.ENOSPC)
+    job = pair.establish(config=CopyConfig(retries=2, copiers=1))
+    with pytest.raises(JobError, match="track 20"):
+        job.wait(timeout=30)
+    p = job.progress
+    assert p.paused and p.error_track == 20 and pair.state == "syncing"
+    assert p.tracks_pending >= 1                       # the failed track is not marked done
+    (std if where == "source-read-eio" else mir).clear_faults()
+    job.resume()
+    assert job.wait(timeout=30) and pair.state == "established"
+    assert pair.verify() == []
+    pair.close()
+    std.close(), mir.close()
