@@ -41,7 +41,11 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def record(name: str, data: dict) -> None:
+def record(name: str, data: dict, save: bool = True) -> None:
+    """Print a figure; on a real run (not --benchmark-disable) also keep it."""
+    if not save:
+        print(f"\n{name} (quick run, not saved): {json.dumps(data, sort_keys=True)}")
+        return
     RESULTS.mkdir(exist_ok=True)
     data = dict(data, machine=platform.machine(), cpus=os.cpu_count(),
                 date=time.strftime("%Y-%m-%d"), peak_rss_mib=round(peak_rss_mib(), 1))
@@ -50,12 +54,14 @@ def record(name: str, data: dict) -> None:
 
 
 @pytest.fixture
-def tools():
+def tools(benchmark):
     """The helpers above (benchmarks run with --import-mode=importlib, so
-    they cannot import conftest directly)."""
+    they cannot import conftest directly).  Quick runs save nothing."""
+    import functools
     import types
     return types.SimpleNamespace(drop_caches=drop_caches, peak_rss_mib=peak_rss_mib,
-                                 median=median, timed=timed, record=record)
+                                 median=median, timed=timed,
+                                 record=functools.partial(record, save=not benchmark.disabled))
 
 
 @pytest.fixture

@@ -227,10 +227,10 @@ def test_fio_random_writes_verified_during_restore(restoring):
     fio = need("fio")
     run(fio, "--name=verify", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randwrite", "--bs=4k",
         "--size=8M", "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-        "--output-format=terse", timeout=120)
+        "--output-format=terse", timeout=120, cwd=d)     # fio leaves a verify state file in its cwd
     run(fio, "--name=mixed", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randrw", "--bsrange=512-128k",
         "--offset=16M", "--size=8M", "--iodepth=32", "--runtime=2", "--time_based", "--output-format=terse",
-        timeout=120)
+        timeout=120, cwd=d)
     finish(pair, job)
     mirror = (d / "mir.img").read_bytes()
     assert pair.read(8 * MiB, 8 * MiB) == mirror[8 * MiB:16 * MiB]   # what fio did not touch is restored
