@@ -2,6 +2,7 @@
 periodic lines otherwise (logs, CI, pipes)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import IO, Optional
@@ -49,8 +50,14 @@ def _follow_bar(job: Job, label: str, stream: IO[str]) -> Progress:
     from tqdm import tqdm
 
     p = job.progress
-    with tqdm(total=p.tracks_total, unit="track", desc=label, file=stream,
-              dynamic_ncols=True, leave=True) as bar:
+    try:
+        cols = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        cols = 0
+    # some terminals (serial consoles, `script`) report 0 columns: use 100
+    sizing: dict[str, object] = {"dynamic_ncols": True} if cols > 0 else {"ncols": 100}
+    with tqdm(total=p.tracks_total, unit="track", desc=label, file=stream, leave=True,
+              **sizing) as bar:  # type: ignore[call-overload]
         while True:
             finished = job.wait(timeout=0.25)
             p = job.progress
