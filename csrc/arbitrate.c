@@ -109,10 +109,8 @@ static int is_mirrored(pm_pair *p, int state)
 
 static int read_policy(pm_pair *p)
 {
-    pthread_mutex_lock(&p->mu);
-    int r = p->cfg.read_policy;
-    pthread_mutex_unlock(&p->mu);
-    return r;
+    /* relaxed: a policy is a preference; either one gives the same bytes */
+    return pm_load_relaxed(&p->read_policy);
 }
 
 /* ---- reads --------------------------------------------------------------- */
@@ -339,17 +337,34 @@ static int do_write(pm_pair *p, int side, const struct wsrc *src, uint64_t len, 
         return pm_fail(func, PM_E_READONLY, "the pair is %s; the mirror is write-protected "
                        "(writable only when split or restored)", pm_state_name(state));
     }
-    uint64_t t0 = offset >> p->shift, t1 = (offset + len - 1) >> p->shift;
-    lock_span(p, t0, t1);
-    /* Write-intent: the CHANGED bits covering this write are durable before
-     * the data is written (a no-op without metadata, and cheap once the
-     * tracks are marked). */
-    if (mark_changed(p, side, t0, t1))
-        rc = pm_meta_changed_durable(p);
+    /* A large write goes in pieces of whole tracks (64 MiB, or one track if
+     * larger), each locked, marked and written as a unit, so that a write of
+     * a whole big volume neither holds millions of track locks at once nor
+     * stalls the copier for its whole length.  Overlapping writers may then
+     * interleave piece by piece, which their overlap allows anyway; each
+     * track still gets one writer at a time on both sides (invariant 6). */
+    const uint64_t piece_tracks = ((uint64_t)64 << 20) >> p->shift ? ((uint64_t)64 << 20) >> p->shift : 1;
     unsigned flush_mask = 0;
-    if (rc == 0)
-        rc = write_locked(p, side, state, src, len, offset, t0, t1, &flush_mask);
-    unlock_span(p, t0, t1);
+    for (uint64_t done = 0; done < len && rc == 0;) {
+        uint64_t off = offset + done;
+        uint64_t t0 = off >> p->shift;
+        uint64_t piece_end = (t0 + piece_tracks) << p->shift;
+        uint64_t n = (piece_end < offset + len ? piece_end : offset + len) - off;
+        uint64_t t1 = (off + n - 1) >> p->shift;
+        struct wsrc part = *src;
+        if (part.buf != NULL)
+            part.buf += done;
+        lock_span(p, t0, t1);
+        /* Write-intent: the CHANGED bits covering this write are durable
+         * before the data is written (a no-op without metadata, and cheap
+         * once the tracks are marked). */
+        if (mark_changed(p, side, t0, t1))
+            rc = pm_meta_changed_durable(p);
+        if (rc == 0)
+            rc = write_locked(p, side, state, &part, n, off, t0, t1, &flush_mask);
+        unlock_span(p, t0, t1);
+        done += n;
+    }
     pthread_rwlock_unlock(&p->cmd_lock);
     if (rc == 0 && (flags & PM_IO_FUA)) {
         for (int s = 0; s < 2 && rc == 0; s++)

@@ -17,7 +17,6 @@
  * Whoever clears the last PENDING bit (a copier, a hydrating read or a
  * whole-track host write) ends the job: the state moves on under mu.
  */
-#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -43,6 +42,8 @@ static void finish_job(pm_pair *p)
                  : (pm_load_relaxed(&p->protect) ? PM_STATE_RESTORED : PM_STATE_ESTABLISHED);
         p->job_active = 0;
         p->finishing = 1;       /* waiters wait for the commit below */
+        p->error = 0;           /* host writes covered a track that had failed */
+        p->error_track = -1;
         p->t_end = pm_now();
         pm_store_release(&p->state, done);
     }
@@ -67,8 +68,10 @@ void pm_job_track_cleared(pm_pair *p)
 }
 
 /* Wait until the rate limit allows `bytes` more: the time a batch costs is
- * paid before it is copied, so a low rate never begins with a burst.
- * Returns 0 to go on, or 1 if the job was paused or stopped meanwhile. */
+ * paid before it is copied, so a low rate never begins with a burst.  The
+ * wait sleeps on the job's condition variable, so pause, stop and a new rate
+ * (pm_pair_set_rate broadcasts) end it at once.  Returns 0 to go on, or 1
+ * if the job was paused or stopped meanwhile (the payment is then cancelled). */
 static int rate_wait(pm_pair *p, uint64_t bytes)
 {
     uint64_t rate = pm_load_relaxed(&p->rate);
@@ -80,19 +83,64 @@ static int rate_wait(pm_pair *p, uint64_t bytes)
     double until = start + (double)bytes / (double)rate;
     p->rate_next = until;
     pthread_mutex_unlock(&p->rate_mu);
-    while (pm_now() < until) {
-        if (pm_load_relaxed(&p->stop) || !pm_load_seqcst(&p->run)) {
-            pthread_mutex_lock(&p->rate_mu);
-            p->rate_next = 0;     /* the batch was not copied: no debt */
-            pthread_mutex_unlock(&p->rate_mu);
-            return 1;
+    if (until <= now)
+        return 0;
+    int stopped = 0;
+    struct timespec deadline = pm_deadline(until);
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        if (pm_load_relaxed(&p->stop) || !pm_load_relaxed(&p->run) || !p->job_active) {
+            stopped = 1;
+            break;
         }
         if (pm_load_relaxed(&p->rate) != rate)
-            break;                /* the rate changed: go on at once */
-        double left = until - pm_now();
-        sleep_seconds(left > 0.02 ? 0.02 : left);
+            break;                /* a new rate: go on at once, paying the new one from now */
+        if (pm_now() >= until)
+            break;
+        pthread_cond_timedwait(&p->cond, &p->mu, &deadline);
     }
-    return 0;
+    pthread_mutex_unlock(&p->mu);
+    if (stopped || pm_load_relaxed(&p->rate) != rate) {
+        pthread_mutex_lock(&p->rate_mu);
+        p->rate_next = 0;         /* the batch was not paid in full: no debt */
+        pthread_mutex_unlock(&p->rate_mu);
+    }
+    return stopped;
+}
+
+/* Nothing can be claimed now: every PENDING track left is held by another
+ * copier or by host I/O.  Sleep on the job's condition variable until a
+ * copier releases a batch, the job changes (pause, end, stop), or a short
+ * timeout passes (host I/O releasing a track does not signal; the timeout
+ * doubles while nothing changes, up to 20 ms).  `seen` is the batch count
+ * read before the scan that found nothing: a batch released since then
+ * means there may be work again, so the wait is skipped.  No lost wake-up:
+ * the waiter increments idle_waiters, then reads `batches`; a releaser
+ * increments `batches`, then reads idle_waiters (all seq_cst), so one of
+ * the two sees the other, and the broadcast is made under mu. */
+static void wait_for_work(pm_pair *p, uint64_t seen, double *backoff)
+{
+    pthread_mutex_lock(&p->mu);
+    pm_fetch_add(&p->idle_waiters, 1);
+    if (pm_load_seqcst(&p->batches) == seen && p->job_active && !pm_load_relaxed(&p->stop) &&
+        !p->paused_req && !p->error) {
+        struct timespec deadline = pm_deadline(pm_now() + *backoff);
+        pthread_cond_timedwait(&p->cond, &p->mu, &deadline);
+    }
+    pm_fetch_sub(&p->idle_waiters, 1);
+    pthread_mutex_unlock(&p->mu);
+    *backoff = *backoff * 2 > 0.02 ? 0.02 : *backoff * 2;
+}
+
+/* A copier released a batch of tracks: wake copiers waiting for work. */
+static void batch_released(pm_pair *p)
+{
+    pm_fetch_add(&p->batches, 1);
+    if (pm_load_seqcst(&p->idle_waiters) > 0) {
+        pthread_mutex_lock(&p->mu);
+        pthread_cond_broadcast(&p->cond);
+        pthread_mutex_unlock(&p->mu);
+    }
 }
 
 /* Copy bytes [off, off+len) from the source side to the target, with
@@ -202,7 +250,8 @@ static void *copier_main(void *arg)
     int rc = pm_meta_changed_durable(p);
     if (rc < 0)
         job_error(p, rc, 0);
-    unsigned idle = 0;
+    unsigned misses = 0;
+    double backoff = 0.0005;
     for (;;) {
         pthread_mutex_lock(&p->mu);
         while (!pm_load_relaxed(&p->stop) && p->job_active && (p->paused_req || p->error))
@@ -211,13 +260,14 @@ static void *copier_main(void *arg)
         int target = p->target;
         uint64_t max_tracks = p->cfg.batch_bytes >> p->shift;
         if (max_tracks > batch_bytes >> p->shift)
-            max_tracks = batch_bytes >> p->shift;
+            max_tracks = batch_bytes >> p->shift;   /* never more than this thread's buffer */
         uint32_t retries = p->cfg.retries;
         pthread_mutex_unlock(&p->mu);
         if (!active)
             break;
 
         pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
+        uint64_t seen = pm_load_seqcst(&p->batches);
         uint64_t s, n, cur = pm_load_relaxed(&p->cursor);
         if (!pm_bitmap_next_run(pending, cur, max_tracks, &s, &n) &&
             (cur == 0 || !pm_bitmap_next_run(pending, 0, max_tracks, &s, &n))) {
@@ -225,7 +275,7 @@ static void *copier_main(void *arg)
                 finish_job(p);
                 break;
             }
-            sleep_seconds(0.0005);   /* the last tracks are being cleared by others */
+            wait_for_work(p, seen, &backoff);   /* the last tracks are held by others */
             continue;
         }
         /* Pay for the run before claiming it, so no track is held while
@@ -242,21 +292,22 @@ static void *copier_main(void *arg)
         }
         rate_refund(p, (n - k) << p->shift);
         if (k == 0) {
-            /* held by host I/O: move on, and back off if it keeps happening */
+            /* held by host I/O or another copier: look further on, and
+             * sleep once a pass finds nothing to claim */
             pm_store_relaxed(&p->cursor, s + 1 < p->tracks ? s + 1 : 0);
-            if (++idle > 64) {
-                sleep_seconds(0.0002);
-                idle = 0;
-            } else {
-                sched_yield();
+            if (++misses >= 16) {
+                misses = 0;
+                wait_for_work(p, seen, &backoff);
             }
             continue;
         }
-        idle = 0;
+        misses = 0;
+        backoff = 0.0005;
         pm_store_relaxed(&p->cursor, s + k < p->tracks ? s + k : 0);
         copy_run(p, target, s, k, buf, retries);
         for (uint64_t t = s; t < s + k; t++)
             pm_track_unlock(p, t);
+        batch_released(p);
         pm_meta_copied(p, k);
     }
     free(buf);

@@ -36,6 +36,22 @@ double pm_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+struct timespec pm_deadline(double t)
+{
+    struct timespec ts;
+    if (t > 4e9)
+        t = 4e9;
+    ts.tv_sec = (time_t)t;
+    ts.tv_nsec = (long)((t - (double)ts.tv_sec) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    if (ts.tv_nsec < 0)
+        ts.tv_nsec = 0;
+    return ts;
+}
+
 void pm_copy_config_default(struct pm_copy_config *cfg)
 {
     memset(cfg, 0, sizeof *cfg);
@@ -103,7 +119,11 @@ int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm
     pthread_rwlock_init(&p->cmd_lock, &ra);
     pthread_rwlockattr_destroy(&ra);
     pthread_mutex_init(&p->mu, NULL);
-    pthread_cond_init(&p->cond, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);   /* timed waits ignore clock jumps */
+    pthread_cond_init(&p->cond, &ca);
+    pthread_condattr_destroy(&ca);
     pthread_mutex_init(&p->rate_mu, NULL);
     for (int i = 0; i < PM_LOCK_BUCKETS; i++) {
         pthread_mutex_init(&p->buckets[i].m, NULL);
@@ -185,6 +205,7 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
     p->t_end = 0;
     pm_store_relaxed(&p->cursor, 0);
     pm_store_relaxed(&p->rate, cfg->rate_bytes);
+    pm_store_relaxed(&p->read_policy, cfg->read_policy);
     p->rate_next = 0;
     pm_store_relaxed(&p->tracks_total, n);
     pm_store_relaxed(&p->tracks_copied, 0);
@@ -230,8 +251,8 @@ int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *
     pthread_rwlock_wrlock(&p->cmd_lock);
     int s = pm_pair_state(p);
     if (s == PM_STATE_NEW && incremental)
-        rc = wrong_state(__func__, s, "an incremental establish needs a pair that was established "
-                                      "once (split or restored); use a full establish");
+        rc = wrong_state(__func__, s, "an incremental establish is allowed only when split or "
+                                      "restored (a pair established once); use a full establish");
     else if (s != PM_STATE_NEW && s != PM_STATE_SPLIT && s != PM_STATE_RESTORED)
         rc = wrong_state(__func__, s, "establish is allowed when new, split or restored");
     else
@@ -258,6 +279,10 @@ int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_co
         rc = wrong_state(__func__, s, "restore is allowed when split or restored");
     else
         rc = begin_job(p, PM_STANDARD, incremental, protect, PM_STATE_RESTORING, cfg);
+    /* Nothing to copy: no copier will make the commit, so make it here
+     * (one header and table write, like any command). */
+    if (rc == 0 && pm_pair_state(p) != PM_STATE_RESTORING)
+        rc = pm_meta_commit_all(p);
     pthread_rwlock_unlock(&p->cmd_lock);
     /* The restore's commit is made by the first copier before it copies
      * (copier.c), so the command returns in a time that does not grow with
@@ -274,12 +299,20 @@ int pm_pair_split(pm_pair *p)
         rc = wrong_state(__func__, s, "split is allowed only when established (or restored)");
     else {
         pm_meta_lock(p);
-        pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_CHANGED]);
-        pm_bitmap_zero(p->table[PM_MIRROR]->flags[PM_CHANGED]);
-        pm_meta_intent_reset_locked(p);
+        if (s == PM_STATE_ESTABLISHED) {
+            /* The sides are identical now: CHANGED starts afresh. */
+            pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_CHANGED]);
+            pm_bitmap_zero(p->table[PM_MIRROR]->flags[PM_CHANGED]);
+            pm_meta_intent_reset_locked(p);
+        }
+        /* From RESTORED the pair is split already in all but name, and
+         * the sides differ wherever the host wrote since the restore began:
+         * CHANGED must keep those tracks, or a later incremental restore or
+         * establish would silently skip them. */
         pthread_mutex_lock(&p->mu);
         pm_store_release(&p->state, PM_STATE_SPLIT);
         pthread_mutex_unlock(&p->mu);
+        pm_meta_note(p);
         pm_meta_unlock(p);
         rc = pm_meta_commit_all(p);
     }
@@ -313,16 +346,9 @@ int pm_pair_assume_established(pm_pair *p)
 
 int pm_pair_wait(pm_pair *p, int64_t timeout_ms)
 {
-    struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
-    if (timeout_ms >= 0) {
-        deadline.tv_sec += timeout_ms / 1000;
-        deadline.tv_nsec += (timeout_ms % 1000) * 1000000L;
-        if (deadline.tv_nsec >= 1000000000L) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000L;
-        }
-    }
+    struct timespec deadline = { 0, 0 };
+    if (timeout_ms >= 0)
+        deadline = pm_deadline(pm_now() + (double)timeout_ms / 1000.0);
     int rc = 0;
     pthread_mutex_lock(&p->mu);
     while (p->job_active || p->finishing) {
@@ -380,9 +406,10 @@ int pm_pair_resume(pm_pair *p)
 
 int pm_pair_set_rate(pm_pair *p, uint64_t rate_bytes)
 {
-    pm_store_relaxed(&p->rate, rate_bytes);
     pthread_mutex_lock(&p->mu);
+    pm_store_relaxed(&p->rate, rate_bytes);
     p->cfg.rate_bytes = rate_bytes;
+    pthread_cond_broadcast(&p->cond);   /* copiers waiting out the old rate */
     pthread_mutex_unlock(&p->mu);
     return 0;
 }
@@ -395,6 +422,8 @@ int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg)
     pthread_mutex_lock(&p->mu);
     p->cfg = *cfg;
     pm_store_relaxed(&p->rate, cfg->rate_bytes);
+    pm_store_relaxed(&p->read_policy, cfg->read_policy);
+    pthread_cond_broadcast(&p->cond);   /* a copier sleeping on the old rate */
     pthread_mutex_unlock(&p->mu);
     return 0;
 }

@@ -12,6 +12,7 @@
 #define PM_PAIR_H
 
 #include <pthread.h>
+#include <time.h>
 
 #include "internal.h"
 #include "store.h"
@@ -40,6 +41,9 @@ struct pm_pair {
     pm_atomic_int state;
     pm_atomic_int protect;       /* the current/last restore is protected */
     pm_atomic_int incremental;
+    /* cfg.read_policy, mirrored for the read path: relaxed, it orders
+     * nothing (a read racing a configure may use either policy) */
+    pm_atomic_int read_policy;
 
     /* ---- the job (protected by mu unless atomic) ---- */
     pthread_mutex_t mu;
@@ -53,6 +57,8 @@ struct pm_pair {
     int64_t error_track;
     int nthreads;                /* copier threads started and not yet joined */
     pthread_t threads[PM_MAX_COPIERS];
+    pm_atomic_int idle_waiters;  /* copiers waiting for claimable tracks */
+    pm_atomic_u64 batches;       /* copier batches released (wakes idle copiers) */
     pm_atomic_int stop;          /* copiers must exit (destroy) */
     pm_atomic_int run;           /* 1 while copiers may copy (not paused, no error) */
     pm_atomic_u64 cursor;        /* where the next copier scan starts */
@@ -72,7 +78,9 @@ struct pm_pair {
     struct pm_meta *meta;        /* NULL for a pair without a metadata file */
 };
 
-double pm_now(void);
+double pm_now(void);                 /* CLOCK_MONOTONIC seconds */
+/* An absolute time for pthread_cond_timedwait on p->cond (monotonic). */
+struct timespec pm_deadline(double monotonic_seconds);
 
 /* track locks (arbitrate.c) */
 void pm_track_lock(pm_pair *p, uint64_t t);

@@ -19,11 +19,26 @@
 
 /* ---- file backend -------------------------------------------------------- */
 
+#define DIRECT_ALIGN 4096u
+
+/* The descriptor for one I/O: an O_DIRECT store sends I/O whose buffer,
+ * offset or length is not aligned through its buffered twin (Linux keeps
+ * the page cache coherent with direct I/O on the same file). */
+static int fd_for(const pm_store *s, const void *buf, uint64_t len, uint64_t off)
+{
+    if (s->fd_buffered < 0)
+        return s->fd;
+    if (((uintptr_t)buf | len | off) % DIRECT_ALIGN != 0)
+        return s->fd_buffered;
+    return s->fd;
+}
+
 static int file_read(pm_store *s, void *buf, uint64_t len, uint64_t off)
 {
     unsigned char *p = buf;
+    int fd = fd_for(s, buf, len, off);
     while (len > 0) {
-        ssize_t n = pread(s->fd, p, len > (1u << 30) ? (1u << 30) : (size_t)len, (off_t)off);
+        ssize_t n = pread(fd, p, len > (1u << 30) ? (1u << 30) : (size_t)len, (off_t)off);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -35,6 +50,8 @@ static int file_read(pm_store *s, void *buf, uint64_t len, uint64_t off)
             return 0;
         }
         p += n, off += (uint64_t)n, len -= (uint64_t)n;
+        if (len > 0 && fd != s->fd_buffered && s->fd_buffered >= 0 && (uint64_t)n % DIRECT_ALIGN)
+            fd = s->fd_buffered;   /* a short direct transfer left us unaligned */
     }
     return 0;
 }
@@ -42,15 +59,21 @@ static int file_read(pm_store *s, void *buf, uint64_t len, uint64_t off)
 static int file_write(pm_store *s, const void *buf, uint64_t len, uint64_t off)
 {
     const unsigned char *p = buf;
+    int fd = fd_for(s, buf, len, off);
     while (len > 0) {
-        ssize_t n = pwrite(s->fd, p, len > (1u << 30) ? (1u << 30) : (size_t)len, (off_t)off);
+        ssize_t n = pwrite(fd, p, len > (1u << 30) ? (1u << 30) : (size_t)len, (off_t)off);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             return PM_FAIL(-errno, "%s: write of %llu bytes at %llu failed", s->path,
                            (unsigned long long)len, (unsigned long long)off);
         }
+        if (n == 0)    /* no progress and no error: do not loop forever */
+            return PM_FAIL(-EIO, "%s: write of %llu bytes at %llu made no progress", s->path,
+                           (unsigned long long)len, (unsigned long long)off);
         p += n, off += (uint64_t)n, len -= (uint64_t)n;
+        if (len > 0 && fd != s->fd_buffered && s->fd_buffered >= 0 && (uint64_t)n % DIRECT_ALIGN)
+            fd = s->fd_buffered;
     }
     return 0;
 }
@@ -68,6 +91,8 @@ static void file_close(pm_store *s)
 {
     if (s->fd >= 0)
         close(s->fd);
+    if (s->fd_buffered >= 0)
+        close(s->fd_buffered);
 }
 
 static const struct pm_store_ops file_ops = { file_read, file_write, file_flush, file_close };
@@ -109,8 +134,16 @@ pm_store *pm__store_alloc(const char *path)
         return NULL;
     }
     s->fd = -1;
+    s->fd_buffered = -1;
     pthread_mutex_init(&s->fault_lock, NULL);
     return s;
+}
+
+static void close_fds(int fd, int fd_direct)
+{
+    close(fd);
+    if (fd_direct >= 0)
+        close(fd_direct);
 }
 
 int pm_store_open_file(const char *path, unsigned flags, uint64_t size, pm_store **out)
@@ -129,24 +162,27 @@ int pm_store_open_file(const char *path, unsigned flags, uint64_t size, pm_store
     int oflags = O_CLOEXEC | (readonly ? O_RDONLY : O_RDWR);
     if (create)
         oflags |= O_CREAT | O_EXCL;
-#ifdef O_DIRECT
-    if (flags & PM_STORE_DIRECT)
-        oflags |= O_DIRECT;
-#endif
     int fd = open(path, oflags, 0644);
     if (fd < 0)
         return PM_FAIL(-errno, "%s: cannot %s", path, create ? "create" : "open");
+    /* O_DIRECT: a second descriptor, so that a filesystem without it (tmpfs)
+     * simply leaves the store buffered, and unaligned I/O has a way through. */
+    int fd_direct = -1;
+#ifdef O_DIRECT
+    if (flags & PM_STORE_DIRECT)
+        fd_direct = open(path, (oflags & ~(O_CREAT | O_EXCL)) | O_DIRECT);
+#endif
     struct stat st;
     if (fstat(fd, &st) < 0) {
         int e = -errno;
-        close(fd);
+        close_fds(fd, fd_direct);
         return PM_FAIL(e, "%s: cannot stat", path);
     }
     uint64_t real = 0;
     if (create) {
         if (ftruncate(fd, (off_t)size) < 0) {  /* sparse: no blocks allocated */
             int e = -errno;
-            close(fd);
+            close_fds(fd, fd_direct);
             unlink(path);
             return PM_FAIL(e, "%s: cannot set the size to %llu", path, (unsigned long long)size);
         }
@@ -156,26 +192,31 @@ int pm_store_open_file(const char *path, unsigned flags, uint64_t size, pm_store
     } else if (S_ISBLK(st.st_mode)) {
         if (ioctl(fd, BLKGETSIZE64, &real) < 0) {
             int e = -errno;
-            close(fd);
+            close_fds(fd, fd_direct);
             return PM_FAIL(e, "%s: cannot read the device size", path);
         }
     } else {
-        close(fd);
+        close_fds(fd, fd_direct);
         return PM_FAIL(-EINVAL, "%s: not a regular file or block device", path);
     }
     if (real == 0) {
-        close(fd);
+        close_fds(fd, fd_direct);
         return PM_FAIL(PM_E_GEOMETRY, "%s: the volume is empty (0 bytes)", path);
     }
     pm_store *s = pm__store_alloc(path);
     if (s == NULL) {
-        close(fd);
+        close_fds(fd, fd_direct);
         if (create)
             unlink(path);
         return PM_FAIL(-ENOMEM, "out of memory");
     }
     s->ops = &file_ops;
-    s->fd = fd;
+    if (fd_direct >= 0) {
+        s->fd = fd_direct;        /* aligned I/O goes direct */
+        s->fd_buffered = fd;
+    } else {
+        s->fd = fd;
+    }
     s->size = real;
     s->readonly = readonly;
     s->dev = (uint64_t)st.st_dev;

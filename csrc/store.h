@@ -29,6 +29,8 @@ struct pm_store {
     uint64_t size;
     char *path;            /* "" for memory */
     int fd;                /* -1 for memory */
+    int fd_buffered;       /* PM_STORE_DIRECT: a second, buffered descriptor
+                              for I/O that is not 4 KiB-aligned (else -1) */
     int readonly;
     uint64_t dev, ino;     /* identity of a file store (0 for memory) */
     unsigned char *mem;    /* memory store */

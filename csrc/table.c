@@ -1,11 +1,17 @@
 /*
- * table.c - the track table of one volume: its geometry (size cut into
- * tracks of track_size bytes, the last one possibly short) and one bitmap
- * per flag (PENDING, CHANGED, BUSY).
+ * table.c - the track table of one volume: its geometry (volume_size bytes
+ * cut into tracks of track_size bytes, the last one possibly short) and one
+ * bitmap per flag (PENDING, CHANGED, BUSY), bit t standing for track t.
+ *
+ * The geometry never changes after creation, so its getters need no
+ * synchronisation; the bitmaps are thread-safe on their own (bitmap.c).
  */
 #include <stdlib.h>
 
 #include "internal.h"
+
+/* The most tracks a table may have: the bitmap limit (2^48 bits). */
+#define PM_TABLE_MAX_TRACKS ((uint64_t)1 << 48)
 
 int pm_table_create(uint64_t volume_size, uint32_t track_size, pm_table **out)
 {
@@ -18,20 +24,26 @@ int pm_table_create(uint64_t volume_size, uint32_t track_size, pm_table **out)
                        track_size, PM_TRACK_SIZE_MIN, PM_TRACK_SIZE_MAX);
     if (volume_size == 0)
         return PM_FAIL(PM_E_GEOMETRY, "volume size must be greater than zero");
+    uint32_t shift = (uint32_t)__builtin_ctz(track_size);
+    uint64_t rem = volume_size & (track_size - 1);
+    /* ceil(volume_size / track_size) without overflowing near 2^64 */
+    uint64_t tracks = (volume_size >> shift) + (rem != 0);
+    if (tracks > PM_TABLE_MAX_TRACKS)
+        return PM_FAIL(PM_E_GEOMETRY, "volume size %llu needs %llu tracks of %u bytes, more than 2^48",
+                       (unsigned long long)volume_size, (unsigned long long)tracks, track_size);
     pm_table *t = calloc(1, sizeof *t);
     if (t == NULL)
         return PM_FAIL(-ENOMEM, "out of memory");
     t->volume_size = volume_size;
     t->track_size = track_size;
-    t->track_shift = (uint32_t)__builtin_ctz(track_size);
-    t->tracks = (volume_size + track_size - 1) >> t->track_shift;
-    uint64_t rem = volume_size & (track_size - 1);
+    t->track_shift = shift;
+    t->tracks = tracks;
     t->last_track_size = rem ? (uint32_t)rem : track_size;
     for (int f = 0; f < PM_NFLAGS; f++) {
         int rc = pm_bitmap_create(t->tracks, &t->flags[f]);
         if (rc < 0) {
             pm_table_destroy(t);
-            return rc;
+            return rc;   /* -ENOMEM, with pm_bitmap_create's message */
         }
     }
     *out = t;
@@ -55,7 +67,7 @@ uint32_t pm_table_last_track_size(const pm_table *t) { return t->last_track_size
 pm_bitmap *pm_table_flag(pm_table *t, int flag)
 {
     if (flag < 0 || flag >= PM_NFLAGS) {
-        PM_FAIL(-EINVAL, "unknown flag %d", flag);
+        PM_FAIL(-EINVAL, "unknown flag %d (flags are 0 to %d)", flag, PM_NFLAGS - 1);
         return NULL;
     }
     return t->flags[flag];
@@ -71,6 +83,8 @@ int64_t pm_table_track_of(const pm_table *t, uint64_t offset)
 
 int pm_table_track_span(const pm_table *t, uint64_t track, uint64_t *offset, uint32_t *length)
 {
+    if (offset == NULL || length == NULL)
+        return PM_FAIL(-EINVAL, "offset and length must not be NULL");
     if (track >= t->tracks)
         return PM_FAIL(PM_E_RANGE, "track %llu is beyond the last track %llu",
                        (unsigned long long)track, (unsigned long long)(t->tracks - 1));

@@ -350,9 +350,412 @@ static void write_intent_after_crash(void)
     unlink(sp), unlink(mp), unlink(meta), unlink(snap), rmdir(dir);
 }
 
+
+/* ---- every command in every wrong state: PM_E_STATE, nothing changed ---- */
+
+struct snapshot {
+    int state;
+    pm_bitmap *bm[2][2];   /* [side][PENDING, CHANGED] */
+    struct pm_progress pr;
+};
+
+static void take(pm_pair *p, struct snapshot *s)
+{
+    s->state = pm_pair_state(p);
+    pm_pair_progress(p, &s->pr);
+    for (int side = 0; side < 2; side++)
+        for (int f = 0; f < 2; f++) {
+            pm_bitmap *src = pm_table_flag(pm_pair_table(p, side), f);
+            CHECK_EQ(pm_bitmap_create(pm_bitmap_size(src), &s->bm[side][f]), 0);
+            CHECK_EQ(pm_bitmap_copy(s->bm[side][f], src), 0);
+        }
+}
+
+static void same_as(pm_pair *p, struct snapshot *s)
+{
+    CHECK_EQ(pm_pair_state(p), s->state);
+    struct pm_progress pr;
+    pm_pair_progress(p, &pr);
+    CHECK_EQ(pr.tracks_total, s->pr.tracks_total);
+    CHECK_EQ(pr.tracks_copied, s->pr.tracks_copied);
+    CHECK_EQ(pr.running, s->pr.running);
+    for (int side = 0; side < 2; side++)
+        for (int f = 0; f < 2; f++) {
+            CHECK_EQ(pm_bitmap_equal(s->bm[side][f], pm_table_flag(pm_pair_table(p, side), f)), 1);
+            pm_bitmap_destroy(s->bm[side][f]);
+        }
+}
+
+/* Try every command; those not in `allowed` (a string of letters:
+ * E establish, I incremental establish, S split, R restore, A assume) must
+ * fail with PM_E_STATE, a message naming the state, and change nothing. */
+static void wrong_commands(pm_pair *p, const char *allowed)
+{
+    struct pm_copy_config c;
+    slow_config(&c);
+    const char *name = pm_state_name(pm_pair_state(p));
+    char want[64];
+    snprintf(want, sizeof want, "the pair is %s", name);
+    for (const char *cmd = "EISRA"; *cmd; cmd++) {
+        if (strchr(allowed, *cmd))
+            continue;
+        struct snapshot snap;
+        take(p, &snap);
+        int rc = *cmd == 'E' ? pm_pair_establish(p, 0, &c)
+               : *cmd == 'I' ? pm_pair_establish(p, 1, &c)
+               : *cmd == 'S' ? pm_pair_split(p)
+               : *cmd == 'R' ? pm_pair_restore(p, 0, 1, &c)
+               : pm_pair_assume_established(p);
+        CHECK_EQ(rc, PM_E_STATE);
+        CHECK(strstr(pm_last_error(), want) != NULL);
+        CHECK(strstr(pm_last_error(), "allowed") != NULL);
+        same_as(p, &snap);
+    }
+}
+
+static void every_wrong_state(void)
+{
+    pm_store *a, *b;
+    pm_pair *p = new_pair(&a, &b);
+    struct pm_copy_config c;
+    CHECK_EQ(pm_pair_split(p), PM_E_STATE);
+    CHECK(strstr(pm_last_error(), "pm_pair_split: the pair is new; split is allowed only when established") != NULL);
+    wrong_commands(p, "EA");
+    CHECK_EQ(pm_pair_resume(p), PM_E_STATE);
+    CHECK_EQ(pm_pair_wait(p, 0), 0);                 /* no job: nothing to wait for */
+    fill(p, PM_STANDARD, 9);
+    slow_config(&c);
+    CHECK_EQ(pm_pair_establish(p, 0, &c), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_SYNCING);
+    CHECK_EQ(pm_pair_wait(p, 20), PM_E_TIMEDOUT);
+    wrong_commands(p, "");
+    unsigned char r[16];
+    CHECK_EQ(pm_pair_read(p, PM_MIRROR, r, 16, 0), PM_E_STATE);   /* not consistent yet */
+    CHECK_EQ(pm_pair_write(p, PM_MIRROR, r, 16, 0, 0), PM_E_READONLY);
+    CHECK_EQ(pm_pair_set_rate(p, 0), 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_ESTABLISHED);
+    wrong_commands(p, "S");
+    CHECK_EQ(pm_pair_pause(p), PM_E_STATE);
+    CHECK_EQ(pm_pair_read(p, PM_MIRROR, r, 16, 0), 0);             /* consistent: readable */
+    CHECK_EQ(pm_pair_split(p), 0);
+    wrong_commands(p, "EIR");
+    slow_config(&c);
+    CHECK_EQ(pm_pair_restore(p, 0, 1, &c), 0);
+    wrong_commands(p, "");
+    CHECK_EQ(pm_pair_write(p, PM_MIRROR, r, 16, 0, 0), PM_E_READONLY);
+    CHECK(strstr(pm_last_error(), "restoring") != NULL);
+    CHECK_EQ(pm_pair_set_rate(p, 0), 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_RESTORED);
+    wrong_commands(p, "EIRS");
+    pm_pair_destroy(p);
+    pm_store_destroy(a);
+    pm_store_destroy(b);
+}
+
+/* Invariants 1 and 2: a protected restore with no host writes makes the
+ * standard equal to the mirror byte for byte, full and incremental, and
+ * leaves the mirror as it was. */
+static void exact_restore(int incremental)
+{
+    pm_store *a, *b;
+    pm_pair *p = new_pair(&a, &b);
+    struct pm_copy_config c;
+    pm_copy_config_default(&c);
+    c.batch_bytes = 3 * TS;                 /* batches that straddle the short last track */
+    fill(p, PM_STANDARD, 1);
+    CHECK_EQ(pm_pair_establish(p, 0, &c), 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    CHECK_EQ(pm_pair_split(p), 0);
+    /* the standard drifts on some tracks, the mirror on others */
+    unsigned char w[TS];
+    memset(w, 0xC3, TS);
+    for (uint64_t t = 0; t < NT; t += 3)
+        CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, t == NT - 1 ? 7 : TS - 1, t * TS + (t == NT - 1 ? 0 : 1), 0), 0);
+    CHECK_EQ(pm_pair_write(p, PM_MIRROR, w, 5, 4 * TS + 2, 0), 0);
+    CHECK_EQ(pm_pair_write(p, PM_MIRROR, w, 9, SIZE - 9, 0), 0);
+    unsigned char *mir = malloc(SIZE), *got = malloc(SIZE);
+    CHECK_EQ(pm_pair_read(p, PM_MIRROR, mir, SIZE, 0), 0);
+    CHECK_EQ(pm_pair_restore(p, incremental, 1, &c), 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_RESTORED);
+    CHECK_EQ(pm_pair_read(p, PM_STANDARD, got, SIZE, 0), 0);
+    CHECK(memcmp(got, mir, SIZE) == 0);
+    CHECK_EQ(pm_pair_read(p, PM_MIRROR, got, SIZE, 0), 0);
+    CHECK(memcmp(got, mir, SIZE) == 0);
+    struct pm_progress pr;
+    pm_pair_progress(p, &pr);
+    uint64_t want = incremental ? NT / 3 + 2 : NT;      /* tracks 0,3,...,21 (8), 4 and 23 */
+    CHECK_EQ(pr.tracks_total, want);
+    CHECK_EQ(pr.tracks_copied, want);
+    CHECK_EQ(pr.tracks_pending, 0);
+    CHECK_EQ(pr.running, 0);
+    CHECK_EQ(pr.bytes_read, incremental ? (want - 1) * TS + (SIZE - (NT - 1) * TS) : SIZE);
+    CHECK_EQ(pr.bytes_written, pr.bytes_read);
+    CHECK(pr.elapsed > 0);
+    double e1 = pr.elapsed;
+    pm_pair_progress(p, &pr);
+    CHECK(pr.elapsed == e1);                             /* frozen at the end */
+    CHECK(sides_equal(p));
+    free(mir), free(got);
+    pm_pair_destroy(p);
+    pm_store_destroy(a);
+    pm_store_destroy(b);
+}
+
+/* Invariant 3 with an explicit pause: writes to PENDING tracks while the
+ * copier is held, counted as skipped (whole) or merged (partial); the end
+ * image is the mirror overlaid with the writes. */
+static void paused_writes(void)
+{
+    pm_store *a, *b;
+    pm_pair *p = new_pair(&a, &b);
+    struct pm_copy_config c;
+    pm_copy_config_default(&c);
+    fill(p, PM_STANDARD, 1);
+    CHECK_EQ(pm_pair_establish(p, 0, &c), 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    CHECK_EQ(pm_pair_split(p), 0);
+    fill(p, PM_MIRROR, 40);
+    unsigned char *expect = malloc(SIZE), *got = malloc(SIZE);
+    CHECK_EQ(pm_pair_read(p, PM_MIRROR, expect, SIZE, 0), 0);
+    slow_config(&c);
+    CHECK_EQ(pm_pair_restore(p, 0, 1, &c), 0);
+    CHECK_EQ(pm_pair_pause(p), 0);
+    CHECK_EQ(pm_pair_set_rate(p, 0), 0);     /* paused: still nothing moves */
+    struct pm_progress pr;
+    pm_pair_progress(p, &pr);
+    CHECK_EQ(pr.paused, 1);
+    CHECK_EQ(pr.running, 1);
+    CHECK_EQ(pr.error, 0);
+    CHECK_EQ(pr.tracks_pending, NT);
+    CHECK_EQ(pm_pair_wait(p, 10), PM_E_TIMEDOUT);
+    unsigned char w[3 * TS];
+    memset(w, 0x5E, sizeof w);
+    /* whole tracks 2 and 3 in one write; part of 6 and part of 7 in one
+     * write; the short last track whole; zeroes over part of track 10 */
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, 2 * TS, 2 * TS, 0), 0);
+    memcpy(expect + 2 * TS, w, 2 * TS);
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, TS, 6 * TS + 300, 0), 0);
+    memcpy(expect + 6 * TS + 300, w, TS);
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, SIZE - (NT - 1) * TS, (NT - 1) * TS, PM_IO_FUA), 0);
+    memcpy(expect + (NT - 1) * TS, w, SIZE - (NT - 1) * TS);
+    CHECK_EQ(pm_pair_write_zeroes(p, PM_STANDARD, 1000, 10 * TS + 5, 0), 0);
+    memset(expect + 10 * TS + 5, 0, 1000);
+    /* a second write to a track no longer PENDING goes straight through */
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, 10, 6 * TS, 0), 0);
+    memcpy(expect + 6 * TS, w, 10);
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, 0, 5 * TS, 0), 0);       /* length 0: nothing */
+    pm_pair_progress(p, &pr);
+    CHECK_EQ(pr.tracks_skipped, 3);
+    CHECK_EQ(pr.tracks_merged, 3);
+    CHECK_EQ(pr.tracks_copied, 0);
+    CHECK_EQ(pr.tracks_pending, NT - 6);
+    CHECK_EQ(pr.bytes_read, 3 * TS);            /* one mirror track read per merge */
+    CHECK_EQ(pr.bytes_written, 3 * TS);
+    CHECK_EQ(pr.changed_standard, 6);
+    /* reads during the pause already show the final image */
+    CHECK_EQ(pm_pair_read(p, PM_STANDARD, got, SIZE, 0), 0);
+    CHECK(memcmp(got, expect, SIZE) == 0);
+    CHECK_EQ(pm_pair_resume(p), 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_RESTORED);
+    pm_pair_progress(p, &pr);
+    CHECK_EQ(pr.tracks_copied, NT - 6);
+    CHECK_EQ(pr.tracks_copied + pr.tracks_skipped + pr.tracks_merged, pr.tracks_total);
+    CHECK_EQ(pm_pair_read(p, PM_STANDARD, got, SIZE, 0), 0);
+    CHECK(memcmp(got, expect, SIZE) == 0);
+    /* split from restored keeps what differs: an incremental restore now
+     * puts back exactly the mirror */
+    CHECK_EQ(pm_pair_split(p), 0);
+    pm_pair_progress(p, &pr);
+    CHECK_EQ(pr.changed_standard, 6);
+    pm_copy_config_default(&c);
+    CHECK_EQ(pm_pair_restore(p, 1, 1, &c), 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    pm_pair_progress(p, &pr);
+    CHECK_EQ(pr.tracks_total, 6);
+    CHECK(sides_equal(p));
+    /* nothing changed since: an incremental restore ends at once */
+    CHECK_EQ(pm_pair_restore(p, 1, 1, &c), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_RESTORED);
+    CHECK_EQ(pm_pair_wait(p, 0), 0);
+    free(expect), free(got);
+    pm_pair_destroy(p);
+    pm_store_destroy(a);
+    pm_store_destroy(b);
+}
+
+/* Establish: writes while syncing; an unprotected restore mirrors writes
+ * and ends established; verify names the tracks that differ. */
+static void syncing_and_unprotected(void)
+{
+    pm_store *a, *b;
+    pm_pair *p = new_pair(&a, &b);
+    struct pm_copy_config c;
+    fill(p, PM_STANDARD, 1);
+    slow_config(&c);
+    CHECK_EQ(pm_pair_establish(p, 0, &c), 0);
+    unsigned char w[TS];
+    memset(w, 0x3C, TS);
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, TS, 4 * TS, 0), 0);       /* whole: mirror written too */
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, 100, 9 * TS + 50, 0), 0); /* partial: left PENDING */
+    struct pm_progress pr;
+    pm_pair_progress(p, &pr);
+    CHECK_EQ(pr.tracks_skipped, 1);
+    CHECK_EQ(pr.tracks_pending, NT - 1);
+    CHECK_EQ(pm_bitmap_get(pm_table_flag(pm_pair_table(p, PM_MIRROR), PM_PENDING), 9), 1);
+    pm_pair_set_rate(p, 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_ESTABLISHED);
+    CHECK(sides_equal(p));
+    pm_pair_progress(p, &pr);
+    CHECK_EQ(pr.bytes_read, SIZE - TS);          /* the skipped track was never copied */
+    CHECK_EQ(pm_pair_split(p), 0);
+    CHECK_EQ(pm_pair_write(p, PM_MIRROR, w, 1, 2 * TS, 0), 0);
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, 1, 11 * TS, 0), 0);
+    uint64_t out[NT], next;
+    CHECK_EQ(pm_pair_verify(p, 0, out, NT, &next), 2);
+    CHECK_EQ(out[0], 2);
+    CHECK_EQ(out[1], 11);
+    CHECK_EQ(next, NT);
+    CHECK_EQ(pm_pair_verify(p, 0, out, 1, &next), 1);
+    CHECK_EQ(next, 3);
+    CHECK_EQ(pm_pair_verify(p, next, out, 1, &next), 1);
+    CHECK_EQ(out[0], 11);
+    slow_config(&c);
+    CHECK_EQ(pm_pair_restore(p, 1, 0, &c), 0);
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, 7, 2 * TS + 1, 0), 0);   /* merged, and mirrored */
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, 7, 15 * TS, 0), 0);      /* not PENDING, mirrored */
+    CHECK_EQ(pm_pair_write(p, PM_MIRROR, w, 1, 0, 0), PM_E_READONLY);
+    pm_pair_set_rate(p, 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_ESTABLISHED);
+    CHECK(sides_equal(p));
+    unsigned char r[8];
+    CHECK_EQ(pm_pair_read(p, PM_MIRROR, r, 8, 2 * TS), 0);
+    CHECK(r[0] == 0x3C && r[1] == 0x3C && r[7] == 0x3C);
+    CHECK_EQ(pm_pair_flush(p, PM_STANDARD), 0);
+    CHECK_EQ(pm_pair_flush(p, 2), -EINVAL);
+    pm_pair_destroy(p);
+    pm_store_destroy(a);
+    pm_store_destroy(b);
+}
+
+/* A failing target (ENOSPC on the mirror) pauses an establish; bad
+ * geometry and bad arguments change nothing. */
+static void more_errors(void)
+{
+    pm_store *a, *b, *c3;
+    pm_pair *p = new_pair(&a, &b);
+    CHECK_EQ(pm_store_inject_fault(b, PM_FAULT_WRITE, 13 * TS + 1, 1, -ENOSPC, -1), 0);
+    struct pm_copy_config c;
+    pm_copy_config_default(&c);
+    c.retries = 1;
+    c.batch_bytes = 8 * TS;
+    CHECK_EQ(pm_pair_establish(p, 0, &c), 0);
+    CHECK_EQ(pm_pair_wait(p, -1), PM_E_JOB);
+    CHECK(strstr(pm_last_error(), "track 13") != NULL);
+    struct pm_progress pr;
+    pm_pair_progress(p, &pr);
+    CHECK_EQ(pr.error, -ENOSPC);
+    CHECK_EQ(pr.error_track, 13);
+    CHECK_EQ(pm_bitmap_get(pm_table_flag(pm_pair_table(p, PM_MIRROR), PM_PENDING), 13), 1);
+    CHECK_EQ(pm_pair_resume(p), 0);                       /* still failing: pauses again */
+    CHECK_EQ(pm_pair_wait(p, -1), PM_E_JOB);
+    CHECK_EQ(pm_store_clear_faults(b), 0);
+    CHECK_EQ(pm_pair_resume(p), 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_ESTABLISHED);
+    /* host writes that fail report the store's error */
+    CHECK_EQ(pm_store_inject_fault(b, PM_FAULT_WRITE, 0, SIZE, -EIO, 1), 0);
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, "q", 1, 5, 0), -EIO);
+    CHECK_EQ(pm_store_clear_faults(b), 0);
+    /* range errors */
+    char buf[8];
+    CHECK_EQ(pm_pair_read(p, PM_STANDARD, buf, 0, SIZE), 0);
+    CHECK_EQ(pm_pair_read(p, PM_STANDARD, buf, 1, SIZE), PM_E_RANGE);
+    char msg[160];
+    snprintf(msg, sizeof msg, "offset %u + length 1 is beyond the volume size %u", SIZE, SIZE);
+    CHECK(strstr(pm_last_error(), msg) != NULL);
+    CHECK_EQ(pm_pair_write_zeroes(p, PM_STANDARD, UINT64_MAX, 1, 0), PM_E_RANGE);
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, NULL, 4, 0, 0), -EINVAL);
+    pm_pair_destroy(p);
+    /* geometry */
+    CHECK_EQ(pm_store_create_memory(SIZE + 1, &c3), 0);
+    CHECK_EQ(pm_pair_create(a, c3, TS, &p), PM_E_GEOMETRY);
+    snprintf(msg, sizeof msg, "%u bytes but the mirror is %u", SIZE, SIZE + 1);
+    CHECK(strstr(pm_last_error(), msg) != NULL);
+    CHECK_EQ(pm_pair_create(a, b, 3000, &p), PM_E_GEOMETRY);
+    CHECK_EQ(pm_pair_create(a, b, 1u << 25, &p), PM_E_GEOMETRY);
+    CHECK_EQ(pm_pair_create(a, a, TS, &p), PM_E_GEOMETRY);
+    CHECK(p == NULL);
+    pm_pair_destroy(NULL);
+    pm_store_destroy(a);
+    pm_store_destroy(b);
+    pm_store_destroy(c3);
+}
+
+/* A write larger than one 64 MiB piece, starting and ending inside tracks,
+ * over a paused restore: merged at both ends, skipped in between, and the
+ * image is exact across the piece boundary. */
+static void big_write_pieces(void)
+{
+    const uint64_t size = (70ull << 20) + 100;
+    const uint64_t tracks = (size + TS - 1) / TS;
+    pm_store *a, *b;
+    pm_pair *p;
+    CHECK_EQ(pm_store_create_memory(size, &a), 0);
+    CHECK_EQ(pm_store_create_memory(size, &b), 0);
+    CHECK_EQ(pm_pair_create(a, b, TS, &p), 0);
+    CHECK_EQ(pm_pair_assume_established(p), 0);
+    CHECK_EQ(pm_pair_split(p), 0);
+    unsigned char *img = malloc(size), *got = malloc(size);
+    for (uint64_t i = 0; i < size; i++)
+        img[i] = (unsigned char)(i * 7 + (i >> 12));
+    CHECK_EQ(pm_pair_write(p, PM_MIRROR, img, size, 0, 0), 0);
+    struct pm_copy_config c;
+    slow_config(&c);
+    CHECK_EQ(pm_pair_restore(p, 0, 1, &c), 0);
+    CHECK_EQ(pm_pair_pause(p), 0);
+    unsigned char *w = malloc(size);
+    memset(w, 0xD4, size);
+    const uint64_t off = 100, len = size - 300;
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, len, off, 0), 0);
+    memcpy(img + off, w, len);
+    struct pm_progress pr;
+    pm_pair_progress(p, &pr);
+    CHECK_EQ(pr.tracks_merged, 2);
+    CHECK_EQ(pr.tracks_skipped, tracks - 3);   /* the short last track is not written */
+    CHECK_EQ(pr.tracks_pending, 1);
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, size - (tracks - 1) * TS, (tracks - 1) * TS, 0), 0);
+    memcpy(img + (tracks - 1) * TS, w, size - (tracks - 1) * TS);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);          /* the host writes finished the job */
+    CHECK_EQ(pm_pair_state(p), PM_STATE_RESTORED);
+    CHECK_EQ(pm_pair_read(p, PM_STANDARD, got, size, 0), 0);
+    CHECK(memcmp(got, img, size) == 0);
+    /* zeroes over everything, in pieces too */
+    CHECK_EQ(pm_pair_write_zeroes(p, PM_STANDARD, size - 1, 1, PM_IO_FUA), 0);
+    memset(img + 1, 0, size - 1);
+    CHECK_EQ(pm_pair_read(p, PM_STANDARD, got, size, 0), 0);
+    CHECK(memcmp(got, img, size) == 0);
+    free(img), free(got), free(w);
+    pm_pair_destroy(p);
+    pm_store_destroy(a);
+    pm_store_destroy(b);
+}
+
 int main(void)
 {
     state_machine();
+    every_wrong_state();
+    exact_restore(0);
+    exact_restore(1);
+    paused_writes();
+    syncing_and_unprotected();
+    more_errors();
+    big_write_pieces();
     restore_cases(0, PM_READ_REDIRECT);
     restore_cases(1, PM_READ_HYDRATE);
     incremental_counts();

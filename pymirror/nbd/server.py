@@ -18,17 +18,19 @@ two workloads pull in opposite directions:
 
 So each connection runs a small *leader/follower* pool.  The thread holding
 ``_recv_lock`` is the leader: it reads the next request (with a WRITE's
-whole payload) into its own buffer.  Then, if more requests are already
-waiting in the receive buffer *and* requests have lately been slow (an
-average service time above ``handoff_after``, or a FLUSH or FUA request), it
-passes leadership on (waking an idle follower, or starting one, up to
-``max_workers``) and carries the request out in parallel with the next one;
-otherwise it carries it out itself and goes on reading.  Replies are
-serialised by ``_send_lock``; a READ's reply is sent with one ``sendmsg``
-(header and the buffer the data was read into, no copy).  Memory is bounded
-per connection: ``max_workers`` buffers, and large requests in flight are
-capped at ``max_inflight`` bytes (the leader waits, which pushes back on the
-client).
+whole payload) into its own buffer.  Then, if more requests are waiting or
+in progress *and* requests have lately been slow (a quarter of the recent
+ones spent over ``handoff_after`` off the CPU), or this one is a FLUSH or
+FUA, it passes leadership on (waking an idle follower, or starting one, up
+to ``max_workers``) and carries the request out in parallel with the next
+one.  Otherwise it carries it out itself and goes on reading, holding the
+reply back until it must wait for the client: a run of requests that
+arrived together costs one ``recv`` and one ``sendmsg``.  Replies are
+serialised by ``_send_lock``; a READ's data goes out from the buffer it was
+read into (no copy).  Memory is bounded per connection: a receive buffer,
+one buffer and one reply arena per worker, and large requests in flight
+capped at ``max_inflight`` bytes (the leader waits, which pushes back on
+the client).
 
 Lock order: ``_recv_lock`` before ``_state``; ``_send_lock`` is taken alone.
 
@@ -76,6 +78,8 @@ _SMALL = 64 << 10          # requests up to this size are not counted against ma
 _KEEP = 4 << 20            # a worker keeps a buffer up to this size between requests
 _RECV_BUFFER = 256 << 10   # request headers (and small payloads) are read in chunks this large
 _HANDSHAKE_TIMEOUT = 30.0  # a client must finish option haggling within this time
+_BATCH_PARTS = 256         # replies held back are sent when there are this many parts ...
+_BATCH_BYTES = 256 << 10   # ... or bytes (the size of a worker's READ arena)
 
 
 class _Closed(Exception):
@@ -340,12 +344,19 @@ class NBDServer:
 
 
 class _Buffer:
-    """A worker's reusable I/O buffer."""
+    """A worker's reusable I/O buffer, and the replies it holds back while
+    it carries out a run of requests that arrived together (sent with one
+    ``sendmsg``; READ data for them goes into ``arena``)."""
 
-    __slots__ = ("view",)
+    __slots__ = ("view", "corked", "pending", "pending_bytes", "arena", "arena_used")
 
     def __init__(self) -> None:
         self.view = memoryview(bytearray(0))
+        self.corked = False
+        self.pending: list[Any] = []
+        self.pending_bytes = 0
+        self.arena: Optional[memoryview] = None
+        self.arena_used = 0
 
     def get(self, n: int) -> memoryview:
         if n <= len(self.view):
@@ -373,7 +384,7 @@ class _Connection:
         self._inflight = 0
         self._closing = False                   # no more requests will be read
         self._stopping = False                  # the server shuts down: answer ESHUTDOWN
-        self._slow = 0.0                        # share of recent requests slower than handoff_after
+        self._slow = 0.0                        # share of recent requests that waited over handoff_after
         self._rbuf = bytearray(_RECV_BUFFER)
         self._rview = memoryview(self._rbuf)
         self._rpos = 0
@@ -419,11 +430,65 @@ class _Connection:
             except OSError as exc:
                 raise _Closed(f"cannot send: {exc}") from None
 
-    def _error(self, cookie: int, error: int, message: str) -> None:
-        if self.structured:
-            self._send(P.error_chunk(cookie, error, message))
+    def _sendv(self, parts: list[Any], total: int) -> None:
+        """Send ``total`` bytes in ``parts``, in order, with one system call
+        unless the socket takes less."""
+        with self._send_lock:
+            try:
+                sent = self.sock.sendmsg(parts)
+                while sent < total:
+                    total -= sent
+                    while sent >= len(parts[0]):
+                        sent -= len(parts.pop(0))
+                    if sent:
+                        parts[0] = memoryview(parts[0])[sent:]
+                    sent = self.sock.sendmsg(parts)
+            except OSError as exc:
+                raise _Closed(f"cannot send: {exc}") from None
+
+    def _reply(self, buf: _Buffer, header: bytes, data: Optional[memoryview] = None) -> None:
+        """Send a reply now, or hold it in ``buf``'s batch while corked."""
+        if buf.corked:
+            buf.pending.append(header)
+            buf.pending_bytes += len(header)
+            if data is not None:
+                buf.pending.append(data)
+                buf.pending_bytes += data.nbytes
+            if len(buf.pending) >= _BATCH_PARTS or buf.pending_bytes >= _BATCH_BYTES:
+                self._flush_replies(buf)
+        elif data is None:
+            self._send(header)
         else:
-            self._send(P.simple_reply(cookie, error))
+            self._send2(header, data)
+
+    def _flush_replies(self, buf: _Buffer) -> None:
+        if buf.pending:
+            parts, total = buf.pending, buf.pending_bytes
+            buf.pending, buf.pending_bytes = [], 0
+            self._sendv(parts, total)
+        buf.arena_used = 0
+
+    def _read_buffer(self, buf: _Buffer, n: int) -> memoryview:
+        """Where a READ's data goes: the worker's buffer, or while corked a
+        slice of the batch arena (the reply is sent later)."""
+        if buf.corked and n <= _BATCH_BYTES:
+            if buf.arena is None:
+                buf.arena = memoryview(bytearray(_BATCH_BYTES))
+            if buf.arena_used + n > _BATCH_BYTES:
+                self._flush_replies(buf)
+            view = buf.arena[buf.arena_used:buf.arena_used + n]
+            buf.arena_used += n
+            return view
+        if buf.corked:                   # too big to hold back: send what is held, then this one directly
+            self._flush_replies(buf)
+            buf.corked = False
+        return buf.get(n)
+
+    def _error(self, buf: _Buffer, cookie: int, error: int, message: str) -> None:
+        if self.structured:
+            self._reply(buf, P.error_chunk(cookie, error, message))
+        else:
+            self._reply(buf, P.simple_reply(cookie, error))
 
     # -- receiving --------------------------------------------------------------
     def _recv_exact(self, n: int) -> bytes:
@@ -448,11 +513,14 @@ class _Connection:
                 return 0
         return self.sock.recv_into(view)
 
-    def _need(self, n: int) -> None:
-        """Leader only: at least ``n`` bytes in the receive buffer."""
+    def _need(self, n: int, buf: _Buffer) -> None:
+        """Leader only: at least ``n`` bytes in the receive buffer.  Replies
+        held back go out before waiting for the client."""
         avail = self._rend - self._rpos
         if avail >= n:
             return
+        if buf.pending:
+            self._flush_replies(buf)
         if self._rpos:
             if avail:
                 self._rbuf[:avail] = self._rview[self._rpos:self._rend]
@@ -463,13 +531,15 @@ class _Connection:
                 raise _Closed("the client disconnected")
             self._rend += k
 
-    def _recv_payload(self, dst: memoryview) -> None:
+    def _recv_payload(self, dst: memoryview, buf: _Buffer) -> None:
         """Leader only: a WRITE's payload, whole (first what is buffered)."""
         n = dst.nbytes
         k = min(n, self._rend - self._rpos)
         if k:
             dst[:k] = self._rview[self._rpos:self._rpos + k]
             self._rpos += k
+        if k < n and buf.pending:
+            self._flush_replies(buf)
         while k < n:
             got = self._fill(dst[k:])
             if got == 0:
@@ -494,7 +564,7 @@ class _Connection:
     def _read_request(self, buf: _Buffer) -> Optional[tuple[int, int, int, int, int, Optional[memoryview]]]:
         """Leader only: the next request, a WRITE with its whole payload;
         None for DISC.  Raises _Closed on a broken or vanished client."""
-        self._need(P.REQUEST.size)
+        self._need(P.REQUEST.size, buf)
         magic, flags, cmd, cookie, offset, length = P.REQUEST.unpack_from(self._rbuf, self._rpos)
         self._rpos += P.REQUEST.size
         if magic != P.REQUEST_MAGIC:
@@ -502,13 +572,15 @@ class _Connection:
         if cmd == P.CMD_DISC:
             return None
         payload = None
+        if length > _SMALL and buf.pending:
+            self._flush_replies(buf)      # _reserve may wait: hold nothing back meanwhile
         if cmd == P.CMD_WRITE:
             if length > P.MAX_REQUEST:
                 raise _Closed("write larger than the maximum")   # the payload cannot be skipped safely
             self._reserve(length)
             try:
                 payload = buf.get(length)
-                self._recv_payload(payload)
+                self._recv_payload(payload, buf)
             except BaseException:
                 self._release(length)
                 raise
@@ -551,8 +623,6 @@ class _Connection:
 
     def _work(self, buf: _Buffer) -> None:
         recv_lock = self._recv_lock
-        handoff_after = self.server.handoff_after
-        clock = time.perf_counter
         while True:
             with self._state:
                 self._idle += 1
@@ -572,21 +642,24 @@ class _Connection:
                     if req is None:          # DISC: likewise
                         self._closing = True
                         return
-                    if ((self._rend > self._rpos or self._executing)
-                            and (self._slow > 0.25 or req[0] == P.CMD_FLUSH or req[1] & P.CMD_FLAG_FUA)):
+                    durable = req[0] == P.CMD_FLUSH or req[1] & P.CMD_FLAG_FUA
+                    if (self._rend > self._rpos or self._executing) and (self._slow > 0.25 or durable):
+                        self._flush_replies(buf)
+                        buf.corked = False
                         with self._state:
                             self._spawn_locked()
                             self._executing += 1
                         leading = False
                         recv_lock.release()
-                    t0 = clock()
+                    else:
+                        # carried out here: its reply may wait for the next
+                        # receive, so a run of requests is answered at once
+                        buf.corked = True
+                        if durable:
+                            self._flush_replies(buf)    # do not hold replies over a disk wait
                     try:
                         self._execute(req, buf)
                     finally:
-                        # the share of recent requests slower than handoff_after (an
-                        # average of 0/1 samples: one stall, say a preemption, cannot
-                        # switch modes; a run of disk waits does within a few requests)
-                        self._slow += ((clock() - t0 > handoff_after) - self._slow) * 0.0625
                         if not leading:
                             with self._state:
                                 self._executing -= 1
@@ -598,6 +671,12 @@ class _Connection:
                 self.abort()
                 return
             finally:
+                buf.corked = False
+                if buf.pending:
+                    try:
+                        self._flush_replies(buf)
+                    except _Closed:
+                        self.abort()
                 if leading:
                     recv_lock.release()
 
@@ -627,65 +706,84 @@ class _Connection:
         ex = self.export
         assert ex is not None
         if self._stopping:
-            self._error(cookie, P.ESHUTDOWN, "the server is shutting down")
+            self._error(buf, cookie, P.ESHUTDOWN, "the server is shutting down")
             return
         allowed = _ALLOWED_FLAGS.get(cmd)
         if allowed is None:
-            self._error(cookie, P.EINVAL, f"unknown or unsupported command {cmd}")
+            self._error(buf, cookie, P.EINVAL, f"unknown or unsupported command {cmd}")
             return
         if flags & ~allowed:
-            self._error(cookie, P.EINVAL, f"unsupported command flags {flags:#x} for command {cmd}")
+            self._error(buf, cookie, P.EINVAL, f"unsupported command flags {flags:#x} for command {cmd}")
             return
         end = offset + length
         if cmd == P.CMD_READ:
             if length > P.MAX_REQUEST:
-                self._error(cookie, P.EINVAL, f"a read of {length} bytes is larger than the maximum "
+                self._error(buf, cookie, P.EINVAL, f"a read of {length} bytes is larger than the maximum "
                                               f"{P.MAX_REQUEST}")
             elif end > ex.size:
-                self._error(cookie, P.EINVAL, f"a read of {length} bytes at {offset} ends beyond the end "
+                self._error(buf, cookie, P.EINVAL, f"a read of {length} bytes at {offset} ends beyond the end "
                                               f"of the export ({ex.size} bytes)")
             else:
                 try:
-                    data = buf.get(length)
-                    ex.readinto(offset, data)
+                    data = self._read_buffer(buf, length)
+                    self._timed(length > _SMALL, ex.readinto, offset, data)
                 except Exception as exc:  # noqa: BLE001 - mapped to an NBD error
-                    self._error(cookie, _errno_of(exc), str(exc))
+                    self._error(buf, cookie, _errno_of(exc), str(exc))
                     return
                 if self.structured:
                     if length:
-                        self._send2(P.offset_data_header(cookie, offset, length), data)
+                        self._reply(buf, P.offset_data_header(cookie, offset, length), data)
                     else:
-                        self._send(P.none_chunk(cookie))
+                        self._reply(buf, P.none_chunk(cookie))
                 else:
-                    self._send2(P.simple_reply(cookie, 0), data)
+                    self._reply(buf, P.simple_reply(cookie, 0), data)
             return
         if cmd == P.CMD_FLUSH:
-            self._call(cookie, ex.flush)
+            self._call(buf, cookie, False, ex.flush)
             return
         # WRITE, WRITE_ZEROES, TRIM: they change the export
         if ex.readonly:
-            self._error(cookie, P.EPERM, f"the {ex.name} export is read-only")
+            self._error(buf, cookie, P.EPERM, f"the {ex.name} export is read-only")
         elif end > ex.size:
-            self._error(cookie, P.ENOSPC if cmd != P.CMD_TRIM else P.EINVAL,
+            self._error(buf, cookie, P.ENOSPC if cmd != P.CMD_TRIM else P.EINVAL,
                         f"{length} bytes at {offset} end beyond the end of the export ({ex.size} bytes)")
         elif cmd == P.CMD_WRITE:
-            self._call(cookie, ex.write, offset, payload, fua=bool(flags & P.CMD_FLAG_FUA))
+            self._call(buf, cookie, length > _SMALL, ex.write, offset, payload, fua=bool(flags & P.CMD_FLAG_FUA))
         elif cmd == P.CMD_WRITE_ZEROES:
             # NO_HOLE needs nothing: zeroes are always written, nothing is ever punched
-            self._call(cookie, ex.write_zeroes, offset, length, fua=bool(flags & P.CMD_FLAG_FUA))
+            self._call(buf, cookie, False, ex.write_zeroes, offset, length, fua=bool(flags & P.CMD_FLAG_FUA))
         else:
             # TRIM is advisory: the bytes stay as they were, which the protocol
             # allows (a client may assume nothing about trimmed bytes).  Nothing
             # was written, so FUA has nothing to make durable.
-            self._send(P.simple_reply(cookie, 0))
+            self._reply(buf, P.simple_reply(cookie, 0))
 
-    def _call(self, cookie: int, fn: Callable[..., None], *args: Any, **kw: Any) -> None:
-        try:
+    def _timed(self, large: bool, fn: Callable[..., None], *args: Any, **kw: Any) -> None:
+        """Call ``fn`` and note whether it waited: its time off the CPU went
+        over ``handoff_after``.  ``_slow`` is the share of recent requests that
+        did (an average of 0/1 samples, so one stall, say a preemption, cannot
+        switch modes; a run of disk waits does within a few requests).  A
+        small request's wall time is its waiting; a large one's also counts
+        its copying, which more threads would not speed up, so its thread
+        CPU time is taken off (reading that clock costs a system call)."""
+        clock = time.perf_counter
+        if large:
+            c0, t0 = time.thread_time(), clock()
             fn(*args, **kw)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an NBD error
-            self._error(cookie, _errno_of(exc), str(exc))
+            waited = clock() - t0 - (time.thread_time() - c0)
         else:
-            self._send(P.simple_reply(cookie, 0))
+            t0 = clock()
+            fn(*args, **kw)
+            waited = clock() - t0
+        self._slow += ((waited > self.server.handoff_after) - self._slow) * 0.0625
+
+    def _call(self, buf: _Buffer, cookie: int, large: bool, fn: Callable[..., None], *args: Any, **kw: Any) -> None:
+        try:
+            self._timed(large, fn, *args, **kw)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an NBD error
+            self._error(buf, cookie, _errno_of(exc), str(exc))
+        else:
+            self._reply(buf, P.simple_reply(cookie, 0))
 
     # -- the handshake ---------------------------------------------------------------
     def _opt(self, opt: int, reply: int, data: bytes = b"") -> None:
