@@ -389,6 +389,7 @@ class _Connection:
         self._rview = memoryview(self._rbuf)
         self._rpos = 0
         self._rend = 0
+        self._large_writes = False              # the last write was large
 
     def start(self) -> None:
         threading.Thread(target=self._first, name="nbd-conn", daemon=True).start()
@@ -525,8 +526,12 @@ class _Connection:
             if avail:
                 self._rbuf[:avail] = self._rview[self._rpos:self._rend]
             self._rpos, self._rend = 0, avail
+        # After a large write, expect another: take just the header, so its
+        # payload goes straight into a worker's buffer instead of through
+        # this one (a copy saved); otherwise take all there is.
+        end = n if self._large_writes else len(self._rbuf)
         while self._rend < n:
-            k = self._fill(self._rview[self._rend:])
+            k = self._fill(self._rview[self._rend:end])
             if k == 0:
                 raise _Closed("the client disconnected")
             self._rend += k
@@ -574,6 +579,7 @@ class _Connection:
         payload = None
         if length > _SMALL and buf.pending:
             self._flush_replies(buf)      # _reserve may wait: hold nothing back meanwhile
+        self._large_writes = cmd == P.CMD_WRITE and length > _SMALL
         if cmd == P.CMD_WRITE:
             if length > P.MAX_REQUEST:
                 raise _Closed("write larger than the maximum")   # the payload cannot be skipped safely
