@@ -12,6 +12,8 @@ from typing import NoReturn
 from . import errors
 from ._core import ffi, lib  # noqa: F401  (re-exported)
 
+__all__ = ["ffi", "lib", "check", "raise_for", "last_error", "fspath"]
+
 _PROJECT_ERRORS: dict[int, type[Exception]] = {
     lib.PM_E_RANGE: errors.RangeError,
     lib.PM_E_ALIGN: errors.AlignmentError,

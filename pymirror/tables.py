@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import errno
 import operator
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -30,11 +30,16 @@ from ._native import check, ffi, last_error, lib
 __all__ = ["Bitmap", "TrackTable"]
 
 _U64_LIMIT = 1 << 64
-# set_bits() collects in one C call sized by a count; if other threads set
-# bits meanwhile, the rest is collected in chunks of this many indexes.
+# set_bits() first collects up to _FIRST indexes (32 KiB: small enough to
+# come from the heap without page faults); a full first chunk means a dense
+# map, whose rest is counted and collected in one more call.  If other
+# threads set bits meanwhile, the remainder comes in chunks of _CHUNK.
+_FIRST = 1 << 12
 _CHUNK = 1 << 16
 
 IndexArray = npt.NDArray[np.uint64]
+#: what load() and from_bytes() accept (any contiguous buffer works)
+BytesLike = Union[bytes, bytearray, memoryview]
 
 # Bound once: the single-bit methods are the ones called per track.
 _GET = lib.pm_bitmap_get
@@ -164,7 +169,7 @@ class Bitmap:
         # The fast path: one comparison, then one C call (which checks too).
         try:
             if 0 <= i < self._size:  # type: ignore[operator]
-                r = fn(self._p, i)
+                r = fn(self._p, i)  # type: ignore[arg-type]  # checked: an int here
                 if r >= 0:
                     return r == 1
                 check(r)
@@ -262,35 +267,37 @@ class Bitmap:
         """The indexes of the set bits at or after ``start``, ascending, as a
         numpy ``uint64`` array, collected in C.
 
-        A sparse map takes one C call.  When the first chunk comes back full,
-        the rest is counted and collected straight into the result in one
-        more call (more calls only if other threads set bits meanwhile)."""
+        Up to 4096 set bits take one C call; beyond that the rest is counted
+        and collected straight into the result in one more call (more only
+        if other threads set bits meanwhile)."""
         s = self._from(start)
         if s >= self._size:
             return np.empty(0, dtype=np.uint64)
         p = self._p
-        first = np.empty(_CHUNK, dtype=np.uint64)
-        n = check(lib.pm_bitmap_collect(p, s, ffi.from_buffer("uint64_t[]", first), _CHUNK))
-        if n < _CHUNK:
-            return first[:n].copy() if n < _CHUNK // 2 else first[:n]
+        first = np.empty(_FIRST, dtype=np.uint64)
+        n = check(lib.pm_bitmap_collect(p, s, ffi.from_buffer("uint64_t[]", first), _FIRST))
+        if n < _FIRST:
+            return first[:n]
         nxt = int(first[-1]) + 1
         rest = int(lib.pm_bitmap_count_range(p, nxt, self._size - nxt)) if nxt < self._size else 0
         # One slot more than the count: if it stays unused, C reached the end.
-        out = np.empty(_CHUNK + rest + 1, dtype=np.uint64)
-        out[:_CHUNK] = first
+        out = np.empty(_FIRST + rest + 1, dtype=np.uint64)
+        out[:_FIRST] = first
         got = 0
         if rest:
-            got = check(lib.pm_bitmap_collect(p, nxt, ffi.from_buffer("uint64_t[]", out[_CHUNK:]), rest + 1))
+            got = check(lib.pm_bitmap_collect(p, nxt, ffi.from_buffer("uint64_t[]", out[_FIRST:]), rest + 1))
         if got <= rest:
-            return out[:_CHUNK + got]
+            return out[:_FIRST + got]
         parts = [out]                    # bits were set meanwhile: go on in chunks
+        chunk = np.empty(_CHUNK, dtype=np.uint64)
+        cbuf = ffi.from_buffer("uint64_t[]", chunk)
         nxt = int(out[-1]) + 1
         while nxt < self._size:
-            got = check(lib.pm_bitmap_collect(p, nxt, ffi.from_buffer("uint64_t[]", first), _CHUNK))
+            got = check(lib.pm_bitmap_collect(p, nxt, cbuf, _CHUNK))
             if got == 0:
                 break
-            parts.append(first[:got].copy())
-            nxt = int(first[got - 1]) + 1
+            parts.append(chunk[:got].copy())
+            nxt = int(chunk[got - 1]) + 1
         return np.concatenate(parts)
 
     def __iter__(self) -> Iterator[int]:
@@ -332,9 +339,9 @@ class Bitmap:
         n = int(lib.pm_bitmap_serial_size(self._p))
         buf = ffi.new("unsigned char[]", n)
         check(lib.pm_bitmap_save(self._p, buf, n))
-        return ffi.buffer(buf, n)[:]
+        return bytes(ffi.buffer(buf, n))
 
-    def load(self, data: bytes) -> None:
+    def load(self, data: BytesLike) -> None:
         """Replace every bit from :meth:`to_bytes` output.  The wrong length
         (GeometryError) or set bits past the size (CorruptMetadataError)
         change nothing."""
@@ -346,7 +353,7 @@ class Bitmap:
         check(lib.pm_bitmap_load(self._p, ffi.from_buffer(mv), need))
 
     @classmethod
-    def from_bytes(cls, data: bytes, size: Optional[int] = None) -> "Bitmap":
+    def from_bytes(cls, data: BytesLike, size: Optional[int] = None) -> "Bitmap":
         """A new bitmap from :meth:`to_bytes` output.  ``size`` defaults to
         ``8 * len(data)``; give it when the size is not a multiple of 8."""
         nbytes = memoryview(data).nbytes

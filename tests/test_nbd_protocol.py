@@ -98,7 +98,7 @@ def test_handshake_list_info_and_flags(served):
     with pytest.raises(LookupError, match=str(P.REP_ERR_UNKNOWN)):
         c.go("nothing", opt=P.OPT_INFO)
     with pytest.raises(LookupError, match=str(P.REP_ERR_UNKNOWN)):
-        c.go("nothing")                                               # GO on an unknown export: the client may go on
+        c.go("nothing")                                    # GO on an unknown export: the client may go on
     c.option(P.OPT_INFO, struct.pack(">I", 50) + b"short")            # name length beyond the data
     assert c.opt_replies() == [(P.REP_ERR_INVALID, b"bad name length")]
     c.option(P.OPT_LIST, b"junk")

@@ -724,11 +724,11 @@ class _Connection:
         end = offset + length
         if cmd == P.CMD_READ:
             if length > P.MAX_REQUEST:
-                self._error(buf, cookie, P.EINVAL, f"a read of {length} bytes is larger than the maximum "
-                                              f"{P.MAX_REQUEST}")
+                self._error(buf, cookie, P.EINVAL,
+                            f"a read of {length} bytes is larger than the maximum {P.MAX_REQUEST}")
             elif end > ex.size:
-                self._error(buf, cookie, P.EINVAL, f"a read of {length} bytes at {offset} ends beyond the end "
-                                              f"of the export ({ex.size} bytes)")
+                self._error(buf, cookie, P.EINVAL, f"a read of {length} bytes at {offset} ends beyond "
+                                                   f"the end of the export ({ex.size} bytes)")
             else:
                 try:
                     data = self._read_buffer(buf, length)
@@ -754,10 +754,12 @@ class _Connection:
             self._error(buf, cookie, P.ENOSPC if cmd != P.CMD_TRIM else P.EINVAL,
                         f"{length} bytes at {offset} end beyond the end of the export ({ex.size} bytes)")
         elif cmd == P.CMD_WRITE:
-            self._call(buf, cookie, length > _SMALL, ex.write, offset, payload, fua=bool(flags & P.CMD_FLAG_FUA))
+            self._call(buf, cookie, length > _SMALL, ex.write, offset, payload,
+                       fua=bool(flags & P.CMD_FLAG_FUA))
         elif cmd == P.CMD_WRITE_ZEROES:
             # NO_HOLE needs nothing: zeroes are always written, nothing is ever punched
-            self._call(buf, cookie, False, ex.write_zeroes, offset, length, fua=bool(flags & P.CMD_FLAG_FUA))
+            self._call(buf, cookie, False, ex.write_zeroes, offset, length,
+                       fua=bool(flags & P.CMD_FLAG_FUA))
         else:
             # TRIM is advisory: the bytes stay as they were, which the protocol
             # allows (a client may assume nothing about trimmed bytes).  Nothing
@@ -783,7 +785,8 @@ class _Connection:
             waited = clock() - t0
         self._slow += ((waited > self.server.handoff_after) - self._slow) * 0.0625
 
-    def _call(self, buf: _Buffer, cookie: int, large: bool, fn: Callable[..., None], *args: Any, **kw: Any) -> None:
+    def _call(self, buf: _Buffer, cookie: int, large: bool, fn: Callable[..., None],
+              *args: Any, **kw: Any) -> None:
         try:
             self._timed(large, fn, *args, **kw)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an NBD error
