@@ -290,32 +290,39 @@ int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_co
     return rc;
 }
 
+/* Move to `state` without a copy (cmd_lock held for writing), with the
+ * tables and the state changed under the metadata lock so no commit sees
+ * half of it; with `fresh_changed`, CHANGED and the intent regions start
+ * afresh (the sides are identical).  Then commit. */
+static int set_state_and_commit(pm_pair *p, int state, int fresh_changed)
+{
+    pm_meta_lock(p);
+    if (fresh_changed) {
+        pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_CHANGED]);
+        pm_bitmap_zero(p->table[PM_MIRROR]->flags[PM_CHANGED]);
+        pm_meta_intent_reset_locked(p);
+    }
+    pthread_mutex_lock(&p->mu);
+    pm_store_release(&p->state, state);
+    pthread_mutex_unlock(&p->mu);
+    pm_meta_note(p);
+    pm_meta_unlock(p);
+    return pm_meta_commit_all(p);
+}
+
 int pm_pair_split(pm_pair *p)
 {
     pthread_rwlock_wrlock(&p->cmd_lock);
     int s = pm_pair_state(p);
-    int rc = 0;
+    int rc;
     if (s != PM_STATE_ESTABLISHED && s != PM_STATE_RESTORED)
         rc = wrong_state(__func__, s, "split is allowed only when established (or restored)");
-    else {
-        pm_meta_lock(p);
-        if (s == PM_STATE_ESTABLISHED) {
-            /* The sides are identical now: CHANGED starts afresh. */
-            pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_CHANGED]);
-            pm_bitmap_zero(p->table[PM_MIRROR]->flags[PM_CHANGED]);
-            pm_meta_intent_reset_locked(p);
-        }
-        /* From RESTORED the pair is split already in all but name, and
-         * the sides differ wherever the host wrote since the restore began:
-         * CHANGED must keep those tracks, or a later incremental restore or
-         * establish would silently skip them. */
-        pthread_mutex_lock(&p->mu);
-        pm_store_release(&p->state, PM_STATE_SPLIT);
-        pthread_mutex_unlock(&p->mu);
-        pm_meta_note(p);
-        pm_meta_unlock(p);
-        rc = pm_meta_commit_all(p);
-    }
+    else
+        /* From ESTABLISHED the sides are identical: CHANGED starts afresh.
+         * From RESTORED the sides differ wherever the host wrote since the
+         * restore began: CHANGED must keep those tracks, or a later
+         * incremental restore or establish would silently skip them. */
+        rc = set_state_and_commit(p, PM_STATE_SPLIT, s == PM_STATE_ESTABLISHED);
     pthread_rwlock_unlock(&p->cmd_lock);
     return rc;
 }
@@ -324,20 +331,11 @@ int pm_pair_assume_established(pm_pair *p)
 {
     pthread_rwlock_wrlock(&p->cmd_lock);
     int s = pm_pair_state(p);
-    int rc = 0;
+    int rc;
     if (s != PM_STATE_NEW)
         rc = wrong_state(__func__, s, "establishing without a copy is allowed only for a new pair");
-    else {
-        pm_meta_lock(p);
-        pthread_mutex_lock(&p->mu);
-        pm_store_release(&p->state, PM_STATE_ESTABLISHED);
-        pthread_mutex_unlock(&p->mu);
-        pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_CHANGED]);
-        pm_bitmap_zero(p->table[PM_MIRROR]->flags[PM_CHANGED]);
-        pm_meta_intent_reset_locked(p);
-        pm_meta_unlock(p);
-        rc = pm_meta_commit_all(p);
-    }
+    else
+        rc = set_state_and_commit(p, PM_STATE_ESTABLISHED, 1);
     pthread_rwlock_unlock(&p->cmd_lock);
     return rc;
 }
