@@ -448,17 +448,21 @@ static int open_meta_store(const char *path, int lock, pm_store **out)
     if (sb.st_size == 0)
         return PM_FAIL(PM_E_CORRUPT, "%s: the metadata file is empty", path);
     pm_store *st;
-    int rc = pm_store_open_file(path, 0, 0, &st);
+    int rc = pm_store_open_file(path, PM_STORE_NOLOCK, 0, &st);
     if (rc == -EACCES && !lock)
-        rc = pm_store_open_file(path, PM_STORE_READONLY, 0, &st);
+        rc = pm_store_open_file(path, PM_STORE_READONLY | PM_STORE_NOLOCK, 0, &st);
     if (rc < 0)
         return rc;
     if (lock && flock(st->fd, LOCK_EX | LOCK_NB) < 0) {
         int e = errno;
         pm_store_destroy(st);
-        if (e == EWOULDBLOCK)
-            return PM_FAIL(-EBUSY, "%s: the pair is in use by another process", path);
-        return PM_FAIL(-e, "%s: cannot lock the metadata", path);
+        if (e != EWOULDBLOCK)
+            return PM_FAIL(-e, "%s: cannot lock the metadata", path);
+        int pid = pm__lock_holder((uint64_t)sb.st_dev, (uint64_t)sb.st_ino);
+        if (pid > 0)
+            return PM_FAIL(PM_E_BUSY, "%s: the pair is in use by another pair object or process (pid %d)",
+                           path, pid);
+        return PM_FAIL(PM_E_BUSY, "%s: the pair is in use by another pair object or process", path);
     }
     *out = st;
     return 0;
@@ -592,7 +596,6 @@ int pm_pair_create_meta(const char *meta_path, pm_store *standard, pm_store *mir
     int rc = pm_store_open_file(meta_path, PM_STORE_CREATE, pm_meta_size(standard->size, track_size), &st);
     if (rc)
         return PM_FAIL(rc, "%s: cannot create the metadata", meta_path);
-    flock(st->fd, LOCK_EX | LOCK_NB);
     rc = create_on_store(st, 1, meta_path, standard, mirror, track_size, out);
     if (rc) {
         char msg[512];

@@ -55,7 +55,8 @@ enum pm_error {
     PM_E_FOREIGN = -4103,   /* metadata of another version, pair or volume */
     PM_E_JOB = -4104,       /* the copy job stopped on an error (see progress) */
     PM_E_TIMEDOUT = -4105,  /* a wait ran out of time; nothing is wrong */
-    PM_E_CLOSED = -4106     /* the object is closing or closed */
+    PM_E_CLOSED = -4106,    /* the object is closing or closed */
+    PM_E_BUSY = -4107       /* a volume or metadata file is in use by another pair */
 };
 
 /* Name of a code: "Input/output error", "pair is in the wrong state", ...
@@ -180,11 +181,18 @@ typedef struct pm_store pm_store;
 enum pm_store_flags {
     PM_STORE_READONLY = 1,  /* open read-only */
     PM_STORE_CREATE = 2,    /* create a new sparse file of `size` bytes; fail if it exists */
-    PM_STORE_DIRECT = 4     /* O_DIRECT where the filesystem supports it */
+    PM_STORE_DIRECT = 4,    /* O_DIRECT where the filesystem supports it */
+    PM_STORE_NOLOCK = 8     /* do not take the volume's lock (tools that only look) */
 };
 
 /* A regular file or block device.  Without PM_STORE_CREATE, size is ignored
- * and the store's size is the file's or device's size (must be > 0). */
+ * and the store's size is the file's or device's size (must be > 0).
+ * Ownership: unless PM_STORE_NOLOCK, the volume is locked for the store's
+ * lifetime, so a volume belongs to one pair at a time: a regular file with
+ * flock (exclusive when writable, shared when read-only), a block device by
+ * opening it O_EXCL.  A second open (in this or another process) fails with
+ * PM_E_BUSY, the message naming the volume and, when /proc/locks shows it,
+ * the holder's pid. */
 int pm_store_open_file(const char *path, unsigned flags, uint64_t size, pm_store **out);
 /* A zero-filled volume in memory (for tests and scratch pairs). */
 int pm_store_create_memory(uint64_t size, pm_store **out);

@@ -240,7 +240,8 @@ static void metadata(void)
     CHECK_EQ(pm_pair_open_meta(meta, b, a, &q), PM_E_FOREIGN);   /* swapped volumes */
     CHECK_EQ(pm_pair_open_meta(meta, a, b, &q), 0);
     pm_pair *r2;
-    CHECK_EQ(pm_pair_open_meta(meta, a, b, &r2), -EBUSY);        /* one process at a time */
+    CHECK_EQ(pm_pair_open_meta(meta, a, b, &r2), PM_E_BUSY);     /* one pair at a time */
+    CHECK(strstr(pm_last_error(), meta) != NULL);
     CHECK_EQ(pm_pair_state(q), PM_STATE_RESTORING);
     struct pm_progress pr;
     pm_pair_progress(q, &pr);
