@@ -125,6 +125,8 @@ int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm
     pthread_cond_init(&p->cond, &ca);
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&p->rate_mu, NULL);
+    pthread_mutex_init(&p->io_mu, NULL);
+    pthread_cond_init(&p->io_cond, NULL);
     for (int i = 0; i < PM_LOCK_BUCKETS; i++) {
         pthread_mutex_init(&p->buckets[i].m, NULL);
         pthread_cond_init(&p->buckets[i].c, NULL);
@@ -152,6 +154,8 @@ void pm_pair_destroy(pm_pair *p)
         pthread_cond_destroy(&p->buckets[i].c);
     }
     pthread_mutex_destroy(&p->rate_mu);
+    pthread_cond_destroy(&p->io_cond);
+    pthread_mutex_destroy(&p->io_mu);
     pthread_cond_destroy(&p->cond);
     pthread_mutex_destroy(&p->mu);
     pthread_rwlock_destroy(&p->cmd_lock);
@@ -227,6 +231,8 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
         /* nothing to copy: the job is done at once */
         p->job_active = 0;
         p->t_end = p->t_start;
+        if (target == PM_MIRROR)
+            pm_store_relaxed(&p->mirror_invalid, 0);
         int done = target == PM_MIRROR ? PM_STATE_ESTABLISHED
                  : (protect ? PM_STATE_RESTORED : PM_STATE_ESTABLISHED);
         pm_store_release(&p->state, done);
@@ -263,6 +269,15 @@ int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *
     return rc;
 }
 
+uint64_t pm_mirror_invalid_now(pm_pair *p)
+{
+    if (pm_pair_state(p) == PM_STATE_SYNCING)
+        return pm_bitmap_count(p->table[PM_MIRROR]->flags[PM_PENDING]);
+    return pm_load_relaxed(&p->mirror_invalid);
+}
+
+uint64_t pm_pair_mirror_invalid(const pm_pair *p) { return pm_mirror_invalid_now((pm_pair *)p); }
+
 int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_copy_config *cfg)
 {
     struct pm_copy_config dflt;
@@ -275,8 +290,13 @@ int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_co
         return rc;
     pthread_rwlock_wrlock(&p->cmd_lock);
     int s = pm_pair_state(p);
+    uint64_t invalid = pm_mirror_invalid_now(p);
     if (s != PM_STATE_SPLIT && s != PM_STATE_RESTORED)
         rc = wrong_state(__func__, s, "restore is allowed when split or restored");
+    else if (invalid > 0)
+        rc = PM_FAIL(PM_E_STATE, "the mirror is inconsistent: %llu of its tracks are not part of a "
+                     "point-in-time image (an establish was cancelled or failed); establish again "
+                     "before restoring from it", (unsigned long long)invalid);
     else
         rc = begin_job(p, PM_STANDARD, incremental, protect, PM_STATE_RESTORING, cfg);
     /* Nothing to copy: no copier will make the commit, so make it here
@@ -323,6 +343,56 @@ int pm_pair_split(pm_pair *p)
          * restore began: CHANGED must keep those tracks, or a later
          * incremental restore or establish would silently skip them. */
         rc = set_state_and_commit(p, PM_STATE_SPLIT, s == PM_STATE_ESTABLISHED);
+    pthread_rwlock_unlock(&p->cmd_lock);
+    return rc;
+}
+
+int pm_pair_cancel(pm_pair *p)
+{
+    pthread_rwlock_wrlock(&p->cmd_lock);   /* no host I/O: nothing clears PENDING meanwhile */
+    int s = pm_pair_state(p), rc = 0;
+    if (s == PM_STATE_RESTORING) {
+        rc = PM_FAIL(PM_E_STATE, "a restore cannot be cancelled: the standard depends on the mirror "
+                     "until the restore is done; use pause to stop the copy for now");
+    } else if (s != PM_STATE_SYNCING) {
+        rc = wrong_state(__func__, s, "cancel ends an establish (syncing), and there is none");
+    } else {
+        pthread_mutex_lock(&p->mu);
+        /* The copier ends a job under mu; once job_active is 0 here, it
+         * cannot end this one (finish_job re-checks job_active). */
+        int ours = p->job_active && pm_pair_state(p) == PM_STATE_SYNCING;
+        if (ours) {
+            p->job_active = 0;
+            p->paused_req = 0;
+            p->error = 0;
+            p->error_track = -1;
+            p->t_end = pm_now();
+            pm_store_seqcst(&p->run, 0);
+            pthread_cond_broadcast(&p->cond);
+        }
+        s = pm_pair_state(p);
+        pthread_mutex_unlock(&p->mu);
+        if (!ours) {
+            rc = wrong_state(__func__, s, "the establish ended before it could be cancelled");
+        } else {
+            pm_job_join_threads(p);         /* copiers finish their batch and exit */
+            pm_meta_lock(p);
+            pm_bitmap *pending = p->table[PM_MIRROR]->flags[PM_PENDING];
+            uint64_t n = pm_bitmap_count(pending);
+            pm_bitmap_union(p->table[PM_MIRROR]->flags[PM_CHANGED], pending);
+            pm_bitmap_zero(pending);
+            pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_PENDING]);
+            pm_store_seqcst(&p->pending_left, 0);
+            pthread_mutex_lock(&p->mu);
+            pm_store_relaxed(&p->mirror_invalid, n);
+            pm_store_release(&p->state, PM_STATE_SPLIT);
+            pthread_cond_broadcast(&p->cond);
+            pthread_mutex_unlock(&p->mu);
+            pm_meta_need_full(p);
+            pm_meta_unlock(p);
+            rc = pm_meta_commit_all(p);
+        }
+    }
     pthread_rwlock_unlock(&p->cmd_lock);
     return rc;
 }
@@ -391,6 +461,8 @@ int pm_pair_resume(pm_pair *p)
                      pm_state_name(pm_pair_state(p)));
     else {
         p->paused_req = 0;
+        if (p->error)
+            pm_meta_dirty(p);           /* the persisted error goes with the next commit */
         p->error = 0;
         p->error_track = -1;
         pm_store_seqcst(&p->run, 1);
@@ -453,6 +525,7 @@ int pm_pair_progress(const pm_pair *cp, struct pm_progress *o)
     o->changed_standard = pm_bitmap_count(p->table[PM_STANDARD]->flags[PM_CHANGED]);
     o->changed_mirror = pm_bitmap_count(p->table[PM_MIRROR]->flags[PM_CHANGED]);
     pm_meta_counters(p, &o->commits, &o->syncs);
+    o->mirror_invalid = pm_mirror_invalid_now(p);
     return 0;
 }
 

@@ -291,6 +291,7 @@ struct pm_progress {
     double elapsed;            /* seconds since the job began (frozen when it ends) */
     uint64_t commits;          /* metadata commits since the pair was opened */
     uint64_t syncs;            /* data and metadata syncs those commits made */
+    uint64_t mirror_invalid;   /* mirror tracks not part of a point-in-time image (0: consistent) */
 };
 
 /* A new pair over two stores of equal size, in state NEW. */
@@ -325,6 +326,20 @@ int pm_pair_resume(pm_pair *p);
 int pm_pair_set_rate(pm_pair *p, uint64_t rate_bytes);
 int pm_pair_progress(const pm_pair *p, struct pm_progress *out);
 
+/* End an establish (SYNCING, running or paused): the copy stops, the
+ * tracks still PENDING on the mirror become CHANGED(mirror) (a later
+ * incremental establish copies them), the pair goes to SPLIT, and the mirror
+ * is marked inconsistent: pm_pair_mirror_invalid gives how many tracks are
+ * invalid, persisted in the metadata, and restore is refused until an
+ * establish completes.  A restore cannot be cancelled (PM_E_STATE: the
+ * standard depends on the mirror until it is done; pause it instead).
+ * Committed before it returns. */
+int pm_pair_cancel(pm_pair *p);
+/* Mirror tracks that are not part of a point-in-time image: while syncing,
+ * the tracks still PENDING on the mirror; after a cancelled establish, the
+ * count it left; 0 once an establish completes. */
+uint64_t pm_pair_mirror_invalid(const pm_pair *p);
+
 /* Host I/O, arbitrated against the copier per track.  side PM_STANDARD is
  * the host's volume; PM_MIRROR is allowed for reads whenever the mirror is
  * consistent and for writes only when split or restored (PM_E_READONLY
@@ -333,6 +348,18 @@ int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
 int pm_pair_write(pm_pair *p, int side, const void *buf, uint64_t len, uint64_t offset, unsigned flags);
 int pm_pair_write_zeroes(pm_pair *p, int side, uint64_t len, uint64_t offset, unsigned flags);
 int pm_pair_flush(pm_pair *p, int side);
+
+/* The I/O barrier, for acting on a group of pairs at one instant.
+ * pm_pair_hold_io: from now on host writes, write-zeroes and flushes on
+ * either side block at the pair's barrier, and the call returns once those
+ * already in flight have completed.  Reads and the background copy go on.
+ * Holds nest (each hold needs one release).  While held, the holding thread
+ * may give commands (split, restore, establish, ...), but a host write from
+ * it would wait for itself.  pm_pair_release_io lets blocked I/O go on;
+ * PM_E_STATE if not held.  Release every hold before pm_pair_destroy.
+ * Thread-safe. */
+int pm_pair_hold_io(pm_pair *p);
+int pm_pair_release_io(pm_pair *p);
 
 /* Compare the two sides track by track, writing the numbers of up to `max`
  * differing tracks at or after track `from` into out[]; returns how many,
@@ -357,6 +384,9 @@ struct pm_meta_info {
     uint64_t generation;           /* bumped by every state change */
     char standard_path[4096];      /* as given at creation */
     char mirror_path[4096];
+    int32_t error;                 /* the code that paused the job, or 0 */
+    int64_t error_track;           /* ... at this track, or -1 */
+    uint64_t mirror_invalid;       /* see pm_pair_mirror_invalid */
 };
 
 /* Read a metadata file's header without opening the pair (to find the

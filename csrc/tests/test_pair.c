@@ -747,6 +747,124 @@ static void big_write_pieces(void)
     pm_store_destroy(b);
 }
 
+/* Cancel an establish: PENDING(mirror) becomes CHANGED(mirror), the pair is
+ * split, the mirror is marked inconsistent (persisted), restore is refused
+ * until an establish completes.  A failed establish keeps its error and the
+ * invalid count across a reopen; resume clears the error. */
+static void cancel_and_job_errors(void)
+{
+    pm_store *a, *b, *m;
+    pm_pair *p;
+    CHECK_EQ(pm_store_create_memory(SIZE, &a), 0);
+    CHECK_EQ(pm_store_create_memory(SIZE, &b), 0);
+    CHECK_EQ(pm_store_create_memory(pm_meta_size(SIZE, TS), &m), 0);
+    CHECK_EQ(pm_pair_create_meta_store(m, a, b, TS, &p), 0);
+    fill(p, PM_STANDARD, 10);
+    CHECK_EQ(pm_pair_cancel(p), PM_E_STATE);                 /* new: nothing to cancel */
+    CHECK_EQ(pm_pair_mirror_invalid(p), 0);
+    struct pm_copy_config c;
+    slow_config(&c);
+    CHECK_EQ(pm_pair_establish(p, 0, &c), 0);
+    CHECK_EQ(pm_pair_mirror_invalid(p), NT);                /* syncing: every track still to copy */
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, "abc", 3, 2 * TS + 9, 0), 0);
+    CHECK_EQ(pm_pair_cancel(p), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_SPLIT);
+    CHECK_EQ(pm_pair_mirror_invalid(p), NT);
+    struct pm_progress pr;
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.running, 0);
+    CHECK_EQ(pr.mirror_invalid, NT);
+    CHECK_EQ(pr.changed_mirror, NT);                         /* PENDING became CHANGED */
+    CHECK_EQ(pr.tracks_pending, 0);
+    CHECK_EQ(pm_pair_wait(p, 0), 0);                         /* no job left */
+    CHECK_EQ(pm_pair_cancel(p), PM_E_STATE);
+    pm_copy_config_default(&c);
+    CHECK_EQ(pm_pair_restore(p, 1, 1, &c), PM_E_STATE);
+    CHECK(strstr(pm_last_error(), "24 of its tracks") != NULL);
+    CHECK(strstr(pm_last_error(), "establish again") != NULL);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_SPLIT);
+    pm_pair_destroy(p);
+    /* persisted */
+    CHECK_EQ(pm_pair_open_meta_store(m, a, b, &p), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_SPLIT);
+    CHECK_EQ(pm_pair_mirror_invalid(p), NT);
+    CHECK_EQ(pm_pair_restore(p, 0, 1, &c), PM_E_STATE);
+    /* an incremental establish copies them and clears the mark */
+    CHECK_EQ(pm_pair_establish(p, 1, &c), 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_ESTABLISHED);
+    CHECK_EQ(pm_pair_mirror_invalid(p), 0);
+    CHECK(sides_equal(p));
+    CHECK_EQ(pm_pair_split(p), 0);
+    /* a failing establish: paused with its error, mirror invalid while syncing */
+    fill(p, PM_STANDARD, 70);
+    CHECK_EQ(pm_store_inject_fault(b, PM_FAULT_WRITE, 5 * TS, 1, -ENOSPC, -1), 0);
+    c.retries = 1;
+    CHECK_EQ(pm_pair_establish(p, 1, &c), 0);
+    CHECK_EQ(pm_pair_wait(p, 10000), PM_E_JOB);
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.error, -ENOSPC);
+    CHECK_EQ(pr.error_track, 5);
+    CHECK(pr.mirror_invalid >= 1);
+    pm_pair_destroy(p);
+    CHECK_EQ(pm_pair_open_meta_store(m, a, b, &p), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_SYNCING);
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.paused, 1);
+    CHECK_EQ(pr.error, -ENOSPC);                             /* the error survived the reopen */
+    CHECK_EQ(pr.error_track, 5);
+    CHECK(pr.mirror_invalid >= 1);
+    CHECK_EQ(pm_pair_wait(p, 1000), PM_E_JOB);
+    CHECK_EQ(pm_pair_restore(p, 0, 1, &c), PM_E_STATE);
+    /* resume (still failing): the error comes back; cancel: split, invalid */
+    CHECK_EQ(pm_pair_resume(p), 0);
+    CHECK_EQ(pm_pair_wait(p, 10000), PM_E_JOB);
+    uint64_t left = pm_pair_mirror_invalid(p);
+    CHECK(left >= 1);
+    CHECK_EQ(pm_pair_cancel(p), 0);
+    CHECK_EQ(pm_pair_mirror_invalid(p), left);
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.error, 0);
+    pm_pair_destroy(p);
+    CHECK_EQ(pm_pair_open_meta_store(m, a, b, &p), 0);
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.error, 0);
+    CHECK_EQ(pr.mirror_invalid, left);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_SPLIT);
+    /* the fault again, then resume after it clears: error gone for good */
+    CHECK_EQ(pm_pair_establish(p, 1, &c), 0);
+    CHECK_EQ(pm_pair_wait(p, 10000), PM_E_JOB);
+    pm_pair_destroy(p);
+    CHECK_EQ(pm_pair_open_meta_store(m, a, b, &p), 0);
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.error, -ENOSPC);
+    CHECK_EQ(pm_store_clear_faults(b), 0);
+    CHECK_EQ(pm_pair_resume(p), 0);
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.error, 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    CHECK_EQ(pm_pair_mirror_invalid(p), 0);
+    pm_pair_destroy(p);
+    CHECK_EQ(pm_pair_open_meta_store(m, a, b, &p), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_ESTABLISHED);
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.error, 0);
+    CHECK_EQ(pr.mirror_invalid, 0);
+    CHECK(sides_equal(p));
+    /* a restore cannot be cancelled: the reason and "pause" are given */
+    CHECK_EQ(pm_pair_split(p), 0);
+    slow_config(&c);
+    CHECK_EQ(pm_pair_restore(p, 0, 1, &c), 0);
+    CHECK_EQ(pm_pair_cancel(p), PM_E_STATE);
+    CHECK(strstr(pm_last_error(), "depends on the mirror") != NULL);
+    CHECK(strstr(pm_last_error(), "pause") != NULL);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_RESTORING);
+    pm_pair_destroy(p);
+    pm_store_destroy(m);
+    pm_store_destroy(a);
+    pm_store_destroy(b);
+}
+
 int main(void)
 {
     state_machine();
@@ -763,5 +881,6 @@ int main(void)
     faults();
     metadata();
     write_intent_after_crash();
+    cancel_and_job_errors();
     return CHECK_DONE("test_pair");
 }
