@@ -52,14 +52,59 @@ struct timespec pm_deadline(double t)
     return ts;
 }
 
-void pm_copy_config_default(struct pm_copy_config *cfg)
+/* ---- structs that grow ---------------------------------------------------
+ *
+ * The sizes of the first sized versions (0.2).  They never change: a struct
+ * of this size, or size 0, is what a program built against 0.2 passes. */
+#define CONFIG_SIZE_0_2 32u
+#define PROGRESS_SIZE_0_2 160u
+_Static_assert(sizeof(struct pm_copy_config) >= CONFIG_SIZE_0_2, "pm_copy_config only grows");
+_Static_assert(sizeof(struct pm_progress) >= PROGRESS_SIZE_0_2, "pm_progress only grows");
+
+static void config_defaults(struct pm_copy_config *cfg)
 {
     memset(cfg, 0, sizeof *cfg);
+    cfg->size = sizeof *cfg;
     cfg->copiers = 2;
     cfg->batch_bytes = 1u << 20;
     cfg->rate_bytes = 0;
     cfg->retries = 3;
     cfg->read_policy = PM_READ_REDIRECT;
+}
+
+int pm_copy_config_init(struct pm_copy_config *cfg, size_t size)
+{
+    if (cfg == NULL || size < sizeof(uint32_t) || size > UINT32_MAX)
+        return PM_FAIL(-EINVAL, "the config's size %zu is not a valid struct size", size);
+    struct pm_copy_config d;
+    config_defaults(&d);
+    size_t n = size < sizeof d ? size : sizeof d;
+    memcpy(cfg, &d, n);
+    if (size > n)
+        memset((char *)cfg + n, 0, size - n);   /* fields of a newer header: zero = default */
+    cfg->size = (uint32_t)size;
+    return 0;
+}
+
+void pm_copy_config_default(struct pm_copy_config *cfg)
+{
+    pm_copy_config_init(cfg, CONFIG_SIZE_0_2);
+}
+
+/* A caller's config (any version) as this library's struct. */
+static int import_config(const struct pm_copy_config *in, struct pm_copy_config *out, const char *func)
+{
+    size_t size = in->size ? in->size : CONFIG_SIZE_0_2;
+    config_defaults(out);
+    if (size < sizeof(uint32_t))
+        return pm_fail(func, -EINVAL, "the config's size field is %zu: set it to sizeof the struct", size);
+    for (size_t i = sizeof *out; i < size; i++)
+        if (((const unsigned char *)in)[i] != 0)
+            return pm_fail(func, -E2BIG, "the config sets fields this library (version %d.%d) does not know",
+                           PM_VERSION_MAJOR, PM_VERSION_MINOR);
+    memcpy(out, in, size < sizeof *out ? size : sizeof *out);
+    out->size = sizeof *out;
+    return 0;
 }
 
 static int check_config(const pm_pair *p, const struct pm_copy_config *c, const char *func)
@@ -246,12 +291,15 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
 
 int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *cfg)
 {
-    struct pm_copy_config dflt;
-    if (cfg == NULL) {
-        pm_copy_config_default(&dflt);
-        cfg = &dflt;
-    }
-    int rc = check_config(p, cfg, __func__);
+    struct pm_copy_config mine;
+    int rc = 0;
+    if (cfg == NULL)
+        config_defaults(&mine);
+    else
+        rc = import_config(cfg, &mine, __func__);
+    cfg = &mine;
+    if (rc == 0)
+        rc = check_config(p, cfg, __func__);
     if (rc)
         return rc;
     pthread_rwlock_wrlock(&p->cmd_lock);
@@ -280,12 +328,15 @@ uint64_t pm_pair_mirror_invalid(const pm_pair *p) { return pm_mirror_invalid_now
 
 int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_copy_config *cfg)
 {
-    struct pm_copy_config dflt;
-    if (cfg == NULL) {
-        pm_copy_config_default(&dflt);
-        cfg = &dflt;
-    }
-    int rc = check_config(p, cfg, __func__);
+    struct pm_copy_config mine;
+    int rc = 0;
+    if (cfg == NULL)
+        config_defaults(&mine);
+    else
+        rc = import_config(cfg, &mine, __func__);
+    cfg = &mine;
+    if (rc == 0)
+        rc = check_config(p, cfg, __func__);
     if (rc)
         return rc;
     pthread_rwlock_wrlock(&p->cmd_lock);
@@ -484,9 +535,14 @@ int pm_pair_set_rate(pm_pair *p, uint64_t rate_bytes)
     return 0;
 }
 
-int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg)
+int pm_pair_configure(pm_pair *p, const struct pm_copy_config *in)
 {
-    int rc = check_config(p, cfg, __func__);
+    if (in == NULL)
+        return PM_FAIL(-EINVAL, "cfg must not be NULL");
+    struct pm_copy_config mine, *cfg = &mine;
+    int rc = import_config(in, &mine, __func__);
+    if (rc == 0)
+        rc = check_config(p, cfg, __func__);
     if (rc)
         return rc;
     pthread_mutex_lock(&p->mu);
@@ -498,9 +554,15 @@ int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg)
     return 0;
 }
 
-int pm_pair_progress(const pm_pair *cp, struct pm_progress *o)
+int pm_pair_progress(const pm_pair *cp, struct pm_progress *out)
 {
+    if (cp == NULL || out == NULL)
+        return PM_FAIL(-EINVAL, "the pair and out must not be NULL");
+    size_t size = out->size ? out->size : PROGRESS_SIZE_0_2;
+    if (size < sizeof(uint32_t) || size > 65536)
+        return PM_FAIL(-EINVAL, "out->size is %zu: set it to sizeof(struct pm_progress)", size);
     pm_pair *p = (pm_pair *)cp;
+    struct pm_progress full, *o = &full;
     memset(o, 0, sizeof *o);
     pthread_mutex_lock(&p->mu);
     o->running = p->job_active;
@@ -526,6 +588,12 @@ int pm_pair_progress(const pm_pair *cp, struct pm_progress *o)
     o->changed_mirror = pm_bitmap_count(p->table[PM_MIRROR]->flags[PM_CHANGED]);
     pm_meta_counters(p, &o->commits, &o->syncs);
     o->mirror_invalid = pm_mirror_invalid_now(p);
+    /* as much as the caller's struct holds; a newer caller's extra fields read 0 */
+    size_t n = size < sizeof full ? size : sizeof full;
+    full.size = (uint32_t)n;
+    memcpy(out, &full, n);
+    if (size > n)
+        memset((char *)out + n, 0, size - n);
     return 0;
 }
 

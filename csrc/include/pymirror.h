@@ -20,6 +20,18 @@
  *  - "Thread-safe" means any number of threads may call it at once on the
  *    same object.  "Caller-serialised" means the caller must not run it
  *    concurrently with any other call on the same object.
+ *  - Structs that grow (struct pm_copy_config, struct pm_progress, struct
+ *    pm_store_ops) begin with `uint32_t size`: the caller sets it to
+ *    sizeof(the struct) as its header declares it.  New fields are only ever
+ *    added at the end, so a program built against an older header keeps
+ *    working with a newer library: an input struct shorter than the
+ *    library's gets defaults for the fields it lacks; an output struct is
+ *    filled only up to its size; bytes of a longer (newer) struct that this
+ *    library does not know are zeroed on output and must be zero on input
+ *    (-E2BIG otherwise).  size 0 means the size of the first sized version
+ *    (0.2), so zero-initialised structs stay valid forever.
+ *    pm_copy_config_default fills the 0.2 fields and sets size accordingly;
+ *    pm_copy_config_init(cfg, sizeof *cfg) fills whatever your header has.
  *
  * The block between PM_CDEF_BEGIN and PM_CDEF_END is fed, minus preprocessor
  * lines, to cffi's cdef by pymirror/_build.py: keep it plain C declarations
@@ -41,7 +53,7 @@ extern "C" {
 
 enum {
     PM_VERSION_MAJOR = 0,
-    PM_VERSION_MINOR = 1
+    PM_VERSION_MINOR = 2
 };
 
 enum pm_error {
@@ -259,6 +271,7 @@ enum pm_read_policy {
 enum pm_io_flags { PM_IO_FUA = 1 };
 
 struct pm_copy_config {
+    uint32_t size;          /* sizeof(struct pm_copy_config), or 0: see the growth rule on top */
     uint32_t copiers;       /* copier threads, >= 1 (default 2) */
     uint32_t batch_bytes;   /* largest copy I/O, a multiple of the track size (default 1 MiB) */
     uint64_t rate_bytes;    /* bytes per second for the background copy, 0 = unlimited */
@@ -266,10 +279,17 @@ struct pm_copy_config {
     int32_t read_policy;    /* enum pm_read_policy */
 };
 
-/* Fill a config with the defaults above. */
+/* Fill a config with the defaults above (the fields of version 0.2; size
+ * is set to their size).  pm_copy_config_init fills `size` bytes, whatever
+ * the caller's header version: call it as pm_copy_config_init(&c, sizeof c).
+ * -EINVAL if size is too small to hold the size field. */
 void pm_copy_config_default(struct pm_copy_config *cfg);
+int pm_copy_config_init(struct pm_copy_config *cfg, size_t size);
 
+/* Output of pm_pair_progress: set size (e.g. struct pm_progress pr =
+ * { sizeof pr };) before the call. */
 struct pm_progress {
+    uint32_t size;             /* sizeof(struct pm_progress), or 0: see the growth rule on top */
     int32_t state;             /* enum pm_state */
     int32_t running;           /* 1 while a copy job exists and has not finished */
     int32_t paused;            /* 1 while paused by request or by an error */

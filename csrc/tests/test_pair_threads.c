@@ -148,7 +148,7 @@ static void hold_io_barrier(void)
     sleep_ms(20);
     uint64_t before[NTH], after[NTH];
     unsigned char *img1 = malloc(SIZE), *img2 = malloc(SIZE);
-    struct pm_progress p1, p2;
+    struct pm_progress p1 = { .size = sizeof p1 }, p2 = { .size = sizeof p2 };
     CHECK_EQ(pm_pair_hold_io(pair), 0);
     snapshot_acked(before);
     CHECK_EQ(pm_pair_read(pair, PM_STANDARD, img1, SIZE, 0), 0);   /* reads go on */
