@@ -2,6 +2,8 @@
  * store.c - the bytes behind a volume: a file or block device (positional
  * I/O, fdatasync), or memory; plus injectable faults for tests.
  *
+ * Layer 1 (with bitmap.c): may call errors.c and clock.c (0).
+ *
  * All I/O entry points check bounds, consult the fault list (one relaxed
  * load when none is armed), then call the backend through its ops table, so
  * other backends (a crash simulator, a remote export) plug in the same way.

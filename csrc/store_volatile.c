@@ -3,6 +3,8 @@
  * crash safety: the model of a disk whose writes since the last flush may be
  * lost when the power goes, each wholly or in 512-byte sectors.
  *
+ * Layer 2 (with table.c): may call store.c (1) and the layer-0 helpers.
+ *
  * A store keeps the visible image (what reads return) and the durable image
  * (what survives), plus the list of writes since its last flush.  A flush
  * applies the list to the durable image.  A power loss applies a random
