@@ -121,8 +121,11 @@ int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm
         return PM_FAIL(PM_E_GEOMETRY, "the standard is %llu bytes but the mirror is %llu: "
                        "a pair needs two volumes of the same size",
                        (unsigned long long)standard->size, (unsigned long long)mirror->size);
-    if (standard->fd >= 0 && mirror->fd >= 0 && standard->dev == mirror->dev && standard->ino == mirror->ino)
-        return PM_FAIL(PM_E_GEOMETRY, "the standard and the mirror are the same file (%s)", standard->path);
+    char id_std[256], id_mir[256];   /* one volume under two names (any store type) */
+    pm_store_identity(standard, id_std, sizeof id_std);
+    pm_store_identity(mirror, id_mir, sizeof id_mir);
+    if (strcmp(id_std, id_mir) == 0)
+        return PM_FAIL(PM_E_GEOMETRY, "the standard and the mirror are the same volume (%s)", standard->path);
     pm_pair *p = calloc(1, sizeof *p);
     if (p == NULL)
         return PM_FAIL(-ENOMEM, "out of memory");

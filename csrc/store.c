@@ -571,7 +571,10 @@ int pm_store_identity(pm_store *s, char *buf, size_t len)
         buf[len - 1] = 0;
         return 0;
     }
-    snprintf(buf, len, "%s", s->path);
+    if (s->path[0] != 0)
+        snprintf(buf, len, "%s", s->path);
+    else
+        snprintf(buf, len, "store:%p", (void *)s);   /* unnamed: itself */
     return 0;
 }
 

@@ -238,7 +238,8 @@ int pm_store_flush(pm_store *s);   /* fdatasync for files */
  *    how many; NULL or -EOPNOTSUPP: all data.
  *  - identity(buf, len): a NUL-terminated string naming the volume itself
  *    (not the path to it: "file:DEV:INO", "rbd:pool/image@id", ...), so two
- *    names of one volume can be told apart; NULL: the name.
+ *    names of one volume can be told apart; NULL: the name (unnamed: the
+ *    store object).  A pair refuses a standard and mirror of one identity.
  *  - lock(mode): PM_LOCK_EXCLUSIVE (writable) or PM_LOCK_SHARED (read-only)
  *    when the store is created, unless PM_STORE_NOLOCK; PM_E_BUSY when
  *    another owner holds it; PM_LOCK_RELEASE before close.

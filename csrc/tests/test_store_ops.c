@@ -287,6 +287,9 @@ static void a_pair_on_own_stores(void)
     CHECK(strstr(pm_last_error(), "chunky-std") != NULL);
     CHECK_EQ(pm_store_create_ops(&chunky_ops, cs, SIZE, "chunky-std", PM_STORE_READONLY, &again), PM_E_BUSY);
     CHECK_EQ(pm_store_create_ops(&chunky_ops, cs, SIZE, "look", PM_STORE_NOLOCK, &again), 0);
+    pm_pair *twice;
+    CHECK_EQ(pm_pair_create(s, again, TS, &twice), PM_E_GEOMETRY);   /* one volume, two stores */
+    CHECK(strstr(pm_last_error(), "same volume") != NULL);
     pm_store_destroy(again);
     CHECK_EQ(cs->closed, 1);
     cs->closed = 0;
