@@ -1,4 +1,6 @@
-/* errors.c - pm_strerror, and the thread-local last-error message. */
+/* errors.c - pm_strerror, and the thread-local last-error message.
+ *
+ * Layer 0 (the floor): calls nothing of pymirror's. */
 #include <stdio.h>
 #include <string.h>
 
@@ -42,6 +44,7 @@ const char *pm_strerror(int code)
     case PM_E_JOB: return "copy job stopped on an error";
     case PM_E_TIMEDOUT: return "timed out";
     case PM_E_CLOSED: return "object is closed";
+    case PM_E_BUSY: return "volume is in use by another pair";
     default: break;
     }
     if (code < 0 && code > -4096) {

@@ -1,6 +1,10 @@
 /*
  * pair.c - a pair's construction, its state machine and its commands.
  *
+ * Layer 7: may call copier.c (6: start and join its threads), job.c (5),
+ * meta.c (4), tracklock.c/state.c (3), table.c (2), bitmap.c/store.c (1)
+ * and the layer-0 helpers.
+ *
  *   NEW --establish--> SYNCING --(copy done)--> ESTABLISHED --split--> SPLIT
  *   SPLIT/RESTORED --establish--> SYNCING
  *   SPLIT/RESTORED --restore--> RESTORING --(copy done)--> RESTORED (protect)
@@ -16,50 +20,61 @@
 #include <string.h>
 #include <time.h>
 
-#include "pair.h"
+#include "layout.h"
 
-static const char *const state_names[] = {
-    "new", "syncing", "established", "split", "restoring", "restored",
-};
+/* ---- structs that grow ---------------------------------------------------
+ *
+ * The sizes of the first sized versions (0.2).  They never change: a struct
+ * of this size, or size 0, is what a program built against 0.2 passes. */
+#define CONFIG_SIZE_0_2 32u
+#define PROGRESS_SIZE_0_2 160u
+_Static_assert(sizeof(struct pm_copy_config) >= CONFIG_SIZE_0_2, "pm_copy_config only grows");
+_Static_assert(sizeof(struct pm_progress) >= PROGRESS_SIZE_0_2, "pm_progress only grows");
 
-const char *pm_state_name(int state)
-{
-    if (state < 0 || state > PM_STATE_RESTORED)
-        return "unknown";
-    return state_names[state];
-}
-
-double pm_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-struct timespec pm_deadline(double t)
-{
-    struct timespec ts;
-    if (t > 4e9)
-        t = 4e9;
-    ts.tv_sec = (time_t)t;
-    ts.tv_nsec = (long)((t - (double)ts.tv_sec) * 1e9);
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
-    }
-    if (ts.tv_nsec < 0)
-        ts.tv_nsec = 0;
-    return ts;
-}
-
-void pm_copy_config_default(struct pm_copy_config *cfg)
+static void config_defaults(struct pm_copy_config *cfg)
 {
     memset(cfg, 0, sizeof *cfg);
+    cfg->size = sizeof *cfg;
     cfg->copiers = 2;
     cfg->batch_bytes = 1u << 20;
     cfg->rate_bytes = 0;
     cfg->retries = 3;
     cfg->read_policy = PM_READ_REDIRECT;
+}
+
+int pm_copy_config_init(struct pm_copy_config *cfg, size_t size)
+{
+    if (cfg == NULL || size < sizeof(uint32_t) || size > UINT32_MAX)
+        return PM_FAIL(-EINVAL, "the config's size %zu is not a valid struct size", size);
+    struct pm_copy_config d;
+    config_defaults(&d);
+    size_t n = size < sizeof d ? size : sizeof d;
+    memcpy(cfg, &d, n);
+    if (size > n)
+        memset((char *)cfg + n, 0, size - n);   /* fields of a newer header: zero = default */
+    cfg->size = (uint32_t)size;
+    return 0;
+}
+
+void pm_copy_config_default(struct pm_copy_config *cfg)
+{
+    pm_copy_config_init(cfg, CONFIG_SIZE_0_2);
+}
+
+/* A caller's config (any version) as this library's struct. */
+static int import_config(const struct pm_copy_config *in, struct pm_copy_config *out, const char *func)
+{
+    size_t size = in->size ? in->size : CONFIG_SIZE_0_2;
+    config_defaults(out);
+    if (size < sizeof(uint32_t))
+        return pm_fail(func, -EINVAL, "the config's size field is %zu: set it to sizeof the struct", size);
+    for (size_t i = sizeof *out; i < size; i++)
+        if (((const unsigned char *)in)[i] != 0)
+            return pm_fail(func, -E2BIG, "the config sets fields this library (version %d.%d) does not know",
+                           PM_VERSION_MAJOR, PM_VERSION_MINOR);
+    memcpy(out, in, size < sizeof *out ? size : sizeof *out);
+    out->size = sizeof *out;
+    return 0;
 }
 
 static int check_config(const pm_pair *p, const struct pm_copy_config *c, const char *func)
@@ -78,6 +93,23 @@ static int check_config(const pm_pair *p, const struct pm_copy_config *c, const 
 
 /* ---- construction -------------------------------------------------------- */
 
+/* What the metadata records at a snapshot (meta.c calls it with its lock
+ * held; the order is metadata lock, then mu). */
+static void meta_status(void *ctx, struct pm_meta_status *st)
+{
+    pm_pair *p = ctx;
+    st->state = pm_pair_state(p);
+    st->incremental = pm_load_relaxed(&p->incremental);
+    st->protect = pm_load_relaxed(&p->protect);
+    st->mirror_invalid = pm_job_mirror_invalid(p);
+    pthread_mutex_lock(&p->mu);
+    if (p->job_active && p->error) {
+        st->error = p->error;
+        st->error_track = p->error_track;
+    }
+    pthread_mutex_unlock(&p->mu);
+}
+
 int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm_pair **out)
 {
     if (out == NULL || standard == NULL || mirror == NULL)
@@ -89,8 +121,11 @@ int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm
         return PM_FAIL(PM_E_GEOMETRY, "the standard is %llu bytes but the mirror is %llu: "
                        "a pair needs two volumes of the same size",
                        (unsigned long long)standard->size, (unsigned long long)mirror->size);
-    if (standard->fd >= 0 && mirror->fd >= 0 && standard->dev == mirror->dev && standard->ino == mirror->ino)
-        return PM_FAIL(PM_E_GEOMETRY, "the standard and the mirror are the same file (%s)", standard->path);
+    char id_std[256], id_mir[256];   /* one volume under two names (any store type) */
+    pm_store_identity(standard, id_std, sizeof id_std);
+    pm_store_identity(mirror, id_mir, sizeof id_mir);
+    if (strcmp(id_std, id_mir) == 0)
+        return PM_FAIL(PM_E_GEOMETRY, "the standard and the mirror are the same volume (%s)", standard->path);
     pm_pair *p = calloc(1, sizeof *p);
     if (p == NULL)
         return PM_FAIL(-ENOMEM, "out of memory");
@@ -104,7 +139,6 @@ int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm
     }
     p->store[PM_STANDARD] = standard;
     p->store[PM_MIRROR] = mirror;
-    p->busy = p->table[PM_STANDARD]->flags[PM_BUSY];
     p->size = standard->size;
     p->tracks = p->table[0]->tracks;
     p->track_size = track_size;
@@ -125,14 +159,25 @@ int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm
     pthread_cond_init(&p->cond, &ca);
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&p->rate_mu, NULL);
-    for (int i = 0; i < PM_LOCK_BUCKETS; i++) {
-        pthread_mutex_init(&p->buckets[i].m, NULL);
-        pthread_cond_init(&p->buckets[i].c, NULL);
-    }
+    pthread_mutex_init(&p->io_mu, NULL);
+    pthread_cond_init(&p->io_cond, NULL);
+    pm_tracklock_init(p);
     pm_copy_config_default(&p->cfg);
     p->error_track = -1;
     p->target = PM_MIRROR;
     atomic_init(&p->state, PM_STATE_NEW);
+    struct pm_meta_binding b = {
+        .data = { standard, mirror },
+        .pending = { p->table[PM_STANDARD]->flags[PM_PENDING], p->table[PM_MIRROR]->flags[PM_PENDING] },
+        .changed = { p->table[PM_STANDARD]->flags[PM_CHANGED], p->table[PM_MIRROR]->flags[PM_CHANGED] },
+        .volume_size = p->size, .tracks = p->tracks, .track_size = track_size,
+        .status = meta_status, .ctx = p,
+    };
+    int rc = pm_meta_new(&b, &p->meta);
+    if (rc) {
+        pm_pair_destroy(p);
+        return rc;
+    }
     *out = p;
     return 0;
 }
@@ -146,12 +191,11 @@ void pm_pair_destroy(pm_pair *p)
     pthread_cond_broadcast(&p->cond);
     pthread_mutex_unlock(&p->mu);
     pm_job_join_threads(p);
-    pm_meta_close(p);
-    for (int i = 0; i < PM_LOCK_BUCKETS; i++) {
-        pthread_mutex_destroy(&p->buckets[i].m);
-        pthread_cond_destroy(&p->buckets[i].c);
-    }
+    pm_meta_close(p->meta);
+    pm_tracklock_destroy(p);
     pthread_mutex_destroy(&p->rate_mu);
+    pthread_cond_destroy(&p->io_cond);
+    pthread_mutex_destroy(&p->io_mu);
     pthread_cond_destroy(&p->cond);
     pthread_mutex_destroy(&p->mu);
     pthread_rwlock_destroy(&p->cmd_lock);
@@ -160,7 +204,6 @@ void pm_pair_destroy(pm_pair *p)
     free(p);
 }
 
-int pm_pair_state(const pm_pair *p) { return pm_load_acquire(&((pm_pair *)p)->state); }
 pm_table *pm_pair_table(pm_pair *p, int side) { return (side == PM_STANDARD || side == PM_MIRROR) ? p->table[side] : NULL; }
 uint64_t pm_pair_size(const pm_pair *p) { return p->size; }
 uint32_t pm_pair_track_size(const pm_pair *p) { return p->track_size; }
@@ -177,7 +220,7 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
                      const struct pm_copy_config *cfg)
 {
     pm_job_join_threads(p);   /* threads of a finished job */
-    pm_meta_lock(p);          /* no commit sees half of this */
+    pm_meta_lock(p->meta);          /* no commit sees half of this */
     pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
     pm_bitmap *chg_std = p->table[PM_STANDARD]->flags[PM_CHANGED];
     pm_bitmap *chg_mir = p->table[PM_MIRROR]->flags[PM_CHANGED];
@@ -192,7 +235,7 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
     /* From now on CHANGED records writes made since this operation began. */
     pm_bitmap_zero(chg_std);
     pm_bitmap_zero(chg_mir);
-    pm_meta_intent_reset_locked(p);
+    pm_meta_intent_reset_locked(p->meta);
     uint64_t n = pm_bitmap_count(pending);
 
     pthread_mutex_lock(&p->mu);
@@ -219,33 +262,31 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
     pm_store_relaxed(&p->incremental, incremental);
     pm_store_relaxed(&p->protect, protect);
     p->job_active = 1;
-    pm_meta_need_full(p);
+    pm_meta_need_full(p->meta);
     /* release: host I/O that sees the new state also sees the tables above */
     pm_store_release(&p->state, new_state);
     int rc = 0;
-    if (n == 0) {
-        /* nothing to copy: the job is done at once */
-        p->job_active = 0;
-        p->t_end = p->t_start;
-        int done = target == PM_MIRROR ? PM_STATE_ESTABLISHED
-                 : (protect ? PM_STATE_RESTORED : PM_STATE_ESTABLISHED);
-        pm_store_release(&p->state, done);
-    } else {
+    if (n == 0)
+        pm_job_end_locked(p);     /* nothing to copy: the job is done at once */
+    else {
         rc = pm_job_start_threads_locked(p);
     }
     pthread_mutex_unlock(&p->mu);
-    pm_meta_unlock(p);        /* the copiers commit the new job before they copy */
+    pm_meta_unlock(p->meta);        /* the copiers commit the new job before they copy */
     return rc;
 }
 
 int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *cfg)
 {
-    struct pm_copy_config dflt;
-    if (cfg == NULL) {
-        pm_copy_config_default(&dflt);
-        cfg = &dflt;
-    }
-    int rc = check_config(p, cfg, __func__);
+    struct pm_copy_config mine;
+    int rc = 0;
+    if (cfg == NULL)
+        config_defaults(&mine);
+    else
+        rc = import_config(cfg, &mine, __func__);
+    cfg = &mine;
+    if (rc == 0)
+        rc = check_config(p, cfg, __func__);
     if (rc)
         return rc;
     pthread_rwlock_wrlock(&p->cmd_lock);
@@ -258,31 +299,41 @@ int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *
     else
         rc = begin_job(p, PM_MIRROR, incremental, 0, PM_STATE_SYNCING, cfg);
     if (rc == 0)
-        rc = pm_meta_commit_all(p);
+        rc = pm_meta_commit(p->meta);
     pthread_rwlock_unlock(&p->cmd_lock);
     return rc;
 }
 
+uint64_t pm_pair_mirror_invalid(const pm_pair *p) { return pm_job_mirror_invalid((pm_pair *)p); }
+
 int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_copy_config *cfg)
 {
-    struct pm_copy_config dflt;
-    if (cfg == NULL) {
-        pm_copy_config_default(&dflt);
-        cfg = &dflt;
-    }
-    int rc = check_config(p, cfg, __func__);
+    struct pm_copy_config mine;
+    int rc = 0;
+    if (cfg == NULL)
+        config_defaults(&mine);
+    else
+        rc = import_config(cfg, &mine, __func__);
+    cfg = &mine;
+    if (rc == 0)
+        rc = check_config(p, cfg, __func__);
     if (rc)
         return rc;
     pthread_rwlock_wrlock(&p->cmd_lock);
     int s = pm_pair_state(p);
+    uint64_t invalid = pm_job_mirror_invalid(p);
     if (s != PM_STATE_SPLIT && s != PM_STATE_RESTORED)
         rc = wrong_state(__func__, s, "restore is allowed when split or restored");
+    else if (invalid > 0)
+        rc = PM_FAIL(PM_E_STATE, "the mirror is inconsistent: %llu of its tracks are not part of a "
+                     "point-in-time image (an establish was cancelled or failed); establish again "
+                     "before restoring from it", (unsigned long long)invalid);
     else
         rc = begin_job(p, PM_STANDARD, incremental, protect, PM_STATE_RESTORING, cfg);
     /* Nothing to copy: no copier will make the commit, so make it here
      * (one header and table write, like any command). */
     if (rc == 0 && pm_pair_state(p) != PM_STATE_RESTORING)
-        rc = pm_meta_commit_all(p);
+        rc = pm_meta_commit(p->meta);
     pthread_rwlock_unlock(&p->cmd_lock);
     /* The restore's commit is made by the first copier before it copies
      * (copier.c), so the command returns in a time that does not grow with
@@ -296,18 +347,18 @@ int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_co
  * afresh (the sides are identical).  Then commit. */
 static int set_state_and_commit(pm_pair *p, int state, int fresh_changed)
 {
-    pm_meta_lock(p);
+    pm_meta_lock(p->meta);
     if (fresh_changed) {
         pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_CHANGED]);
         pm_bitmap_zero(p->table[PM_MIRROR]->flags[PM_CHANGED]);
-        pm_meta_intent_reset_locked(p);
+        pm_meta_intent_reset_locked(p->meta);
     }
     pthread_mutex_lock(&p->mu);
     pm_store_release(&p->state, state);
     pthread_mutex_unlock(&p->mu);
-    pm_meta_note(p);
-    pm_meta_unlock(p);
-    return pm_meta_commit_all(p);
+    pm_meta_note(p->meta);
+    pm_meta_unlock(p->meta);
+    return pm_meta_commit(p->meta);
 }
 
 int pm_pair_split(pm_pair *p)
@@ -323,6 +374,56 @@ int pm_pair_split(pm_pair *p)
          * restore began: CHANGED must keep those tracks, or a later
          * incremental restore or establish would silently skip them. */
         rc = set_state_and_commit(p, PM_STATE_SPLIT, s == PM_STATE_ESTABLISHED);
+    pthread_rwlock_unlock(&p->cmd_lock);
+    return rc;
+}
+
+int pm_pair_cancel(pm_pair *p)
+{
+    pthread_rwlock_wrlock(&p->cmd_lock);   /* no host I/O: nothing clears PENDING meanwhile */
+    int s = pm_pair_state(p), rc = 0;
+    if (s == PM_STATE_RESTORING) {
+        rc = PM_FAIL(PM_E_STATE, "a restore cannot be cancelled: the standard depends on the mirror "
+                     "until the restore is done; use pause to stop the copy for now");
+    } else if (s != PM_STATE_SYNCING) {
+        rc = wrong_state(__func__, s, "cancel ends an establish (syncing), and there is none");
+    } else {
+        pthread_mutex_lock(&p->mu);
+        /* The copier ends a job under mu; once job_active is 0 here, it
+         * cannot end this one (pm_job_finish re-checks job_active). */
+        int ours = p->job_active && pm_pair_state(p) == PM_STATE_SYNCING;
+        if (ours) {
+            p->job_active = 0;
+            p->paused_req = 0;
+            p->error = 0;
+            p->error_track = -1;
+            p->t_end = pm_now();
+            pm_store_seqcst(&p->run, 0);
+            pthread_cond_broadcast(&p->cond);
+        }
+        s = pm_pair_state(p);
+        pthread_mutex_unlock(&p->mu);
+        if (!ours) {
+            rc = wrong_state(__func__, s, "the establish ended before it could be cancelled");
+        } else {
+            pm_job_join_threads(p);         /* copiers finish their batch and exit */
+            pm_meta_lock(p->meta);
+            pm_bitmap *pending = p->table[PM_MIRROR]->flags[PM_PENDING];
+            uint64_t n = pm_bitmap_count(pending);
+            pm_bitmap_union(p->table[PM_MIRROR]->flags[PM_CHANGED], pending);
+            pm_bitmap_zero(pending);
+            pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_PENDING]);
+            pm_store_seqcst(&p->pending_left, 0);
+            pthread_mutex_lock(&p->mu);
+            pm_store_relaxed(&p->mirror_invalid, n);
+            pm_store_release(&p->state, PM_STATE_SPLIT);
+            pthread_cond_broadcast(&p->cond);
+            pthread_mutex_unlock(&p->mu);
+            pm_meta_need_full(p->meta);
+            pm_meta_unlock(p->meta);
+            rc = pm_meta_commit(p->meta);
+        }
+    }
     pthread_rwlock_unlock(&p->cmd_lock);
     return rc;
 }
@@ -391,6 +492,8 @@ int pm_pair_resume(pm_pair *p)
                      pm_state_name(pm_pair_state(p)));
     else {
         p->paused_req = 0;
+        if (p->error)
+            pm_meta_dirty(p->meta);           /* the persisted error goes with the next commit */
         p->error = 0;
         p->error_track = -1;
         pm_store_seqcst(&p->run, 1);
@@ -412,9 +515,14 @@ int pm_pair_set_rate(pm_pair *p, uint64_t rate_bytes)
     return 0;
 }
 
-int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg)
+int pm_pair_configure(pm_pair *p, const struct pm_copy_config *in)
 {
-    int rc = check_config(p, cfg, __func__);
+    if (in == NULL)
+        return PM_FAIL(-EINVAL, "cfg must not be NULL");
+    struct pm_copy_config mine, *cfg = &mine;
+    int rc = import_config(in, &mine, __func__);
+    if (rc == 0)
+        rc = check_config(p, cfg, __func__);
     if (rc)
         return rc;
     pthread_mutex_lock(&p->mu);
@@ -426,9 +534,15 @@ int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg)
     return 0;
 }
 
-int pm_pair_progress(const pm_pair *cp, struct pm_progress *o)
+int pm_pair_progress(const pm_pair *cp, struct pm_progress *out)
 {
+    if (cp == NULL || out == NULL)
+        return PM_FAIL(-EINVAL, "the pair and out must not be NULL");
+    size_t size = out->size ? out->size : PROGRESS_SIZE_0_2;
+    if (size < sizeof(uint32_t) || size > 65536)
+        return PM_FAIL(-EINVAL, "out->size is %zu: set it to sizeof(struct pm_progress)", size);
     pm_pair *p = (pm_pair *)cp;
+    struct pm_progress full, *o = &full;
     memset(o, 0, sizeof *o);
     pthread_mutex_lock(&p->mu);
     o->running = p->job_active;
@@ -452,7 +566,14 @@ int pm_pair_progress(const pm_pair *cp, struct pm_progress *o)
     o->bytes_written = pm_load_relaxed(&p->bytes_written);
     o->changed_standard = pm_bitmap_count(p->table[PM_STANDARD]->flags[PM_CHANGED]);
     o->changed_mirror = pm_bitmap_count(p->table[PM_MIRROR]->flags[PM_CHANGED]);
-    pm_meta_counters(p, &o->commits, &o->syncs);
+    pm_meta_counters(p->meta, &o->commits, &o->syncs);
+    o->mirror_invalid = pm_job_mirror_invalid(p);
+    /* as much as the caller's struct holds; a newer caller's extra fields read 0 */
+    size_t n = size < sizeof full ? size : sizeof full;
+    full.size = (uint32_t)n;
+    memcpy(out, &full, n);
+    if (size > n)
+        memset((char *)out + n, 0, size - n);
     return 0;
 }
 
@@ -492,4 +613,9 @@ int64_t pm_pair_verify(pm_pair *p, uint64_t from, uint64_t *out, uint64_t max, u
         return rc;
     *next = t;
     return n;
+}
+
+int pm_pair_commit(pm_pair *p)
+{
+    return pm_meta_commit(p->meta);
 }
