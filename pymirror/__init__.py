@@ -10,6 +10,7 @@ while the host keeps using it.
 """
 from __future__ import annotations
 
+from .capi import get_include, get_library_dir
 from .config import ConfigError, CopyConfig, Settings, load_settings
 from .errors import (
     AlignmentError,
@@ -34,6 +35,6 @@ __all__ = [
     "AlignmentError", "Bitmap", "ClosedError", "ConfigError", "CopyConfig", "CorruptMetadataError",
     "ForeignMetadataError", "GeometryError", "Job", "JobError", "MirrorError", "Pair",
     "Progress", "RangeError", "ReadOnlyError", "STATES", "Settings", "StateError", "TrackTable", "Volume",
-    "load_settings", "__version__",
+    "get_include", "get_library_dir", "load_settings", "__version__",
 ]
 
