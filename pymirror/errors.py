@@ -32,6 +32,11 @@ class ReadOnlyError(MirrorError, PermissionError):
     """The volume is write-protected in the pair's current state."""
 
 
+class InUseError(MirrorError, RuntimeError):
+    """The object is still used by another one (a Volume by a Pair): close
+    that one first.  Nothing was closed."""
+
+
 class CorruptMetadataError(MirrorError, ValueError):
     """The metadata file fails its magic, checksum or bounds checks."""
 
@@ -44,5 +49,29 @@ class JobError(MirrorError, RuntimeError):
     """The background copy stopped on an error; see ``Job.progress``."""
 
 
+class JobPausedError(JobError):
+    """``Job.wait()`` without a timeout on a job that is paused (on request,
+    or because its pair was reopened mid-copy): it would never end on its
+    own.  ``resume()`` continues it."""
+
+
 class ClosedError(MirrorError, ValueError):
     """The pair or volume is closed."""
+
+
+# -- added on branch core (volume ownership) ----------------------------------
+class BusyError(MirrorError, OSError):
+    """A volume or metadata file is in use by another pair (in this process
+    or another one).  ``errno`` is EBUSY; the message names the volume and,
+    when it can be found, the holder's pid."""
+
+    def __init__(self, message: str, filename: "str | None" = None) -> None:
+        import errno as _errno
+        import re as _re
+        # the C message starts with the C function's name: not the user's concern
+        message = _re.sub(r"^pm_\w+: ", "", message)
+        super().__init__(_errno.EBUSY, message)
+        self.filename = filename
+
+    def __str__(self) -> str:
+        return str(self.strerror)
