@@ -138,7 +138,7 @@ def build(compiler, build_temp: str, package_dir: str, version: str) -> str:
     driver = compiler.linker_so[0] if getattr(compiler, "linker_so", None) else "cc"
     compiler.spawn([driver, "-shared", *objects, "-o", out,
                     f"-Wl,-soname,{soname}", f"-Wl,--version-script={script}", "-Wl,-z,defs",
-                    *sanitize_flags(), "-pthread", "-lpthread"])
+                    *sanitize_flags(), "-pthread", "-lpthread", "-lm", "-ldl"])
     with open(os.path.join(lib_dir, "libpymirror.so"), "w", encoding="utf-8") as fh:
         fh.write(f"/* GNU ld script: -lpymirror links the versioned library */\nINPUT({soname})\n")
     shutil.copyfile(HEADER, os.path.join(inc_dir, "pymirror.h"))
