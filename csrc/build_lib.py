@@ -155,3 +155,15 @@ def copy_tree(src_package_dir: str, dst_package_dir: str) -> None:
         if os.path.isdir(dst):
             shutil.rmtree(dst)
         shutil.copytree(src, dst)
+
+
+if __name__ == "__main__":
+    # `python3 build_lib.py --version-script`: the linker version script, for
+    # csrc/Makefile's shared library (the same one the wheel build uses).
+    import sys
+
+    with open(HEADER, encoding="utf-8") as fh:
+        _header = fh.read()
+    if sys.argv[1:] != ["--version-script"]:
+        sys.exit("usage: build_lib.py --version-script")
+    sys.stdout.write(version_script(public_functions(_header), abi_major(_header)))

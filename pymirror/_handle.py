@@ -130,11 +130,14 @@ class Handle:
         return self._state != _OPEN
 
     def _ptr_or_raise(self) -> Any:
-        """The pointer for a call that needs no counting (an owner still
-        open, checked under the handle's lock)."""
-        if self._state != _OPEN:
+        """The pointer, for a call made inside ``with self._call:`` (which
+        keeps it alive) or one that must still reach C while a close waits
+        for the calls in flight (releasing a barrier those calls wait on).
+        ClosedError once the C object is freed."""
+        ptr = self._cptr
+        if ptr is None:
             raise errors.ClosedError(f"{self._what} is closed")
-        return self._cptr
+        return ptr
 
     # -- closing --------------------------------------------------------------
     def _close_handle(self, before_free: Optional[Callable[[], None]] = None) -> bool:

@@ -224,3 +224,14 @@ def test_wheel_installs_a_usable_c_library(tmp_path: Path) -> None:
     # and Python in that venv works with the same library
     run([py, "-c", "import pymirror; p = pymirror.Pair.memory(1 << 20); p.establish().wait(); "
          "assert p.state == 'established'"], cwd=tmp_path)
+
+
+@pytest.mark.source_tree
+def test_make_shared_exports_the_same_api() -> None:
+    """csrc/Makefile's `shared` target (C users without Python) builds the
+    same soname with the same exported symbols as the wheel's library."""
+    run([tool("make"), "-C", str(ROOT / "csrc"), "-s", "shared"])
+    built = ROOT / "csrc" / "build" / SONAME
+    assert built.is_file()
+    ours = sorted(defined_dynamic_symbols(str(built)))
+    assert ours == sorted(defined_dynamic_symbols(str(Path(pymirror.get_library_dir()) / SONAME)))
