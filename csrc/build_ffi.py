@@ -3,11 +3,19 @@
 The cdef is not a second hand-written copy of the API: it is the block of
 ``csrc/include/pymirror.h`` between ``PM_CDEF_BEGIN`` and ``PM_CDEF_END``,
 minus preprocessor lines, so the binding cannot drift from the header.
-Every ``csrc/*.c`` file is compiled into the extension.
+
+The extension holds only cffi's glue.  The core itself (every ``csrc/*.c``)
+is the shared library ``libpymirror.so.<major>`` that csrc/build_lib.py
+builds first and that the wheel ships for C programs too; the extension
+links it with rpath ``$ORIGIN/lib``.  So there is one copy of the code per
+process, whether Python, a C program or both load it.  setup.py's build_ext
+adds the library's directory before the extension is linked.
+
+Environment: ``PYMIRROR_WERROR=1`` (warnings are errors),
+``PYMIRROR_SANITIZE=address`` (an AddressSanitizer build, tests only).
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
 import sys
@@ -16,6 +24,13 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "include", "pymirror.h")
+sys.path.insert(0, HERE)
+try:
+    import build_lib
+finally:
+    sys.path.remove(HERE)
+
+MODULE = "pymirror._core"
 
 
 def cdef_source(header_text: str) -> str:
@@ -27,20 +42,11 @@ def cdef_source(header_text: str) -> str:
 
 
 def _rel(path: str) -> str:
-    # setuptools wants source paths relative to the project directory.
+    # setuptools wants paths relative to the project directory.
     try:
         return os.path.relpath(path)
     except ValueError:  # another drive (Windows)
         return path
-
-
-def _compile_args() -> list[str]:
-    args = ["-std=c11", "-D_GNU_SOURCE", "-O2", "-pthread", "-fvisibility=hidden"]
-    if os.environ.get("PYMIRROR_WERROR"):
-        args += ["-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror"]
-    # Wheels are portable: never -march=native.  Fast popcount is picked at
-    # run time inside bitmap.c (target attributes + CPU dispatch).
-    return args
 
 
 ffi = FFI()
@@ -48,14 +54,12 @@ with open(HEADER, encoding="utf-8") as fh:
     ffi.cdef(cdef_source(fh.read()))
 
 ffi.set_source(
-    "pymirror._core",
+    MODULE,
     '#include "pymirror.h"\n',
-    sources=sorted(_rel(p) for p in glob.glob(os.path.join(HERE, "*.c"))),
-    include_dirs=[_rel(os.path.join(HERE, "include")), _rel(HERE)],
-    depends=[_rel(p) for p in glob.glob(os.path.join(HERE, "*.h"))] + [_rel(HEADER)],
-    extra_compile_args=_compile_args(),
-    libraries=["pthread"] if sys.platform != "win32" else [],
+    include_dirs=[_rel(os.path.join(HERE, "include"))],
+    depends=[_rel(HEADER)],
+    libraries=["pymirror"],
+    extra_compile_args=build_lib.cflags() + ["-fvisibility=hidden"],
+    # $ORIGIN is the extension's directory: the library is in lib/ beside it.
+    extra_link_args=["-Wl,-rpath,$ORIGIN/lib"] + build_lib.sanitize_flags(),
 )
-
-if __name__ == "__main__":
-    ffi.compile(verbose=True)

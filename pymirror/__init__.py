@@ -6,10 +6,11 @@ while the host keeps using it.
     >>> pair.establish().wait()
     True
     >>> pair.split(); pair.state
-    'split'
+    <State.SPLIT: 'split'>
 """
 from __future__ import annotations
 
+from .capi import get_include, get_library_dir
 from .config import ConfigError, CopyConfig, Settings, load_settings
 from .errors import (
     AlignmentError,
@@ -17,14 +18,17 @@ from .errors import (
     CorruptMetadataError,
     ForeignMetadataError,
     GeometryError,
+    InUseError,
     JobError,
+    JobPausedError,
     MirrorError,
     RangeError,
     ReadOnlyError,
     StateError,
 )
 from .job import Job, Progress
-from .pair import STATES, Pair
+from .pair import Pair
+from .state import STATES, State
 from .tables import Bitmap, TrackTable
 from .volume import Volume
 
@@ -32,8 +36,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlignmentError", "Bitmap", "ClosedError", "ConfigError", "CopyConfig", "CorruptMetadataError",
-    "ForeignMetadataError", "GeometryError", "Job", "JobError", "MirrorError", "Pair",
-    "Progress", "RangeError", "ReadOnlyError", "STATES", "Settings", "StateError", "TrackTable", "Volume",
-    "load_settings", "__version__",
+    "ForeignMetadataError", "GeometryError", "InUseError", "Job", "JobError", "JobPausedError",
+    "MirrorError", "Pair", "Progress", "RangeError", "ReadOnlyError", "STATES", "Settings", "State",
+    "StateError", "TrackTable", "Volume",
+    "get_include", "get_library_dir", "load_settings", "__version__",
 ]
 

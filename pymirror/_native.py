@@ -1,16 +1,37 @@
 """The only module that imports the compiled core (``pymirror._core``).
 
 It re-exports ``ffi`` and ``lib`` and turns C return codes into Python
-exceptions in one place: :func:`check`.
+exceptions in one place: :func:`check` / :func:`raise_for`.  Messages name
+the operation and the file, never a C function: the C message's
+``function: `` prefix (useful to C callers) is dropped here.
 """
 from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import NoReturn
+import re
+from pathlib import Path
+from typing import NoReturn, Optional
 
-from . import errors
-from ._core import ffi, lib  # noqa: F401  (re-exported)
+
+def _missing_core(exc: ImportError) -> str:
+    """A one-line hint for an extension that is not built or not loadable."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent
+    if (checkout / "setup.py").is_file() and (checkout / "csrc").is_dir():
+        return (f"pymirror's compiled core is not built in the source checkout {checkout} ({exc}): "
+                f"build it with `pip install -e .` there, or run Python from another directory "
+                f"to use an installed pymirror")
+    return (f"pymirror's compiled core cannot be loaded from {package} ({exc}): "
+            f"reinstall pymirror (pip install --force-reinstall pymirror)")
+
+
+try:
+    from ._core import ffi, lib  # noqa: F401  (re-exported)
+except ImportError as _exc:
+    raise ImportError(_missing_core(_exc), name="pymirror._core") from None
+
+from . import errors  # noqa: E402
 
 __all__ = ["ffi", "lib", "check", "raise_for", "last_error", "fspath"]
 
@@ -27,31 +48,53 @@ _PROJECT_ERRORS: dict[int, type[Exception]] = {
     lib.PM_E_BUSY: errors.BusyError,   # added on branch core
 }
 
+# "pm_pair_write: ", "open_meta_store: ": the C function that failed
+_C_PREFIX = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*: )+")
+
 
 def last_error() -> str:
-    return ffi.string(lib.pm_last_error()).decode("utf-8", "replace")
+    """This thread's last C message, without the C function's name."""
+    msg = ffi.string(lib.pm_last_error()).decode("utf-8", "replace")
+    return _C_PREFIX.sub("", msg)
 
 
-def raise_for(code: int, path: str | None = None) -> NoReturn:
-    """Raise the exception for a negative return code, with the C message."""
+def raise_for(code: int, path: Optional[str] = None, op: Optional[str] = None) -> NoReturn:
+    """Raise the exception for a negative return code.
+
+    ``op`` names what was being done, with its object ("split /x/p.meta",
+    "open volume /x/std.img"): it starts the message.  ``path`` is the file
+    an ``OSError`` carries (``filename``)."""
     msg = last_error() or ffi.string(lib.pm_strerror(code)).decode()
+    if op and path and msg.startswith(f"{path}: "):
+        msg = msg[len(path) + 2:]       # op names the file already
     cls = _PROJECT_ERRORS.get(code)
     if cls is not None:
-        raise cls(msg)
+        raise cls(f"{op}: {msg}" if op else msg)
     if code == -_errno.ENOMEM:
-        raise MemoryError(msg)
+        raise MemoryError(f"{op}: {msg}" if op else msg)
+    if code == -_errno.EBUSY:
+        # a lock held by another pair: BusyError (a MirrorError and an OSError)
+        raise errors.BusyError(f"{op}: {msg}" if op else msg, path)
     if -4096 < code < 0:
+        err = -code
+        if path is not None and msg.startswith(f"{path}: "):
+            msg = msg[len(path) + 2:]   # OSError shows the filename too
+        reason = os.strerror(err)
+        if reason.lower() not in msg.lower():
+            msg = f"{msg} ({reason})"
+        if op:
+            msg = f"{op}: {msg}"
         # OSError picks the subclass (FileNotFoundError, PermissionError, ...).
         if path is not None:
-            raise OSError(-code, msg, path)
-        raise OSError(-code, msg)
-    raise errors.MirrorError(f"{msg} (code {code})")
+            raise OSError(err, msg, path)
+        raise OSError(err, msg)
+    raise errors.MirrorError(f"{op + ': ' if op else ''}{msg} (code {code})")
 
 
-def check(code: int, path: str | None = None) -> int:
+def check(code: int, path: Optional[str] = None, op: Optional[str] = None) -> int:
     """Return ``code`` if it is >= 0, else raise the matching exception."""
     if code < 0:
-        raise_for(code, path)
+        raise_for(code, path, op)
     return code
 
 

@@ -32,6 +32,11 @@ class ReadOnlyError(MirrorError, PermissionError):
     """The volume is write-protected in the pair's current state."""
 
 
+class InUseError(MirrorError, RuntimeError):
+    """The object is still used by another one (a Volume by a Pair): close
+    that one first.  Nothing was closed."""
+
+
 class CorruptMetadataError(MirrorError, ValueError):
     """The metadata file fails its magic, checksum or bounds checks."""
 
@@ -42,6 +47,12 @@ class ForeignMetadataError(MirrorError, ValueError):
 
 class JobError(MirrorError, RuntimeError):
     """The background copy stopped on an error; see ``Job.progress``."""
+
+
+class JobPausedError(JobError):
+    """``Job.wait()`` without a timeout on a job that is paused (on request,
+    or because its pair was reopened mid-copy): it would never end on its
+    own.  ``resume()`` continues it."""
 
 
 class ClosedError(MirrorError, ValueError):

@@ -1,4 +1,9 @@
-"""Jobs: the background copy of an establish or a restore, seen from Python."""
+"""Jobs: the background copy of an establish or a restore, seen from Python.
+
+A Job holds no C handle of its own: every call goes through its Pair's
+guarded methods, so closing the pair can never leave a Job using freed
+memory (a Job call after the close raises ClosedError).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -6,17 +11,21 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from . import errors
-from ._native import check, ffi, last_error, lib, raise_for
+from .state import State
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pair import Pair
+
+# Job.wait waits in slices this long, each one a call in flight on the pair:
+# the longest a Pair.close() waits for a waiter, and how soon Ctrl-C is seen.
+_SLICE_MS = 100
 
 
 @dataclasses.dataclass(frozen=True)
 class Progress:
     """A snapshot of a job's counters (read without locks from the C core)."""
 
-    state: str
+    state: State
     running: bool
     paused: bool
     error: Optional[str]
@@ -70,14 +79,13 @@ class Progress:
 
 
 def read_progress(pair: "Pair") -> Progress:
-    p = ffi.new("struct pm_progress *")
-    check(lib.pm_pair_progress(pair._p, p))
+    p = pair._progress_struct()
     err = int(p.error)
     return Progress(
-        state=ffi.string(lib.pm_state_name(p.state)).decode(),
+        state=State.from_code(int(p.state)),
         running=bool(p.running),
         paused=bool(p.paused),
-        error=(ffi.string(lib.pm_strerror(err)).decode() if err else None),
+        error=(pair._error_name(err) if err else None),
         error_track=(int(p.error_track) if err and p.error_track >= 0 else None),
         incremental=bool(p.incremental),
         protect=bool(p.protect),
@@ -105,7 +113,8 @@ class Job:
     :meth:`Pair.restore` or :meth:`Pair.resume`.
 
     The copy runs on C threads; ``wait`` blocks (in short slices, so Ctrl-C
-    works) until it finishes.
+    works and a ``Pair.close()`` from another thread ends it with
+    ClosedError) until it finishes.
     """
 
     def __init__(self, pair: "Pair", kind: str) -> None:
@@ -114,7 +123,7 @@ class Job:
 
     @property
     def progress(self) -> Progress:
-        return read_progress(self.pair)
+        return self.pair.progress
 
     @property
     def done(self) -> bool:
@@ -122,40 +131,57 @@ class Job:
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Wait until the copy is done.  Returns True when done, False when
-        ``timeout`` seconds passed first.  Raises :class:`JobError` if the job
-        is paused on an error (the error names the failing track)."""
+        ``timeout`` seconds passed first.
+
+        Raises :class:`JobError` if the job is paused on an error (the error
+        names the failing track), :class:`JobPausedError` if, with no
+        timeout, the job is paused (on request, or because the pair was
+        reopened mid-copy: it would never end by itself; with a timeout,
+        wait returns False at the timeout unless someone resumes it), and
+        :class:`ClosedError` if the pair is closed meanwhile."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            slice_ms = 200
+            slice_ms = _SLICE_MS
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 slice_ms = max(1, min(slice_ms, int(left * 1000)))
-            rc = lib.pm_pair_wait(self.pair._p, slice_ms)
-            if rc == 0:
-                return True
-            if rc == lib.PM_E_TIMEDOUT:
-                continue
-            if rc == lib.PM_E_JOB:
+            try:
+                if self.pair._job_wait(slice_ms):
+                    return True
+                if deadline is None:
+                    prog = self.progress
+                    if prog.running and prog.paused and prog.error is None:
+                        raise errors.JobPausedError(
+                            f"the {self.kind} of {self.pair._name} is paused "
+                            f"({prog.tracks_pending} of {prog.tracks_total} tracks left) and will not finish "
+                            f"by itself: resume it (job.resume(), pair.resume() or `pymirror resume`), "
+                            f"or wait with a timeout")
+            except errors.JobPausedError:
+                raise
+            except errors.ClosedError:
+                raise errors.ClosedError(
+                    f"{self.pair._what} was closed while waiting for its {self.kind}") from None
+            except errors.JobError:
                 prog = self.progress
                 raise errors.JobError(
-                    f"the {self.kind} stopped on track {prog.error_track}: {prog.error}"
-                    f" ({last_error() or 'see progress'}); fix the cause, then resume"
-                )
-            raise_for(rc)
+                    f"the {self.kind} of {self.pair._name} stopped on track {prog.error_track}: "
+                    f"{prog.error}; fix the cause, then resume") from None
 
     def pause(self) -> None:
-        check(lib.pm_pair_pause(self.pair._p))
+        """Pause the copy (host I/O goes on; ``resume`` continues it)."""
+        self.pair._job_pause()
 
     def resume(self) -> None:
-        check(lib.pm_pair_resume(self.pair._p))
+        """Continue a paused copy."""
+        self.pair.resume()
 
     def set_rate(self, rate: int) -> None:
         """Bytes per second for the background copy (0: no limit), live."""
         if rate < 0:
             raise ValueError(f"rate must not be negative, got {rate}")
-        check(lib.pm_pair_set_rate(self.pair._p, rate))
+        self.pair._job_set_rate(rate)
 
     def __repr__(self) -> str:
         p = self.progress

@@ -10,50 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from types import TracebackType
 from typing import Any, Iterator, Optional, Type, Union
 
 from . import errors
-from ._native import check, ffi, fspath, lib
+from ._handle import Handle, destroy_keeping
+from ._native import check, ffi, fspath, lib, raise_for
 from .config import CopyConfig
 from .job import Job, Progress, read_progress
+from .state import STATES, State
 from .volume import DEFAULT_TRACK_SIZE, Volume, check_io
 
 PathLike = Union[str, "os.PathLike[str]"]
-STATES = ("new", "syncing", "established", "split", "restoring", "restored")
+__all__ = ["Pair", "State", "STATES", "peek", "track_counts"]
 
 
-class _InFlight:
-    """Counts calls inside the C core so ``close`` never frees the pair
-    under another thread's feet."""
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._count = 0
-        self.closed = False
-
-    def __enter__(self) -> None:
-        with self._cond:
-            if self.closed:
-                raise errors.ClosedError("the pair is closed")
-            self._count += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self._cond:
-            self._count -= 1
-            if self._count == 0 and self.closed:
-                self._cond.notify_all()
-
-    def close(self) -> bool:
-        """Mark closed and wait for calls in flight; False if already closed."""
-        with self._cond:
-            if self.closed:
-                return False
-            self.closed = True
-            while self._count:
-                self._cond.wait()
-            return True
+_SIDE = {lib.PM_STANDARD: "the standard", lib.PM_MIRROR: "the mirror"}
 
 
 def _c_config(cfg: CopyConfig, track_size: int) -> Any:
@@ -76,22 +49,41 @@ def _as_volume(v: "PathLike | Volume", track_size: int, role: str) -> tuple[Volu
     return Volume.open(v, track_size=track_size), True
 
 
-class Pair:
+def _new_pair(build: Any, std: Volume, mir: Volume) -> Any:
+    """Run ``build(std_ptr, mir_ptr, out)`` with both volumes held open, and
+    return the new pair's gc pointer; its destructor keeps both stores
+    alive until it has run (whatever order the garbage collector takes)."""
+    out = ffi.new("pm_pair **")
+    with std._call as sp, mir._call as mp:
+        build(sp, mp, out)
+        return ffi.gc(out[0], destroy_keeping(lib.pm_pair_destroy, std._cptr, mir._cptr))
+
+
+class Pair(Handle):
     """A standard volume and its mirror.  Thread-safe: many threads may do
     host I/O at once (the C core releases the GIL and arbitrates per track).
 
     Build one with :meth:`create`, :meth:`open` or :meth:`memory`.
+    ``close()`` waits for calls in flight; a :meth:`Job.wait` in progress
+    then raises :class:`~pymirror.errors.ClosedError`, and so does any later
+    call.  The pair's volumes cannot be closed before it.
     """
 
     def __init__(self, ptr: Any, standard: Volume, mirror: Volume, owned: list[Volume],
                  meta_path: Optional[str], config: CopyConfig) -> None:
-        self._ptr = ptr
+        self._init_handle(ptr, f"the pair {meta_path}" if meta_path else "the memory pair")
+        self._name = meta_path or "memory pair"
         self.standard = standard
         self.mirror = mirror
         self._owned = owned
         self.meta_path = meta_path
         self._config = config
-        self._inflight = _InFlight()
+        try:
+            self._borrow_from(standard)
+            self._borrow_from(mirror)
+        except BaseException:
+            self._release_borrows()
+            raise
         self.size: int = lib.pm_pair_size(ptr)
         self.track_size: int = lib.pm_pair_track_size(ptr)
         self._job_kind = "restore" if self.state == "restoring" else "establish"
@@ -119,22 +111,20 @@ class Pair:
             if std.path is not None and mir.path is not None and \
                     os.path.realpath(std.path) == os.path.realpath(mir.path):
                 raise errors.GeometryError(f"the standard and the mirror are the same file: {std.path}")
-            out = ffi.new("pm_pair **")
             if meta is None:
-                check(lib.pm_pair_create(std._p, mir._p, track_size, out))
-                meta_path = None
-            else:
-                if std.path is None or mir.path is None:
-                    raise TypeError("a pair with a metadata file needs file-backed volumes")
-                meta_path = os.fspath(meta)
-                check(lib.pm_pair_create_meta(fspath(meta_path), std._p, mir._p, track_size, out),
-                      meta_path)
+                return cls._assemble(lambda sp, mp, out: check(
+                    lib.pm_pair_create(sp, mp, track_size, out), None, "create a memory pair"),
+                    std, mir, owned, None, config)
+            if std.path is None or mir.path is None:
+                raise TypeError("a pair with a metadata file needs file-backed volumes")
+            meta_path = os.fspath(meta)
+            return cls._assemble(lambda sp, mp, out: check(
+                lib.pm_pair_create_meta(fspath(meta_path), sp, mp, track_size, out),
+                meta_path, f"create pair {meta_path}"), std, mir, owned, meta_path, config)
         except BaseException:
             for v in owned:
                 v.close()
             raise
-        return cls(ffi.gc(out[0], lib.pm_pair_destroy), std, mir, owned, meta_path,
-                   config or CopyConfig())
 
     @classmethod
     def open(cls, meta: PathLike, *, config: Optional[CopyConfig] = None) -> "Pair":
@@ -143,7 +133,7 @@ class Pair:
         arbitrated at once; :meth:`resume` continues the copy."""
         meta_path = os.fspath(meta)
         info = ffi.new("struct pm_meta_info *")
-        check(lib.pm_meta_peek(fspath(meta_path), info), meta_path)
+        check(lib.pm_meta_peek(fspath(meta_path), info), meta_path, f"open pair {meta_path}")
         ts = int(info.track_size)
         std_path = os.fsdecode(ffi.string(info.standard_path))
         mir_path = os.fsdecode(ffi.string(info.mirror_path))
@@ -153,16 +143,25 @@ class Pair:
             owned.append(std)
             mir = Volume.open(mir_path, track_size=ts)
             owned.append(mir)
-            out = ffi.new("pm_pair **")
-            check(lib.pm_pair_open_meta(fspath(meta_path), std._p, mir._p, out), meta_path)
+            pair = cls._assemble(lambda sp, mp, out: check(
+                lib.pm_pair_open_meta(fspath(meta_path), sp, mp, out),
+                meta_path, f"open pair {meta_path}"), std, mir, owned, meta_path, config)
         except BaseException:
             for v in owned:
                 v.close()
             raise
-        pair = cls(ffi.gc(out[0], lib.pm_pair_destroy), std, mir, owned, meta_path,
-                   config or CopyConfig())
         pair._configure(pair._config)
         return pair
+
+    @classmethod
+    def _assemble(cls, build: Any, std: Volume, mir: Volume, owned: list[Volume],
+                  meta_path: Optional[str], config: Optional[CopyConfig]) -> "Pair":
+        ptr = _new_pair(build, std, mir)
+        try:
+            return cls(ptr, std, mir, owned, meta_path, config or CopyConfig())
+        except BaseException:
+            ffi.release(ptr)   # before the caller closes the volumes it uses
+            raise
 
     @classmethod
     def memory(cls, size: int, track_size: int = DEFAULT_TRACK_SIZE, *,
@@ -174,17 +173,62 @@ class Pair:
         pair._owned = [std, mir]
         return pair
 
-    # -- state --------------------------------------------------------------
-    @property
-    def _p(self) -> Any:
-        if self._ptr is None:
-            raise errors.ClosedError("the pair is closed")
-        return self._ptr
+    # -- the guarded calls (the only way this class reaches C) -------------
+    def _run(self, op: str, fn: Any, *args: Any) -> int:
+        """``fn(pair_ptr, *args)`` as one call in flight; a negative result
+        raises the matching error, its message naming ``op`` and the pair."""
+        with self._call as p:
+            rc = fn(p, *args)
+        if rc < 0:
+            raise_for(rc, self.meta_path, f"{op} {self._name}")
+        return int(rc)
 
     @property
-    def state(self) -> str:
-        """One of ``new, syncing, established, split, restoring, restored``."""
-        return STATES[lib.pm_pair_state(self._p)]
+    def _inflight(self) -> Any:
+        """``with self._inflight:`` around a call that uses :attr:`_p`
+        (the older spelling of ``with self._call as p:``)."""
+        return self._call
+
+    @property
+    def _p(self) -> Any:
+        """The C pointer; use it only inside ``with self._inflight:``."""
+        return self._ptr_or_raise()
+
+    def _progress_struct(self) -> Any:
+        """A ``struct pm_progress`` filled now (for :func:`read_progress`)."""
+        out = ffi.new("struct pm_progress *")
+        self._run("progress", lib.pm_pair_progress, out)
+        return out
+
+    @staticmethod
+    def _error_name(code: int) -> str:
+        return str(ffi.string(lib.pm_strerror(code)).decode())
+
+    def _job_wait(self, timeout_ms: int) -> bool:
+        """One slice of ``Job.wait``: True when no job is left, False when
+        ``timeout_ms`` passed; JobError when the job is paused on an error."""
+        with self._call as p:
+            rc = lib.pm_pair_wait(p, timeout_ms)
+        if rc == lib.PM_E_TIMEDOUT:
+            return False
+        if rc < 0:
+            raise_for(rc, self.meta_path, f"wait for {self._name}")
+        return True
+
+    def _job_pause(self) -> None:
+        self._run("pause", lib.pm_pair_pause)
+
+    def _job_set_rate(self, rate: int) -> None:
+        self._run("set the rate of", lib.pm_pair_set_rate, rate)
+
+    # -- state --------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        """A :class:`State`, equal to one of the strings ``new, syncing,
+        established, split, restoring, restored``."""
+        with self._call as p:
+            code = lib.pm_pair_state(p)
+        return State.from_code(code)
 
     @property
     def tracks(self) -> int:
@@ -210,7 +254,7 @@ class Pair:
 
     def _configure(self, cfg: CopyConfig) -> None:
         self._config = cfg
-        check(lib.pm_pair_configure(self._p, _c_config(cfg, self.track_size)))
+        self._run("configure", lib.pm_pair_configure, _c_config(cfg, self.track_size))
 
     # -- commands -----------------------------------------------------------
     def establish(self, incremental: bool = False, config: Optional[CopyConfig] = None, *,
@@ -223,21 +267,19 @@ class Pair:
         ``assume_equal`` (a new pair only) skips the copy for two volumes you
         know are identical, such as two freshly created (all-zero) images."""
         cfg = config or self._config
-        with self._inflight:
-            if assume_equal:
-                if incremental:
-                    raise ValueError("assume_equal and incremental cannot be combined")
-                check(lib.pm_pair_assume_established(self._p))
-            else:
-                check(lib.pm_pair_establish(self._p, bool(incremental), _c_config(cfg, self.track_size)))
+        if assume_equal:
+            if incremental:
+                raise ValueError("assume_equal and incremental cannot be combined")
+            self._run("establish", lib.pm_pair_assume_established)
+        else:
+            self._run("establish", lib.pm_pair_establish, bool(incremental), _c_config(cfg, self.track_size))
         self._config, self._job_kind = cfg, "establish"
         return Job(self, "establish")
 
     def split(self) -> None:
         """Make the mirror an independent volume (instant).  Both sides start
         recording the tracks written from now on."""
-        with self._inflight:
-            check(lib.pm_pair_split(self._p))
+        self._run("split", lib.pm_pair_split)
 
     def restore(self, incremental: bool = False, protect: bool = True,
                 config: Optional[CopyConfig] = None) -> Job:
@@ -249,21 +291,19 @@ class Pair:
         whole restore (the pair ends ``restored``); without it, host writes are
         mirrored and the pair ends ``established``."""
         cfg = config or self._config
-        with self._inflight:
-            check(lib.pm_pair_restore(self._p, bool(incremental), bool(protect),
-                                      _c_config(cfg, self.track_size)))
+        self._run("restore", lib.pm_pair_restore, bool(incremental), bool(protect),
+                  _c_config(cfg, self.track_size))
         self._config, self._job_kind = cfg, "restore"
         return Job(self, "restore")
 
     def resume(self, config: Optional[CopyConfig] = None) -> Job:
         """Continue a job that is paused (by request, by an error, or because
         the pair was reopened mid-copy)."""
-        with self._inflight:
-            if config is not None:
-                self._configure(config)
-            if not read_progress(self).running:
-                raise errors.StateError(f"the pair is {self.state}; there is no copy to resume")
-            check(lib.pm_pair_resume(self._p))
+        if config is not None:
+            self._configure(config)
+        if not read_progress(self).running:
+            raise errors.StateError(f"resume {self._name}: the pair is {self.state}; there is no copy to resume")
+        self._run("resume", lib.pm_pair_resume)
         return Job(self, self._job_kind)
 
     # -- host I/O -----------------------------------------------------------
@@ -272,24 +312,26 @@ class Pair:
         if mv.readonly:
             raise TypeError("readinto needs a writable buffer")
         check_io(offset, mv.nbytes, self.size)
-        with self._inflight:
-            check(lib.pm_pair_read(self._ptr, side, ffi.from_buffer(mv), mv.nbytes, offset))
+        with self._call as p:
+            rc = lib.pm_pair_read(p, side, ffi.from_buffer(mv), mv.nbytes, offset)
+        if rc < 0:
+            raise_for(rc, self.meta_path, f"read {_SIDE[side]} of {self._name}")
 
     def _write(self, side: int, offset: int, data: Any, fua: bool) -> None:
         mv = memoryview(data)
         check_io(offset, mv.nbytes, self.size)
-        with self._inflight:
-            check(lib.pm_pair_write(self._ptr, side, ffi.from_buffer(mv), mv.nbytes, offset,
-                                    lib.PM_IO_FUA if fua else 0))
+        with self._call as p:
+            rc = lib.pm_pair_write(p, side, ffi.from_buffer(mv), mv.nbytes, offset, lib.PM_IO_FUA if fua else 0)
+        if rc < 0:
+            raise_for(rc, self.meta_path, f"write {_SIDE[side]} of {self._name}")
 
     def _write_zeroes(self, side: int, offset: int, length: int, fua: bool) -> None:
         check_io(offset, length, self.size)
-        with self._inflight:
-            check(lib.pm_pair_write_zeroes(self._ptr, side, length, offset, lib.PM_IO_FUA if fua else 0))
+        self._run(f"write zeroes to {_SIDE[side]} of", lib.pm_pair_write_zeroes, side, length, offset,
+                  lib.PM_IO_FUA if fua else 0)
 
     def _flush(self, side: int) -> None:
-        with self._inflight:
-            check(lib.pm_pair_flush(self._ptr, side))
+        self._run(f"flush {_SIDE[side]} of", lib.pm_pair_flush, side)
 
     def readinto(self, offset: int, buf: Any) -> None:
         """Read the standard volume into ``buf`` (zero-copy)."""
@@ -344,8 +386,7 @@ class Pair:
         nxt = ffi.new("uint64_t *")
         start = 0
         while start < self.tracks:
-            with self._inflight:
-                n = check(lib.pm_pair_verify(self._ptr, start, out, batch, nxt))
+            n = self._run("verify", lib.pm_pair_verify, start, out, batch, nxt)
             yield from (int(x) for x in ffi.unpack(out, n))
             if nxt[0] <= start:
                 break
@@ -357,18 +398,15 @@ class Pair:
 
     def commit(self) -> None:
         """Make the pair's state and track tables durable."""
-        with self._inflight:
-            check(lib.pm_pair_commit(self._ptr), self.meta_path)
+        self._run("commit", lib.pm_pair_commit)
 
     def close(self) -> None:
         """Stop the copier (a job stays resumable from the metadata), commit,
-        and close both volumes this pair opened."""
-        if self._ptr is None or not self._inflight.close():
-            return
-        ptr, self._ptr = self._ptr, None
-        try:
-            ffi.release(ptr)   # pm_pair_destroy: stops the copier, commits if anything changed
-        finally:
+        and close both volumes this pair opened.  Waits for calls in flight
+        (a waiting ``Job.wait`` raises ClosedError within a slice); later
+        calls raise ClosedError.  Closing twice is a no-op."""
+        # pm_pair_destroy (run by the release): stops the copier, commits if anything changed
+        if self._close_handle():
             for v in self._owned:
                 v.close()
 
@@ -380,7 +418,7 @@ class Pair:
         self.close()
 
     def __repr__(self) -> str:
-        if self._ptr is None:
+        if self.closed:
             return "<Pair closed>"
         return f"<Pair {self.meta_path or 'memory'} state={self.state} size={self.size}>"
 
@@ -425,12 +463,13 @@ class Pair:
 def track_counts(pair: Pair) -> dict[str, dict[str, int]]:
     """Tracks PENDING and CHANGED on each side, counted in C."""
     out: dict[str, dict[str, int]] = {}
-    for name, side in (("standard", lib.PM_STANDARD), ("mirror", lib.PM_MIRROR)):
-        table = lib.pm_pair_table(pair._p, side)
-        out[name] = {
-            "pending": int(lib.pm_bitmap_count(lib.pm_table_flag(table, lib.PM_PENDING))),
-            "changed": int(lib.pm_bitmap_count(lib.pm_table_flag(table, lib.PM_CHANGED))),
-        }
+    with pair._call as p:
+        for name, side in (("standard", lib.PM_STANDARD), ("mirror", lib.PM_MIRROR)):
+            table = lib.pm_pair_table(p, side)
+            out[name] = {
+                "pending": int(lib.pm_bitmap_count(lib.pm_table_flag(table, lib.PM_PENDING))),
+                "changed": int(lib.pm_bitmap_count(lib.pm_table_flag(table, lib.PM_CHANGED))),
+            }
     return out
 
 
@@ -439,9 +478,9 @@ def peek(meta: PathLike) -> dict[str, Any]:
     pair or its volumes (writes nothing)."""
     meta_path = os.fspath(meta)
     info = ffi.new("struct pm_meta_info *")
-    check(lib.pm_meta_peek(fspath(meta_path), info), meta_path)
+    check(lib.pm_meta_peek(fspath(meta_path), info), meta_path, f"read pair {meta_path}")
     return {
-        "state": STATES[info.state] if 0 <= info.state < len(STATES) else str(info.state),
+        "state": State.from_code(info.state) if 0 <= info.state < len(STATES) else str(info.state),
         "incremental": bool(info.incremental),
         "protect": bool(info.protect),
         "track_size": int(info.track_size),

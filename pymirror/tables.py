@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import errors
+from ._handle import Handle
 from ._native import check, ffi, last_error, lib
 
 __all__ = ["Bitmap", "TrackTable"]
@@ -85,12 +86,13 @@ class _WordsHolder:
         }
 
 
-class Bitmap:
+class Bitmap(Handle):
     """A fixed-size bitmap kept in C.
 
     ``Bitmap(size)`` makes a new, all-clear bitmap of ``size`` bits
     (1 <= size <= 2**48).  Thread-safe: every method is one atomic-per-word
-    C call made without the GIL.
+    C call made without the GIL.  It has no ``close()``: the C bitmap is
+    freed after the last reference (a table's bitmap keeps its table alive).
     """
 
     __slots__ = ("_own", "_p", "_size", "__weakref__")
@@ -106,8 +108,9 @@ class Bitmap:
         check(rc)
         if out[0] == ffi.NULL:  # pragma: no cover - C returned 0 without a bitmap
             raise MemoryError("pm_bitmap_create returned no bitmap")
-        self._own = _Owner(ffi.gc(out[0], lib.pm_bitmap_destroy))
-        self._p = self._own.ptr
+        self._init_handle(ffi.gc(out[0], lib.pm_bitmap_destroy), "the bitmap", closable=False)
+        self._own = _Owner(self._cptr)
+        self._p = self._cptr
         self._size = size
 
     @classmethod
@@ -116,6 +119,9 @@ class Bitmap:
         if ptr == ffi.NULL:  # pragma: no cover - a table always has its flags
             raise ValueError(last_error())
         self = cls.__new__(cls)
+        self._init_handle(ptr, "the bitmap", closable=False)
+        if isinstance(parent, Handle):
+            self._borrow_from(parent)
         self._own = _Owner(ptr, parent)
         self._p = ptr
         self._size = int(lib.pm_bitmap_size(ptr))
@@ -384,7 +390,7 @@ class Bitmap:
         return f"<Bitmap size={self._size} set={self.count()}>"
 
 
-class TrackTable:
+class TrackTable(Handle):
     """The geometry of one volume and its per-track flag bitmaps.
 
     ``TrackTable(volume_size, track_size=65536)``: ``track_size`` must be a
@@ -415,7 +421,8 @@ class TrackTable:
                 f"to {lib.PM_TRACK_SIZE_MAX}")
         out = ffi.new("pm_table **")
         check(lib.pm_table_create(vs, ts, out))
-        self._p = ffi.gc(out[0], lib.pm_table_destroy)
+        self._init_handle(ffi.gc(out[0], lib.pm_table_destroy), "the track table", closable=False)
+        self._p = self._cptr
         self.volume_size = int(lib.pm_table_volume_size(self._p))
         self.track_size = int(lib.pm_table_track_size(self._p))
         self.tracks = int(lib.pm_table_tracks(self._p))

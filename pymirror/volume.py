@@ -7,6 +7,7 @@ from types import TracebackType
 from typing import Any, Optional, Type
 
 from . import errors
+from ._handle import Handle
 from ._native import check, ffi, fspath, lib
 from .config import TRACK_SIZE_MAX, TRACK_SIZE_MIN
 
@@ -33,15 +34,18 @@ def check_io(offset: int, length: int, size: int) -> None:
         )
 
 
-class Volume:
-    """One volume.  Thread-safe for I/O; ``close()`` ends it.
+class Volume(Handle):
+    """One volume.  Thread-safe for I/O; ``close()`` ends it (it waits for
+    I/O in flight; later calls raise ClosedError).  A volume that a
+    :class:`~pymirror.Pair` uses cannot be closed before the pair:
+    ``close()`` then raises :class:`~pymirror.errors.InUseError`.
 
     A volume carries a ``track_size`` (the unit of copying and arbitration a
     pair built on it will use; default 64 KiB).  The last track may be short.
     """
 
     def __init__(self, ptr: Any, path: Optional[str], track_size: int) -> None:
-        self._ptr = ptr
+        self._init_handle(ptr, f"the volume {path}" if path is not None else "the memory volume")
         self.path = path
         self.track_size = _check_track_size(track_size)
         self.size: int = lib.pm_store_size(ptr)
@@ -56,7 +60,7 @@ class Volume:
             raise errors.GeometryError(f"volume size must be a positive number of bytes, got {size!r}")
         out = ffi.new("pm_store **")
         path = os.path.abspath(path)   # a pair records its volumes' paths: make them absolute
-        check(lib.pm_store_open_file(fspath(path), lib.PM_STORE_CREATE, size, out), path)
+        check(lib.pm_store_open_file(fspath(path), lib.PM_STORE_CREATE, size, out), path, f"create volume {path}")
         return cls(ffi.gc(out[0], lib.pm_store_destroy), path, track_size)
 
     @classmethod
@@ -67,7 +71,7 @@ class Volume:
         out = ffi.new("pm_store **")
         flags = lib.PM_STORE_READONLY if readonly else 0
         path = os.path.abspath(path)
-        check(lib.pm_store_open_file(fspath(path), flags, 0, out), path)
+        check(lib.pm_store_open_file(fspath(path), flags, 0, out), path, f"open volume {path}")
         return cls(ffi.gc(out[0], lib.pm_store_destroy), path, track_size)
 
     @classmethod
@@ -77,24 +81,24 @@ class Volume:
         if not isinstance(size, int) or size <= 0:
             raise errors.GeometryError(f"volume size must be a positive number of bytes, got {size!r}")
         out = ffi.new("pm_store **")
-        check(lib.pm_store_create_memory(size, out))
+        check(lib.pm_store_create_memory(size, out), None, "create a memory volume")
         return cls(ffi.gc(out[0], lib.pm_store_destroy), None, track_size)
 
     # -- I/O (direct, not arbitrated: use Pair for a volume in a pair) ------
     @property
-    def _p(self) -> Any:
-        if self._ptr is None:
-            raise errors.ClosedError("the volume is closed")
-        return self._ptr
-
-    @property
     def tracks(self) -> int:
         return -(-self.size // self.track_size)
+
+    def _check(self, rc: int, op: str) -> None:
+        if rc < 0:
+            check(rc, self.path, f"{op} {self.path or 'memory volume'}")
 
     def readinto(self, offset: int, buf: Any) -> None:
         mv = memoryview(buf)
         check_io(offset, mv.nbytes, self.size)
-        check(lib.pm_store_read(self._p, ffi.from_buffer(mv, require_writable=True), mv.nbytes, offset), self.path)
+        with self._call as p:
+            rc = lib.pm_store_read(p, ffi.from_buffer(mv, require_writable=True), mv.nbytes, offset)
+        self._check(rc, "read")
 
     def read(self, offset: int, length: int) -> bytes:
         check_io(offset, length, self.size)
@@ -105,24 +109,30 @@ class Volume:
     def write(self, offset: int, data: Any) -> None:
         mv = memoryview(data)
         check_io(offset, mv.nbytes, self.size)
-        check(lib.pm_store_write(self._p, ffi.from_buffer(mv), mv.nbytes, offset), self.path)
+        with self._call as p:
+            rc = lib.pm_store_write(p, ffi.from_buffer(mv), mv.nbytes, offset)
+        self._check(rc, "write")
 
     def flush(self) -> None:
-        check(lib.pm_store_flush(self._p), self.path)
+        with self._call as p:
+            rc = lib.pm_store_flush(p)
+        self._check(rc, "flush")
 
     def inject_fault(self, op: str, offset: int, length: int, errno: int, count: int = -1) -> None:
         """Make the next ``count`` reads or writes (op ``"read"``/``"write"``)
         touching [offset, offset+length) fail with ``errno`` (tests only)."""
         code = {"read": lib.PM_FAULT_READ, "write": lib.PM_FAULT_WRITE}[op]
-        check(lib.pm_store_inject_fault(self._p, code, offset, length, -abs(errno), count))
+        with self._call as p:
+            check(lib.pm_store_inject_fault(p, code, offset, length, -abs(errno), count))
 
     def clear_faults(self) -> None:
-        check(lib.pm_store_clear_faults(self._p))
+        with self._call as p:
+            check(lib.pm_store_clear_faults(p))
 
     def close(self) -> None:
-        if self._ptr is not None:
-            ptr, self._ptr = self._ptr, None
-            ffi.release(ptr)
+        """Close the volume (once; waits for I/O in flight).  InUseError,
+        and nothing closed, while a pair uses it."""
+        self._close_handle()
 
     def __enter__(self) -> "Volume":
         return self
@@ -133,4 +143,5 @@ class Volume:
 
     def __repr__(self) -> str:
         where = self.path if self.path is not None else "memory"
-        return f"<Volume {where} size={self.size} track_size={self.track_size}>"
+        closed = " closed" if self.closed else ""
+        return f"<Volume {where} size={self.size} track_size={self.track_size}{closed}>"

@@ -16,6 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc"
+pytestmark = pytest.mark.source_tree    # builds csrc/ with make: not run against a built wheel
 
 
 def make(target: str, timeout: int = 1800) -> str:

@@ -15,6 +15,9 @@ configuration file, and explicit arguments.  The file is TOML with one
 It is found by the first of: ``--config PATH`` (CLI) or ``config_path``
 (API), the environment variable ``PYMIRROR_CONFIG``, then
 ``$XDG_CONFIG_HOME/pymirror/config.toml`` (``~/.config/pymirror/config.toml``).
+
+``python -m pymirror.config --cflags --libs`` prints the flags of the C
+library instead (see :mod:`pymirror.capi`).
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from .sizes import parse_size
+from ..errors import MirrorError
+from ..sizes import parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,7 +40,7 @@ TRACK_SIZE_MIN = 4096
 TRACK_SIZE_MAX = 16 << 20
 
 
-class ConfigError(ValueError):
+class ConfigError(MirrorError, ValueError):
     """A configuration file or setting is invalid."""
 
 
