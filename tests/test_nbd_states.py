@@ -14,7 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-
 import pymirror
 from pymirror import CopyConfig
 from pymirror.nbd import NBDServer
