@@ -397,3 +397,18 @@ def test_a_pair_closed_under_the_server_harms_no_other(multi):
     assert c.go("live")[P.INFO_EXPORT][0] == SIZE
     server.remove_pair("gone", timeout=5)
     assert server.pairs() == ["live"]
+
+
+def test_a_pair_exported_read_only(multi):
+    server, pairs, _ = multi
+    pairs["ro"], pairs["rw"] = filled_pair(1), filled_pair(2)
+    pairs["ro"].split()
+    server.add_pair("ro", pairs["ro"], readonly=True)
+    server.add_pair("rw", pairs["rw"])
+    for name, ro in (("ro", True), ("ro/mirror", True), ("rw", False)):
+        c, _, flags = connect(server.socket_path, name)
+        assert bool(flags & P.TFLAG_READ_ONLY) == ro, name
+        c.request(P.CMD_WRITE, 0, 1, b"w", cookie=1)
+        assert c.reply()[:2] == ((P.EPERM if ro else 0), 1)
+    assert pairs["ro"].read(0, 1) == b"\x01" and pairs["ro"].mirror_read(0, 1) == b"\x01"
+    assert pairs["rw"].read(0, 1) == b"w"
