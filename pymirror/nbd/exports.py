@@ -40,6 +40,7 @@ from . import protocol as P
 MIRROR = "/mirror"                 # a pair's mirror export is NAME + MIRROR
 MAX_PAIR_NAME = 255                # bytes of UTF-8
 _MIRROR_READABLE = ("established", "split", "restoring", "restored")
+_MIRROR_WRITABLE = ("split", "restored")
 
 
 def check_pair_name(name: Any) -> str:
@@ -109,7 +110,7 @@ class PairEntry:
         if state not in _MIRROR_READABLE:
             return None, (f"export {name!r} is not available while the pair is {state}: the mirror "
                           "is exported when established, split, restoring or restored")
-        ro = self.readonly or not p.mirror_writable
+        ro = self.readonly or state not in _MIRROR_WRITABLE       # the state read once
         what = "the mirror" if self.legacy else f"pair {self.name}: the mirror"
         track = int(getattr(p, "track_size", 4096))
         return Export(name, "mirror", f"pymirror: {what} ({state}, {'read-only' if ro else 'writable'})",
@@ -130,7 +131,7 @@ def _mirror_writable(pair: Any, name: str) -> Callable[[], Optional[str]]:
             state = pair.state
         except errors.ClosedError:
             return "the pair is closed"
-        if state in ("split", "restored"):
+        if state in _MIRROR_WRITABLE:
             return None
         return f"the {name} export may not be written while the pair is {state} " \
                "(the mirror is writable when split or restored)"
