@@ -37,3 +37,4 @@ __all__ = [
     "load_settings", "__version__",
 ]
 
+from .service.client import connect  # noqa: E402  (the daemon client; pymirror/service/)

@@ -86,6 +86,12 @@ def verify_dict(pair: "Pair", name: Optional[str] = None) -> dict[str, Any]:
     if pair.progress.running:
         raise errors.StateError(f"{label}: a copy is in progress ({pair.state}); "
                                 f"verify compares settled volumes: resume it and let it finish first")
-    diff = pair.verify()
+    return verify_result(pair, pair.verify())
+
+
+def verify_result(pair: "Pair", differing: list[int]) -> dict[str, Any]:
+    """The verify dict for a comparison already made (the daemon's online
+    verify scans in its own steps, with progress, and reports through here)."""
+    diff = sorted(differing)
     return {"meta": pair.meta_path, "equal": not diff, "tracks": pair.tracks,
             "track_size": pair.track_size, "differing": diff}
