@@ -142,28 +142,30 @@ class Client:
     def events(self, pair: Optional[str] = None, timeout: Optional[float] = None) -> Iterator[dict[str, Any]]:
         """Live events (of one pair or group, or of every pair), as dicts
         ``{"event", "data", "timestamp"}``, until the connection closes; with
-        ``timeout``, the iterator ends after that many seconds without one."""
-        key = pair if pair is not None else None
-        if self._subscribed != key:
+        ``timeout``, the iterator ends after that many seconds without one.
+        The subscription starts when this is called, not at the first
+        ``next()``."""
+        if self._subscribed != pair:
             self.execute("subscribe", pair=pair)
-            self._subscribed = key
+            self._subscribed = pair
+        return self._event_stream(timeout)
+
+    def _event_stream(self, timeout: Optional[float]) -> Iterator[dict[str, Any]]:
         while True:
             with self._lock:
                 if self._events:
-                    yield self._events.popleft()
-                    continue
-                old = self._sock.gettimeout()
-                self._sock.settimeout(timeout)
-                try:
-                    msg = self._read()
-                except DaemonUnreachable:
-                    if timeout is not None and old != timeout:
-                        pass
-                    self._sock.settimeout(old)
-                    if timeout is not None:
-                        return
-                    raise
-                self._sock.settimeout(old)
+                    msg = self._events.popleft()
+                else:
+                    old = self._sock.gettimeout()
+                    self._sock.settimeout(timeout)
+                    try:
+                        msg = self._read()
+                    except DaemonUnreachable:
+                        if timeout is not None:
+                            return
+                        raise
+                    finally:
+                        self._sock.settimeout(old)
             if "event" in msg:
                 yield msg
 

@@ -595,10 +595,13 @@ class Daemon:
                 pair = h.need()
                 p = pair.progress
                 if p.running and p.paused and p.error:
+                    h.watch()
                     return "paused-error"
                 if p.running or (h.verify is not None and not h.verify.finished.is_set()):
                     done = False
             if done:
+                for h in helds:
+                    h.watch()       # the job-done event goes out before the reply
                 return "done"
             if deadline is not None and time.monotonic() >= deadline:
                 return "timeout"

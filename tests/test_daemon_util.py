@@ -1,0 +1,125 @@
+"""Helpers for the daemon tests (no tests here; the test_daemon_* files load
+this module by path): a real daemon in a subprocess with its own control
+socket and state directory, and small file-backed pairs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import pymirror
+from pymirror.volume import Volume
+
+MiB = 1 << 20
+
+
+def make_pair(d: Path, name: str, size: int = 2 * MiB, track_size: int = 64 << 10,
+              fill: Optional[bytes] = None) -> Path:
+    """A new pair NAME.meta with NAME.std / NAME.bcv in ``d``; ``fill`` (one
+    byte repeated) is written to the standard first."""
+    std, bcv, meta = d / f"{name}.std", d / f"{name}.bcv", d / f"{name}.meta"
+    for path in (std, bcv):
+        Volume.create(str(path), size, track_size).close()
+    with pymirror.Pair.create(str(meta), str(std), str(bcv), track_size=track_size) as p:
+        if fill is not None:
+            p.write(0, fill * size)
+    return meta
+
+
+class DaemonProc:
+    """``python -m pymirror.service`` with paths under ``d``."""
+
+    def __init__(self, d: Path, nbd: bool = True) -> None:
+        self.d = d
+        self.control = str(d / "run" / "control.sock")
+        self.state_dir = str(d / "state")
+        self.nbd = str(d / "nbd.sock") if nbd else None
+        self.log = d / "daemon.log"
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    def start(self, *metas: Any, extra: tuple[str, ...] = (), wait: bool = True) -> "DaemonProc":
+        cmd = [sys.executable, "-m", "pymirror.service", "--control", self.control,
+               "--state-dir", self.state_dir, *extra]
+        if self.nbd:
+            cmd += ["--socket", self.nbd]
+        cmd += [str(m) for m in metas]
+        self._logfh = open(self.log, "ab")
+        self._log_from = self._logfh.tell()
+        self.proc = subprocess.Popen(cmd, stdout=self._logfh, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd="/")
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log_text()}")
+            if "ready:" in self.log_text()[self._log_from:]:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"daemon not ready:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def client(self, **kw: Any) -> Any:
+        return pymirror.connect(self.control, **kw)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        self._logfh.close()
+        return rc
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+def raw_control(path: str, timeout: float = 10.0) -> tuple[socket.socket, Any]:
+    """A bare control connection: (socket, file for reading lines), greeting read."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(path)
+    f = s.makefile("rb")
+    hello = json.loads(f.readline())
+    assert "pymirror" in hello
+    return s, f
+
+
+def rpc(s: socket.socket, f: Any, line: bytes) -> dict[str, Any]:
+    s.sendall(line if line.endswith(b"\n") else line + b"\n")
+    while True:
+        msg = json.loads(f.readline())
+        if "event" not in msg:
+            return msg
+
+
+def wait_until(pred: Any, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
