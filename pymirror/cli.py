@@ -813,18 +813,20 @@ def watch(obj: Ctx, pair: Optional[str], as_json: bool, until_done: bool) -> Non
             name = client.find(os.path.realpath(pair) if os.path.exists(pair) else pair)
             if not name:
                 raise errors.MirrorError(f"{pair}: the daemon holds no pair of that name (see 'pymirror status')")
+        events = _events(client, name)          # subscribed from here on: no event is missed
         if until_done:
             q = dict(client.pair(name).query())
-            if not q.get("job"):
-                out(f"{pair}: {q['state']}, no copy in progress")
+            if not combined_job(q):
+                out(f"{pair}: {q.get('state', 'group')}, no copy in progress")
                 return
-        for ev in _events(client, name):
+        for ev in events:
             out(json.dumps(ev, sort_keys=True) if as_json else format_event(ev))
             sys.stdout.flush()
             if until_done:
                 kind, data = ev.get("event"), ev.get("data") or {}
-                if kind == "job-done" and data.get("kind") != "verify":
-                    return
+                if kind == "job-done" and data.get("kind") != "verify" and \
+                        not combined_job(dict(client.pair(name).query())):
+                    return          # (a group: when the last of its pairs is done)
                 if kind == "job-paused" and data.get("error"):
                     sys.exit(EXIT_NO)
     finally:
@@ -832,9 +834,8 @@ def watch(obj: Ctx, pair: Optional[str], as_json: bool, until_done: bool) -> Non
 
 
 def _events(client: Any, name: Optional[str]) -> Iterator[dict[str, Any]]:
-    it = client.events(pair=name) if name is not None else client.events()
-    for ev in it:
-        yield dict(ev)
+    """The daemon's live events (subscribed when this is called)."""
+    return client.events(pair=name)
 
 
 def _stamp(ev: dict[str, Any]) -> str:

@@ -125,15 +125,7 @@ class RemoteTarget:
         self.rp.restore(incremental=incremental, protect=protect, **_given(copy))
 
     def resume(self, **copy: Any) -> None:
-        given = _given(copy)
-        rate = given.pop("rate", None)
-        if given:
-            raise errors.StateError(
-                f"{self.label} is held by a daemon: resume there takes --rate only "
-                f"(copiers and batch size are the daemon's)")
-        self.rp.resume()
-        if rate is not None:
-            self.rp.set_rate(rate)
+        self.rp.resume(**_given(copy))
 
     def pause(self) -> None:
         self.rp.pause()
@@ -162,28 +154,19 @@ Target = "LocalTarget | RemoteTarget"
 
 
 def connect_or_none(control: Optional[str]) -> Any:
-    """A client of the daemon at ``control`` (None: the default path), or
-    None when no daemon listens there."""
-    try:
-        from .service.client import connect
-    except ModuleNotFoundError as exc:  # TEMPORARY until the service lands on this branch
-        if (exc.name or "").startswith("pymirror.service"):
-            return None
-        raise
+    """A client of the daemon at ``control`` (None: ``$PYMIRROR_CONTROL``,
+    then the default path), or None when no daemon listens there."""
+    from .service.client import connect
+    from .service.protocol import DaemonUnreachable
+
     try:
         return connect(control)
-    except errors.MirrorError as exc:
-        if type(exc).__name__ == "DaemonUnreachable":
-            return None
-        raise
+    except DaemonUnreachable:
+        return None
 
 
 def control_label(control: Optional[str]) -> str:
-    if control:
-        return control
-    try:
-        from .service import paths
+    """The control socket's path, for messages."""
+    from .service.paths import control_path
 
-        return str(paths.default_control_path())
-    except Exception:  # the default's name is only for the message
-        return "the default control socket"
+    return control_path(control)
