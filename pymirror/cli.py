@@ -557,7 +557,8 @@ def cancel(obj: Ctx, pair: str) -> None:
 @click.argument("rate", type=SIZE)
 @click.pass_obj
 def set_rate(obj: Ctx, pair: str, rate: int) -> None:
-    """Change the running copy's rate limit (bytes per second, 8M = 8 MiB/s; 0 = none)."""
+    """Change the copy rate limit (bytes per second, 8M = 8 MiB/s; 0 = none) of
+    the pair's copy, at once; a daemon keeps it for the pair's next copies too."""
     t = open_target(obj, pair)
     try:
         t.set_rate(rate)
