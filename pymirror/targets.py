@@ -150,9 +150,6 @@ def _given(copy: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in copy.items() if v is not None}
 
 
-Target = "LocalTarget | RemoteTarget"
-
-
 def connect_or_none(control: Optional[str]) -> Any:
     """A client of the daemon at ``control`` (None: ``$PYMIRROR_CONTROL``,
     then the default path), or None when no daemon listens there."""
