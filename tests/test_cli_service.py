@@ -193,3 +193,19 @@ def test_control_from_the_environment(daemon, tmp_path):
     pm(daemon, "attach", meta)
     env = dict(os.environ, PYMIRROR_CONTROL=str(daemon.control))
     assert json.loads(run("query", "envpair", "--json", env=env).stdout)["state"] == "new"
+
+
+def test_the_same_output_here_and_through_the_daemon(daemon, tmp_path):
+    meta = make_pair(tmp_path, "same", size="2M", fill=b"\x44")
+    run("establish", meta)
+    run("split", meta)
+    with pymirror.Pair.open(meta) as p:
+        p.write(70000, b"changed")
+        p.mirror_write(1 << 20, b"changed too")
+    local = {args: run(*args, meta, check=False) for args in
+             [("query",), ("query", "--json"), ("verify",), ("verify", "--json")]}
+    pm(daemon, "attach", meta)
+    for args, here in local.items():
+        there = pm(daemon, *args, meta, check=False)
+        assert (there.returncode, there.stdout) == (here.returncode, here.stdout), args
+    assert local[("verify",)].returncode == 1
