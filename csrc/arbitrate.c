@@ -86,6 +86,61 @@ static void unlock_span(pm_pair *p, uint64_t t0, uint64_t t1)
         pm_track_unlock(p, t);
 }
 
+/* ---- the I/O barrier ------------------------------------------------------
+ *
+ * Host writes, write-zeroes and flushes (either side) pass the barrier
+ * before anything else; pm_pair_hold_io closes it and waits for those in
+ * flight, so a group of pairs can change state at one instant with respect
+ * to dependent writes.  Reads and the copier do not pass it.  The fast path
+ * is two seq_cst atomics, no lock.  No lost wake-up: a holder increments
+ * io_holds then reads io_inflight under io_mu; a writer leaving decrements
+ * io_inflight then reads io_holds, and broadcasts under io_mu if held. */
+
+static void io_exit(pm_pair *p)
+{
+    if (pm_fetch_sub(&p->io_inflight, 1) == 1 && pm_load_seqcst(&p->io_holds) > 0) {
+        pthread_mutex_lock(&p->io_mu);
+        pthread_cond_broadcast(&p->io_cond);   /* the holder waiting for the drain */
+        pthread_mutex_unlock(&p->io_mu);
+    }
+}
+
+static void io_enter(pm_pair *p)
+{
+    for (;;) {
+        pm_fetch_add(&p->io_inflight, 1);
+        if (PM_LIKELY(pm_load_seqcst(&p->io_holds) == 0))
+            return;
+        io_exit(p);                            /* held: step back and wait */
+        pthread_mutex_lock(&p->io_mu);
+        while (pm_load_seqcst(&p->io_holds) > 0)
+            pthread_cond_wait(&p->io_cond, &p->io_mu);
+        pthread_mutex_unlock(&p->io_mu);
+    }
+}
+
+int pm_pair_hold_io(pm_pair *p)
+{
+    pthread_mutex_lock(&p->io_mu);
+    pm_fetch_add(&p->io_holds, 1);
+    while (pm_load_seqcst(&p->io_inflight) > 0)
+        pthread_cond_wait(&p->io_cond, &p->io_mu);
+    pthread_mutex_unlock(&p->io_mu);
+    return 0;
+}
+
+int pm_pair_release_io(pm_pair *p)
+{
+    int rc = 0;
+    pthread_mutex_lock(&p->io_mu);
+    if (pm_load_seqcst(&p->io_holds) == 0)
+        rc = PM_FAIL(PM_E_STATE, "host I/O is not held");
+    else if (pm_fetch_sub(&p->io_holds, 1) == 1)
+        pthread_cond_broadcast(&p->io_cond);   /* writers waiting at the barrier */
+    pthread_mutex_unlock(&p->io_mu);
+    return rc;
+}
+
 /* ---- checks -------------------------------------------------------------- */
 
 static int check_io(const pm_pair *p, int side, uint64_t len, uint64_t off, const char *func)
@@ -322,12 +377,26 @@ static int write_locked(pm_pair *p, int side, int state, const struct wsrc *src,
     return rc;
 }
 
+static int do_write_entered(pm_pair *p, int side, const struct wsrc *src, uint64_t len, uint64_t offset,
+                            unsigned flags, const char *func);
+
 static int do_write(pm_pair *p, int side, const struct wsrc *src, uint64_t len, uint64_t offset,
                     unsigned flags, const char *func)
 {
     int rc = check_io(p, side, len, offset, func);
     if (rc || len == 0)
         return rc;
+    io_enter(p);
+    rc = do_write_entered(p, side, src, len, offset, flags, func);
+    io_exit(p);
+    return rc;
+}
+
+/* do_write past the I/O barrier. */
+static int do_write_entered(pm_pair *p, int side, const struct wsrc *src, uint64_t len, uint64_t offset,
+                            unsigned flags, const char *func)
+{
+    int rc = 0;
     pthread_rwlock_rdlock(&p->cmd_lock);
     int state = pm_pair_state(p);
     if (side == PM_MIRROR && !mirror_writable(state)) {
@@ -398,10 +467,12 @@ int pm_pair_flush(pm_pair *p, int side)
 {
     if (side != PM_STANDARD && side != PM_MIRROR)
         return PM_FAIL(-EINVAL, "side must be PM_STANDARD or PM_MIRROR, got %d", side);
+    io_enter(p);
     int rc = pm_store_flush(p->store[side]);
     if (rc == 0 && side == PM_STANDARD && is_mirrored(p, pm_pair_state(p)))
         rc = pm_store_flush(p->store[PM_MIRROR]);
     if (rc == 0)
         rc = pm_meta_commit_all(p);
+    io_exit(p);
     return rc;
 }

@@ -45,6 +45,8 @@ static void finish_job(pm_pair *p)
         p->error = 0;           /* host writes covered a track that had failed */
         p->error_track = -1;
         p->t_end = pm_now();
+        if (p->target == PM_MIRROR)
+            pm_store_relaxed(&p->mirror_invalid, 0);   /* the mirror is a whole image again */
         pm_store_release(&p->state, done);
     }
     pthread_mutex_unlock(&p->mu);
@@ -200,16 +202,24 @@ static void rate_refund(pm_pair *p, uint64_t bytes)
     pthread_mutex_unlock(&p->rate_mu);
 }
 
+/* Pause the job on an error, and make the error durable (the metadata
+ * header records it, so a reopened pair still says why it stopped).  May be
+ * called with track locks held: the lock order is tracks -> metadata -> mu. */
 static void job_error(pm_pair *p, int rc, uint64_t track)
 {
     pthread_mutex_lock(&p->mu);
-    if (p->error == 0) {
+    int first = p->error == 0;
+    if (first) {
         p->error = rc;
         p->error_track = (int64_t)track;
     }
     pm_store_seqcst(&p->run, 0);
     pthread_cond_broadcast(&p->cond);
     pthread_mutex_unlock(&p->mu);
+    if (first) {
+        pm_meta_dirty(p);
+        pm_meta_commit_all(p);   /* best effort: a failing volume may fail the commit too */
+    }
 }
 
 /* Copy the run [s, s+k) whose tracks this thread holds. */

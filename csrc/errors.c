@@ -42,6 +42,7 @@ const char *pm_strerror(int code)
     case PM_E_JOB: return "copy job stopped on an error";
     case PM_E_TIMEDOUT: return "timed out";
     case PM_E_CLOSED: return "object is closed";
+    case PM_E_BUSY: return "volume is in use by another pair";
     default: break;
     }
     if (code < 0 && code > -4096) {

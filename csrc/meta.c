@@ -67,6 +67,12 @@ struct disk_header {
     uint32_t table_crc[6];
     uint64_t region_tracks;    /* tracks per intent region */
     uint64_t intent_bytes;     /* one INTENT table, padded */
+    /* Added in place (older files hold zeros here, which read as "no
+     * error, mirror consistent"; the format version stays 1): */
+    int32_t job_error;         /* the error that paused the job, or 0 */
+    uint32_t reserved;
+    int64_t job_error_track;   /* its track (meaningful when job_error != 0) */
+    uint64_t mirror_invalid;   /* mirror tracks not part of a point-in-time image */
 };
 #define FLAG_INCREMENTAL 1u
 #define FLAG_PROTECT 2u
@@ -76,6 +82,7 @@ struct disk_header {
 #define STD_PATH_AT 512u
 #define MIR_PATH_AT (512u + 4096u)
 #define CRC_AT (SLOT_SIZE - 4u)
+_Static_assert(sizeof(struct disk_header) <= STD_PATH_AT, "the header must end before the paths");
 
 struct pm_meta {
     pm_store *store;            /* where the metadata lives */
@@ -96,6 +103,7 @@ struct pm_meta {
     uint64_t dirty_committed;
     int last_clean;             /* the current slot says "closed cleanly" */
     uint32_t snap_state, snap_flags;   /* state recorded with the PENDING snapshot */
+    uint64_t snap_invalid;      /* mirror_invalid as of that snapshot */
     double last_commit;
     pm_atomic_u64 commits, syncs;
     pm_atomic_int need_full;    /* the next commit must refresh PENDING (a job began) */
@@ -175,8 +183,16 @@ static int commit_locked(pm_pair *p, int full, int clean)
     if (fresh) {
         m->snap_state = state_now;
         m->snap_flags = flags_now;
+        m->snap_invalid = pm_mirror_invalid_now(p);
     }
     h.state = m->snap_state;
+    h.mirror_invalid = m->snap_invalid;
+    pthread_mutex_lock(&p->mu);      /* lock order: metadata lock, then mu */
+    if (p->job_active && p->error) {
+        h.job_error = p->error;
+        h.job_error_track = p->error_track;
+    }
+    pthread_mutex_unlock(&p->mu);
     h.flags = m->snap_flags | (clean ? FLAG_CLEAN : 0u);
     pm_bitmap_copy(m->intent_snap[0], m->intent[0]);
     pm_bitmap_copy(m->intent_snap[1], m->intent[1]);
@@ -389,6 +405,7 @@ static int read_slot(pm_store *st, int slot, unsigned char *hdr, struct disk_hea
         (h->track_size & (h->track_size - 1)) || h->volume_size == 0 ||
         h->tracks != (h->volume_size + h->track_size - 1) / h->track_size ||
         h->table_bytes != round4k((h->tracks + 7) / 8) ||
+        h->job_error > 0 || h->mirror_invalid > h->tracks ||
         hdr[STD_PATH_AT + PM_PATH_MAX - 1] != 0 || hdr[MIR_PATH_AT + PM_PATH_MAX - 1] != 0)
         return PM_FAIL(PM_E_CORRUPT, "%s: header slot %d has impossible values", path, slot);
     unsigned char *buf = malloc((size_t)h->table_bytes);
@@ -448,17 +465,21 @@ static int open_meta_store(const char *path, int lock, pm_store **out)
     if (sb.st_size == 0)
         return PM_FAIL(PM_E_CORRUPT, "%s: the metadata file is empty", path);
     pm_store *st;
-    int rc = pm_store_open_file(path, 0, 0, &st);
+    int rc = pm_store_open_file(path, PM_STORE_NOLOCK, 0, &st);
     if (rc == -EACCES && !lock)
-        rc = pm_store_open_file(path, PM_STORE_READONLY, 0, &st);
+        rc = pm_store_open_file(path, PM_STORE_READONLY | PM_STORE_NOLOCK, 0, &st);
     if (rc < 0)
         return rc;
     if (lock && flock(st->fd, LOCK_EX | LOCK_NB) < 0) {
         int e = errno;
         pm_store_destroy(st);
-        if (e == EWOULDBLOCK)
-            return PM_FAIL(-EBUSY, "%s: the pair is in use by another process", path);
-        return PM_FAIL(-e, "%s: cannot lock the metadata", path);
+        if (e != EWOULDBLOCK)
+            return PM_FAIL(-e, "%s: cannot lock the metadata", path);
+        int pid = pm__lock_holder((uint64_t)sb.st_dev, (uint64_t)sb.st_ino);
+        if (pid > 0)
+            return PM_FAIL(PM_E_BUSY, "%s: the pair is in use by another pair object or process (pid %d)",
+                           path, pid);
+        return PM_FAIL(PM_E_BUSY, "%s: the pair is in use by another pair object or process", path);
     }
     *out = st;
     return 0;
@@ -473,6 +494,9 @@ static void fill_info(const struct disk_header *h, const unsigned char *hdr, str
     out->track_size = h->track_size;
     out->volume_size = h->volume_size;
     out->generation = h->generation;
+    out->error = h->job_error;
+    out->error_track = h->job_error ? h->job_error_track : -1;
+    out->mirror_invalid = h->mirror_invalid;
     memcpy(out->standard_path, hdr + STD_PATH_AT, PM_PATH_MAX);
     memcpy(out->mirror_path, hdr + MIR_PATH_AT, PM_PATH_MAX);
 }
@@ -592,7 +616,6 @@ int pm_pair_create_meta(const char *meta_path, pm_store *standard, pm_store *mir
     int rc = pm_store_open_file(meta_path, PM_STORE_CREATE, pm_meta_size(standard->size, track_size), &st);
     if (rc)
         return PM_FAIL(rc, "%s: cannot create the metadata", meta_path);
-    flock(st->fd, LOCK_EX | LOCK_NB);
     rc = create_on_store(st, 1, meta_path, standard, mirror, track_size, out);
     if (rc) {
         char msg[512];
@@ -707,19 +730,28 @@ static int open_on_store(pm_store *st, int own, const char *label, pm_store *sta
         if (state == PM_STATE_ESTABLISHED && pm_bitmap_count(pending) > 0)
             state = PM_STATE_SYNCING;      /* resumable like any interrupted establish */
     }
+    pm_store_relaxed(&p->mirror_invalid, h.mirror_invalid);
     if (state == PM_STATE_SYNCING || state == PM_STATE_RESTORING) {
         int target = state == PM_STATE_SYNCING ? PM_MIRROR : PM_STANDARD;
         uint64_t n = pm_bitmap_count(p->table[target]->flags[PM_PENDING]);
         p->target = target;
         p->job_active = 1;
         p->paused_req = 1;          /* resumes on request */
+        if (h.job_error != 0) {     /* it had stopped on an error: say so again */
+            p->error = h.job_error;
+            p->error_track = h.job_error_track;
+        }
         p->t_start = pm_now();
         pm_store_relaxed(&p->tracks_total, n);
         pm_store_seqcst(&p->pending_left, n);
         if (n == 0) {               /* committed just before it ended */
             p->job_active = 0;
             p->paused_req = 0;
+            p->error = 0;
+            p->error_track = -1;
             p->t_end = p->t_start;
+            if (target == PM_MIRROR)
+                pm_store_relaxed(&p->mirror_invalid, 0);
             state = target == PM_MIRROR || !(h.flags & FLAG_PROTECT) ? PM_STATE_ESTABLISHED : PM_STATE_RESTORED;
             pm_meta_dirty(p);
         }

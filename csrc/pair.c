@@ -52,14 +52,59 @@ struct timespec pm_deadline(double t)
     return ts;
 }
 
-void pm_copy_config_default(struct pm_copy_config *cfg)
+/* ---- structs that grow ---------------------------------------------------
+ *
+ * The sizes of the first sized versions (0.2).  They never change: a struct
+ * of this size, or size 0, is what a program built against 0.2 passes. */
+#define CONFIG_SIZE_0_2 32u
+#define PROGRESS_SIZE_0_2 160u
+_Static_assert(sizeof(struct pm_copy_config) >= CONFIG_SIZE_0_2, "pm_copy_config only grows");
+_Static_assert(sizeof(struct pm_progress) >= PROGRESS_SIZE_0_2, "pm_progress only grows");
+
+static void config_defaults(struct pm_copy_config *cfg)
 {
     memset(cfg, 0, sizeof *cfg);
+    cfg->size = sizeof *cfg;
     cfg->copiers = 2;
     cfg->batch_bytes = 1u << 20;
     cfg->rate_bytes = 0;
     cfg->retries = 3;
     cfg->read_policy = PM_READ_REDIRECT;
+}
+
+int pm_copy_config_init(struct pm_copy_config *cfg, size_t size)
+{
+    if (cfg == NULL || size < sizeof(uint32_t) || size > UINT32_MAX)
+        return PM_FAIL(-EINVAL, "the config's size %zu is not a valid struct size", size);
+    struct pm_copy_config d;
+    config_defaults(&d);
+    size_t n = size < sizeof d ? size : sizeof d;
+    memcpy(cfg, &d, n);
+    if (size > n)
+        memset((char *)cfg + n, 0, size - n);   /* fields of a newer header: zero = default */
+    cfg->size = (uint32_t)size;
+    return 0;
+}
+
+void pm_copy_config_default(struct pm_copy_config *cfg)
+{
+    pm_copy_config_init(cfg, CONFIG_SIZE_0_2);
+}
+
+/* A caller's config (any version) as this library's struct. */
+static int import_config(const struct pm_copy_config *in, struct pm_copy_config *out, const char *func)
+{
+    size_t size = in->size ? in->size : CONFIG_SIZE_0_2;
+    config_defaults(out);
+    if (size < sizeof(uint32_t))
+        return pm_fail(func, -EINVAL, "the config's size field is %zu: set it to sizeof the struct", size);
+    for (size_t i = sizeof *out; i < size; i++)
+        if (((const unsigned char *)in)[i] != 0)
+            return pm_fail(func, -E2BIG, "the config sets fields this library (version %d.%d) does not know",
+                           PM_VERSION_MAJOR, PM_VERSION_MINOR);
+    memcpy(out, in, size < sizeof *out ? size : sizeof *out);
+    out->size = sizeof *out;
+    return 0;
 }
 
 static int check_config(const pm_pair *p, const struct pm_copy_config *c, const char *func)
@@ -125,6 +170,8 @@ int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm
     pthread_cond_init(&p->cond, &ca);
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&p->rate_mu, NULL);
+    pthread_mutex_init(&p->io_mu, NULL);
+    pthread_cond_init(&p->io_cond, NULL);
     for (int i = 0; i < PM_LOCK_BUCKETS; i++) {
         pthread_mutex_init(&p->buckets[i].m, NULL);
         pthread_cond_init(&p->buckets[i].c, NULL);
@@ -152,6 +199,8 @@ void pm_pair_destroy(pm_pair *p)
         pthread_cond_destroy(&p->buckets[i].c);
     }
     pthread_mutex_destroy(&p->rate_mu);
+    pthread_cond_destroy(&p->io_cond);
+    pthread_mutex_destroy(&p->io_mu);
     pthread_cond_destroy(&p->cond);
     pthread_mutex_destroy(&p->mu);
     pthread_rwlock_destroy(&p->cmd_lock);
@@ -227,6 +276,8 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
         /* nothing to copy: the job is done at once */
         p->job_active = 0;
         p->t_end = p->t_start;
+        if (target == PM_MIRROR)
+            pm_store_relaxed(&p->mirror_invalid, 0);
         int done = target == PM_MIRROR ? PM_STATE_ESTABLISHED
                  : (protect ? PM_STATE_RESTORED : PM_STATE_ESTABLISHED);
         pm_store_release(&p->state, done);
@@ -240,12 +291,15 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
 
 int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *cfg)
 {
-    struct pm_copy_config dflt;
-    if (cfg == NULL) {
-        pm_copy_config_default(&dflt);
-        cfg = &dflt;
-    }
-    int rc = check_config(p, cfg, __func__);
+    struct pm_copy_config mine;
+    int rc = 0;
+    if (cfg == NULL)
+        config_defaults(&mine);
+    else
+        rc = import_config(cfg, &mine, __func__);
+    cfg = &mine;
+    if (rc == 0)
+        rc = check_config(p, cfg, __func__);
     if (rc)
         return rc;
     pthread_rwlock_wrlock(&p->cmd_lock);
@@ -263,20 +317,37 @@ int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *
     return rc;
 }
 
+uint64_t pm_mirror_invalid_now(pm_pair *p)
+{
+    if (pm_pair_state(p) == PM_STATE_SYNCING)
+        return pm_bitmap_count(p->table[PM_MIRROR]->flags[PM_PENDING]);
+    return pm_load_relaxed(&p->mirror_invalid);
+}
+
+uint64_t pm_pair_mirror_invalid(const pm_pair *p) { return pm_mirror_invalid_now((pm_pair *)p); }
+
 int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_copy_config *cfg)
 {
-    struct pm_copy_config dflt;
-    if (cfg == NULL) {
-        pm_copy_config_default(&dflt);
-        cfg = &dflt;
-    }
-    int rc = check_config(p, cfg, __func__);
+    struct pm_copy_config mine;
+    int rc = 0;
+    if (cfg == NULL)
+        config_defaults(&mine);
+    else
+        rc = import_config(cfg, &mine, __func__);
+    cfg = &mine;
+    if (rc == 0)
+        rc = check_config(p, cfg, __func__);
     if (rc)
         return rc;
     pthread_rwlock_wrlock(&p->cmd_lock);
     int s = pm_pair_state(p);
+    uint64_t invalid = pm_mirror_invalid_now(p);
     if (s != PM_STATE_SPLIT && s != PM_STATE_RESTORED)
         rc = wrong_state(__func__, s, "restore is allowed when split or restored");
+    else if (invalid > 0)
+        rc = PM_FAIL(PM_E_STATE, "the mirror is inconsistent: %llu of its tracks are not part of a "
+                     "point-in-time image (an establish was cancelled or failed); establish again "
+                     "before restoring from it", (unsigned long long)invalid);
     else
         rc = begin_job(p, PM_STANDARD, incremental, protect, PM_STATE_RESTORING, cfg);
     /* Nothing to copy: no copier will make the commit, so make it here
@@ -323,6 +394,56 @@ int pm_pair_split(pm_pair *p)
          * restore began: CHANGED must keep those tracks, or a later
          * incremental restore or establish would silently skip them. */
         rc = set_state_and_commit(p, PM_STATE_SPLIT, s == PM_STATE_ESTABLISHED);
+    pthread_rwlock_unlock(&p->cmd_lock);
+    return rc;
+}
+
+int pm_pair_cancel(pm_pair *p)
+{
+    pthread_rwlock_wrlock(&p->cmd_lock);   /* no host I/O: nothing clears PENDING meanwhile */
+    int s = pm_pair_state(p), rc = 0;
+    if (s == PM_STATE_RESTORING) {
+        rc = PM_FAIL(PM_E_STATE, "a restore cannot be cancelled: the standard depends on the mirror "
+                     "until the restore is done; use pause to stop the copy for now");
+    } else if (s != PM_STATE_SYNCING) {
+        rc = wrong_state(__func__, s, "cancel ends an establish (syncing), and there is none");
+    } else {
+        pthread_mutex_lock(&p->mu);
+        /* The copier ends a job under mu; once job_active is 0 here, it
+         * cannot end this one (finish_job re-checks job_active). */
+        int ours = p->job_active && pm_pair_state(p) == PM_STATE_SYNCING;
+        if (ours) {
+            p->job_active = 0;
+            p->paused_req = 0;
+            p->error = 0;
+            p->error_track = -1;
+            p->t_end = pm_now();
+            pm_store_seqcst(&p->run, 0);
+            pthread_cond_broadcast(&p->cond);
+        }
+        s = pm_pair_state(p);
+        pthread_mutex_unlock(&p->mu);
+        if (!ours) {
+            rc = wrong_state(__func__, s, "the establish ended before it could be cancelled");
+        } else {
+            pm_job_join_threads(p);         /* copiers finish their batch and exit */
+            pm_meta_lock(p);
+            pm_bitmap *pending = p->table[PM_MIRROR]->flags[PM_PENDING];
+            uint64_t n = pm_bitmap_count(pending);
+            pm_bitmap_union(p->table[PM_MIRROR]->flags[PM_CHANGED], pending);
+            pm_bitmap_zero(pending);
+            pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_PENDING]);
+            pm_store_seqcst(&p->pending_left, 0);
+            pthread_mutex_lock(&p->mu);
+            pm_store_relaxed(&p->mirror_invalid, n);
+            pm_store_release(&p->state, PM_STATE_SPLIT);
+            pthread_cond_broadcast(&p->cond);
+            pthread_mutex_unlock(&p->mu);
+            pm_meta_need_full(p);
+            pm_meta_unlock(p);
+            rc = pm_meta_commit_all(p);
+        }
+    }
     pthread_rwlock_unlock(&p->cmd_lock);
     return rc;
 }
@@ -391,6 +512,8 @@ int pm_pair_resume(pm_pair *p)
                      pm_state_name(pm_pair_state(p)));
     else {
         p->paused_req = 0;
+        if (p->error)
+            pm_meta_dirty(p);           /* the persisted error goes with the next commit */
         p->error = 0;
         p->error_track = -1;
         pm_store_seqcst(&p->run, 1);
@@ -412,9 +535,14 @@ int pm_pair_set_rate(pm_pair *p, uint64_t rate_bytes)
     return 0;
 }
 
-int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg)
+int pm_pair_configure(pm_pair *p, const struct pm_copy_config *in)
 {
-    int rc = check_config(p, cfg, __func__);
+    if (in == NULL)
+        return PM_FAIL(-EINVAL, "cfg must not be NULL");
+    struct pm_copy_config mine, *cfg = &mine;
+    int rc = import_config(in, &mine, __func__);
+    if (rc == 0)
+        rc = check_config(p, cfg, __func__);
     if (rc)
         return rc;
     pthread_mutex_lock(&p->mu);
@@ -426,9 +554,15 @@ int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg)
     return 0;
 }
 
-int pm_pair_progress(const pm_pair *cp, struct pm_progress *o)
+int pm_pair_progress(const pm_pair *cp, struct pm_progress *out)
 {
+    if (cp == NULL || out == NULL)
+        return PM_FAIL(-EINVAL, "the pair and out must not be NULL");
+    size_t size = out->size ? out->size : PROGRESS_SIZE_0_2;
+    if (size < sizeof(uint32_t) || size > 65536)
+        return PM_FAIL(-EINVAL, "out->size is %zu: set it to sizeof(struct pm_progress)", size);
     pm_pair *p = (pm_pair *)cp;
+    struct pm_progress full, *o = &full;
     memset(o, 0, sizeof *o);
     pthread_mutex_lock(&p->mu);
     o->running = p->job_active;
@@ -453,6 +587,13 @@ int pm_pair_progress(const pm_pair *cp, struct pm_progress *o)
     o->changed_standard = pm_bitmap_count(p->table[PM_STANDARD]->flags[PM_CHANGED]);
     o->changed_mirror = pm_bitmap_count(p->table[PM_MIRROR]->flags[PM_CHANGED]);
     pm_meta_counters(p, &o->commits, &o->syncs);
+    o->mirror_invalid = pm_mirror_invalid_now(p);
+    /* as much as the caller's struct holds; a newer caller's extra fields read 0 */
+    size_t n = size < sizeof full ? size : sizeof full;
+    full.size = (uint32_t)n;
+    memcpy(out, &full, n);
+    if (size > n)
+        memset((char *)out + n, 0, size - n);
     return 0;
 }
 

@@ -3,9 +3,11 @@
  * commands), copier.c (the background copy), arbitrate.c (host I/O and
  * track locks) and meta.c (persistence).
  *
- * Lock order (outer first): cmd_lock (rwlock: commands write, host I/O
- * read) -> track locks (BUSY bits, ascending track order) -> meta->lock ->
- * mu (job state).  Copier threads never take cmd_lock and only try-lock
+ * Lock order (outer first): the I/O barrier (host writes and flushes pass
+ * it first; pm_pair_hold_io closes it) -> cmd_lock (rwlock: commands write,
+ * host I/O read) -> track locks (BUSY bits, ascending track order) ->
+ * meta->lock -> mu (job state).  A thread holding the barrier may give
+ * commands (they take cmd_lock) but must not write through the pair.  Copier threads never take cmd_lock and only try-lock
  * tracks, so they cannot deadlock with host I/O or commands.
  */
 #ifndef PM_PAIR_H
@@ -63,6 +65,11 @@ struct pm_pair {
     pm_atomic_int run;           /* 1 while copiers may copy (not paused, no error) */
     pm_atomic_u64 cursor;        /* where the next copier scan starts */
     pm_atomic_u64 pending_left;  /* PENDING bits set on the target */
+    /* Mirror tracks that are not part of a point-in-time image, outside
+     * SYNCING (while syncing the live count of PENDING(mirror) is used):
+     * set by a cancelled establish, cleared by a completed one, persisted
+     * in the metadata header.  Written under mu. */
+    pm_atomic_u64 mirror_invalid;
     double t_start, t_end;       /* monotonic seconds; t_end 0 while running */
 
     /* rate limit: a token bucket under rate_mu */
@@ -74,9 +81,23 @@ struct pm_pair {
     pm_atomic_u64 tracks_total, tracks_copied, tracks_skipped, tracks_merged;
     pm_atomic_u64 reads_redirected, reads_hydrated, bytes_read, bytes_written;
 
+    /* The I/O barrier (arbitrate.c): host writes/flushes in flight, and
+     * holds.  A writer adds itself to io_inflight, then checks io_holds; a
+     * holder adds to io_holds, then waits for io_inflight to drain (seq_cst
+     * both ways, so one of the two sees the other).  io_mu/io_cond carry
+     * the sleeps and wake-ups. */
+    pthread_mutex_t io_mu;
+    pthread_cond_t io_cond;
+    pm_atomic_int io_holds;
+    pm_atomic_i64 io_inflight;
+
     struct pm_lock_bucket buckets[PM_LOCK_BUCKETS];
     struct pm_meta *meta;        /* NULL for a pair without a metadata file */
 };
+
+/* The number of mirror tracks that are not part of a point-in-time image
+ * (pair.c): PENDING(mirror) while syncing, else the persisted count. */
+uint64_t pm_mirror_invalid_now(pm_pair *p);
 
 double pm_now(void);                 /* CLOCK_MONOTONIC seconds */
 /* An absolute time for pthread_cond_timedwait on p->cond (monotonic). */

@@ -11,8 +11,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <stdio.h>
 #include <unistd.h>
 
 #include "store.h"
@@ -146,6 +149,56 @@ static void close_fds(int fd, int fd_direct)
         close(fd_direct);
 }
 
+/* ---- volume ownership ------------------------------------------------------
+ *
+ * A volume belongs to one pair at a time.  A regular file is locked with
+ * flock (exclusive and non-blocking when opened writable, shared when
+ * read-only) on the store's descriptor, so the lock lives exactly as long as
+ * the store and also stops a second open in the same process (flock locks
+ * belong to an open file description).  A block device is opened O_EXCL,
+ * which Linux refuses while another exclusive opener or a mount holds it.
+ */
+
+/* The pid holding a flock on (dev, ino), from /proc/locks, or 0 if none
+ * is found (another namespace, no procfs).  Lines read
+ * "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters have "->". */
+int pm__lock_holder(uint64_t dev, uint64_t ino)
+{
+    FILE *f = fopen("/proc/locks", "re");
+    if (f == NULL)
+        return 0;
+    char line[256];
+    int pid = 0;
+    while (pid == 0 && fgets(line, sizeof line, f) != NULL) {
+        char kind[16], mode[16], rw[16];
+        int holder;
+        unsigned maj, min;
+        unsigned long long node;
+        if (strstr(line, "->") != NULL)
+            continue;
+        if (sscanf(line, "%*d: %15s %15s %15s %d %x:%x:%llu", kind, mode, rw, &holder, &maj, &min, &node) != 7)
+            continue;
+        if (strcmp(kind, "FLOCK") == 0 && node == ino && maj == major((dev_t)dev) &&
+            min == minor((dev_t)dev) && holder > 0)
+            pid = holder;
+    }
+    fclose(f);
+    return pid;
+}
+
+/* Take the volume's lock on fd (a regular file): PM_E_BUSY if held. */
+static int lock_volume(int fd, const char *path, int readonly, const struct stat *st)
+{
+    if (flock(fd, (readonly ? LOCK_SH : LOCK_EX) | LOCK_NB) == 0)
+        return 0;
+    if (errno != EWOULDBLOCK)
+        return PM_FAIL(-errno, "%s: cannot lock the volume", path);
+    int pid = pm__lock_holder((uint64_t)st->st_dev, (uint64_t)st->st_ino);
+    if (pid > 0)
+        return pm_fail("pm_store_open_file", PM_E_BUSY, "volume %s is in use by another pair (pid %d)", path, pid);
+    return pm_fail("pm_store_open_file", PM_E_BUSY, "volume %s is in use by another pair", path);
+}
+
 int pm_store_open_file(const char *path, unsigned flags, uint64_t size, pm_store **out)
 {
     if (out == NULL || path == NULL)
@@ -159,10 +212,17 @@ int pm_store_open_file(const char *path, unsigned flags, uint64_t size, pm_store
         return PM_FAIL(-EINVAL, "%s: cannot create a read-only store", path);
     if (create && size == 0)
         return PM_FAIL(PM_E_GEOMETRY, "%s: a new volume needs a size greater than zero", path);
+    int lock = (flags & PM_STORE_NOLOCK) == 0;
     int oflags = O_CLOEXEC | (readonly ? O_RDONLY : O_RDWR);
     if (create)
         oflags |= O_CREAT | O_EXCL;
+    struct stat pre;
+    if (!create && lock && stat(path, &pre) == 0 && S_ISBLK(pre.st_mode))
+        oflags |= O_EXCL;              /* a block device: exclusive open is its lock */
     int fd = open(path, oflags, 0644);
+    if (fd < 0 && errno == EBUSY && (oflags & O_EXCL) && !create)
+        return PM_FAIL(PM_E_BUSY, "volume %s is in use (mounted, or opened exclusively by another "
+                       "pair or program)", path);
     if (fd < 0)
         return PM_FAIL(-errno, "%s: cannot %s", path, create ? "create" : "open");
     /* O_DIRECT: a second descriptor, so that a filesystem without it (tmpfs)
@@ -177,6 +237,15 @@ int pm_store_open_file(const char *path, unsigned flags, uint64_t size, pm_store
         int e = -errno;
         close_fds(fd, fd_direct);
         return PM_FAIL(e, "%s: cannot stat", path);
+    }
+    if (lock && S_ISREG(st.st_mode)) {
+        int rc = lock_volume(fd, path, readonly, &st);
+        if (rc < 0) {
+            close_fds(fd, fd_direct);
+            if (create)
+                unlink(path);
+            return rc;
+        }
     }
     uint64_t real = 0;
     if (create) {

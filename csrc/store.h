@@ -44,5 +44,7 @@ struct pm_store {
 };
 
 pm_store *pm__store_alloc(const char *path);
+/* The pid holding a flock on the file (dev, ino), or 0 if not found. */
+int pm__lock_holder(uint64_t dev, uint64_t ino);
 
 #endif

@@ -24,6 +24,7 @@ _PROJECT_ERRORS: dict[int, type[Exception]] = {
     lib.PM_E_FOREIGN: errors.ForeignMetadataError,
     lib.PM_E_JOB: errors.JobError,
     lib.PM_E_CLOSED: errors.ClosedError,
+    lib.PM_E_BUSY: errors.BusyError,   # added on branch core
 }
 
 

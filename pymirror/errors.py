@@ -46,3 +46,21 @@ class JobError(MirrorError, RuntimeError):
 
 class ClosedError(MirrorError, ValueError):
     """The pair or volume is closed."""
+
+
+# -- added on branch core (volume ownership) ----------------------------------
+class BusyError(MirrorError, OSError):
+    """A volume or metadata file is in use by another pair (in this process
+    or another one).  ``errno`` is EBUSY; the message names the volume and,
+    when it can be found, the holder's pid."""
+
+    def __init__(self, message: str, filename: "str | None" = None) -> None:
+        import errno as _errno
+        import re as _re
+        # the C message starts with the C function's name: not the user's concern
+        message = _re.sub(r"^pm_\w+: ", "", message)
+        super().__init__(_errno.EBUSY, message)
+        self.filename = filename
+
+    def __str__(self) -> str:
+        return str(self.strerror)

@@ -38,6 +38,7 @@ class Progress:
     track_size: int
     commits: int = 0
     syncs: int = 0
+    mirror_invalid: int = 0   # mirror tracks not part of a point-in-time image (0: consistent)
 
     @property
     def tracks_done(self) -> int:
@@ -95,6 +96,7 @@ def read_progress(pair: "Pair") -> Progress:
         track_size=pair.track_size,
         commits=int(p.commits),
         syncs=int(p.syncs),
+        mirror_invalid=int(p.mirror_invalid),
     )
 
 

@@ -8,6 +8,7 @@ shapes of the calls.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from types import TracebackType
@@ -383,6 +384,40 @@ class Pair:
             return "<Pair closed>"
         return f"<Pair {self.meta_path or 'memory'} state={self.state} size={self.size}>"
 
+    # -- added on branch core: cancel, mirror consistency, the I/O barrier --
+    def cancel(self) -> None:
+        """End an establish (``syncing``, running or paused): the copy stops,
+        the tracks not yet copied count as changed (a later incremental
+        establish copies them), the pair goes to ``split``, and the mirror is
+        marked inconsistent (:attr:`mirror_invalid`, persisted) until an
+        establish completes.  A restore cannot be cancelled (the standard
+        depends on the mirror until it is done): :class:`StateError`, which
+        suggests ``pause``; so do the other states."""
+        with self._inflight:
+            check(lib.pm_pair_cancel(self._p))
+
+    @property
+    def mirror_invalid(self) -> int:
+        """How many mirror tracks are not part of a point-in-time image (0: the
+        mirror is consistent).  While syncing: the tracks still to copy; after
+        a cancelled establish: what it left.  :meth:`restore` refuses an
+        inconsistent mirror."""
+        return int(lib.pm_pair_mirror_invalid(self._p))
+
+    @contextlib.contextmanager
+    def hold_io(self) -> Iterator[None]:
+        """Hold host I/O at a barrier: on entry, new host writes, write-zeroes
+        and flushes on either side block and those in flight drain; on exit
+        they go on.  Holds nest.  Commands (split, restore, ...) may be given
+        while held; host writes from the holding thread would wait forever.
+        Used by :mod:`pymirror.group` to act on several pairs at one instant."""
+        with self._inflight:
+            check(lib.pm_pair_hold_io(self._p))
+        try:
+            yield
+        finally:
+            lib.pm_pair_release_io(self._p)
+
 
 def track_counts(pair: Pair) -> dict[str, dict[str, int]]:
     """Tracks PENDING and CHANGED on each side, counted in C."""
@@ -409,6 +444,9 @@ def peek(meta: PathLike) -> dict[str, Any]:
         "track_size": int(info.track_size),
         "size": int(info.volume_size),
         "generation": int(info.generation),
+        "mirror_invalid": int(info.mirror_invalid),
+        "error": ffi.string(lib.pm_strerror(info.error)).decode() if info.error else None,
+        "error_track": int(info.error_track) if info.error else None,
         "standard": os.fsdecode(ffi.string(info.standard_path)),
         "mirror": os.fsdecode(ffi.string(info.mirror_path)),
     }

@@ -157,3 +157,48 @@ def connect(address: Any, name: str = "", structured: bool = False) -> tuple[Raw
     size, flags = info[P.INFO_EXPORT]
     return c, size, flags
 
+
+
+def libnbd() -> Any:
+    """libnbd's Python module (Debian python3-libnbd), imported in this
+    process.  The module is built for Debian's python3; when this
+    interpreter is another build of the same Python version, the module is
+    taken from Debian's dist-packages directory (its extension has the same
+    ABI tag).  A missing module fails under CI and skips elsewhere."""
+    try:
+        import nbd  # type: ignore[import-not-found]
+        return nbd
+    except ImportError:
+        pass
+    import importlib
+    import sys
+    import sysconfig
+    dist = "/usr/lib/python3/dist-packages"
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ""
+    if os.path.exists(os.path.join(dist, "nbd.py")) and os.path.exists(os.path.join(dist, "libnbdmod" + suffix)):
+        sys.path.append(dist)
+        try:
+            return importlib.import_module("nbd")
+        except ImportError:
+            pass
+        finally:
+            sys.path.remove(dist)
+    msg = (f"libnbd's Python module is not importable from Python {sys.version_info.major}."
+           f"{sys.version_info.minor} (Debian package python3-libnbd)")
+    if in_ci():
+        pytest.fail(msg + ": CI must install it (.ci/run)")
+    pytest.skip(msg)
+
+
+def list_exports(address: Any) -> list[tuple[str, str]]:
+    """NBD_OPT_LIST: (name, description) of every export, in order."""
+    c = RawClient(address)
+    c.greet()
+    c.option(P.OPT_LIST)
+    out = []
+    for rtype, data in c.opt_replies()[:-1]:
+        assert rtype == P.REP_SERVER
+        (n,) = struct.unpack_from(">I", data)
+        out.append((data[4:4 + n].decode(), data[4 + n:].decode()))
+    c.close()
+    return out

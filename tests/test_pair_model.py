@@ -2,7 +2,9 @@
 writes of every shape, pauses, waits) against a plain-Python model of both
 volumes.  Every read must equal the model: the restore is visible to the
 host only in speed (invariants 2, 3, 4), the protected mirror never changes
-(invariant 1), established sides stay equal (invariant 6)."""
+(invariant 1), established sides stay equal (invariant 6).  Cancel ends an
+establish: the pair is split, at most ``mirror_invalid`` tracks differ, and a
+restore is refused until an establish completes."""
 from __future__ import annotations
 
 import hypothesis.strategies as st
@@ -41,6 +43,7 @@ class PairMachine(RuleBasedStateMachine):
         self.mir = bytearray(SIZE)        # what the mirror must hold
         self.phase = "new"                # new, sync, est, split, restore_p, restore_u, restored
         self.counter = 0
+        self.invalid = 0                  # mirror_invalid left by a cancel
 
     def teardown(self) -> None:
         self.pair.close()
@@ -53,6 +56,7 @@ class PairMachine(RuleBasedStateMachine):
         state = self.pair.state
         if self.phase == "sync" and state == "established":
             self.phase = "est"
+            self.invalid = 0
         elif self.phase == "restore_p" and state == "restored":
             self.phase = "restored"
         elif self.phase == "restore_u" and state == "established":
@@ -99,6 +103,14 @@ class PairMachine(RuleBasedStateMachine):
             except StateError:
                 return
             raise AssertionError(f"restore allowed in {state}")
+        if self.invalid:
+            try:
+                self.pair.restore(incremental=incremental, protect=protect, config=cfg)
+            except StateError as exc:
+                assert f"{self.invalid} of its tracks" in str(exc) and "establish again" in str(exc)
+                assert self.pair.state == state
+                return
+            raise AssertionError("restore allowed from an inconsistent mirror")
         self.pair.restore(incremental=incremental, protect=protect, config=cfg)
         self.std[:] = self.mir
         self.phase = "restore_p" if protect else "restore_u"
@@ -113,6 +125,34 @@ class PairMachine(RuleBasedStateMachine):
             assert job.wait(timeout=30)
         self._settle_phase()
         assert self.pair.state in ("new", "established", "split", "restored")
+
+    @rule()
+    def cancel(self) -> None:
+        self._settle_phase()
+        state = self.pair.state
+        if state != "syncing":
+            try:
+                self.pair.cancel()
+            except StateError as exc:
+                if state == "restoring":
+                    assert "pause" in str(exc)
+                assert self.pair.state == state or self.phase in ("restore_p", "restore_u")
+                return
+            raise AssertionError(f"cancel allowed in {state}")
+        try:
+            self.pair.cancel()
+        except StateError:
+            self._settle_phase()            # the copy ended just before
+            assert self.phase == "est"
+            return
+        assert self.pair.state == "split" and self.pair.job is None
+        n = self.pair.mirror_invalid
+        assert self.pair.progress.mirror_invalid == n
+        assert len(self.pair.verify()) <= n  # only the tracks not yet copied may differ
+        # the mirror holds a mix of old and copied tracks: take it as it is
+        self.mir[:] = self.pair.mirror_read(0, SIZE)
+        self.invalid = n
+        self.phase = "split"
 
     @rule()
     def pause_or_resume(self) -> None:
@@ -181,6 +221,9 @@ class PairMachine(RuleBasedStateMachine):
             assert self.pair.mirror_read(0, SIZE) == bytes(self.mir)
         if self.phase == "est":
             assert self.pair.verify() == []
+            assert self.pair.mirror_invalid == 0
+        if self.phase in ("split", "restored"):
+            assert self.pair.mirror_invalid == self.invalid
 
 
 PairMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)

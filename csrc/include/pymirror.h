@@ -20,6 +20,18 @@
  *  - "Thread-safe" means any number of threads may call it at once on the
  *    same object.  "Caller-serialised" means the caller must not run it
  *    concurrently with any other call on the same object.
+ *  - Structs that grow (struct pm_copy_config, struct pm_progress, struct
+ *    pm_store_ops) begin with `uint32_t size`: the caller sets it to
+ *    sizeof(the struct) as its header declares it.  New fields are only ever
+ *    added at the end, so a program built against an older header keeps
+ *    working with a newer library: an input struct shorter than the
+ *    library's gets defaults for the fields it lacks; an output struct is
+ *    filled only up to its size; bytes of a longer (newer) struct that this
+ *    library does not know are zeroed on output and must be zero on input
+ *    (-E2BIG otherwise).  size 0 means the size of the first sized version
+ *    (0.2), so zero-initialised structs stay valid forever.
+ *    pm_copy_config_default fills the 0.2 fields and sets size accordingly;
+ *    pm_copy_config_init(cfg, sizeof *cfg) fills whatever your header has.
  *
  * The block between PM_CDEF_BEGIN and PM_CDEF_END is fed, minus preprocessor
  * lines, to cffi's cdef by pymirror/_build.py: keep it plain C declarations
@@ -41,7 +53,7 @@ extern "C" {
 
 enum {
     PM_VERSION_MAJOR = 0,
-    PM_VERSION_MINOR = 1
+    PM_VERSION_MINOR = 2
 };
 
 enum pm_error {
@@ -55,7 +67,8 @@ enum pm_error {
     PM_E_FOREIGN = -4103,   /* metadata of another version, pair or volume */
     PM_E_JOB = -4104,       /* the copy job stopped on an error (see progress) */
     PM_E_TIMEDOUT = -4105,  /* a wait ran out of time; nothing is wrong */
-    PM_E_CLOSED = -4106     /* the object is closing or closed */
+    PM_E_CLOSED = -4106,    /* the object is closing or closed */
+    PM_E_BUSY = -4107       /* a volume or metadata file is in use by another pair */
 };
 
 /* Name of a code: "Input/output error", "pair is in the wrong state", ...
@@ -180,11 +193,18 @@ typedef struct pm_store pm_store;
 enum pm_store_flags {
     PM_STORE_READONLY = 1,  /* open read-only */
     PM_STORE_CREATE = 2,    /* create a new sparse file of `size` bytes; fail if it exists */
-    PM_STORE_DIRECT = 4     /* O_DIRECT where the filesystem supports it */
+    PM_STORE_DIRECT = 4,    /* O_DIRECT where the filesystem supports it */
+    PM_STORE_NOLOCK = 8     /* do not take the volume's lock (tools that only look) */
 };
 
 /* A regular file or block device.  Without PM_STORE_CREATE, size is ignored
- * and the store's size is the file's or device's size (must be > 0). */
+ * and the store's size is the file's or device's size (must be > 0).
+ * Ownership: unless PM_STORE_NOLOCK, the volume is locked for the store's
+ * lifetime, so a volume belongs to one pair at a time: a regular file with
+ * flock (exclusive when writable, shared when read-only), a block device by
+ * opening it O_EXCL.  A second open (in this or another process) fails with
+ * PM_E_BUSY, the message naming the volume and, when /proc/locks shows it,
+ * the holder's pid. */
 int pm_store_open_file(const char *path, unsigned flags, uint64_t size, pm_store **out);
 /* A zero-filled volume in memory (for tests and scratch pairs). */
 int pm_store_create_memory(uint64_t size, pm_store **out);
@@ -251,6 +271,7 @@ enum pm_read_policy {
 enum pm_io_flags { PM_IO_FUA = 1 };
 
 struct pm_copy_config {
+    uint32_t size;          /* sizeof(struct pm_copy_config), or 0: see the growth rule on top */
     uint32_t copiers;       /* copier threads, >= 1 (default 2) */
     uint32_t batch_bytes;   /* largest copy I/O, a multiple of the track size (default 1 MiB) */
     uint64_t rate_bytes;    /* bytes per second for the background copy, 0 = unlimited */
@@ -258,10 +279,17 @@ struct pm_copy_config {
     int32_t read_policy;    /* enum pm_read_policy */
 };
 
-/* Fill a config with the defaults above. */
+/* Fill a config with the defaults above (the fields of version 0.2; size
+ * is set to their size).  pm_copy_config_init fills `size` bytes, whatever
+ * the caller's header version: call it as pm_copy_config_init(&c, sizeof c).
+ * -EINVAL if size is too small to hold the size field. */
 void pm_copy_config_default(struct pm_copy_config *cfg);
+int pm_copy_config_init(struct pm_copy_config *cfg, size_t size);
 
+/* Output of pm_pair_progress: set size (e.g. struct pm_progress pr =
+ * { sizeof pr };) before the call. */
 struct pm_progress {
+    uint32_t size;             /* sizeof(struct pm_progress), or 0: see the growth rule on top */
     int32_t state;             /* enum pm_state */
     int32_t running;           /* 1 while a copy job exists and has not finished */
     int32_t paused;            /* 1 while paused by request or by an error */
@@ -283,6 +311,7 @@ struct pm_progress {
     double elapsed;            /* seconds since the job began (frozen when it ends) */
     uint64_t commits;          /* metadata commits since the pair was opened */
     uint64_t syncs;            /* data and metadata syncs those commits made */
+    uint64_t mirror_invalid;   /* mirror tracks not part of a point-in-time image (0: consistent) */
 };
 
 /* A new pair over two stores of equal size, in state NEW. */
@@ -317,6 +346,20 @@ int pm_pair_resume(pm_pair *p);
 int pm_pair_set_rate(pm_pair *p, uint64_t rate_bytes);
 int pm_pair_progress(const pm_pair *p, struct pm_progress *out);
 
+/* End an establish (SYNCING, running or paused): the copy stops, the
+ * tracks still PENDING on the mirror become CHANGED(mirror) (a later
+ * incremental establish copies them), the pair goes to SPLIT, and the mirror
+ * is marked inconsistent: pm_pair_mirror_invalid gives how many tracks are
+ * invalid, persisted in the metadata, and restore is refused until an
+ * establish completes.  A restore cannot be cancelled (PM_E_STATE: the
+ * standard depends on the mirror until it is done; pause it instead).
+ * Committed before it returns. */
+int pm_pair_cancel(pm_pair *p);
+/* Mirror tracks that are not part of a point-in-time image: while syncing,
+ * the tracks still PENDING on the mirror; after a cancelled establish, the
+ * count it left; 0 once an establish completes. */
+uint64_t pm_pair_mirror_invalid(const pm_pair *p);
+
 /* Host I/O, arbitrated against the copier per track.  side PM_STANDARD is
  * the host's volume; PM_MIRROR is allowed for reads whenever the mirror is
  * consistent and for writes only when split or restored (PM_E_READONLY
@@ -325,6 +368,18 @@ int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
 int pm_pair_write(pm_pair *p, int side, const void *buf, uint64_t len, uint64_t offset, unsigned flags);
 int pm_pair_write_zeroes(pm_pair *p, int side, uint64_t len, uint64_t offset, unsigned flags);
 int pm_pair_flush(pm_pair *p, int side);
+
+/* The I/O barrier, for acting on a group of pairs at one instant.
+ * pm_pair_hold_io: from now on host writes, write-zeroes and flushes on
+ * either side block at the pair's barrier, and the call returns once those
+ * already in flight have completed.  Reads and the background copy go on.
+ * Holds nest (each hold needs one release).  While held, the holding thread
+ * may give commands (split, restore, establish, ...), but a host write from
+ * it would wait for itself.  pm_pair_release_io lets blocked I/O go on;
+ * PM_E_STATE if not held.  Release every hold before pm_pair_destroy.
+ * Thread-safe. */
+int pm_pair_hold_io(pm_pair *p);
+int pm_pair_release_io(pm_pair *p);
 
 /* Compare the two sides track by track, writing the numbers of up to `max`
  * differing tracks at or after track `from` into out[]; returns how many,
@@ -349,6 +404,9 @@ struct pm_meta_info {
     uint64_t generation;           /* bumped by every state change */
     char standard_path[4096];      /* as given at creation */
     char mirror_path[4096];
+    int32_t error;                 /* the code that paused the job, or 0 */
+    int64_t error_track;           /* ... at this track, or -1 */
+    uint64_t mirror_invalid;       /* see pm_pair_mirror_invalid */
 };
 
 /* Read a metadata file's header without opening the pair (to find the

@@ -3,6 +3,7 @@
  * tracks, incremental byte counts, failing stores, and the metadata file. */
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -101,7 +102,7 @@ static void restore_cases(int incremental, int policy)
     c.read_policy = policy;
     CHECK_EQ(pm_pair_restore(p, incremental, 1, &c), 0);
     CHECK_EQ(pm_pair_state(p), PM_STATE_RESTORING);
-    struct pm_progress pr;
+    struct pm_progress pr = { .size = sizeof pr };
     pm_pair_progress(p, &pr);
     CHECK_EQ(pr.tracks_total, NT);
     /* reads see the final image at once */
@@ -160,7 +161,7 @@ static void incremental_counts(void)
     CHECK_EQ(pm_pair_write(p, PM_MIRROR, "m", 1, 9 * TS, 0), 0);
     CHECK_EQ(pm_pair_establish(p, 1, &c), 0);
     CHECK_EQ(pm_pair_wait(p, -1), 0);
-    struct pm_progress pr;
+    struct pm_progress pr = { .size = sizeof pr };
     pm_pair_progress(p, &pr);
     CHECK_EQ(pr.tracks_total, 3);
     CHECK_EQ(pr.bytes_read, 2 * TS + (SIZE - (NT - 1) * TS));   /* the short last track counted short */
@@ -185,7 +186,7 @@ static void faults(void)
     c.retries = 2;
     CHECK_EQ(pm_pair_restore(p, 0, 1, &c), 0);
     CHECK_EQ(pm_pair_wait(p, 10000), PM_E_JOB);
-    struct pm_progress pr;
+    struct pm_progress pr = { .size = sizeof pr };
     pm_pair_progress(p, &pr);
     CHECK_EQ(pr.error, -EIO);
     CHECK_EQ(pr.error_track, 6);
@@ -240,9 +241,10 @@ static void metadata(void)
     CHECK_EQ(pm_pair_open_meta(meta, b, a, &q), PM_E_FOREIGN);   /* swapped volumes */
     CHECK_EQ(pm_pair_open_meta(meta, a, b, &q), 0);
     pm_pair *r2;
-    CHECK_EQ(pm_pair_open_meta(meta, a, b, &r2), -EBUSY);        /* one process at a time */
+    CHECK_EQ(pm_pair_open_meta(meta, a, b, &r2), PM_E_BUSY);     /* one pair at a time */
+    CHECK(strstr(pm_last_error(), meta) != NULL);
     CHECK_EQ(pm_pair_state(q), PM_STATE_RESTORING);
-    struct pm_progress pr;
+    struct pm_progress pr = { .size = sizeof pr };
     pm_pair_progress(q, &pr);
     CHECK_EQ(pr.paused, 1);
     CHECK_EQ(pr.tracks_pending, 1);            /* track 4: restore pending; track 8 was only written */
@@ -328,7 +330,7 @@ static void write_intent_after_crash(void)
     pm_copy_config_default(&c);
     CHECK_EQ(pm_pair_restore(p, 1, 1, &c), 0);
     CHECK_EQ(pm_pair_wait(p, -1), 0);
-    struct pm_progress pr;
+    struct pm_progress pr = { .size = sizeof pr };
     pm_pair_progress(p, &pr);
     CHECK_EQ(pr.tracks_total, 128);                          /* a superset, never less */
     char ch;
@@ -362,6 +364,7 @@ struct snapshot {
 static void take(pm_pair *p, struct snapshot *s)
 {
     s->state = pm_pair_state(p);
+    s->pr.size = sizeof s->pr;
     pm_pair_progress(p, &s->pr);
     for (int side = 0; side < 2; side++)
         for (int f = 0; f < 2; f++) {
@@ -374,7 +377,7 @@ static void take(pm_pair *p, struct snapshot *s)
 static void same_as(pm_pair *p, struct snapshot *s)
 {
     CHECK_EQ(pm_pair_state(p), s->state);
-    struct pm_progress pr;
+    struct pm_progress pr = { .size = sizeof pr };
     pm_pair_progress(p, &pr);
     CHECK_EQ(pr.tracks_total, s->pr.tracks_total);
     CHECK_EQ(pr.tracks_copied, s->pr.tracks_copied);
@@ -484,7 +487,7 @@ static void exact_restore(int incremental)
     CHECK(memcmp(got, mir, SIZE) == 0);
     CHECK_EQ(pm_pair_read(p, PM_MIRROR, got, SIZE, 0), 0);
     CHECK(memcmp(got, mir, SIZE) == 0);
-    struct pm_progress pr;
+    struct pm_progress pr = { .size = sizeof pr };
     pm_pair_progress(p, &pr);
     uint64_t want = incremental ? NT / 3 + 2 : NT;      /* tracks 0,3,...,21 (8), 4 and 23 */
     CHECK_EQ(pr.tracks_total, want);
@@ -524,7 +527,7 @@ static void paused_writes(void)
     CHECK_EQ(pm_pair_restore(p, 0, 1, &c), 0);
     CHECK_EQ(pm_pair_pause(p), 0);
     CHECK_EQ(pm_pair_set_rate(p, 0), 0);     /* paused: still nothing moves */
-    struct pm_progress pr;
+    struct pm_progress pr = { .size = sizeof pr };
     pm_pair_progress(p, &pr);
     CHECK_EQ(pr.paused, 1);
     CHECK_EQ(pr.running, 1);
@@ -601,7 +604,7 @@ static void syncing_and_unprotected(void)
     memset(w, 0x3C, TS);
     CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, TS, 4 * TS, 0), 0);       /* whole: mirror written too */
     CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, 100, 9 * TS + 50, 0), 0); /* partial: left PENDING */
-    struct pm_progress pr;
+    struct pm_progress pr = { .size = sizeof pr };
     pm_pair_progress(p, &pr);
     CHECK_EQ(pr.tracks_skipped, 1);
     CHECK_EQ(pr.tracks_pending, NT - 1);
@@ -657,7 +660,7 @@ static void more_errors(void)
     CHECK_EQ(pm_pair_establish(p, 0, &c), 0);
     CHECK_EQ(pm_pair_wait(p, -1), PM_E_JOB);
     CHECK(strstr(pm_last_error(), "track 13") != NULL);
-    struct pm_progress pr;
+    struct pm_progress pr = { .size = sizeof pr };
     pm_pair_progress(p, &pr);
     CHECK_EQ(pr.error, -ENOSPC);
     CHECK_EQ(pr.error_track, 13);
@@ -724,7 +727,7 @@ static void big_write_pieces(void)
     const uint64_t off = 100, len = size - 300;
     CHECK_EQ(pm_pair_write(p, PM_STANDARD, w, len, off, 0), 0);
     memcpy(img + off, w, len);
-    struct pm_progress pr;
+    struct pm_progress pr = { .size = sizeof pr };
     pm_pair_progress(p, &pr);
     CHECK_EQ(pr.tracks_merged, 2);
     CHECK_EQ(pr.tracks_skipped, tracks - 3);   /* the short last track is not written */
@@ -746,6 +749,176 @@ static void big_write_pieces(void)
     pm_store_destroy(b);
 }
 
+/* Cancel an establish: PENDING(mirror) becomes CHANGED(mirror), the pair is
+ * split, the mirror is marked inconsistent (persisted), restore is refused
+ * until an establish completes.  A failed establish keeps its error and the
+ * invalid count across a reopen; resume clears the error. */
+static void cancel_and_job_errors(void)
+{
+    pm_store *a, *b, *m;
+    pm_pair *p;
+    CHECK_EQ(pm_store_create_memory(SIZE, &a), 0);
+    CHECK_EQ(pm_store_create_memory(SIZE, &b), 0);
+    CHECK_EQ(pm_store_create_memory(pm_meta_size(SIZE, TS), &m), 0);
+    CHECK_EQ(pm_pair_create_meta_store(m, a, b, TS, &p), 0);
+    fill(p, PM_STANDARD, 10);
+    CHECK_EQ(pm_pair_cancel(p), PM_E_STATE);                 /* new: nothing to cancel */
+    CHECK_EQ(pm_pair_mirror_invalid(p), 0);
+    struct pm_copy_config c;
+    slow_config(&c);
+    CHECK_EQ(pm_pair_establish(p, 0, &c), 0);
+    CHECK_EQ(pm_pair_mirror_invalid(p), NT);                /* syncing: every track still to copy */
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, "abc", 3, 2 * TS + 9, 0), 0);
+    CHECK_EQ(pm_pair_cancel(p), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_SPLIT);
+    CHECK_EQ(pm_pair_mirror_invalid(p), NT);
+    struct pm_progress pr = { .size = sizeof pr };
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.running, 0);
+    CHECK_EQ(pr.mirror_invalid, NT);
+    CHECK_EQ(pr.changed_mirror, NT);                         /* PENDING became CHANGED */
+    CHECK_EQ(pr.tracks_pending, 0);
+    CHECK_EQ(pm_pair_wait(p, 0), 0);                         /* no job left */
+    CHECK_EQ(pm_pair_cancel(p), PM_E_STATE);
+    pm_copy_config_default(&c);
+    CHECK_EQ(pm_pair_restore(p, 1, 1, &c), PM_E_STATE);
+    CHECK(strstr(pm_last_error(), "24 of its tracks") != NULL);
+    CHECK(strstr(pm_last_error(), "establish again") != NULL);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_SPLIT);
+    pm_pair_destroy(p);
+    /* persisted */
+    CHECK_EQ(pm_pair_open_meta_store(m, a, b, &p), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_SPLIT);
+    CHECK_EQ(pm_pair_mirror_invalid(p), NT);
+    CHECK_EQ(pm_pair_restore(p, 0, 1, &c), PM_E_STATE);
+    /* an incremental establish copies them and clears the mark */
+    CHECK_EQ(pm_pair_establish(p, 1, &c), 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_ESTABLISHED);
+    CHECK_EQ(pm_pair_mirror_invalid(p), 0);
+    CHECK(sides_equal(p));
+    CHECK_EQ(pm_pair_split(p), 0);
+    /* a failing establish: paused with its error, mirror invalid while syncing */
+    fill(p, PM_STANDARD, 70);
+    CHECK_EQ(pm_store_inject_fault(b, PM_FAULT_WRITE, 5 * TS, 1, -ENOSPC, -1), 0);
+    c.retries = 1;
+    CHECK_EQ(pm_pair_establish(p, 1, &c), 0);
+    CHECK_EQ(pm_pair_wait(p, 10000), PM_E_JOB);
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.error, -ENOSPC);
+    CHECK_EQ(pr.error_track, 5);
+    CHECK(pr.mirror_invalid >= 1);
+    pm_pair_destroy(p);
+    CHECK_EQ(pm_pair_open_meta_store(m, a, b, &p), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_SYNCING);
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.paused, 1);
+    CHECK_EQ(pr.error, -ENOSPC);                             /* the error survived the reopen */
+    CHECK_EQ(pr.error_track, 5);
+    CHECK(pr.mirror_invalid >= 1);
+    CHECK_EQ(pm_pair_wait(p, 1000), PM_E_JOB);
+    CHECK_EQ(pm_pair_restore(p, 0, 1, &c), PM_E_STATE);
+    /* resume (still failing): the error comes back; cancel: split, invalid */
+    CHECK_EQ(pm_pair_resume(p), 0);
+    CHECK_EQ(pm_pair_wait(p, 10000), PM_E_JOB);
+    uint64_t left = pm_pair_mirror_invalid(p);
+    CHECK(left >= 1);
+    CHECK_EQ(pm_pair_cancel(p), 0);
+    CHECK_EQ(pm_pair_mirror_invalid(p), left);
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.error, 0);
+    pm_pair_destroy(p);
+    CHECK_EQ(pm_pair_open_meta_store(m, a, b, &p), 0);
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.error, 0);
+    CHECK_EQ(pr.mirror_invalid, left);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_SPLIT);
+    /* the fault again, then resume after it clears: error gone for good */
+    CHECK_EQ(pm_pair_establish(p, 1, &c), 0);
+    CHECK_EQ(pm_pair_wait(p, 10000), PM_E_JOB);
+    pm_pair_destroy(p);
+    CHECK_EQ(pm_pair_open_meta_store(m, a, b, &p), 0);
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.error, -ENOSPC);
+    CHECK_EQ(pm_store_clear_faults(b), 0);
+    CHECK_EQ(pm_pair_resume(p), 0);
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.error, 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    CHECK_EQ(pm_pair_mirror_invalid(p), 0);
+    pm_pair_destroy(p);
+    CHECK_EQ(pm_pair_open_meta_store(m, a, b, &p), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_ESTABLISHED);
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pr.error, 0);
+    CHECK_EQ(pr.mirror_invalid, 0);
+    CHECK(sides_equal(p));
+    /* a restore cannot be cancelled: the reason and "pause" are given */
+    CHECK_EQ(pm_pair_split(p), 0);
+    slow_config(&c);
+    CHECK_EQ(pm_pair_restore(p, 0, 1, &c), 0);
+    CHECK_EQ(pm_pair_cancel(p), PM_E_STATE);
+    CHECK(strstr(pm_last_error(), "depends on the mirror") != NULL);
+    CHECK(strstr(pm_last_error(), "pause") != NULL);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_RESTORING);
+    pm_pair_destroy(p);
+    pm_store_destroy(m);
+    pm_store_destroy(a);
+    pm_store_destroy(b);
+}
+
+/* Structs that grow: older (shorter) and newer (longer) callers. */
+static void abi_growth(void)
+{
+    pm_store *a, *b;
+    pm_pair *p = new_pair(&a, &b);
+    /* a config as a program built before read_policy existed would pass it */
+    struct pm_copy_config c;
+    memset(&c, 0xAB, sizeof c);
+    CHECK_EQ(pm_copy_config_init(&c, offsetof(struct pm_copy_config, read_policy)), 0);
+    CHECK_EQ(c.size, offsetof(struct pm_copy_config, read_policy));
+    CHECK_EQ(c.copiers, 2);
+    CHECK_EQ((unsigned)c.read_policy, 0xABABABABu);       /* beyond its size: untouched */
+    CHECK_EQ(pm_pair_configure(p, &c), 0);                  /* the missing field gets its default */
+    CHECK_EQ(pm_copy_config_init(&c, 2), -EINVAL);
+    /* a newer program's longer config: zero tail accepted, set fields refused */
+    struct { struct pm_copy_config c; uint64_t future; } big;
+    CHECK_EQ(pm_copy_config_init(&big.c, sizeof big), 0);
+    CHECK_EQ(big.future, 0);
+    CHECK_EQ(pm_pair_configure(p, &big.c), 0);
+    big.future = 7;
+    CHECK_EQ(pm_pair_configure(p, &big.c), -E2BIG);
+    CHECK(strstr(pm_last_error(), "does not know") != NULL);
+    /* size 0: the first sized version */
+    memset(&c, 0, sizeof c);
+    c.copiers = 1, c.batch_bytes = TS, c.retries = 1;
+    CHECK_EQ(pm_pair_establish(p, 0, &c), 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    pm_copy_config_default(&c);
+    CHECK_EQ(c.size, sizeof c);                             /* 0.2's size is today's */
+    /* progress into a shorter struct: nothing written past its size */
+    struct { struct pm_progress pr; uint64_t guard; } out;
+    memset(&out, 0x77, sizeof out);
+    out.pr.size = offsetof(struct pm_progress, commits);
+    CHECK_EQ(pm_pair_progress(p, &out.pr), 0);
+    CHECK_EQ(out.pr.state, PM_STATE_ESTABLISHED);
+    CHECK_EQ(out.pr.size, offsetof(struct pm_progress, commits));
+    CHECK_EQ(out.pr.commits, 0x7777777777777777ull);
+    CHECK_EQ(out.guard, 0x7777777777777777ull);
+    /* into a longer one: the unknown tail reads 0 */
+    out.pr.size = sizeof out;
+    CHECK_EQ(pm_pair_progress(p, &out.pr), 0);
+    CHECK_EQ(out.pr.size, sizeof out.pr);
+    CHECK_EQ(out.guard, 0);
+    struct pm_progress zero;
+    memset(&zero, 0, sizeof zero);
+    CHECK_EQ(pm_pair_progress(p, &zero), 0);
+    CHECK_EQ(zero.state, PM_STATE_ESTABLISHED);
+    pm_pair_destroy(p);
+    pm_store_destroy(a);
+    pm_store_destroy(b);
+}
+
 int main(void)
 {
     state_machine();
@@ -762,5 +935,7 @@ int main(void)
     faults();
     metadata();
     write_intent_after_crash();
+    cancel_and_job_errors();
+    abi_growth();
     return CHECK_DONE("test_pair");
 }

@@ -137,6 +137,36 @@ static void file_io(void)
     unlink(path);
 }
 
+/* Volume ownership: one writable opener at a time (flock), readers share,
+ * PM_STORE_NOLOCK looks without locking; the message names the volume and
+ * the holder's pid (this process). */
+static void ownership(void)
+{
+    char path[128], pid[32];
+    path_of(path, sizeof path, "owned.img");
+    snprintf(pid, sizeof pid, "(pid %d)", (int)getpid());
+    pm_store *s, *t = (pm_store *)1, *u, *v;
+    CHECK_EQ(pm_store_open_file(path, PM_STORE_CREATE, 65536, &s), 0);
+    CHECK_EQ(pm_store_open_file(path, 0, 0, &t), PM_E_BUSY);
+    CHECK(t == NULL);
+    CHECK(strstr(pm_last_error(), path) != NULL);
+    CHECK(strstr(pm_last_error(), "in use by another pair") != NULL);
+    CHECK(strstr(pm_last_error(), pid) != NULL);
+    CHECK(strcmp(pm_strerror(PM_E_BUSY), "unknown error") != 0);
+    CHECK_EQ(pm_store_open_file(path, PM_STORE_READONLY, 0, &t), PM_E_BUSY);
+    CHECK_EQ(pm_store_open_file(path, PM_STORE_NOLOCK, 0, &t), 0);
+    pm_store_destroy(t);
+    pm_store_destroy(s);                     /* the lock goes with the store */
+    CHECK_EQ(pm_store_open_file(path, PM_STORE_READONLY, 0, &u), 0);
+    CHECK_EQ(pm_store_open_file(path, PM_STORE_READONLY, 0, &v), 0);   /* readers share */
+    CHECK_EQ(pm_store_open_file(path, 0, 0, &t), PM_E_BUSY);
+    pm_store_destroy(u);
+    pm_store_destroy(v);
+    CHECK_EQ(pm_store_open_file(path, 0, 0, &t), 0);
+    pm_store_destroy(t);
+    unlink(path);
+}
+
 static void direct_io(void)
 {
     char path[128];
@@ -245,6 +275,7 @@ int main(void)
     CHECK(mkdtemp(dir) != NULL);
     file_create();
     file_io();
+    ownership();
     direct_io();
     memory();
     faults();

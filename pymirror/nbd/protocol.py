@@ -131,3 +131,7 @@ def error_chunk(cookie: int, error: int, message: str) -> bytes:
 
 def none_chunk(cookie: int) -> bytes:
     return STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)
+
+
+class Closed(Exception):
+    """The peer went away or broke the protocol: drop the connection."""

@@ -1,0 +1,160 @@
+"""The fixed newstyle handshake: option haggling until the client picks an
+export (OPT_GO or OPT_EXPORT_NAME) or gives up (OPT_ABORT).
+
+Options answered: GO and INFO (INFO_EXPORT and INFO_BLOCK_SIZE always,
+INFO_NAME and INFO_DESCRIPTION when asked; an unknown or unavailable export
+gets NBD_REP_ERR_UNKNOWN with the reason, and the client may try another),
+EXPORT_NAME (an unknown export closes the connection: the protocol allows no
+other answer), LIST, STRUCTURED_REPLY, LIST/SET_META_CONTEXT (none
+offered), ABORT; anything else NBD_REP_ERR_UNSUP.  While the server shuts
+down every option but ABORT gets NBD_REP_ERR_SHUTDOWN.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Any, Optional
+
+from . import protocol as P
+from .exports import Export
+
+SERVER_FLAGS = P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES
+CLIENT_FLAGS = P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES
+
+
+def transmission_flags(export: Export) -> int:
+    # CAN_MULTI_CONN: a FLUSH on any connection flushes the whole volume
+    # and commits the metadata, so it covers writes completed on all of them
+    f = P.TFLAG_HAS_FLAGS | P.TFLAG_SEND_FLUSH | P.TFLAG_SEND_FUA | P.TFLAG_CAN_MULTI_CONN
+    if export.readonly:
+        f |= P.TFLAG_READ_ONLY
+    else:
+        f |= P.TFLAG_SEND_TRIM | P.TFLAG_SEND_WRITE_ZEROES
+    return f
+
+
+class Handshake:
+    """The handshake half of a connection (a mixin of ``Connection``, which
+    supplies ``server``, ``_send``, ``_recv_exact``, ``_stopping`` and
+    ``structured``)."""
+
+    server: Any
+    structured: bool
+    _stopping: bool
+
+    def _send(self, data: Any) -> None:
+        raise NotImplementedError
+
+    def _recv_exact(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    def _opt(self, opt: int, reply: int, data: bytes = b"") -> None:
+        self._send(P.opt_reply(opt, reply, data))
+
+    def _handshake(self) -> Optional[Export]:
+        """The export the client chose (the connection is attached to it), or None."""
+        self._send(struct.pack(">QQH", P.NBDMAGIC, P.IHAVEOPT, SERVER_FLAGS))
+        (cflags,) = struct.unpack(">I", self._recv_exact(4))
+        if cflags & ~CLIENT_FLAGS:
+            raise P.Closed("unknown client flags")
+        no_zeroes = bool(cflags & P.FLAG_C_NO_ZEROES)
+        while True:
+            magic, opt, length = P.OPT_HEADER.unpack(self._recv_exact(P.OPT_HEADER.size))
+            if magic != P.IHAVEOPT:
+                raise P.Closed("bad option magic")
+            if length > P.MAX_OPTION:
+                raise P.Closed("option data too long")
+            data = self._recv_exact(length) if length else b""
+            if opt == P.OPT_EXPORT_NAME:
+                export = None if self._stopping else self.server._attach(self, data)[0]
+                if export is None:
+                    raise P.Closed("unknown export")   # the protocol's only answer here
+                tail = b"" if no_zeroes else bytes(124)
+                self._send(struct.pack(">QH", export.size, transmission_flags(export)) + tail)
+                return export
+            if opt == P.OPT_ABORT:
+                self._opt(opt, P.REP_ACK)
+                return None
+            if self._stopping:
+                self._opt(opt, P.REP_ERR_SHUTDOWN, b"the server is shutting down")
+            elif opt == P.OPT_LIST:
+                self._list(opt, data)
+            elif opt in (P.OPT_INFO, P.OPT_GO):
+                export = self._info(opt, data)
+                if export is not None and opt == P.OPT_GO:
+                    return export
+            elif opt == P.OPT_STRUCTURED_REPLY:
+                if data:
+                    self._opt(opt, P.REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data")
+                else:
+                    self.structured = True
+                    self._opt(opt, P.REP_ACK)
+            elif opt in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
+                self._meta_context(opt, data)
+            else:
+                self._opt(opt, P.REP_ERR_UNSUP, f"option {opt} is not supported".encode())
+
+    def _list(self, opt: int, data: bytes) -> None:
+        if data:
+            self._opt(opt, P.REP_ERR_INVALID, b"LIST takes no data")
+            return
+        for export in self.server._listing():
+            raw = export.name.encode()
+            self._opt(opt, P.REP_SERVER, struct.pack(">I", len(raw)) + raw + export.description.encode())
+        self._opt(opt, P.REP_ACK)
+
+    def _meta_context(self, opt: int, data: bytes) -> None:
+        """No metadata contexts are offered: a well-formed query gets an
+        empty answer (it is not an error to select none)."""
+        if not self.structured:
+            self._opt(opt, P.REP_ERR_INVALID, b"negotiate structured replies first")
+            return
+        try:
+            (nlen,) = struct.unpack_from(">I", data)
+            name = data[4:4 + nlen]
+            (count,) = struct.unpack_from(">I", data, 4 + nlen)
+            pos = 8 + nlen
+            for _ in range(count):
+                (qlen,) = struct.unpack_from(">I", data, pos)
+                pos += 4 + qlen
+            if len(name) != nlen or pos != len(data):
+                raise struct.error("lengths do not add up")
+        except struct.error:
+            self._opt(opt, P.REP_ERR_INVALID, b"malformed meta context request")
+            return
+        export, why = self.server._resolve(bytes(name))
+        if export is None:
+            self._opt(opt, P.REP_ERR_UNKNOWN, why.encode()[:P.MAX_STRING])
+            return
+        self._opt(opt, P.REP_ACK)
+
+    def _info(self, opt: int, data: bytes) -> Optional[Export]:
+        if len(data) < 6:
+            self._opt(opt, P.REP_ERR_INVALID, b"short INFO/GO request")
+            return None
+        (nlen,) = struct.unpack_from(">I", data)
+        if 4 + nlen + 2 > len(data):
+            self._opt(opt, P.REP_ERR_INVALID, b"bad name length")
+            return None
+        raw = bytes(data[4:4 + nlen])
+        (nreq,) = struct.unpack_from(">H", data, 4 + nlen)
+        if 4 + nlen + 2 + 2 * nreq != len(data):
+            self._opt(opt, P.REP_ERR_INVALID, b"bad information request count")
+            return None
+        requests = set(struct.unpack_from(f">{nreq}H", data, 4 + nlen + 2))
+        # GO attaches the connection to the export before answering, so a
+        # pair being removed can never gain a client it does not know of
+        export, why = self.server._attach(self, raw) if opt == P.OPT_GO else self.server._resolve(raw)
+        if export is None:
+            self._opt(opt, P.REP_ERR_UNKNOWN, why.encode()[:P.MAX_STRING])
+            return None
+        self._opt(opt, P.REP_INFO, struct.pack(">HQH", P.INFO_EXPORT, export.size, transmission_flags(export)))
+        if P.INFO_NAME in requests:
+            self._opt(opt, P.REP_INFO, struct.pack(">H", P.INFO_NAME) + export.name.encode())
+        if P.INFO_DESCRIPTION in requests:
+            self._opt(opt, P.REP_INFO, struct.pack(">H", P.INFO_DESCRIPTION) + export.description.encode())
+        # Block sizes, always stated: any byte range works (minimum 1), whole
+        # tracks are best (a partial write of a track not yet restored merges
+        # it first), at most 32 MiB per request.
+        self._opt(opt, P.REP_INFO, struct.pack(">HIII", P.INFO_BLOCK_SIZE, 1, export.preferred, P.MAX_REQUEST))
+        self._opt(opt, P.REP_ACK)
+        return export
