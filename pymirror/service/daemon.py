@@ -220,9 +220,11 @@ class Daemon:
                 server.remove_pair(held.name, timeout=30.0)
 
     def _nbd_event(self, kind: str, data: dict[str, Any]) -> None:
-        export = str(data.get("export", ""))
-        pair = export[:-len("/mirror")] if export.endswith("/mirror") else export
-        if pair in ("", "standard", "mirror"):
+        pair = data.get("pair")
+        if not isinstance(pair, str) or not pair:
+            export = str(data.get("export", ""))
+            pair = export[:-len("/mirror")] if export.endswith("/mirror") else export
+        if pair in ("", "standard", "mirror"):     # the default export: the only pair
             with self._lock:
                 names = list(self.pairs)
             pair = names[0] if len(names) == 1 else pair
