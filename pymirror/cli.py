@@ -368,6 +368,7 @@ def run_job_verb(t: "LocalTarget | RemoteTarget", kind: str, start: Callable[[],
             if not t.remote and job:
                 note(f"no daemon holds {t.label}, so the copy stops with this command; it goes on with "
                      f"'pymirror resume {t.label}' or in a daemon ('pymirror attach')")
+            t.close()
             return
     except BaseException:
         if server is not None:

@@ -214,7 +214,9 @@ def test_verify_exit_codes(tmp_path):
     with pymirror.Pair.open(meta) as p:
         p.mirror_write(0, b"x")
     assert run("verify", meta, check=False).returncode == 1
-    run("restore", meta, "--incremental", "--no-wait")        # leaves a paused restore
+    with pymirror.Pair.open(meta) as p:
+        p.mirror_write(0, b"y" * (4 << 20))
+    run("restore", meta, "--incremental", "--no-wait", "--rate", "64K")   # leaves an unfinished restore
     msg = one_line_error(run("verify", meta, check=False), 2)
     assert "in progress" in msg
 
