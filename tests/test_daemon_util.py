@@ -123,3 +123,53 @@ def alive(pid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def nbd_util() -> Any:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("nbd_util", Path(__file__).with_name("nbd_util.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("nbd_util", mod)
+    spec.loader.exec_module(mod)
+    return sys.modules["nbd_util"]
+
+
+class NbdError(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(f"NBD error {code}")
+        self.code = code
+
+
+class Nbd:
+    """A synchronous NBD client of one export (the raw protocol, one request at a time)."""
+
+    def __init__(self, socket_path: str, export: str) -> None:
+        nu = nbd_util()
+        self.P = nu.P
+        self.c, self.size, self.flags = nu.connect(socket_path, export)
+        self.cookie = 0
+
+    def _do(self, cmd: int, offset: int, length: int, data: bytes = b"", flags: int = 0) -> bytes:
+        self.cookie += 1
+        self.c.request(cmd, offset, length, data, flags=flags, cookie=self.cookie)
+        err, cookie, payload = self.c.reply(length if cmd == self.P.CMD_READ else 0)
+        assert cookie == self.cookie
+        if err:
+            raise NbdError(err)
+        return payload
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        self._do(self.P.CMD_WRITE, offset, len(data), data, self.P.CMD_FLAG_FUA if fua else 0)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._do(self.P.CMD_READ, offset, length)
+
+    def flush(self) -> None:
+        self._do(self.P.CMD_FLUSH, 0, 0)
+
+    def close(self) -> None:
+        try:
+            self.c.request(self.P.CMD_DISC)
+        except OSError:
+            pass
+        self.c.close()
