@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Optional
 from .. import errors
 from ..config import CopyConfig
 from ..report import query_dict
-from . import verbs
+from . import barrier, verbs
 from .control import ControlServer
 from .events import PROGRESS_INTERVAL, EventHub
 from .held import HeldPair, VerifyJob, one_line
@@ -84,6 +84,7 @@ class Daemon:
         self.groups: dict[str, list[str]] = {}
         self._lock = threading.RLock()     # the registry (pairs, groups) and the state file
         self.stopping = threading.Event()
+        self.ready = threading.Event()      # set once the remembered pairs are open: requests wait for it
         self.control = ControlServer(self.control_path, self.dispatch, self.hub)
         self.control.members = self.members
         self.servers: list[Any] = []
@@ -115,6 +116,7 @@ class Daemon:
             raise
         self._monitor = threading.Thread(target=self._watch_loop, name="monitor", daemon=True)
         self._monitor.start()
+        self.ready.set()
 
     def _start_nbd(self) -> None:
         if self.socket_path is None and self.listen is None:
@@ -281,6 +283,9 @@ class Daemon:
     # -- dispatch -------------------------------------------------------------
     def dispatch(self, verb: str, args: dict[str, Any]) -> Any:
         verb, args = verbs.check(verb, args)
+        while not self.ready.wait(0.1):      # still opening the pairs it held: answer once they are there
+            if self.stopping.is_set():
+                break
         if self.stopping.is_set():
             raise DaemonError("the daemon is stopping")
         handler: Callable[..., Any] = getattr(self, "verb_" + verb.replace("-", "_"))
@@ -401,20 +406,16 @@ class Daemon:
                                       f"fix the cause, then resume")
         return self.verb_query(name) if not extra else dict(self.verb_query(name), **extra)
 
-    def _group_call(self, kind: str, helds: list[HeldPair], **kw: Any) -> Optional[float]:
-        pairs = [h.need() for h in helds]
-        try:
-            from .. import group as grp
-        except ImportError:
-            grp = None
-        if grp is None:
-            raise errors.StateError("group operations need the core's consistency barrier (pymirror.group), "
-                                    "which this build lacks")
-        result = getattr(grp, kind)(pairs, **kw)
-        held_for = getattr(grp, "last_hold_seconds", None)
-        if isinstance(result, dict) and "hold_seconds" in result:
-            held_for = result["hold_seconds"]
-        return None if held_for is None else float(held_for)
+    def _group_call(self, kind: str, helds: list[HeldPair], incremental: bool = False,
+                    protect: bool = True) -> float:
+        """A group command at one instant (barrier.py); the seconds host I/O was held."""
+        named = [(h.name, h.need()) for h in helds]
+        barrier.check(kind, named, incremental=incremental)
+        if kind == "split":
+            return barrier.act(named, lambda p: p.split())
+        if kind == "establish":
+            return barrier.act(named, lambda p: p.establish(incremental=incremental))
+        return barrier.act(named, lambda p: p.restore(incremental=incremental, protect=protect))
 
     def verb_establish(self, name: str, incremental: Optional[bool], assume_equal: Optional[bool],
                        rate: Optional[int], copiers: Optional[int], batch_size: Optional[int],
