@@ -135,7 +135,8 @@ def test_paused_by_request_stays_paused_across_restart_interrupted_job_resumes(t
     with daemon.client() as c:
         h, k = c.pair("held").query(), c.pair("cut").query()
         assert h["state"] == "syncing" and h["job"]["paused"] is True
-        assert k["state"] == "syncing" and k["job"]["paused"] is False
+        assert k["state"] == "syncing" and k["job"]["paused"] is False     # resumed at once ...
+        assert k["job"]["rate_limit"] == 1 * MiB                             # ... at its remembered rate
         c.pair("cut").set_rate(0)
         assert c.pair("cut").wait(timeout=60) == "done"
         assert c.pair("held").wait(timeout=0.2) == "timeout"

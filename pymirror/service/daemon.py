@@ -42,6 +42,7 @@ from .protocol import DaemonError, InvalidArgument, NoSuchPair, greeting
 from .state import StateFile
 
 log = logging.getLogger("pymirror.daemon")
+COPY_KEYS = ("rate", "copiers", "batch_size", "read_policy")   # a pair's copy settings, remembered
 
 
 def _version() -> str:
@@ -145,6 +146,9 @@ class Daemon:
                 continue
             held = HeldPair(entry["name"], entry["meta"], self.hub)
             held.paused_by_request = bool(entry.get("paused_by_request", False))
+            copy = entry.get("copy")
+            if isinstance(copy, dict):
+                held.copy = {k: v for k, v in copy.items() if k in COPY_KEYS}
             held.exported = bool(entry.get("exported", True))
             self.pairs[held.name] = held
             self._open(held)
@@ -155,7 +159,12 @@ class Daemon:
                 log.error("daemon state: ignoring group %r: its pairs are not all held", name)
 
     def _open(self, held: HeldPair) -> None:
-        if not held.open(self.config):
+        try:
+            config = self.config.replace(**held.copy)
+        except (TypeError, ValueError) as exc:
+            log.error("%s: ignoring the remembered copy settings %r: %s", held.name, held.copy, one_line(exc))
+            config = self.config
+        if not held.open(config):
             log.error("%s: cannot open %s: %s (the other pairs are served)", held.name, held.meta, held.error)
             held.emit("pair-failed", meta=held.meta, error=held.error)
             return
@@ -245,6 +254,7 @@ class Daemon:
     def _save(self) -> None:
         with self._lock:
             data = {"pairs": [{"name": h.name, "meta": h.meta, "paused_by_request": h.paused_by_request,
+                               "copy": h.copy,
                                "exported": h.exported} for h in self.pairs.values()],
                     "groups": {g: list(m) for g, m in self.groups.items()}}
             self.state.save(data)
@@ -541,11 +551,16 @@ class Daemon:
 
                 Job(pair, h.kind).set_rate(rate)
                 pair._config = pair.config.replace(rate=rate)
+        self._save_if_flags_changed()
         return self.verb_query(name)
 
     def _save_if_flags_changed(self) -> None:
         with self._lock:
-            snapshot = {n: h.paused_by_request for n, h in self.pairs.items()}
+            for h in self.pairs.values():
+                if h.pair is not None:
+                    cfg = h.pair.config
+                    h.copy = {k: getattr(cfg, k) for k in COPY_KEYS}
+            snapshot = {n: (h.paused_by_request, tuple(sorted(h.copy.items()))) for n, h in self.pairs.items()}
             if snapshot != getattr(self, "_saved_flags", None):
                 self._saved_flags = snapshot
                 self._save()

@@ -117,6 +117,7 @@ class HeldPair:
         self.error: Optional[str] = None      # why the pair failed to open
         self.paused_by_request = False
         self.exported = True
+        self.copy: dict[str, Any] = {}        # copy settings (rate, ...) remembered across restarts
         self.lock = threading.RLock()
         self.verify: Optional[VerifyJob] = None
         self.last_verify: Optional[dict[str, Any]] = None
