@@ -84,8 +84,11 @@ class LocalTarget:
         job = self.pair.job
         if job is None:
             return DONE
+        paused = getattr(errors, "JobPausedError", ())   # paused with no error: nobody resumes it here
         try:
             return DONE if job.wait(timeout) else TIMEOUT
+        except paused:
+            raise
         except errors.JobError:
             return PAUSED_ERROR
 
