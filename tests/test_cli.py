@@ -267,3 +267,23 @@ def test_demo_runs_and_checks(tmp_path):
     proc = run("demo", "--size", "16M", "--dir", tmp_path, timeout=300)
     assert "checks passed: OK" in proc.stdout
     assert "FAIL" not in proc.stdout
+
+
+def test_cancel_an_establish(mode, tmp_path):
+    if not hasattr(pymirror.Pair, "cancel"):
+        pytest.skip("this core has no Pair.cancel (branch core)")
+    meta = make_pair(tmp_path, size="16M")
+    with pymirror.Pair.open(meta) as p:
+        p.write(0, b"\x66" * (16 << 20))
+    mode.attach(meta)
+    mode.run("establish", meta, "--no-wait", "--rate", "1M")
+    out = mode.run("cancel", meta).stdout
+    assert out.startswith(f"{meta}: establish cancelled; the pair is split and its mirror is inconsistent (")
+    q = json.loads(mode.run("query", meta, "--json").stdout)
+    assert q["state"] == "split" and q["mirror_invalid"] > 0 and q["job"] is None
+    assert "INCONSISTENT" in mode.run("query", meta).stdout
+    msg = one_line_error(mode.run("restore", meta, check=False), 2)
+    assert "establish" in msg
+    mode.run("establish", meta, "--incremental")
+    assert json.loads(mode.run("query", meta, "--json").stdout)["mirror_invalid"] == 0
+    assert mode.run("verify", meta).returncode == 0
