@@ -281,3 +281,30 @@ def test_qemu_rides_over_a_daemon_restart(tmp_path, daemon):
     with daemon.client() as c:
         kinds = [e["event"] for e in c.history("vm")]
     assert "client-connected" in kinds
+
+
+def test_who_may_connect_socket_modes_and_loopback_tcp(tmp_path, daemon):
+    import socket
+    import stat
+
+    meta = U.make_pair(tmp_path, "only", fill=b"\x07")
+    with socket.socket() as s:                    # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    daemon.start(meta, extra=("--listen", f"127.0.0.1:{port}"))
+    assert stat.S_IMODE(os.stat(daemon.nbd).st_mode) == 0o660
+    assert stat.S_IMODE(os.stat(daemon.control).st_mode) == 0o600
+    nu = U.nbd_util()
+    for address, name in ((daemon.nbd, ""), (daemon.nbd, "only"), (("127.0.0.1", port), "only")):
+        c, size, _ = nu.connect(address, name)      # "" is the standard while the daemon holds one pair
+        assert size == 2 * MiB
+        c.close()
+    with daemon.client() as c:
+        assert any(u.startswith("nbd://127.0.0.1:") for u in c.status()["daemon"]["nbd"])
+    assert daemon.stop() == 0
+    # a TCP listener on a non-loopback address needs --allow-remote
+    other = U.DaemonProc(tmp_path / "o", nbd=False) if (tmp_path / "o").mkdir() is None else None
+    other.start(extra=("--listen", f"0.0.0.0:{port}"), wait=False)
+    assert other.proc.wait(30) == 2
+    text = other.log_text()
+    assert "allow" in text and "Traceback" not in text and len(text.strip().splitlines()) <= 3

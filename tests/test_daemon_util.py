@@ -43,7 +43,8 @@ class DaemonProc:
         self.log = d / "daemon.log"
         self.proc: Optional[subprocess.Popen[bytes]] = None
 
-    def start(self, *metas: Any, extra: tuple[str, ...] = (), wait: bool = True) -> "DaemonProc":
+    def start(self, *metas: Any, extra: tuple[str, ...] = (), wait: bool = True,
+              file_size_limit: Optional[int] = None) -> "DaemonProc":
         cmd = [sys.executable, "-m", "pymirror.service", "--control", self.control,
                "--state-dir", self.state_dir, *extra]
         if self.nbd:
@@ -51,8 +52,13 @@ class DaemonProc:
         cmd += [str(m) for m in metas]
         self._logfh = open(self.log, "ab")
         self._log_from = self._logfh.tell()
+        def limit() -> None:      # writes past this size fail with EFBIG (Python ignores SIGXFSZ)
+            import resource
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
         self.proc = subprocess.Popen(cmd, stdout=self._logfh, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd="/")
+                                     stdin=subprocess.DEVNULL, cwd="/",
+                                     preexec_fn=limit if file_size_limit is not None else None)
         if wait:
             self.wait_ready()
         return self

@@ -319,3 +319,33 @@ def test_sigterm_while_clients_wait_commits_and_exits_zero(tmp_path, daemon):
     c.close()
     with pymirror.Pair.open(meta) as pair:      # committed, the job resumable
         assert pair.state == "syncing" and pair.progress.paused
+
+
+def test_a_job_paused_on_an_error_says_why_and_stays_paused_across_restart(tmp_path, daemon):
+    meta = U.make_pair(tmp_path, "e", size=16 * MiB, fill=b"I")
+    daemon.start(meta, file_size_limit=4 * MiB)       # the mirror cannot grow past 4 MiB: EFBIG
+    with daemon.client() as c:
+        p = c.pair("e")
+        p.establish()
+        assert p.wait(timeout=60) == "paused-error"
+        job = p.query()["job"]
+        assert job["paused"] is True and job["error"] and job["error_track"] is not None
+        with pytest.raises(errors.JobError) as ei:
+            p.resume(wait=True)                      # retried, fails again
+        assert "stopped on track" in str(ei.value) and job["error"] in str(ei.value)
+        job = p.query()["job"]
+        (entry,) = c.status()["pairs"]
+        paused = [e for e in entry["events"] if e["event"] == "job-paused"]
+        assert paused and paused[-1]["data"]["error"] == job["error"]
+        assert paused[-1]["data"]["error_track"] == job["error_track"]
+    assert daemon.stop() == 0
+    daemon.start()                                    # no limit now; the error was persisted with the pair
+    with daemon.client() as c:
+        p = c.pair("e")
+        job = p.query()["job"]
+        assert job["paused"] is True and job["error"]               # not resumed by itself
+        assert p.wait(timeout=0.2) == "paused-error"
+        assert "stays paused on an error" in daemon.log_text()
+        p.resume()
+        assert p.wait(timeout=60) == "done"
+        assert p.query()["state"] == "established" and p.verify()["equal"]
