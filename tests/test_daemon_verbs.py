@@ -349,3 +349,55 @@ def test_a_job_paused_on_an_error_says_why_and_stays_paused_across_restart(tmp_p
         p.resume()
         assert p.wait(timeout=60) == "done"
         assert p.query()["state"] == "established" and p.verify()["equal"]
+
+
+def test_a_pair_in_use_elsewhere_is_refused_with_busy_error(tmp_path, daemon):
+    meta = U.make_pair(tmp_path, "busy", fill=b"J")
+    daemon.start()
+    with pymirror.Pair.open(meta):                      # this process holds its volumes
+        with daemon.client() as c:
+            with pytest.raises(errors.BusyError) as ei:
+                c.attach(meta)
+            assert "busy.std" in str(ei.value) or "busy" in str(ei.value)
+            assert c.find("busy") is None
+    with daemon.client() as c:
+        assert c.attach(meta)["name"] == "busy"
+    with pytest.raises(errors.BusyError):                # and the daemon's pair is refused here
+        pymirror.Pair.open(meta)
+
+
+def test_detach_and_attach_racing_queries_and_status(tmp_path, daemon):
+    metas = [U.make_pair(tmp_path, f"r{i}", fill=bytes([i + 10])) for i in range(3)]
+    daemon.start(*metas)
+    stop = threading.Event()
+    failures = []
+
+    def reader():
+        with daemon.client() as c:
+            while not stop.is_set():
+                try:
+                    c.status()
+                    c.pair("r0").query()
+                except (NoSuchPair, errors.StateError, errors.ClosedError):
+                    pass                                  # detached just now: a clean answer
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(exc)
+                    return
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    with daemon.client() as c:
+        for _ in range(15):
+            c.detach("r0")
+            c.attach(metas[0])
+            c.pair("r0").verify(wait=False)
+            c.detach("r0")                                # cancels the verify
+            c.attach(metas[0])
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not failures, failures
+    assert daemon.proc.poll() is None
+    with daemon.client() as c:
+        assert c.pair("r0").query()["state"] == "new"

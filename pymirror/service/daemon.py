@@ -323,7 +323,8 @@ class Daemon:
             if export is not None:
                 held.exported = export
             if not held.open(self.config):
-                raise errors.MirrorError(f"{meta}: cannot open: {held.error}")
+                raise held.open_error if held.open_error is not None else \
+                    errors.MirrorError(f"{meta}: cannot open: {held.error}")
             self.pairs[name] = held
         with held.lock:
             if held.exported:
@@ -569,9 +570,13 @@ class Daemon:
     def verb_query(self, name: str) -> Any:
         group, helds = self.resolve(name)
         if group is None:
-            return query_dict(helds[0].need())
-        return {"group": group, "pairs": {h.name: (query_dict(h.pair) if h.pair is not None
-                                                  else {"state": None, "error": h.error}) for h in helds}}
+            with helds[0].lock:          # the pair is not closed under the read
+                return query_dict(helds[0].need())
+        out: dict[str, Any] = {}
+        for h in helds:
+            with h.lock:
+                out[h.name] = query_dict(h.pair) if h.pair is not None else {"state": None, "error": h.error}
+        return {"group": group, "pairs": out}
 
     def verb_verify(self, name: str, wait: Optional[bool]) -> Any:
         group, helds = self.resolve(name)
@@ -610,8 +615,8 @@ class Daemon:
         while True:
             done = True
             for h in helds:
-                pair = h.need()
-                p = pair.progress
+                with h.lock:             # the pair is not closed under the read
+                    p = h.need().progress
                 if p.running and p.paused and p.error:
                     h.watch()
                     return "paused-error"
@@ -630,13 +635,14 @@ class Daemon:
         group, helds = self.resolve(name)
         return self.wait_for(helds, timeout)
 
-    def _pair_status(self, h: HeldPair) -> dict[str, Any]:
+    def _pair_status(self, h: HeldPair, groups: dict[str, list[str]]) -> dict[str, Any]:
         out: dict[str, Any] = {"name": h.name, "meta": h.meta, "error": h.error, "exported": h.exported,
                                "paused_by_request": h.paused_by_request,
-                               "groups": sorted(g for g, m in self.groups.items() if h.name in m)}
-        pair = h.pair
-        if pair is not None:
-            q = query_dict(pair)
+                               "groups": sorted(g for g, m in groups.items() if h.name in m)}
+        with h.lock:
+            pair = h.pair
+            q = query_dict(pair) if pair is not None else None
+        if pair is not None and q is not None:
             out.update(state=q["state"], size=q["size"], mirror_invalid=q["mirror_invalid"], job=q["job"])
             out["clients"] = self.clients(h.name)
         else:
@@ -657,7 +663,7 @@ class Daemon:
         return {"daemon": {"pid": os.getpid(), "version": _version(), "control": self.control_path,
                            "state_dir": self.state.directory, "uptime": round(time.time() - self.started, 1),
                            "nbd": [s.uri for s in self.servers], "control_clients": self.control.clients},
-                "pairs": [self._pair_status(h) for h in helds], "groups": groups}
+                "pairs": [self._pair_status(h, groups) for h in helds], "groups": groups}
 
     def verb_events(self, name: Optional[str]) -> Any:
         if name is None:

@@ -115,6 +115,7 @@ class HeldPair:
         self.hub = hub
         self.pair: Any = None
         self.error: Optional[str] = None      # why the pair failed to open
+        self.open_error: Optional[BaseException] = None
         self.paused_by_request = False
         self.exported = True
         self.copy: dict[str, Any] = {}        # copy settings (rate, ...) remembered across restarts
@@ -136,19 +137,22 @@ class HeldPair:
             self.pair = Pair.open(self.meta, config=config)
             self.error = None
         except Exception as exc:  # noqa: BLE001 - reported; the daemon serves the other pairs
-            self.pair, self.error = None, one_line(exc)
+            self.pair, self.error, self.open_error = None, one_line(exc), exc
             return False
         self._last = None
         self.watch()
         return True
 
     def close(self) -> None:
+        """Stop a verify, then commit and close the pair (callers hold ``lock``;
+        ``_watch`` keeps the monitor off the pair while it is freed)."""
         if self.verify is not None:
             self.verify.cancel()
             self.verify.join(30)
-        pair, self.pair = self.pair, None
-        if pair is not None:
-            pair.close()
+        with self._watch:
+            pair, self.pair = self.pair, None
+            if pair is not None:
+                pair.close()
 
     def need(self) -> Any:
         """The open Pair, or a StateError saying why there is none."""
