@@ -401,3 +401,26 @@ def test_detach_and_attach_racing_queries_and_status(tmp_path, daemon):
     assert daemon.proc.poll() is None
     with daemon.client() as c:
         assert c.pair("r0").query()["state"] == "new"
+
+
+def test_job_progress_events_come_at_most_four_a_second(tmp_path, daemon):
+    meta = U.make_pair(tmp_path, "prog", size=16 * MiB, fill=b"K")
+    daemon.start(meta)
+    with daemon.client() as c, daemon.client() as w:
+        stream = w.events("prog", timeout=10)
+        c.pair("prog").establish(rate=4 * MiB)        # about 4 s
+        progress, done = [], None
+        for ev in stream:
+            if ev["event"] == "job-progress":
+                progress.append(ev)
+            if ev["event"] == "job-done":
+                done = ev
+                break
+        assert done is not None and done["data"]["kind"] == "establish"
+        assert len(progress) >= 4
+        times = [e["timestamp"] for e in progress]
+        span = times[-1] - times[0]
+        assert (len(times) - 1) / span <= 4.5, (len(times), span)
+        pending = [e["data"]["tracks_pending"] for e in progress]
+        assert pending == sorted(pending, reverse=True) and pending[-1] < 256
+        assert all(e["data"]["tracks_total"] == 256 and e["data"]["pair"] == "prog" for e in progress)
