@@ -61,7 +61,6 @@ class Daemon:
     """``pymirror daemon`` in a subprocess, on sockets in ``folder``."""
 
     def __init__(self, folder: Path, *metas: Any, nbd: bool = True) -> None:
-        nbd = nbd and nbd_multi_pair()
         self.folder = Path(folder)
         self.control = self.folder / "c.sock"
         self.state = self.folder / "state"
@@ -136,25 +135,8 @@ class Mode:
             with pymirror.Pair.open(meta) as p:
                 (p.mirror_write if mirror else p.write)(offset, data)
             return
-        if self.daemon.nbd is None:
-            # TEMPORARY: this branch's NBD server cannot export the daemon's pairs
-            # yet (NBDServer.add_pair comes with branch nbdexp): hand the pair back,
-            # write, attach it again.
-            name = Path(meta).stem
-            self.run("detach", name)
-            with pymirror.Pair.open(meta) as p:
-                (p.mirror_write if mirror else p.write)(offset, data)
-            self.run("attach", meta)
-            return
         export = Path(meta).stem + ("/mirror" if mirror else "")
         nbd_write(self.daemon.nbd, export, offset, data)
-
-
-def nbd_multi_pair() -> bool:
-    """True when the NBD server can export several pairs (the daemon's form)."""
-    from pymirror.nbd.server import NBDServer
-
-    return hasattr(NBDServer, "add_pair")
 
 
 def nbd_write(socket_path: Any, export: str, offset: int, data: bytes) -> None:

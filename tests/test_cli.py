@@ -270,8 +270,6 @@ def test_demo_runs_and_checks(tmp_path):
 
 
 def test_cancel_an_establish(mode, tmp_path):
-    if not hasattr(pymirror.Pair, "cancel"):
-        pytest.skip("this core has no Pair.cancel (branch core)")
     meta = make_pair(tmp_path, size="16M")
     with pymirror.Pair.open(meta) as p:
         p.write(0, b"\x66" * (16 << 20))

@@ -141,8 +141,6 @@ def test_watch_json_one_event_per_line_and_until_done(daemon, tmp_path):
 
 
 def test_cancel_an_establish_and_refuse_for_a_restore(daemon, tmp_path):
-    if not hasattr(pymirror.Pair, "cancel"):
-        pytest.skip("this core has no Pair.cancel (branch core)")
     meta = make_pair(tmp_path, "p", fill=b"\x21")
     pm(daemon, "attach", meta)
     pm(daemon, "establish", "p", "--no-wait", "--rate", "1M")
@@ -159,10 +157,6 @@ def test_cancel_an_establish_and_refuse_for_a_restore(daemon, tmp_path):
 
 
 def test_group_create_split_query(daemon, tmp_path):
-    try:
-        import pymirror.group  # noqa: F401
-    except ImportError:
-        pytest.skip("this core has no consistency barrier (pymirror.group, branch core)")
     metas = [make_pair(tmp_path, f"g{i}", size="1M") for i in range(3)]
     for m in metas:
         pm(daemon, "attach", m)
