@@ -203,3 +203,17 @@ def test_the_same_output_here_and_through_the_daemon(daemon, tmp_path):
         there = pm(daemon, *args, meta, check=False)
         assert (there.returncode, there.stdout) == (here.returncode, here.stdout), args
     assert local[("verify",)].returncode == 1
+
+
+def test_status_says_why_a_pair_is_not_served(tmp_path):
+    meta = make_pair(tmp_path, "frail", size="1M")
+    d = cli_util.Daemon(tmp_path, meta, nbd=False)
+    assert d.stop() == 0, d.output()
+    meta.write_bytes(b"garbage" * 1000)          # the daemon will remember a pair it cannot open
+    d = cli_util.Daemon(tmp_path, nbd=False)
+    try:
+        st = pm(d, "status").stdout
+        assert "frail: failed to open:" in st, st
+        one_line_error(pm(d, "query", "frail", check=False), 2)
+    finally:
+        assert d.stop() == 0, d.output()
