@@ -81,6 +81,12 @@ class Client:
         except InvalidRequest as exc:
             raise InternalError(f"the daemon sent a malformed message: {exc}") from None
 
+    def _dict(self, verb: str, **arguments: Any) -> dict[str, Any]:
+        value = self.execute(verb, **arguments)
+        if not isinstance(value, dict):
+            raise InternalError(f"{verb}: the daemon answered {type(value).__name__}, not an object")
+        return value
+
     def execute(self, verb: str, **arguments: Any) -> Any:
         """Run one verb (``set_rate`` and ``set-rate`` are the same verb);
         arguments that are None are left out."""
@@ -120,24 +126,25 @@ class Client:
         return RemotePair(self, name)
 
     def status(self, name: Optional[str] = None) -> dict[str, Any]:
-        return self.execute("status", name=name)
+        return self._dict("status", name=name)
 
     def attach(self, meta: "str | os.PathLike[str]", name: Optional[str] = None,
                export: Optional[bool] = None) -> dict[str, Any]:
-        return self.execute("attach", meta=os.path.abspath(os.fspath(meta)), name=name, export=export)
+        return self._dict("attach", meta=os.path.abspath(os.fspath(meta)), name=name, export=export)
 
     def detach(self, name: str) -> dict[str, Any]:
-        return self.execute("detach", name=name)
+        return self._dict("detach", name=name)
 
     def group_create(self, name: str, pairs: list[str]) -> dict[str, Any]:
-        return self.execute("group-create", name=name, pairs=list(pairs))
+        return self._dict("group-create", name=name, pairs=list(pairs))
 
     def group_delete(self, name: str) -> dict[str, Any]:
-        return self.execute("group-delete", name=name)
+        return self._dict("group-delete", name=name)
 
     def history(self, name: Optional[str] = None) -> list[dict[str, Any]]:
         """The events the daemon kept (the last few per pair)."""
-        return self.execute("events", name=name)
+        value = self.execute("events", name=name)
+        return list(value) if isinstance(value, list) else []
 
     def events(self, pair: Optional[str] = None, timeout: Optional[float] = None) -> Iterator[dict[str, Any]]:
         """Live events (of one pair or group, or of every pair), as dicts
@@ -223,14 +230,14 @@ class RemotePair:
         return self._x("set-rate", rate=rate)
 
     def query(self) -> dict[str, Any]:
-        return self._x("query")
+        return self.client._dict("query", name=self.name)
 
     def verify(self, wait: bool = True) -> dict[str, Any]:
-        return self._x("verify", wait=wait)
+        return self.client._dict("verify", name=self.name, wait=wait)
 
     def wait(self, timeout: Optional[float] = None) -> str:
         """"done" | "paused-error" | "timeout"."""
-        return self._x("wait", timeout=timeout)
+        return str(self._x("wait", timeout=timeout))
 
     def export(self) -> Any:
         return self._x("export")

@@ -388,7 +388,8 @@ class Daemon:
 
     # job verbs ----------------------------------------------------------------
     def _cfg(self, pair: Any, **changes: Any) -> CopyConfig:
-        return pair.config.replace(**changes)
+        base: CopyConfig = pair.config
+        return base.replace(**changes)
 
     def _locked(self, helds: list[HeldPair]) -> Any:
         """Take the command locks of several pairs, in name order."""
