@@ -61,9 +61,18 @@ def pair_name_for(meta: str) -> str:
 
 
 def check_name(name: str) -> str:
+    """A pair or group name: it also names NBD exports (NAME, NAME/mirror)."""
     if not name or name.strip() != name or "/" in name or any(ord(c) < 32 for c in name):
         raise InvalidArgument(f"bad name {name!r}: a name is non-empty, has no '/', no control "
                               f"characters and no leading or trailing spaces")
+    try:
+        from ..nbd.exports import check_pair_name
+    except ImportError:  # pragma: no cover - an NBD server without named exports
+        return name
+    try:
+        check_pair_name(name)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"bad name: {exc}") from None
     return name
 
 
@@ -172,7 +181,10 @@ class Daemon:
         p = pair.progress
         log.info("%s: opened %s (%s)", held.name, held.meta, pair.state)
         if held.exported:
-            self._export(held)
+            try:
+                self._export(held)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                log.error("%s: not exported over NBD: %s", held.name, one_line(exc))
         if p.running and p.paused:
             if held.paused_by_request:
                 log.info("%s: the %s stays paused (paused by request); 'resume' continues it", held.name, held.kind)
