@@ -23,10 +23,25 @@ NEUTRAL = tempfile.gettempdir()
 SYSTEM_PYTHON = "/usr/bin/python3"      # has Debian's python3-libnbd
 
 
+def limit_file_size(limit: Optional[int]) -> Any:
+    """A preexec_fn making writes past ``limit`` bytes of any file fail with
+    EFBIG (a store that fails mid-copy), or None."""
+    if limit is None:
+        return None
+
+    def preexec() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
 def run(*args: Any, check: bool = True, cwd: Any = None, timeout: float = 120,
-        env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
+        env: Optional[dict[str, str]] = None, file_size_limit: Optional[int] = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(EXE + [str(a) for a in args], capture_output=True, text=True,
-                          cwd=cwd or NEUTRAL, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+                          cwd=cwd or NEUTRAL, timeout=timeout, stdin=subprocess.DEVNULL, env=env,
+                          preexec_fn=limit_file_size(file_size_limit))
     if check and proc.returncode != 0:
         raise AssertionError(f"pymirror {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -60,7 +75,8 @@ def need_libnbd() -> None:
 class Daemon:
     """``pymirror daemon`` in a subprocess, on sockets in ``folder``."""
 
-    def __init__(self, folder: Path, *metas: Any, nbd: bool = True) -> None:
+    def __init__(self, folder: Path, *metas: Any, nbd: bool = True,
+                 file_size_limit: Optional[int] = None) -> None:
         self.folder = Path(folder)
         self.control = self.folder / "c.sock"
         self.state = self.folder / "state"
@@ -71,7 +87,8 @@ class Daemon:
             args += ["--socket", str(self.nbd)]
         args += [str(m) for m in metas]
         self.proc = subprocess.Popen(EXE + args, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=NEUTRAL)
+                                     stdin=subprocess.DEVNULL, cwd=NEUTRAL,
+                                     preexec_fn=limit_file_size(file_size_limit))
         deadline = time.monotonic() + 30
         while not self.control.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -285,3 +285,35 @@ def test_cancel_an_establish(mode, tmp_path):
     mode.run("establish", meta, "--incremental")
     assert json.loads(mode.run("query", meta, "--json").stdout)["mirror_invalid"] == 0
     assert mode.run("verify", meta).returncode == 0
+
+
+@pytest.mark.parametrize("where", ["local", "daemon"])
+def test_a_copy_that_fails_pauses_exit_1_and_says_why(where, tmp_path):
+    meta = make_pair(tmp_path, size="16M")
+    with pymirror.Pair.open(meta) as p:
+        p.write(0, b"\x77" * (16 << 20))
+    limit = 4 << 20              # writes past 4 MiB of a file fail (EFBIG): the mirror, mid-copy
+    daemon = None
+    if where == "daemon":
+        daemon = cli_util.Daemon(tmp_path, meta, nbd=False, file_size_limit=limit)
+        pm = lambda *a, **kw: run("--control", daemon.control, *a, **kw)   # noqa: E731
+    else:
+        pm = lambda *a, **kw: run("--control", tmp_path / "none.sock", *a, **kw)   # noqa: E731
+    try:
+        proc = pm("establish", meta, check=False, file_size_limit=limit)
+        msg = one_line_error(proc, 1)
+        assert "stopped on track" in msg and f"pymirror resume {meta}" in msg
+        q = json.loads(pm("query", meta, "--json").stdout)
+        assert q["job"]["paused"] is True and q["job"]["error"] and q["job"]["error_track"] is not None
+        w = pm("wait", meta, "--timeout", "5", check=False)
+        assert "paused on an error" in one_line_error(w, 1)
+        assert q["job"]["error"] in w.stderr
+        assert "PAUSED on error at track" in pm("query", meta).stdout
+        if daemon is not None:
+            assert "PAUSED on error" in pm("status").stdout
+    finally:
+        if daemon is not None:
+            assert daemon.stop() == 0, daemon.output()
+    out = run("resume", meta)                      # the cause is gone: it finishes
+    assert "establish complete: the pair is established" in out.stdout
+    assert run("verify", meta).returncode == 0
