@@ -89,8 +89,14 @@ def test_pause_wait_set_rate_resume(daemon, tmp_path):
     assert query(daemon, "p")["job"]["paused"] is True
     pm(daemon, "set-rate", "p", "0")
     assert query(daemon, "p")["job"]["rate_limit"] == 0
+    # ... until someone resumes it: then wait returns 0
+    waiter = subprocess.Popen(EXE + ["--control", str(daemon.control), "wait", "p"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=NEUTRAL)
+    time.sleep(1.5)
+    assert waiter.poll() is None
     out = pm(daemon, "resume", "p")
     assert out.stdout.startswith("establish complete: the pair is established")
+    assert waiter.wait(timeout=60) == 0, waiter.communicate()
     assert pm(daemon, "wait", "p").returncode == 0          # no job: at once
     assert pm(daemon, "verify", "p").returncode == 0
     one_line_error(pm(daemon, "set-rate", "p", "lots", check=False), 2)
