@@ -176,6 +176,9 @@ def test_group_create_split_query(daemon, tmp_path):
     out = pm(daemon, "restore", "gg", "--incremental")
     assert out.stdout.startswith("restore complete: group of g0 restored, g1 restored, g2 restored")
     assert pm(daemon, "verify", "gg").returncode == 0
+    out = pm(daemon, "establish", "gg", "--incremental")
+    assert out.stdout.startswith("establish complete: group of g0 established, g1 established, g2 established")
+    assert pm(daemon, "wait", "gg").returncode == 0
     assert "group gg: g0 g1 g2" in pm(daemon, "status").stdout
     assert pm(daemon, "group", "delete", "gg").stdout == "group gg: deleted\n"
 
