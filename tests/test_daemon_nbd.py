@@ -308,3 +308,37 @@ def test_who_may_connect_socket_modes_and_loopback_tcp(tmp_path, daemon):
     assert other.proc.wait(30) == 2
     text = other.log_text()
     assert "allow" in text and "Traceback" not in text and len(text.strip().splitlines()) <= 3
+
+
+def test_online_verify_while_a_client_writes_an_established_pair(tmp_path, daemon):
+    size = 8 * MiB
+    meta = U.make_pair(tmp_path, "ov", size=size, fill=b"\x09")
+    daemon.start(meta)
+    with daemon.client() as c:
+        c.pair("ov").establish(wait=True)
+        nbd = U.Nbd(daemon.nbd, "ov")
+        stop = threading.Event()
+        count = [0]
+
+        def writer():
+            rng = random.Random(3)
+            while not stop.is_set():
+                nbd.write(rng.randrange(size // BLOCK) * BLOCK, pattern(rng.randrange(1 << 30)))
+                count[0] += 1
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            for _ in range(3):
+                v = c.pair("ov").verify()
+                assert v["equal"] is True, v["differing"]    # established: the sides stay equal
+        finally:
+            stop.set()
+            t.join(10)
+        assert count[0] > 50
+        nbd.close()
+        c.pair("ov").split()
+        with open(tmp_path / "ov.std", "r+b") as fh:          # a real difference is still found
+            fh.seek(5 * MiB)
+            fh.write(b"\xfe" * 10)
+        assert c.pair("ov").verify()["differing"] == [80]

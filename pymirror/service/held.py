@@ -18,6 +18,9 @@ from ..report import verify_result
 from .events import PROGRESS_INTERVAL, EventHub
 
 
+RECHECKS = 3   # times a track found to differ is compared again before it is reported
+
+
 def one_line(exc: BaseException) -> str:
     """A one-line message for an exception (its class when it says nothing)."""
     if isinstance(exc, OSError) and exc.strerror:
@@ -31,8 +34,8 @@ def one_line(exc: BaseException) -> str:
 class VerifyJob:
     """Compare the two sides in steps of about 1 MiB on a thread, with
     progress events, while the host keeps using the pair.  Tracks found to
-    differ are compared once more at the end, so a host write that raced the
-    scan is not reported as a difference."""
+    differ are compared again at the end (up to RECHECKS times), so a host
+    write that raced the scan is not reported as a difference."""
 
     def __init__(self, held: "HeldPair") -> None:
         self.held = held
@@ -87,8 +90,12 @@ class VerifyJob:
                 self.held.emit("job-progress", kind="verify", tracks_total=self.tracks,
                                tracks_done=t, tracks_pending=self.tracks - t,
                                fraction=t / self.tracks if self.tracks else 1.0, differing=len(diff))
-        one = bytearray(ts)
-        return [x for x in diff if self._compare(x, 1, one, bytearray(ts))]
+        for _ in range(RECHECKS):       # a host write racing the scan differs only for a moment
+            if not diff:
+                break
+            time.sleep(0.01)
+            diff = [x for x in diff if self._compare(x, 1, bytearray(ts), bytearray(ts))]
+        return diff
 
     def _run(self) -> None:
         try:
