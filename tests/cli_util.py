@@ -175,5 +175,21 @@ def nbd_uri(socket_path: Any, export: str) -> str:
     return f"nbd+unix:///{quote(export, safe='')}?socket={socket_path}"
 
 
+def wait_until(cond: Any, timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def committed_state(meta: Any) -> str:
+    """The state in the pair's metadata, read without opening the pair (so
+    while another process holds it)."""
+    from pymirror.pair import peek
+
+    return str(peek(meta)["state"])
+
+
 def which(tool: str) -> Optional[str]:
     return shutil.which(tool)

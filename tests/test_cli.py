@@ -132,7 +132,8 @@ def test_sigint_and_sigterm_mid_restore(mode, tmp_path):
     proc = subprocess.Popen(EXE + ["--control", str(mode.control), "restore", str(meta), "--rate", "8M"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, cwd=NEUTRAL)
-    time.sleep(2.0)
+    cli_util.wait_until(lambda: cli_util.committed_state(meta) == "restoring", what="the restore to start")
+    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
@@ -149,7 +150,8 @@ def test_sigint_and_sigterm_mid_restore(mode, tmp_path):
         # SIGINT on a resume: 130, still resumable
         proc = subprocess.Popen(EXE + ["resume", str(meta), "--rate", "8M"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=NEUTRAL)
-        time.sleep(2.0)
+        proc.stderr.readline()       # "resuming the restore of ...": it runs
+        time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, err

@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -108,7 +109,8 @@ def test_interrupting_a_followed_job_leaves_it_running_in_the_daemon(daemon, tmp
     proc = subprocess.Popen(EXE + ["--control", str(daemon.control), "establish", "p", "--rate", "4M"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, cwd=NEUTRAL)
-    time.sleep(2.0)
+    cli_util.wait_until(lambda: query(daemon, "p")["state"] == "syncing", what="the establish to start")
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -127,10 +129,17 @@ def test_watch_json_one_event_per_line_and_until_done(daemon, tmp_path):
     proc = subprocess.Popen(EXE + ["--control", str(daemon.control), "watch", "p", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, cwd=NEUTRAL)
-    time.sleep(1.5)                        # let it subscribe
+    # let it subscribe: its connection shows in the daemon's count (beside status's own)
+    cli_util.wait_until(lambda: json.loads(pm(daemon, "status", "--json").stdout)["daemon"]["control_clients"] >= 2,
+                        what="watch to connect")
+    time.sleep(0.5)
     pm(daemon, "split", "p")
-    line = proc.stdout.readline()
-    ev = json.loads(line)
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(30)
+    assert got, "watch printed no event"
+    ev = json.loads(got[0])
     assert ev["event"] == "state-changed" and ev["data"]["pair"] == "p"
     assert ev["data"]["to"] == "split" and "timestamp" in ev
     proc.send_signal(signal.SIGINT)
