@@ -131,7 +131,7 @@ def test_paused_by_request_stays_paused_across_restart_interrupted_job_resumes(t
     assert "committed and closed" in daemon.log_text()
     state = json.loads(Path(daemon.state_dir, "daemon.json").read_text())
     assert {p["name"]: p["paused_by_request"] for p in state["pairs"]} == {"held": True, "cut": False}
-    daemon.start()          # no META arguments: the state directory brings both back
+    daemon.start(m1)        # the state directory brings both back; a META already held is no error
     with daemon.client() as c:
         h, k = c.pair("held").query(), c.pair("cut").query()
         assert h["state"] == "syncing" and h["job"]["paused"] is True
@@ -143,6 +143,7 @@ def test_paused_by_request_stays_paused_across_restart_interrupted_job_resumes(t
         c.pair("held").resume(rate=0)
         assert c.pair("held").wait(timeout=60) == "done"
     assert "resuming the interrupted establish" in daemon.log_text()
+    assert "already held as held" in daemon.log_text() and "not attached" not in daemon.log_text()
 
 
 def test_cancel_refused_during_restore_and_ends_an_establish(tmp_path, daemon):

@@ -116,6 +116,10 @@ class Daemon:
             self._start_nbd()
             self._restore_saved(saved)
             for meta in metas:
+                held_as = self.find(os.path.abspath(meta)) if os.path.exists(meta) else None
+                if held_as is not None:
+                    log.info("%s: already held as %s (remembered)", meta, held_as)
+                    continue
                 try:
                     self.attach(meta, None, None, save=False)
                 except (errors.MirrorError, ValueError, OSError) as exc:
@@ -194,7 +198,12 @@ class Daemon:
             else:
                 log.info("%s: resuming the interrupted %s (%d tracks pending)", held.name, held.kind,
                          p.tracks_pending)
-                pair.resume()
+                try:
+                    pair.resume()
+                except (errors.MirrorError, OSError) as exc:
+                    log.error("%s: cannot resume the %s: %s; 'resume' retries it", held.name, held.kind,
+                              one_line(exc))
+                    return
                 held.job_started(held.kind)
                 held.watch()
 
