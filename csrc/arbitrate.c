@@ -1,14 +1,12 @@
 /*
- * arbitrate.c - host I/O against the background copy, track by track.
+ * arbitrate.c - host I/O against the background copy, track by track, and
+ * the I/O barrier of consistency groups.
  *
- * Track locks are the BUSY bits of the standard's table: one lock per
- * track for the whole pair.  A host I/O locks every track it touches, in
- * ascending order, waiting (never spinning) when a track is held; a copier
- * only try-locks.  Waiting uses hashed buckets of mutex + condvar + waiter
- * count: a waiter increments the count before testing the bit under the
- * bucket mutex, and a releaser clears the bit (seq_cst) before reading the
- * count, so either the waiter sees the bit clear or the releaser sees the
- * waiter and broadcasts under the mutex (no lost wake-up).
+ * Layer 6 (with copier.c): may call job.c (5), meta.c (4), tracklock.c/
+ * state.c (3), bitmap.c/store.c (1) and the layer-0 helpers; never copier.c.
+ *
+ * A host I/O locks every track it touches (tracklock.c), in ascending
+ * order, waiting when a track is held; a copier only try-locks.
  *
  * What a host I/O does (docs/arbitration.md has the table):
  *  RESTORING (target standard, source mirror):
@@ -36,43 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "pair.h"
-
-/* ---- track locks --------------------------------------------------------- */
-
-static inline struct pm_lock_bucket *bucket_of(pm_pair *p, uint64_t t)
-{
-    return &p->buckets[(t * 0x9E3779B97F4A7C15ULL) >> 58];
-}
-
-int pm_track_trylock(pm_pair *p, uint64_t t)
-{
-    return pm_bitmap_test_and_set(p->busy, t) == 0;
-}
-
-void pm_track_lock(pm_pair *p, uint64_t t)
-{
-    if (pm_bitmap_test_and_set(p->busy, t) == 0)
-        return;
-    struct pm_lock_bucket *b = bucket_of(p, t);
-    pthread_mutex_lock(&b->m);
-    pm_fetch_add(&b->waiters, 1);
-    while (pm_bitmap_test_and_set(p->busy, t) != 0)
-        pthread_cond_wait(&b->c, &b->m);
-    pm_fetch_sub(&b->waiters, 1);
-    pthread_mutex_unlock(&b->m);
-}
-
-void pm_track_unlock(pm_pair *p, uint64_t t)
-{
-    pm_bitmap_test_and_clear(p->busy, t);
-    struct pm_lock_bucket *b = bucket_of(p, t);
-    if (pm_load_seqcst(&b->waiters) > 0) {
-        pthread_mutex_lock(&b->m);
-        pthread_cond_broadcast(&b->c);
-        pthread_mutex_unlock(&b->m);
-    }
-}
+#include "layout.h"
 
 static void lock_span(pm_pair *p, uint64_t t0, uint64_t t1)
 {
@@ -197,7 +159,7 @@ static int read_restoring(pm_pair *p, unsigned char *buf, uint64_t len, uint64_t
             } else {
                 if (tbuf == NULL && (tbuf = malloc(p->track_size)) == NULL)
                     rc = PM_FAIL(-ENOMEM, "out of memory");
-                if (rc == 0 && (rc = pm_copy_track_locked(p, t, tbuf)) == 0) {
+                if (rc == 0 && (rc = pm_job_copy_track_locked(p, t, tbuf)) == 0) {
                     memcpy(buf, tbuf + (off - pm_track_off(p, t)), (size_t)n);
                     pm_count_add(&p->reads_hydrated, 1);
                 }
@@ -246,23 +208,6 @@ int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
 
 /* ---- writes -------------------------------------------------------------- */
 
-/* Mark CHANGED for tracks t0..t1 on a side, and their write-intent
- * regions (meta.c).  Returns 1 if a region's intent is not yet known to be
- * durable: the caller must wait for it before writing the data. */
-static int mark_changed(pm_pair *p, int side, uint64_t t0, uint64_t t1)
-{
-    pm_bitmap *changed = p->table[side]->flags[PM_CHANGED];
-    int fresh = 0;
-    for (uint64_t t = t0; t <= t1; t++) {
-        /* plain check first: most writes hit tracks already marked */
-        if (pm_bitmap_get(changed, t) != 1 && pm_bitmap_test_and_set(changed, t) == 0)
-            fresh = 1;
-    }
-    if (fresh)
-        pm_meta_dirty(p);
-    return pm_meta_intent(p, side, t0, t1);
-}
-
 /* Data source for a write: a caller buffer, or zeroes. */
 struct wsrc {
     const unsigned char *buf;   /* NULL for zeroes */
@@ -297,10 +242,8 @@ static int write_restoring_track(pm_pair *p, uint64_t t, const struct wsrc *src,
         rc = store_put(p->store[PM_STANDARD], src, rel, len, off);
     } else if (len == tlen) {
         rc = store_put(p->store[PM_STANDARD], src, rel, len, off);
-        if (rc == 0 && pm_bitmap_test_and_clear(pending, t) == 1) {
-            pm_count_add(&p->tracks_skipped, 1);
-            pm_job_track_cleared(p);
-        }
+        if (rc == 0)
+            pm_job_clear_pending(p, PM_STANDARD, t, &p->tracks_skipped);
     } else {
         if (*tbuf == NULL && (*tbuf = malloc(p->track_size)) == NULL)
             return PM_FAIL(-ENOMEM, "out of memory");
@@ -315,10 +258,7 @@ static int write_restoring_track(pm_pair *p, uint64_t t, const struct wsrc *src,
         if (rc == 0) {
             pm_count_add(&p->bytes_read, tlen);
             pm_count_add(&p->bytes_written, tlen);
-            if (pm_bitmap_test_and_clear(pending, t) == 1) {
-                pm_count_add(&p->tracks_merged, 1);
-                pm_job_track_cleared(p);
-            }
+            pm_job_clear_pending(p, PM_STANDARD, t, &p->tracks_merged);
         }
     }
     if (rc == 0 && mirrored)
@@ -367,10 +307,8 @@ static int write_locked(pm_pair *p, int side, int state, const struct wsrc *src,
             rc = store_put(p->store[PM_MIRROR], src, off - offset, n, off);
         } else if (n == pm_track_len(p, t)) {
             rc = store_put(p->store[PM_MIRROR], src, off - offset, n, off);
-            if (rc == 0 && pm_bitmap_test_and_clear(pending, t) == 1) {
-                pm_count_add(&p->tracks_skipped, 1);
-                pm_job_track_cleared(p);
-            }
+            if (rc == 0)
+                pm_job_clear_pending(p, PM_MIRROR, t, &p->tracks_skipped);
         }
         off += n;
     }
@@ -427,8 +365,7 @@ static int do_write_entered(pm_pair *p, int side, const struct wsrc *src, uint64
         /* Write-intent: the CHANGED bits covering this write are durable
          * before the data is written (a no-op without metadata, and cheap
          * once the tracks are marked). */
-        if (mark_changed(p, side, t0, t1))
-            rc = pm_meta_changed_durable(p);
+        rc = pm_meta_before_write(p->meta, side, t0, t1);
         if (rc == 0)
             rc = write_locked(p, side, state, &part, n, off, t0, t1, &flush_mask);
         unlock_span(p, t0, t1);
@@ -440,7 +377,7 @@ static int do_write_entered(pm_pair *p, int side, const struct wsrc *src, uint64
             if (flush_mask & (1u << s))
                 rc = pm_store_flush(p->store[s]);
         if (rc == 0)
-            rc = pm_meta_commit_all(p);
+            rc = pm_meta_commit(p->meta);
     }
     return rc;
 }
@@ -472,7 +409,7 @@ int pm_pair_flush(pm_pair *p, int side)
     if (rc == 0 && side == PM_STANDARD && is_mirrored(p, pm_pair_state(p)))
         rc = pm_store_flush(p->store[PM_MIRROR]);
     if (rc == 0)
-        rc = pm_meta_commit_all(p);
+        rc = pm_meta_commit(p->meta);
     io_exit(p);
     return rc;
 }

@@ -1,6 +1,8 @@
 /*
  * bitmap.c - bit-packed atomic bitmaps with a summary level.
  *
+ * Layer 1 (with store.c): may call errors.c (0).
+ *
  * LAYOUT.  Bit i lives in words[i / 64] at bit i % 64.  summary[w / 64] bit
  * w % 64 says "words[w] may be non-zero".  Both arrays are 64-byte aligned
  * (one cache line holds 8 words = 512 bits).  Bits past nbits, and summary

@@ -1,5 +1,9 @@
 /*
- * copier.c - the background copy of a job, and job control.
+ * copier.c - the copier threads of a job: claiming runs of PENDING tracks,
+ * the rate limit, sleeping when nothing is claimable.
+ *
+ * Layer 6 (with arbitrate.c): may call job.c (5), meta.c (4), tracklock.c
+ * (3), bitmap.c (1) and the layer-0 helpers; never arbitrate.c.
  *
  * Each copier thread loops: take the next run of PENDING tracks on the
  * target from a shared cursor (at most batch_bytes), try-lock each track's
@@ -14,60 +18,14 @@
  * the error names the failing track; that track stays PENDING, the job
  * pauses with the error, and pm_pair_resume retries it.
  *
- * Whoever clears the last PENDING bit (a copier, a hydrating read or a
- * whole-track host write) ends the job: the state moves on under mu.
+ * Copying a span, clearing PENDING and ending the job are job.c's: the
+ * same steps serve hydrating reads and host writes.
  */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#include "pair.h"
-
-static void sleep_seconds(double s)
-{
-    if (s <= 0)
-        return;
-    struct timespec ts = { (time_t)s, (long)((s - (double)(time_t)s) * 1e9) };
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-}
-
-/* End the job if it is still active (called when pending_left reached 0). */
-static void finish_job(pm_pair *p)
-{
-    pthread_mutex_lock(&p->mu);
-    int ended = p->job_active && pm_load_seqcst(&p->pending_left) == 0;
-    if (ended) {
-        int done = p->target == PM_MIRROR ? PM_STATE_ESTABLISHED
-                 : (pm_load_relaxed(&p->protect) ? PM_STATE_RESTORED : PM_STATE_ESTABLISHED);
-        p->job_active = 0;
-        p->finishing = 1;       /* waiters wait for the commit below */
-        p->error = 0;           /* host writes covered a track that had failed */
-        p->error_track = -1;
-        p->t_end = pm_now();
-        if (p->target == PM_MIRROR)
-            pm_store_relaxed(&p->mirror_invalid, 0);   /* the mirror is a whole image again */
-        pm_store_release(&p->state, done);
-    }
-    pthread_mutex_unlock(&p->mu);
-    if (!ended)
-        return;
-    /* Data before state: the copied tracks are made durable by this commit
-     * (meta.c flushes both stores before writing the tables).  Outside mu:
-     * the lock order is metadata lock, then mu. */
-    pm_meta_commit_all(p);
-    pthread_mutex_lock(&p->mu);
-    p->finishing = 0;
-    pthread_cond_broadcast(&p->cond);
-    pthread_mutex_unlock(&p->mu);
-}
-
-void pm_job_track_cleared(pm_pair *p)
-{
-    pm_meta_dirty(p);
-    if (pm_fetch_sub(&p->pending_left, 1) == 1)
-        finish_job(p);
-}
+#include "layout.h"
 
 /* Wait until the rate limit allows `bytes` more: the time a batch costs is
  * paid before it is copied, so a low rate never begins with a burst.  The
@@ -145,52 +103,6 @@ static void batch_released(pm_pair *p)
     }
 }
 
-/* Copy bytes [off, off+len) from the source side to the target, with
- * retries.  Returns 0 or the last error. */
-static int copy_bytes(pm_pair *p, int target, uint64_t off, uint64_t len, unsigned char *buf,
-                      uint32_t retries)
-{
-    int rc = 0;
-    for (uint32_t attempt = 0; attempt < retries; attempt++) {
-        if (attempt)
-            sleep_seconds(0.001 * (double)(1u << (attempt < 8 ? attempt : 8)));
-        rc = pm_store_read(p->store[1 - target], buf, len, off);
-        if (rc < 0)
-            continue;
-        pm_count_add(&p->bytes_read, len);
-        rc = pm_store_write(p->store[target], buf, len, off);
-        if (rc == 0) {
-            pm_count_add(&p->bytes_written, len);
-            return 0;
-        }
-    }
-    return rc;
-}
-
-static void clear_pending_locked(pm_pair *p, int target, uint64_t t)
-{
-    /* release (seq_cst RMW): a reader that sees PENDING clear sees the data */
-    if (pm_bitmap_test_and_clear(p->table[target]->flags[PM_PENDING], t) == 1) {
-        pm_count_add(&p->tracks_copied, 1);
-        pm_job_track_cleared(p);
-    }
-}
-
-int pm_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf)
-{
-    pthread_mutex_lock(&p->mu);
-    int target = p->target;
-    uint32_t retries = p->cfg.retries;
-    pthread_mutex_unlock(&p->mu);
-    /* like a copier: the job's PENDING set is durable before a bit of it is cleared */
-    int rc = pm_meta_changed_durable(p);
-    if (rc == 0)
-        rc = copy_bytes(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries);
-    if (rc == 0)
-        clear_pending_locked(p, target, t);
-    return rc;
-}
-
 /* Give back the rate credit of bytes paid for but not copied. */
 static void rate_refund(pm_pair *p, uint64_t bytes)
 {
@@ -202,45 +114,25 @@ static void rate_refund(pm_pair *p, uint64_t bytes)
     pthread_mutex_unlock(&p->rate_mu);
 }
 
-/* Pause the job on an error, and make the error durable (the metadata
- * header records it, so a reopened pair still says why it stopped).  May be
- * called with track locks held: the lock order is tracks -> metadata -> mu. */
-static void job_error(pm_pair *p, int rc, uint64_t track)
-{
-    pthread_mutex_lock(&p->mu);
-    int first = p->error == 0;
-    if (first) {
-        p->error = rc;
-        p->error_track = (int64_t)track;
-    }
-    pm_store_seqcst(&p->run, 0);
-    pthread_cond_broadcast(&p->cond);
-    pthread_mutex_unlock(&p->mu);
-    if (first) {
-        pm_meta_dirty(p);
-        pm_meta_commit_all(p);   /* best effort: a failing volume may fail the commit too */
-    }
-}
-
 /* Copy the run [s, s+k) whose tracks this thread holds. */
 static void copy_run(pm_pair *p, int target, uint64_t s, uint64_t k, unsigned char *buf, uint32_t retries)
 {
     uint64_t off = pm_track_off(p, s);
     uint64_t end = s + k >= p->tracks ? p->size : pm_track_off(p, s + k);
-    int rc = copy_bytes(p, target, off, end - off, buf, retries);
+    int rc = pm_job_copy_span(p, target, off, end - off, buf, retries);
     if (rc == 0) {
         for (uint64_t t = s; t < s + k; t++)
-            clear_pending_locked(p, target, t);
+            pm_job_clear_pending(p, target, t, &p->tracks_copied);
         return;
     }
     /* Find the failing track: copy one by one. */
     for (uint64_t t = s; t < s + k; t++) {
-        rc = k == 1 ? rc : copy_bytes(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries);
+        rc = k == 1 ? rc : pm_job_copy_span(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries);
         if (rc < 0) {
-            job_error(p, rc, t);
+            pm_job_error(p, rc, t);
             return;
         }
-        clear_pending_locked(p, target, t);
+        pm_job_clear_pending(p, target, t, &p->tracks_copied);
     }
 }
 
@@ -252,14 +144,14 @@ static void *copier_main(void *arg)
     pthread_mutex_unlock(&p->mu);
     unsigned char *buf = aligned_alloc(4096, (batch_bytes + 4095) / 4096 * 4096);
     if (buf == NULL) {
-        job_error(p, -ENOMEM, pm_load_relaxed(&p->cursor));
+        pm_job_error(p, -ENOMEM, pm_load_relaxed(&p->cursor));
         return NULL;
     }
     /* The job's start must be durable before any data moves (a restore
      * returns before committing; see pair.c). */
-    int rc = pm_meta_changed_durable(p);
+    int rc = pm_meta_changed_durable(p->meta);
     if (rc < 0)
-        job_error(p, rc, 0);
+        pm_job_error(p, rc, 0);
     unsigned misses = 0;
     double backoff = 0.0005;
     for (;;) {
@@ -282,7 +174,7 @@ static void *copier_main(void *arg)
         if (!pm_bitmap_next_run(pending, cur, max_tracks, &s, &n) &&
             (cur == 0 || !pm_bitmap_next_run(pending, 0, max_tracks, &s, &n))) {
             if (pm_load_seqcst(&p->pending_left) == 0) {
-                finish_job(p);
+                pm_job_finish(p);
                 break;
             }
             wait_for_work(p, seen, &backoff);   /* the last tracks are held by others */
@@ -318,7 +210,7 @@ static void *copier_main(void *arg)
         for (uint64_t t = s; t < s + k; t++)
             pm_track_unlock(p, t);
         batch_released(p);
-        pm_meta_copied(p, k);
+        pm_meta_copied(p->meta, k);
     }
     free(buf);
     return NULL;

@@ -1,5 +1,7 @@
 /* crc32c.c - CRC-32C (Castagnoli), with the SSE4.2 instruction when the CPU
- * has it (chosen at run time) and a table-driven fallback. */
+ * has it (chosen at run time) and a table-driven fallback.
+ *
+ * Layer 0 (the floor): calls nothing of pymirror's. */
 #include "crc32c.h"
 
 static uint32_t table[256];

@@ -1,4 +1,6 @@
-/* errors.c - pm_strerror, and the thread-local last-error message. */
+/* errors.c - pm_strerror, and the thread-local last-error message.
+ *
+ * Layer 0 (the floor): calls nothing of pymirror's. */
 #include <stdio.h>
 #include <string.h>
 

@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <errno.h>
+#include <time.h>
 
 #include "pymirror.h"
 
@@ -59,6 +60,11 @@ int pm_fail(const char *func, int code, const char *fmt, ...)
 /* Clears this thread's message (called at the start of nothing: messages
  * are only meaningful after a failure). */
 void pm_clear_error(void);
+
+/* ---- clocks (clock.c) ---------------------------------------------------- */
+double pm_now(void);                          /* CLOCK_MONOTONIC seconds */
+struct timespec pm_deadline(double seconds);  /* for timed waits on monotonic condvars */
+void pm_sleep(double seconds);                /* restarts after signals */
 
 #define PM_UNLIKELY(x) __builtin_expect(!!(x), 0)
 #define PM_LIKELY(x) __builtin_expect(!!(x), 1)

@@ -1,5 +1,10 @@
 /*
- * meta.c - the pair's metadata file and its commit protocol.
+ * meta.c - the metadata format and its commit protocol, behind a handle of
+ * its own (meta.h): it knows nothing of a pair.
+ *
+ * Layer 4: may call store.c, bitmap.c (1), crc32c.c and the layer-0
+ * helpers.  The layer above reports the state through the handle's status
+ * callback; pair_open.c builds pairs from what pm_meta_read_header decodes.
  *
  * File layout (docs/format.md):
  *   [0, 16 KiB)           header slot 0
@@ -22,10 +27,10 @@
  * durable before the cleared bit can be.
  *
  * Write-intent (group commit), after md's write-intent bitmap: a host write
- * sets its CHANGED bits in memory and the INTENT bit of each 4 MiB region it
- * touches; if a region bit is new it notes it (noted++), and every write
- * waits in pm_meta_changed_durable until everything noted before it is
- * durable.  Commits are serialised by meta->lock, so writers that noted
+ * (pm_meta_before_write) sets its CHANGED bits in memory and the INTENT bit
+ * of each 4 MiB region it touches; if a region bit is new it notes it
+ * (noted++), and waits until everything noted before it is durable.
+ * Commits are serialised by meta->lock, so writers that noted
  * before a commit's snapshot share that commit; once a region's bit is
  * durable, writes there wait for nothing.  The precise CHANGED tables reach
  * the disk with any commit.  After an unclean shutdown, opening adds every
@@ -42,7 +47,7 @@
 #include <unistd.h>
 
 #include "crc32c.h"
-#include "pair.h"
+#include "meta.h"
 
 #define SLOT_SIZE 16384u
 #define TABLES_AT (2u * SLOT_SIZE)
@@ -85,11 +90,11 @@ struct disk_header {
 _Static_assert(sizeof(struct disk_header) <= STD_PATH_AT, "the header must end before the paths");
 
 struct pm_meta {
-    pm_store *store;            /* where the metadata lives */
-    int own_store;              /* opened by path: closed with the pair */
+    struct pm_meta_binding b;   /* what it describes (borrowed) */
+    pm_store *store;            /* where the metadata lives; NULL: nothing is persisted */
+    int own_store;              /* closed with the handle */
     char *path;
     pthread_mutex_t lock;       /* serialises commits */
-    pthread_cond_t unused;
     uint64_t generation;        /* of the current slot */
     uint8_t pair_id[16];
     uint64_t table_bytes, intent_bytes, region_tracks, nregions;
@@ -122,11 +127,11 @@ static int meta_read(pm_store *st, void *buf, uint64_t len, uint64_t off)
     return pm_store_read(st, buf, len, off);
 }
 
-static pm_bitmap *table_of(pm_pair *p, int i)
+static pm_bitmap *table_of(struct pm_meta *m, int i)
 {
     if (i >= 4)
-        return p->meta->intent_snap[i - 4];
-    return p->table[i / 2]->flags[i % 2 == 0 ? PM_PENDING : PM_CHANGED];
+        return m->intent_snap[i - 4];
+    return i % 2 == 0 ? m->b.pending[i / 2] : m->b.changed[i / 2];
 }
 
 /* Offset of table i within a slot's table area, and its padded size. */
@@ -137,16 +142,70 @@ static uint64_t table_off(uint64_t tb, uint64_t ib, int i)
 static uint64_t table_len(uint64_t tb, uint64_t ib, int i) { return i < 4 ? tb : ib; }
 static uint64_t slot_tables(uint64_t tb, uint64_t ib) { return 4 * tb + 2 * ib; }
 
+/* ---- the handle ---------------------------------------------------------- */
+
+int pm_meta_new(const struct pm_meta_binding *b, struct pm_meta **out)
+{
+    struct pm_meta *m = calloc(1, sizeof *m);
+    if (m == NULL)
+        return PM_FAIL(-ENOMEM, "out of memory");
+    m->b = *b;
+    m->table_bytes = round4k((b->tracks + 7) / 8);
+    m->region_tracks = REGION_BYTES / b->track_size ? REGION_BYTES / b->track_size : 1;
+    m->nregions = (b->tracks + m->region_tracks - 1) / m->region_tracks;
+    m->intent_bytes = round4k((m->nregions + 7) / 8);
+    int ok = 1;
+    for (int side = 0; side < 2 && ok; side++)
+        ok = pm_bitmap_create(m->nregions, &m->intent[side]) == 0 &&
+             pm_bitmap_create(m->nregions, &m->intent_durable[side]) == 0 &&
+             pm_bitmap_create(m->nregions, &m->intent_snap[side]) == 0;
+    if (!ok) {
+        for (int side = 0; side < 2; side++) {
+            pm_bitmap_destroy(m->intent[side]);
+            pm_bitmap_destroy(m->intent_durable[side]);
+            pm_bitmap_destroy(m->intent_snap[side]);
+        }
+        free(m);
+        return PM_FAIL(-ENOMEM, "out of memory");
+    }
+    pthread_mutex_init(&m->lock, NULL);
+    m->last_clean = 1;          /* nothing to mark clean without a store */
+    *out = m;
+    return 0;
+}
+
+int pm_meta_attach(struct pm_meta *m, pm_store *st, const char *label)
+{
+    uint64_t need = pm_meta_size(m->b.volume_size, m->b.track_size);
+    if (pm_store_size(st) < need)
+        return PM_FAIL(PM_E_GEOMETRY, "%s: a metadata store of %llu bytes is smaller than the %llu needed",
+                       label, (unsigned long long)pm_store_size(st), (unsigned long long)need);
+    m->path = strdup(label);
+    m->snap = malloc((size_t)slot_tables(m->table_bytes, m->intent_bytes));
+    if (m->path == NULL || m->snap == NULL) {
+        free(m->path), free(m->snap);
+        m->path = NULL, m->snap = NULL;
+        return PM_FAIL(-ENOMEM, "out of memory");
+    }
+    m->store = st;
+    m->last_clean = 0;
+    m->last_commit = pm_now();
+    return 0;
+}
+
+void pm_meta_own_store(struct pm_meta *m) { m->own_store = 1; }
+
 /* ---- commit -------------------------------------------------------------- */
 
 /* A full commit snapshots all four tables and makes the volumes' data
  * durable first.  An intent commit (for write-intent) refreshes only the
  * CHANGED tables and the state, and writes PENDING as of the last full
  * commit, so it needs no data flush: a PENDING bit is never durable-clear
- * before the data behind it. */
-static int commit_locked(pm_pair *p, int full, int clean)
+ * before the data behind it.  m->lock held. */
+static int commit_locked(struct pm_meta *m, int full, int clean)
 {
-    struct pm_meta *m = p->meta;
+    if (m->store == NULL)
+        return 0;
     uint64_t seq = pm_load_seqcst(&m->noted);
     uint64_t dirty = pm_load_seqcst(&m->dirty);
     unsigned char *hdr = calloc(1, SLOT_SIZE);
@@ -162,18 +221,19 @@ static int commit_locked(pm_pair *p, int full, int clean)
      * that ends a job ("restored") must never sit beside PENDING tables of
      * an earlier instant, or a reopen would skip tracks never made durable.
      * So an intent commit writes both as of the last full snapshot. */
-    uint32_t state_now = (uint32_t)pm_pair_state(p);
-    uint32_t flags_now = (pm_load_relaxed(&p->incremental) ? FLAG_INCREMENTAL : 0u) |
-                         (pm_load_relaxed(&p->protect) ? FLAG_PROTECT : 0u);
-    h.track_size = p->track_size;
+    struct pm_meta_status now;
+    memset(&now, 0, sizeof now);
+    m->b.status(m->b.ctx, &now);
+    uint32_t flags_now = (now.incremental ? FLAG_INCREMENTAL : 0u) | (now.protect ? FLAG_PROTECT : 0u);
+    h.track_size = m->b.track_size;
     h.ntables = NTABLES;
     h.region_tracks = m->region_tracks;
     h.intent_bytes = m->intent_bytes;
-    h.volume_size = p->size;
-    h.tracks = p->tracks;
+    h.volume_size = m->b.volume_size;
+    h.tracks = m->b.tracks;
     h.table_bytes = m->table_bytes;
-    h.std_ino = p->store[PM_STANDARD]->ino;
-    h.mir_ino = p->store[PM_MIRROR]->ino;
+    h.std_ino = m->b.data[PM_STANDARD]->ino;
+    h.mir_ino = m->b.data[PM_MIRROR]->ino;
     memcpy(h.pair_id, m->pair_id, 16);
     /* A job that just began rebuilt PENDING: snapshot it fresh.  No data
      * flush is needed for that: no host write or copy can have cleared a
@@ -181,19 +241,17 @@ static int commit_locked(pm_pair *p, int full, int clean)
     int job_began = atomic_exchange(&m->need_full, 0);   /* always consumed, full commit or not */
     int fresh = full || !m->have_snap || job_began;
     if (fresh) {
-        m->snap_state = state_now;
+        m->snap_state = (uint32_t)now.state;
         m->snap_flags = flags_now;
-        m->snap_invalid = pm_mirror_invalid_now(p);
+        m->snap_invalid = now.mirror_invalid;
     }
     h.state = m->snap_state;
-    h.mirror_invalid = m->snap_invalid;
-    pthread_mutex_lock(&p->mu);      /* lock order: metadata lock, then mu */
-    if (p->job_active && p->error) {
-        h.job_error = p->error;
-        h.job_error_track = p->error_track;
-    }
-    pthread_mutex_unlock(&p->mu);
     h.flags = m->snap_flags | (clean ? FLAG_CLEAN : 0u);
+    h.mirror_invalid = m->snap_invalid;
+    if (now.error) {
+        h.job_error = now.error;
+        h.job_error_track = now.error_track;
+    }
     pm_bitmap_copy(m->intent_snap[0], m->intent[0]);
     pm_bitmap_copy(m->intent_snap[1], m->intent[1]);
     for (int i = 0; i < NTABLES; i++) {
@@ -202,22 +260,22 @@ static int commit_locked(pm_pair *p, int full, int clean)
         uint64_t len = table_len(m->table_bytes, m->intent_bytes, i);
         unsigned char *dst = m->snap + table_off(m->table_bytes, m->intent_bytes, i);
         memset(dst, 0, (size_t)len);
-        pm_bitmap_save(table_of(p, i), dst, len);
+        pm_bitmap_save(table_of(m, i), dst, len);
         m->crc[i] = pm_crc32c(0, dst, (size_t)len);
     }
     m->have_snap = 1;
     memcpy(h.table_crc, m->crc, sizeof h.table_crc);
     memcpy(hdr, &h, sizeof h);
-    snprintf((char *)hdr + STD_PATH_AT, PM_PATH_MAX, "%s", p->store[PM_STANDARD]->path);
-    snprintf((char *)hdr + MIR_PATH_AT, PM_PATH_MAX, "%s", p->store[PM_MIRROR]->path);
+    snprintf((char *)hdr + STD_PATH_AT, PM_PATH_MAX, "%s", m->b.data[PM_STANDARD]->path);
+    snprintf((char *)hdr + MIR_PATH_AT, PM_PATH_MAX, "%s", m->b.data[PM_MIRROR]->path);
     uint32_t crc = pm_crc32c(0, hdr, CRC_AT);
     memcpy(hdr + CRC_AT, &crc, 4);
 
     int slot = (int)(h.generation % 2);
     int rc = 0;
     for (int s = 0; s < 2 && rc == 0 && full; s++)   /* data before the bits that describe it */
-        if (!p->store[s]->readonly)
-            rc = pm_store_flush(p->store[s]);
+        if (!m->b.data[s]->readonly)
+            rc = pm_store_flush(m->b.data[s]);
     uint64_t st = slot_tables(m->table_bytes, m->intent_bytes);
     if (rc == 0)
         rc = pm_store_write(m->store, m->snap, st, TABLES_AT + (uint64_t)slot * st);
@@ -242,33 +300,32 @@ static int commit_locked(pm_pair *p, int full, int clean)
     return 0;
 }
 
-int pm_meta_commit_all(pm_pair *p)
+int pm_meta_commit(struct pm_meta *m)
 {
-    if (p->meta == NULL)
+    if (m == NULL || m->store == NULL)
         return 0;
-    pthread_mutex_lock(&p->meta->lock);
-    int rc = commit_locked(p, 1, 0);
-    pthread_mutex_unlock(&p->meta->lock);
+    pthread_mutex_lock(&m->lock);
+    int rc = commit_locked(m, 1, 0);
+    pthread_mutex_unlock(&m->lock);
     return rc;
 }
 
-void pm_meta_counters(pm_pair *p, uint64_t *commits, uint64_t *syncs)
+void pm_meta_counters(struct pm_meta *m, uint64_t *commits, uint64_t *syncs)
 {
-    *commits = p->meta ? pm_load_relaxed(&p->meta->commits) : 0;
-    *syncs = p->meta ? pm_load_relaxed(&p->meta->syncs) : 0;
+    *commits = m ? pm_load_relaxed(&m->commits) : 0;
+    *syncs = m ? pm_load_relaxed(&m->syncs) : 0;
 }
 
-void pm_meta_dirty(pm_pair *p)
+void pm_meta_dirty(struct pm_meta *m)
 {
-    if (p->meta != NULL)
-        pm_count_add(&p->meta->dirty, 1);
+    if (m != NULL)
+        pm_count_add(&m->dirty, 1);
 }
 
-int pm_meta_intent(pm_pair *p, int side, uint64_t t0, uint64_t t1)
+/* Write-intent for tracks t0..t1 of a side: sets their intent regions and
+ * notes any region not yet durable.  Returns 1 if one was. */
+static int intent(struct pm_meta *m, int side, uint64_t t0, uint64_t t1)
 {
-    struct pm_meta *m = p->meta;
-    if (m == NULL)
-        return 0;
     int need = 0;
     for (uint64_t r = t0 / m->region_tracks; r <= t1 / m->region_tracks; r++) {
         if (pm_bitmap_get(m->intent_durable[side], r) == 1)
@@ -281,9 +338,26 @@ int pm_meta_intent(pm_pair *p, int side, uint64_t t0, uint64_t t1)
     return need;
 }
 
-void pm_meta_intent_reset_locked(pm_pair *p)
+int pm_meta_before_write(struct pm_meta *m, int side, uint64_t t0, uint64_t t1)
 {
-    struct pm_meta *m = p->meta;
+    pm_bitmap *changed = m->b.changed[side];
+    int fresh = 0;
+    for (uint64_t t = t0; t <= t1; t++) {
+        /* plain check first: most writes hit tracks already marked */
+        if (pm_bitmap_get(changed, t) != 1 && pm_bitmap_test_and_set(changed, t) == 0)
+            fresh = 1;
+    }
+    if (m->store == NULL)
+        return 0;
+    if (fresh)
+        pm_meta_dirty(m);
+    if (!intent(m, side, t0, t1))
+        return 0;
+    return pm_meta_changed_durable(m);
+}
+
+void pm_meta_intent_reset_locked(struct pm_meta *m)
+{
     if (m == NULL)
         return;
     /* under the commit lock, so no commit in flight marks an old region durable */
@@ -294,36 +368,35 @@ void pm_meta_intent_reset_locked(pm_pair *p)
     pm_fetch_add(&m->noted, 1);
 }
 
-void pm_meta_lock(pm_pair *p)
+void pm_meta_lock(struct pm_meta *m)
 {
-    if (p->meta != NULL)
-        pthread_mutex_lock(&p->meta->lock);
+    if (m != NULL)
+        pthread_mutex_lock(&m->lock);
 }
 
-void pm_meta_unlock(pm_pair *p)
+void pm_meta_unlock(struct pm_meta *m)
 {
-    if (p->meta != NULL)
-        pthread_mutex_unlock(&p->meta->lock);
+    if (m != NULL)
+        pthread_mutex_unlock(&m->lock);
 }
 
-void pm_meta_need_full(pm_pair *p)
+void pm_meta_need_full(struct pm_meta *m)
 {
-    if (p->meta != NULL) {
-        pm_store_seqcst(&p->meta->need_full, 1);
-        pm_fetch_add(&p->meta->noted, 1);
+    if (m != NULL) {
+        pm_store_seqcst(&m->need_full, 1);
+        pm_fetch_add(&m->noted, 1);
     }
 }
 
-void pm_meta_note(pm_pair *p)
+void pm_meta_note(struct pm_meta *m)
 {
-    if (p->meta != NULL)
-        pm_fetch_add(&p->meta->noted, 1);
+    if (m != NULL)
+        pm_fetch_add(&m->noted, 1);
 }
 
-int pm_meta_changed_durable(pm_pair *p)
+int pm_meta_changed_durable(struct pm_meta *m)
 {
-    struct pm_meta *m = p->meta;
-    if (m == NULL)
+    if (m == NULL || m->store == NULL)
         return 0;
     uint64_t want = pm_load_seqcst(&m->noted);
     if (pm_load_seqcst(&m->durable) >= want)
@@ -331,34 +404,32 @@ int pm_meta_changed_durable(pm_pair *p)
     pthread_mutex_lock(&m->lock);
     int rc = 0;
     if (pm_load_seqcst(&m->durable) < want)
-        rc = commit_locked(p, 0, 0);
+        rc = commit_locked(m, 0, 0);
     pthread_mutex_unlock(&m->lock);
     return rc;
 }
 
-void pm_meta_copied(pm_pair *p, uint64_t ntracks)
+void pm_meta_copied(struct pm_meta *m, uint64_t ntracks)
 {
-    struct pm_meta *m = p->meta;
-    if (m == NULL)
+    if (m == NULL || m->store == NULL)
         return;
     /* Bound the copy work a crash can lose to about a second. */
     if (pthread_mutex_trylock(&m->lock) != 0)
         return;
     if (pm_now() - m->last_commit > 1.0)
-        commit_locked(p, 1, 0);
+        commit_locked(m, 1, 0);
     pthread_mutex_unlock(&m->lock);
 }
 
-void pm_meta_close(pm_pair *p)
+void pm_meta_close(struct pm_meta *m)
 {
-    struct pm_meta *m = p->meta;
     if (m == NULL)
         return;
     pthread_mutex_lock(&m->lock);
     /* only if something changed: opening and closing a pair writes nothing */
-    if (pm_load_seqcst(&m->durable) < pm_load_seqcst(&m->noted) ||
-        pm_load_seqcst(&m->dirty) != m->dirty_committed || !m->last_clean)
-        commit_locked(p, 1, 1);
+    if (m->store != NULL && (pm_load_seqcst(&m->durable) < pm_load_seqcst(&m->noted) ||
+                             pm_load_seqcst(&m->dirty) != m->dirty_committed || !m->last_clean))
+        commit_locked(m, 1, 1);
     pthread_mutex_unlock(&m->lock);
     if (m->own_store)
         pm_store_destroy(m->store);   /* closes the file, dropping the flock */
@@ -371,7 +442,6 @@ void pm_meta_close(pm_pair *p)
     free(m->snap);
     free(m->path);
     free(m);
-    p->meta = NULL;
 }
 
 /* ---- reading headers ----------------------------------------------------- */
@@ -529,262 +599,94 @@ uint64_t pm_meta_size(uint64_t volume_size, uint32_t track_size)
     return TABLES_AT + 2 * slot_tables(tb, ib);
 }
 
-/* ---- create / open ------------------------------------------------------- */
+/* ---- decoding, formatting and loading ------------------------------------ */
 
-static int meta_alloc(pm_pair *p, pm_store *st, int own, const char *path)
-{
-    struct pm_meta *m = calloc(1, sizeof *m);
-    if (m == NULL)
-        return PM_FAIL(-ENOMEM, "out of memory");
-    m->store = st;
-    m->own_store = own;
-    m->path = strdup(path);
-    m->table_bytes = round4k((p->tracks + 7) / 8);
-    m->region_tracks = REGION_BYTES / p->track_size ? REGION_BYTES / p->track_size : 1;
-    m->nregions = (p->tracks + m->region_tracks - 1) / m->region_tracks;
-    m->intent_bytes = round4k((m->nregions + 7) / 8);
-    m->snap = malloc((size_t)slot_tables(m->table_bytes, m->intent_bytes));
-    int ok = m->path != NULL && m->snap != NULL;
-    for (int side = 0; side < 2 && ok; side++)
-        ok = pm_bitmap_create(m->nregions, &m->intent[side]) == 0 &&
-             pm_bitmap_create(m->nregions, &m->intent_durable[side]) == 0 &&
-             pm_bitmap_create(m->nregions, &m->intent_snap[side]) == 0;
-    if (!ok) {
-        for (int side = 0; side < 2; side++) {
-            pm_bitmap_destroy(m->intent[side]);
-            pm_bitmap_destroy(m->intent_durable[side]);
-            pm_bitmap_destroy(m->intent_snap[side]);
-        }
-        free(m->path), free(m->snap), free(m);
-        return PM_FAIL(-ENOMEM, "out of memory");
-    }
-    pthread_mutex_init(&m->lock, NULL);
-    p->meta = m;
-    return 0;
-}
-
-/* Create the pair and write its first metadata into `st` (which it owns
- * when `own`).  On failure `st` is left to the caller. */
-static int create_on_store(pm_store *st, int own, const char *label, pm_store *standard, pm_store *mirror,
-                           uint32_t track_size, pm_pair **out)
-{
-    pm_pair *p;
-    int rc = pm_pair_create(standard, mirror, track_size, &p);
-    if (rc)
-        return rc;
-    if (pm_store_size(st) < pm_meta_size(p->size, track_size)) {
-        pm_pair_destroy(p);
-        return PM_FAIL(PM_E_GEOMETRY, "%s: a metadata store of %llu bytes is smaller than the %llu needed",
-                       label, (unsigned long long)pm_store_size(st),
-                       (unsigned long long)pm_meta_size(p->size, track_size));
-    }
-    rc = meta_alloc(p, st, 0, label);
-    if (rc == 0) {
-        if (getrandom(p->meta->pair_id, 16, 0) != 16)
-            memset(p->meta->pair_id, 0x5a, 16);
-        rc = pm_meta_commit_all(p);          /* generation 1, slot 1 */
-        if (rc == 0)
-            rc = pm_meta_commit_all(p);      /* generation 2, slot 0: both slots valid */
-    }
-    if (rc) {
-        pm_pair_destroy(p);                  /* does not destroy st: not yet owned */
-        return rc;
-    }
-    p->meta->own_store = own;
-    *out = p;
-    return 0;
-}
-
-int pm_pair_create_meta(const char *meta_path, pm_store *standard, pm_store *mirror,
-                        uint32_t track_size, pm_pair **out)
-{
-    if (meta_path == NULL || out == NULL || standard == NULL || mirror == NULL)
-        return PM_FAIL(-EINVAL, "meta_path, the stores and out must not be NULL");
-    *out = NULL;
-    if (strlen(standard->path) >= PM_PATH_MAX || strlen(mirror->path) >= PM_PATH_MAX ||
-        standard->path[0] == 0 || mirror->path[0] == 0)
-        return PM_FAIL(-EINVAL, "a pair with a metadata file needs file volumes with paths shorter than %d",
-                       PM_PATH_MAX);
-    {   /* check the geometry before creating anything on disk */
-        pm_pair *probe;
-        int rc = pm_pair_create(standard, mirror, track_size, &probe);
-        if (rc)
-            return rc;
-        pm_pair_destroy(probe);
-    }
-    pm_store *st;
-    int rc = pm_store_open_file(meta_path, PM_STORE_CREATE, pm_meta_size(standard->size, track_size), &st);
-    if (rc)
-        return PM_FAIL(rc, "%s: cannot create the metadata", meta_path);
-    rc = create_on_store(st, 1, meta_path, standard, mirror, track_size, out);
-    if (rc) {
-        char msg[512];
-        snprintf(msg, sizeof msg, "%s", pm_last_error());
-        pm_store_destroy(st);
-        unlink(meta_path);
-        pm_fail("pm_pair_create_meta", rc, "%s", msg);
-        return rc;
-    }
-    /* make the new file's directory entry durable */
-    char *dir = strdup(meta_path), *slash = dir ? strrchr(dir, '/') : NULL;
-    if (dir != NULL) {
-        if (slash == dir)
-            slash[1] = 0;
-        else if (slash != NULL)
-            *slash = 0;
-        int dfd = open(slash ? dir : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd >= 0) {
-            fsync(dfd);
-            close(dfd);
-        }
-        free(dir);
-    }
-    return 0;
-}
-
-int pm_pair_create_meta_store(pm_store *meta, pm_store *standard, pm_store *mirror,
-                              uint32_t track_size, pm_pair **out)
-{
-    if (meta == NULL || out == NULL || standard == NULL || mirror == NULL)
-        return PM_FAIL(-EINVAL, "the stores and out must not be NULL");
-    *out = NULL;
-    return create_on_store(meta, 0, "metadata store", standard, mirror, track_size, out);
-}
-
-static int open_on_store(pm_store *st, int own, const char *label, pm_store *standard, pm_store *mirror,
-                         pm_pair **out)
+int pm_meta_read_header(pm_store *st, const char *label, struct pm_meta_header *out)
 {
     unsigned char *hdr = malloc(SLOT_SIZE);
-    unsigned char *buf = NULL;
     struct disk_header h;
-    pm_pair *p = NULL;
     int rc = hdr ? pick_slot(st, hdr, &h, label) : PM_FAIL(-ENOMEM, "out of memory");
-    if (rc == 0 && (standard->size != h.volume_size || mirror->size != h.volume_size))
-        rc = PM_FAIL(PM_E_FOREIGN, "%s: the pair's volumes are %llu bytes, but %s is %llu and %s is %llu",
-                     label, (unsigned long long)h.volume_size, standard->path,
-                     (unsigned long long)standard->size, mirror->path, (unsigned long long)mirror->size);
-    if (rc == 0 && ((h.std_ino && standard->ino != h.std_ino) || (h.mir_ino && mirror->ino != h.mir_ino)))
-        rc = PM_FAIL(PM_E_FOREIGN, "%s: %s or %s is not the volume this pair was made with "
-                     "(the file was replaced or the two were swapped)", label, standard->path, mirror->path);
+    if (rc == 0) {
+        memset(out, 0, sizeof *out);
+        out->status.state = (int32_t)h.state;
+        out->status.incremental = (h.flags & FLAG_INCREMENTAL) != 0;
+        out->status.protect = (h.flags & FLAG_PROTECT) != 0;
+        out->status.error = h.job_error;
+        out->status.error_track = h.job_error ? h.job_error_track : -1;
+        out->status.mirror_invalid = h.mirror_invalid;
+        out->clean = (h.flags & FLAG_CLEAN) != 0;
+        out->track_size = h.track_size;
+        out->volume_size = h.volume_size;
+        out->generation = h.generation;
+        out->std_ino = h.std_ino;
+        out->mir_ino = h.mir_ino;
+        memcpy(out->pair_id, h.pair_id, 16);
+        out->table_bytes = h.table_bytes;
+        out->intent_bytes = h.intent_bytes;
+        memcpy(out->standard_path, hdr + STD_PATH_AT, PM_PATH_MAX);
+        memcpy(out->mirror_path, hdr + MIR_PATH_AT, PM_PATH_MAX);
+    }
+    free(hdr);
+    return rc;
+}
+
+int pm_meta_open_file(const char *path, int lock, pm_store **out)
+{
+    return open_meta_store(path, lock, out);
+}
+
+int pm_meta_format(struct pm_meta *m)
+{
+    if (getrandom(m->pair_id, 16, 0) != 16)
+        memset(m->pair_id, 0x5a, 16);
+    int rc = pm_meta_commit(m);          /* generation 1, slot 1 */
     if (rc == 0)
-        rc = pm_pair_create(standard, mirror, h.track_size, &p);
-    if (rc == 0 && (buf = malloc((size_t)h.table_bytes)) == NULL)
-        rc = PM_FAIL(-ENOMEM, "out of memory");
-    if (rc == 0)
-        rc = meta_alloc(p, st, 0, label);
-    int slot = (int)(h.generation % 2);
-    uint64_t stb = rc == 0 ? slot_tables(h.table_bytes, h.intent_bytes) : 0;
+        rc = pm_meta_commit(m);          /* generation 2, slot 0: both slots valid */
+    return rc;
+}
+
+int pm_meta_load(struct pm_meta *m, const struct pm_meta_header *h)
+{
+    unsigned char *buf = malloc((size_t)h->table_bytes);
+    if (buf == NULL)
+        return PM_FAIL(-ENOMEM, "out of memory");
+    int rc = 0;
+    int slot = (int)(h->generation % 2);
+    uint64_t stb = slot_tables(h->table_bytes, h->intent_bytes);
     for (int i = 0; i < NTABLES && rc == 0; i++) {
-        pm_bitmap *bm = table_of(p, i);
-        rc = meta_read(st, buf, pm_bitmap_serial_size(bm),
-                       TABLES_AT + (uint64_t)slot * stb + table_off(h.table_bytes, h.intent_bytes, i));
+        pm_bitmap *bm = table_of(m, i);
+        rc = meta_read(m->store, buf, pm_bitmap_serial_size(bm),
+                       TABLES_AT + (uint64_t)slot * stb + table_off(h->table_bytes, h->intent_bytes, i));
         if (rc < 0)
-            rc = PM_FAIL(PM_E_CORRUPT, "%s: cannot read table %d", label, i);
+            rc = PM_FAIL(PM_E_CORRUPT, "%s: cannot read table %d", m->path, i);
         else
             rc = pm_bitmap_load(bm, buf, pm_bitmap_serial_size(bm));
     }
-    if (rc == 0) {   /* the intent regions on disk are durable ones */
-        for (int side = 0; side < 2; side++) {
-            pm_bitmap_copy(p->meta->intent[side], p->meta->intent_snap[side]);
-            pm_bitmap_copy(p->meta->intent_durable[side], p->meta->intent_snap[side]);
-        }
+    free(buf);
+    if (rc)
+        return rc;
+    for (int side = 0; side < 2; side++) {   /* the intent regions on disk are durable ones */
+        pm_bitmap_copy(m->intent[side], m->intent_snap[side]);
+        pm_bitmap_copy(m->intent_durable[side], m->intent_snap[side]);
     }
-    if (rc == 0 && !(h.flags & FLAG_CLEAN)) {
+    if (!h->clean) {
         /* Unclean shutdown: writes may have landed after the precise CHANGED
          * tables were committed, but never outside their durable intent
          * regions.  Count every track of those regions as CHANGED. */
         for (int side = 0; side < 2; side++) {
-            pm_bitmap *changed = p->table[side]->flags[PM_CHANGED];
-            for (int64_t r = pm_bitmap_next_set(p->meta->intent[side], 0); r >= 0;
-                 r = pm_bitmap_next_set(p->meta->intent[side], (uint64_t)r + 1)) {
-                uint64_t first = (uint64_t)r * p->meta->region_tracks;
-                uint64_t n = p->tracks - first < p->meta->region_tracks ? p->tracks - first
-                                                                         : p->meta->region_tracks;
+            pm_bitmap *changed = m->b.changed[side];
+            for (int64_t r = pm_bitmap_next_set(m->intent[side], 0); r >= 0;
+                 r = pm_bitmap_next_set(m->intent[side], (uint64_t)r + 1)) {
+                uint64_t first = (uint64_t)r * m->region_tracks;
+                uint64_t n = m->b.tracks - first < m->region_tracks ? m->b.tracks - first : m->region_tracks;
                 pm_bitmap_set_range(changed, first, n);
             }
         }
-        pm_meta_dirty(p);
+        pm_meta_dirty(m);
     }
-    free(hdr), free(buf);
-    if (rc) {
-        pm_pair_destroy(p);   /* the store is not owned yet: left to the caller */
-        return rc;
-    }
-    p->meta->own_store = own;
-    p->meta->generation = h.generation;
-    p->meta->last_clean = (h.flags & FLAG_CLEAN) != 0;
-    memcpy(p->meta->pair_id, h.pair_id, 16);
-    p->meta->last_commit = pm_now();
-    int state = (int)h.state;
-    pm_store_relaxed(&p->incremental, (int)((h.flags & FLAG_INCREMENTAL) != 0));
-    pm_store_relaxed(&p->protect, (int)((h.flags & FLAG_PROTECT) != 0));
-    if (!(h.flags & FLAG_CLEAN) && (state == PM_STATE_SYNCING || state == PM_STATE_ESTABLISHED ||
-                                   (state == PM_STATE_RESTORING && !(h.flags & FLAG_PROTECT)))) {
-        /* Host writes were mirrored: a crash may have landed one on one side
-         * only.  Copy every track they may have touched again, in the job's
-         * direction (md's resync of the write-intent regions). */
-        int target = state == PM_STATE_RESTORING ? PM_STANDARD : PM_MIRROR;
-        pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
-        pm_bitmap_union(pending, p->table[PM_STANDARD]->flags[PM_CHANGED]);
-        pm_bitmap_union(pending, p->table[PM_MIRROR]->flags[PM_CHANGED]);
-        if (state == PM_STATE_ESTABLISHED && pm_bitmap_count(pending) > 0)
-            state = PM_STATE_SYNCING;      /* resumable like any interrupted establish */
-    }
-    pm_store_relaxed(&p->mirror_invalid, h.mirror_invalid);
-    if (state == PM_STATE_SYNCING || state == PM_STATE_RESTORING) {
-        int target = state == PM_STATE_SYNCING ? PM_MIRROR : PM_STANDARD;
-        uint64_t n = pm_bitmap_count(p->table[target]->flags[PM_PENDING]);
-        p->target = target;
-        p->job_active = 1;
-        p->paused_req = 1;          /* resumes on request */
-        if (h.job_error != 0) {     /* it had stopped on an error: say so again */
-            p->error = h.job_error;
-            p->error_track = h.job_error_track;
-        }
-        p->t_start = pm_now();
-        pm_store_relaxed(&p->tracks_total, n);
-        pm_store_seqcst(&p->pending_left, n);
-        if (n == 0) {               /* committed just before it ended */
-            p->job_active = 0;
-            p->paused_req = 0;
-            p->error = 0;
-            p->error_track = -1;
-            p->t_end = p->t_start;
-            if (target == PM_MIRROR)
-                pm_store_relaxed(&p->mirror_invalid, 0);
-            state = target == PM_MIRROR || !(h.flags & FLAG_PROTECT) ? PM_STATE_ESTABLISHED : PM_STATE_RESTORED;
-            pm_meta_dirty(p);
-        }
-    }
-    pm_store_release(&p->state, state);
-    *out = p;
+    m->generation = h->generation;
+    m->last_clean = h->clean;
+    memcpy(m->pair_id, h->pair_id, 16);
+    m->last_commit = pm_now();
     return 0;
-}
-
-int pm_pair_open_meta(const char *meta_path, pm_store *standard, pm_store *mirror, pm_pair **out)
-{
-    if (meta_path == NULL || out == NULL || standard == NULL || mirror == NULL)
-        return PM_FAIL(-EINVAL, "meta_path, the stores and out must not be NULL");
-    *out = NULL;
-    pm_store *st;
-    int rc = open_meta_store(meta_path, 1, &st);
-    if (rc)
-        return rc;
-    rc = open_on_store(st, 1, meta_path, standard, mirror, out);
-    if (rc)
-        pm_store_destroy(st);   /* and its lock */
-    return rc;
-}
-
-int pm_pair_open_meta_store(pm_store *meta, pm_store *standard, pm_store *mirror, pm_pair **out)
-{
-    if (meta == NULL || out == NULL || standard == NULL || mirror == NULL)
-        return PM_FAIL(-EINVAL, "the stores and out must not be NULL");
-    *out = NULL;
-    return open_on_store(meta, 0, "metadata store", standard, mirror, out);
-}
-
-int pm_pair_commit(pm_pair *p)
-{
-    return pm_meta_commit_all(p);
 }

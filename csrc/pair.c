@@ -1,6 +1,10 @@
 /*
  * pair.c - a pair's construction, its state machine and its commands.
  *
+ * Layer 7: may call copier.c (6: start and join its threads), job.c (5),
+ * meta.c (4), tracklock.c/state.c (3), table.c (2), bitmap.c/store.c (1)
+ * and the layer-0 helpers.
+ *
  *   NEW --establish--> SYNCING --(copy done)--> ESTABLISHED --split--> SPLIT
  *   SPLIT/RESTORED --establish--> SYNCING
  *   SPLIT/RESTORED --restore--> RESTORING --(copy done)--> RESTORED (protect)
@@ -16,41 +20,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "pair.h"
-
-static const char *const state_names[] = {
-    "new", "syncing", "established", "split", "restoring", "restored",
-};
-
-const char *pm_state_name(int state)
-{
-    if (state < 0 || state > PM_STATE_RESTORED)
-        return "unknown";
-    return state_names[state];
-}
-
-double pm_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-struct timespec pm_deadline(double t)
-{
-    struct timespec ts;
-    if (t > 4e9)
-        t = 4e9;
-    ts.tv_sec = (time_t)t;
-    ts.tv_nsec = (long)((t - (double)ts.tv_sec) * 1e9);
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
-    }
-    if (ts.tv_nsec < 0)
-        ts.tv_nsec = 0;
-    return ts;
-}
+#include "layout.h"
 
 /* ---- structs that grow ---------------------------------------------------
  *
@@ -123,6 +93,23 @@ static int check_config(const pm_pair *p, const struct pm_copy_config *c, const 
 
 /* ---- construction -------------------------------------------------------- */
 
+/* What the metadata records at a snapshot (meta.c calls it with its lock
+ * held; the order is metadata lock, then mu). */
+static void meta_status(void *ctx, struct pm_meta_status *st)
+{
+    pm_pair *p = ctx;
+    st->state = pm_pair_state(p);
+    st->incremental = pm_load_relaxed(&p->incremental);
+    st->protect = pm_load_relaxed(&p->protect);
+    st->mirror_invalid = pm_job_mirror_invalid(p);
+    pthread_mutex_lock(&p->mu);
+    if (p->job_active && p->error) {
+        st->error = p->error;
+        st->error_track = p->error_track;
+    }
+    pthread_mutex_unlock(&p->mu);
+}
+
 int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm_pair **out)
 {
     if (out == NULL || standard == NULL || mirror == NULL)
@@ -134,8 +121,11 @@ int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm
         return PM_FAIL(PM_E_GEOMETRY, "the standard is %llu bytes but the mirror is %llu: "
                        "a pair needs two volumes of the same size",
                        (unsigned long long)standard->size, (unsigned long long)mirror->size);
-    if (standard->fd >= 0 && mirror->fd >= 0 && standard->dev == mirror->dev && standard->ino == mirror->ino)
-        return PM_FAIL(PM_E_GEOMETRY, "the standard and the mirror are the same file (%s)", standard->path);
+    char id_std[256], id_mir[256];   /* one volume under two names (any store type) */
+    pm_store_identity(standard, id_std, sizeof id_std);
+    pm_store_identity(mirror, id_mir, sizeof id_mir);
+    if (strcmp(id_std, id_mir) == 0)
+        return PM_FAIL(PM_E_GEOMETRY, "the standard and the mirror are the same volume (%s)", standard->path);
     pm_pair *p = calloc(1, sizeof *p);
     if (p == NULL)
         return PM_FAIL(-ENOMEM, "out of memory");
@@ -149,7 +139,6 @@ int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm
     }
     p->store[PM_STANDARD] = standard;
     p->store[PM_MIRROR] = mirror;
-    p->busy = p->table[PM_STANDARD]->flags[PM_BUSY];
     p->size = standard->size;
     p->tracks = p->table[0]->tracks;
     p->track_size = track_size;
@@ -172,14 +161,23 @@ int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm
     pthread_mutex_init(&p->rate_mu, NULL);
     pthread_mutex_init(&p->io_mu, NULL);
     pthread_cond_init(&p->io_cond, NULL);
-    for (int i = 0; i < PM_LOCK_BUCKETS; i++) {
-        pthread_mutex_init(&p->buckets[i].m, NULL);
-        pthread_cond_init(&p->buckets[i].c, NULL);
-    }
+    pm_tracklock_init(p);
     pm_copy_config_default(&p->cfg);
     p->error_track = -1;
     p->target = PM_MIRROR;
     atomic_init(&p->state, PM_STATE_NEW);
+    struct pm_meta_binding b = {
+        .data = { standard, mirror },
+        .pending = { p->table[PM_STANDARD]->flags[PM_PENDING], p->table[PM_MIRROR]->flags[PM_PENDING] },
+        .changed = { p->table[PM_STANDARD]->flags[PM_CHANGED], p->table[PM_MIRROR]->flags[PM_CHANGED] },
+        .volume_size = p->size, .tracks = p->tracks, .track_size = track_size,
+        .status = meta_status, .ctx = p,
+    };
+    int rc = pm_meta_new(&b, &p->meta);
+    if (rc) {
+        pm_pair_destroy(p);
+        return rc;
+    }
     *out = p;
     return 0;
 }
@@ -193,11 +191,8 @@ void pm_pair_destroy(pm_pair *p)
     pthread_cond_broadcast(&p->cond);
     pthread_mutex_unlock(&p->mu);
     pm_job_join_threads(p);
-    pm_meta_close(p);
-    for (int i = 0; i < PM_LOCK_BUCKETS; i++) {
-        pthread_mutex_destroy(&p->buckets[i].m);
-        pthread_cond_destroy(&p->buckets[i].c);
-    }
+    pm_meta_close(p->meta);
+    pm_tracklock_destroy(p);
     pthread_mutex_destroy(&p->rate_mu);
     pthread_cond_destroy(&p->io_cond);
     pthread_mutex_destroy(&p->io_mu);
@@ -209,7 +204,6 @@ void pm_pair_destroy(pm_pair *p)
     free(p);
 }
 
-int pm_pair_state(const pm_pair *p) { return pm_load_acquire(&((pm_pair *)p)->state); }
 pm_table *pm_pair_table(pm_pair *p, int side) { return (side == PM_STANDARD || side == PM_MIRROR) ? p->table[side] : NULL; }
 uint64_t pm_pair_size(const pm_pair *p) { return p->size; }
 uint32_t pm_pair_track_size(const pm_pair *p) { return p->track_size; }
@@ -226,7 +220,7 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
                      const struct pm_copy_config *cfg)
 {
     pm_job_join_threads(p);   /* threads of a finished job */
-    pm_meta_lock(p);          /* no commit sees half of this */
+    pm_meta_lock(p->meta);          /* no commit sees half of this */
     pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
     pm_bitmap *chg_std = p->table[PM_STANDARD]->flags[PM_CHANGED];
     pm_bitmap *chg_mir = p->table[PM_MIRROR]->flags[PM_CHANGED];
@@ -241,7 +235,7 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
     /* From now on CHANGED records writes made since this operation began. */
     pm_bitmap_zero(chg_std);
     pm_bitmap_zero(chg_mir);
-    pm_meta_intent_reset_locked(p);
+    pm_meta_intent_reset_locked(p->meta);
     uint64_t n = pm_bitmap_count(pending);
 
     pthread_mutex_lock(&p->mu);
@@ -268,24 +262,17 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
     pm_store_relaxed(&p->incremental, incremental);
     pm_store_relaxed(&p->protect, protect);
     p->job_active = 1;
-    pm_meta_need_full(p);
+    pm_meta_need_full(p->meta);
     /* release: host I/O that sees the new state also sees the tables above */
     pm_store_release(&p->state, new_state);
     int rc = 0;
-    if (n == 0) {
-        /* nothing to copy: the job is done at once */
-        p->job_active = 0;
-        p->t_end = p->t_start;
-        if (target == PM_MIRROR)
-            pm_store_relaxed(&p->mirror_invalid, 0);
-        int done = target == PM_MIRROR ? PM_STATE_ESTABLISHED
-                 : (protect ? PM_STATE_RESTORED : PM_STATE_ESTABLISHED);
-        pm_store_release(&p->state, done);
-    } else {
+    if (n == 0)
+        pm_job_end_locked(p);     /* nothing to copy: the job is done at once */
+    else {
         rc = pm_job_start_threads_locked(p);
     }
     pthread_mutex_unlock(&p->mu);
-    pm_meta_unlock(p);        /* the copiers commit the new job before they copy */
+    pm_meta_unlock(p->meta);        /* the copiers commit the new job before they copy */
     return rc;
 }
 
@@ -312,19 +299,12 @@ int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *
     else
         rc = begin_job(p, PM_MIRROR, incremental, 0, PM_STATE_SYNCING, cfg);
     if (rc == 0)
-        rc = pm_meta_commit_all(p);
+        rc = pm_meta_commit(p->meta);
     pthread_rwlock_unlock(&p->cmd_lock);
     return rc;
 }
 
-uint64_t pm_mirror_invalid_now(pm_pair *p)
-{
-    if (pm_pair_state(p) == PM_STATE_SYNCING)
-        return pm_bitmap_count(p->table[PM_MIRROR]->flags[PM_PENDING]);
-    return pm_load_relaxed(&p->mirror_invalid);
-}
-
-uint64_t pm_pair_mirror_invalid(const pm_pair *p) { return pm_mirror_invalid_now((pm_pair *)p); }
+uint64_t pm_pair_mirror_invalid(const pm_pair *p) { return pm_job_mirror_invalid((pm_pair *)p); }
 
 int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_copy_config *cfg)
 {
@@ -341,7 +321,7 @@ int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_co
         return rc;
     pthread_rwlock_wrlock(&p->cmd_lock);
     int s = pm_pair_state(p);
-    uint64_t invalid = pm_mirror_invalid_now(p);
+    uint64_t invalid = pm_job_mirror_invalid(p);
     if (s != PM_STATE_SPLIT && s != PM_STATE_RESTORED)
         rc = wrong_state(__func__, s, "restore is allowed when split or restored");
     else if (invalid > 0)
@@ -353,7 +333,7 @@ int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_co
     /* Nothing to copy: no copier will make the commit, so make it here
      * (one header and table write, like any command). */
     if (rc == 0 && pm_pair_state(p) != PM_STATE_RESTORING)
-        rc = pm_meta_commit_all(p);
+        rc = pm_meta_commit(p->meta);
     pthread_rwlock_unlock(&p->cmd_lock);
     /* The restore's commit is made by the first copier before it copies
      * (copier.c), so the command returns in a time that does not grow with
@@ -367,18 +347,18 @@ int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_co
  * afresh (the sides are identical).  Then commit. */
 static int set_state_and_commit(pm_pair *p, int state, int fresh_changed)
 {
-    pm_meta_lock(p);
+    pm_meta_lock(p->meta);
     if (fresh_changed) {
         pm_bitmap_zero(p->table[PM_STANDARD]->flags[PM_CHANGED]);
         pm_bitmap_zero(p->table[PM_MIRROR]->flags[PM_CHANGED]);
-        pm_meta_intent_reset_locked(p);
+        pm_meta_intent_reset_locked(p->meta);
     }
     pthread_mutex_lock(&p->mu);
     pm_store_release(&p->state, state);
     pthread_mutex_unlock(&p->mu);
-    pm_meta_note(p);
-    pm_meta_unlock(p);
-    return pm_meta_commit_all(p);
+    pm_meta_note(p->meta);
+    pm_meta_unlock(p->meta);
+    return pm_meta_commit(p->meta);
 }
 
 int pm_pair_split(pm_pair *p)
@@ -410,7 +390,7 @@ int pm_pair_cancel(pm_pair *p)
     } else {
         pthread_mutex_lock(&p->mu);
         /* The copier ends a job under mu; once job_active is 0 here, it
-         * cannot end this one (finish_job re-checks job_active). */
+         * cannot end this one (pm_job_finish re-checks job_active). */
         int ours = p->job_active && pm_pair_state(p) == PM_STATE_SYNCING;
         if (ours) {
             p->job_active = 0;
@@ -427,7 +407,7 @@ int pm_pair_cancel(pm_pair *p)
             rc = wrong_state(__func__, s, "the establish ended before it could be cancelled");
         } else {
             pm_job_join_threads(p);         /* copiers finish their batch and exit */
-            pm_meta_lock(p);
+            pm_meta_lock(p->meta);
             pm_bitmap *pending = p->table[PM_MIRROR]->flags[PM_PENDING];
             uint64_t n = pm_bitmap_count(pending);
             pm_bitmap_union(p->table[PM_MIRROR]->flags[PM_CHANGED], pending);
@@ -439,9 +419,9 @@ int pm_pair_cancel(pm_pair *p)
             pm_store_release(&p->state, PM_STATE_SPLIT);
             pthread_cond_broadcast(&p->cond);
             pthread_mutex_unlock(&p->mu);
-            pm_meta_need_full(p);
-            pm_meta_unlock(p);
-            rc = pm_meta_commit_all(p);
+            pm_meta_need_full(p->meta);
+            pm_meta_unlock(p->meta);
+            rc = pm_meta_commit(p->meta);
         }
     }
     pthread_rwlock_unlock(&p->cmd_lock);
@@ -513,7 +493,7 @@ int pm_pair_resume(pm_pair *p)
     else {
         p->paused_req = 0;
         if (p->error)
-            pm_meta_dirty(p);           /* the persisted error goes with the next commit */
+            pm_meta_dirty(p->meta);           /* the persisted error goes with the next commit */
         p->error = 0;
         p->error_track = -1;
         pm_store_seqcst(&p->run, 1);
@@ -586,8 +566,8 @@ int pm_pair_progress(const pm_pair *cp, struct pm_progress *out)
     o->bytes_written = pm_load_relaxed(&p->bytes_written);
     o->changed_standard = pm_bitmap_count(p->table[PM_STANDARD]->flags[PM_CHANGED]);
     o->changed_mirror = pm_bitmap_count(p->table[PM_MIRROR]->flags[PM_CHANGED]);
-    pm_meta_counters(p, &o->commits, &o->syncs);
-    o->mirror_invalid = pm_mirror_invalid_now(p);
+    pm_meta_counters(p->meta, &o->commits, &o->syncs);
+    o->mirror_invalid = pm_job_mirror_invalid(p);
     /* as much as the caller's struct holds; a newer caller's extra fields read 0 */
     size_t n = size < sizeof full ? size : sizeof full;
     full.size = (uint32_t)n;
@@ -633,4 +613,9 @@ int64_t pm_pair_verify(pm_pair *p, uint64_t from, uint64_t *out, uint64_t max, u
         return rc;
     *next = t;
     return n;
+}
+
+int pm_pair_commit(pm_pair *p)
+{
+    return pm_meta_commit(p->meta);
 }

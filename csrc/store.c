@@ -2,11 +2,14 @@
  * store.c - the bytes behind a volume: a file or block device (positional
  * I/O, fdatasync), or memory; plus injectable faults for tests.
  *
+ * Layer 1 (with bitmap.c): may call errors.c and clock.c (0).
+ *
  * All I/O entry points check bounds, consult the fault list (one relaxed
  * load when none is armed), then call the backend through its ops table, so
  * other backends (a crash simulator, a remote export) plug in the same way.
  */
 #include <fcntl.h>
+#include <stddef.h>
 #include <linux/fs.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,8 +39,9 @@ static int fd_for(const pm_store *s, const void *buf, uint64_t len, uint64_t off
     return s->fd;
 }
 
-static int file_read(pm_store *s, void *buf, uint64_t len, uint64_t off)
+static int file_read(void *ctx, void *buf, uint64_t len, uint64_t off)
 {
+    pm_store *s = ctx;
     unsigned char *p = buf;
     int fd = fd_for(s, buf, len, off);
     while (len > 0) {
@@ -59,8 +63,9 @@ static int file_read(pm_store *s, void *buf, uint64_t len, uint64_t off)
     return 0;
 }
 
-static int file_write(pm_store *s, const void *buf, uint64_t len, uint64_t off)
+static int file_write(void *ctx, const void *buf, uint64_t len, uint64_t off)
 {
+    pm_store *s = ctx;
     const unsigned char *p = buf;
     int fd = fd_for(s, buf, len, off);
     while (len > 0) {
@@ -81,8 +86,9 @@ static int file_write(pm_store *s, const void *buf, uint64_t len, uint64_t off)
     return 0;
 }
 
-static int file_flush(pm_store *s)
+static int file_flush(void *ctx)
 {
+    pm_store *s = ctx;
     if (s->readonly)
         return 0;
     if (fdatasync(s->fd) < 0)
@@ -90,39 +96,113 @@ static int file_flush(pm_store *s)
     return 0;
 }
 
-static void file_close(pm_store *s)
+static void file_close(void *ctx)
 {
+    pm_store *s = ctx;
     if (s->fd >= 0)
         close(s->fd);
     if (s->fd_buffered >= 0)
         close(s->fd_buffered);
 }
 
-static const struct pm_store_ops file_ops = { file_read, file_write, file_flush, file_close };
+/* Zeroes: FALLOC_FL_ZERO_RANGE (or, with PM_ZERO_PUNCH, a punched hole
+ * that reads as zeroes) where the filesystem has it; else -EOPNOTSUPP and
+ * the caller writes zeroes. */
+static int file_write_zeroes(void *ctx, uint64_t len, uint64_t off, unsigned flags)
+{
+    pm_store *s = ctx;
+    int fd = s->fd_buffered >= 0 ? s->fd_buffered : s->fd;
+    int mode = (flags & PM_ZERO_PUNCH) ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE;
+    if (fallocate(fd, mode, (off_t)off, (off_t)len) == 0)
+        return 0;
+    int e = errno;
+    return e == EOPNOTSUPP || e == ENOSYS || e == EINVAL ? -EOPNOTSUPP : -e;
+}
+
+/* Data and holes from SEEK_DATA / SEEK_HOLE (a block device is all data). */
+static int64_t file_extents(void *ctx, uint64_t off, uint64_t len, struct pm_extent *out, uint64_t max)
+{
+    pm_store *s = ctx;
+    int fd = s->fd_buffered >= 0 ? s->fd_buffered : s->fd;
+    uint64_t end = off + len;
+    int64_t n = 0;
+    while (off < end && (uint64_t)n < max) {
+        off_t data = lseek(fd, (off_t)off, SEEK_DATA);
+        if (data < 0 && errno != ENXIO)
+            return -errno;                   /* no SEEK_DATA here: the caller's fallback */
+        uint64_t d = data < 0 || (uint64_t)data > end ? end : (uint64_t)data;
+        if (d > off) {                       /* a hole first */
+            out[n++] = (struct pm_extent){ off, d - off, PM_EXTENT_HOLE, 0 };
+            off = d;
+            continue;
+        }
+        off_t hole = lseek(fd, (off_t)off, SEEK_HOLE);
+        uint64_t h = hole < 0 || (uint64_t)hole > end ? end : (uint64_t)hole;
+        if (h <= off)
+            h = end;
+        out[n++] = (struct pm_extent){ off, h - off, PM_EXTENT_DATA, 0 };
+        off = h;
+    }
+    return n;
+}
+
+static int file_identity(void *ctx, char *buf, size_t len)
+{
+    pm_store *s = ctx;
+    snprintf(buf, len, "file:%llu:%llu", (unsigned long long)s->dev, (unsigned long long)s->ino);
+    return 0;
+}
+
+/* the same callback table as a caller's own store (pymirror.h) */
+static const struct pm_store_ops file_ops = {
+    .size = sizeof(struct pm_store_ops),
+    .read = file_read, .write = file_write, .flush = file_flush, .close = file_close,
+    .write_zeroes = file_write_zeroes, .extents = file_extents, .identity = file_identity,
+};
 
 /* ---- memory backend ------------------------------------------------------ */
 
-static int mem_read(pm_store *s, void *buf, uint64_t len, uint64_t off)
+static int mem_read(void *ctx, void *buf, uint64_t len, uint64_t off)
 {
+    pm_store *s = ctx;
     memcpy(buf, s->mem + off, (size_t)len);
     return 0;
 }
 
-static int mem_write(pm_store *s, const void *buf, uint64_t len, uint64_t off)
+static int mem_write(void *ctx, const void *buf, uint64_t len, uint64_t off)
 {
+    pm_store *s = ctx;
     memcpy(s->mem + off, buf, (size_t)len);
     return 0;
 }
 
-static int mem_flush(pm_store *s) { return 0; }
+static int mem_flush(void *ctx) { return 0; }
 
-static void mem_close(pm_store *s)
+static void mem_close(void *ctx)
 {
+    pm_store *s = ctx;
     if (s->mem != NULL)
         munmap(s->mem, (size_t)s->size);
 }
 
-static const struct pm_store_ops mem_ops = { mem_read, mem_write, mem_flush, mem_close };
+static int mem_write_zeroes(void *ctx, uint64_t len, uint64_t off, unsigned flags)
+{
+    pm_store *s = ctx;
+    memset(s->mem + off, 0, (size_t)len);
+    return 0;
+}
+
+static int mem_identity(void *ctx, char *buf, size_t len)
+{
+    snprintf(buf, len, "memory:%p", ctx);
+    return 0;
+}
+
+static const struct pm_store_ops mem_ops = {
+    .size = sizeof(struct pm_store_ops),
+    .read = mem_read, .write = mem_write, .flush = mem_flush, .close = mem_close,
+    .write_zeroes = mem_write_zeroes, .identity = mem_identity,
+};
 
 /* ---- construction -------------------------------------------------------- */
 
@@ -280,6 +360,7 @@ int pm_store_open_file(const char *path, unsigned flags, uint64_t size, pm_store
         return PM_FAIL(-ENOMEM, "out of memory");
     }
     s->ops = &file_ops;
+    s->ctx = s;
     if (fd_direct >= 0) {
         s->fd = fd_direct;        /* aligned I/O goes direct */
         s->fd_buffered = fd;
@@ -315,6 +396,7 @@ int pm_store_create_memory(uint64_t size, pm_store **out)
     }
     s->mem = m;
     s->ops = &mem_ops;
+    s->ctx = s;
     s->size = size;
     *out = s;
     return 0;
@@ -324,8 +406,10 @@ void pm_store_destroy(pm_store *s)
 {
     if (s == NULL)
         return;
+    if (s->locked && s->ops->lock != NULL)
+        s->ops->lock(s->ctx, PM_LOCK_RELEASE);
     if (s->ops != NULL)
-        s->ops->close(s);
+        s->ops->close(s->ctx);
     pm_store_clear_faults(s);
     pthread_mutex_destroy(&s->fault_lock);
     free(s->path);
@@ -407,7 +491,7 @@ int pm_store_read(pm_store *s, void *buf, uint64_t len, uint64_t offset)
     if ((rc = fault_hit(s, PM_FAULT_READ, len, offset)) != 0)
         return PM_FAIL(rc, "%s: injected fault on read at %llu", s->path[0] ? s->path : "memory",
                        (unsigned long long)offset);
-    return s->ops->read(s, buf, len, offset);
+    return s->ops->read(s->ctx, buf, len, offset);
 }
 
 int pm_store_write(pm_store *s, const void *buf, uint64_t len, uint64_t offset)
@@ -420,10 +504,161 @@ int pm_store_write(pm_store *s, const void *buf, uint64_t len, uint64_t offset)
     if ((rc = fault_hit(s, PM_FAULT_WRITE, len, offset)) != 0)
         return PM_FAIL(rc, "%s: injected fault on write at %llu", s->path[0] ? s->path : "memory",
                        (unsigned long long)offset);
-    return s->ops->write(s, buf, len, offset);
+    return s->ops->write(s->ctx, buf, len, offset);
 }
 
 int pm_store_flush(pm_store *s)
 {
-    return s->ops->flush(s);
+    return s->ops->flush(s->ctx);
+}
+
+int pm_store_write_zeroes(pm_store *s, uint64_t len, uint64_t offset, unsigned flags)
+{
+    int rc = check_io(s, len, offset, __func__);
+    if (rc || len == 0)
+        return rc;
+    if (s->readonly)
+        return PM_FAIL(-EROFS, "%s: the volume is open read-only", s->path);
+    if ((rc = fault_hit(s, PM_FAULT_WRITE, len, offset)) != 0)
+        return PM_FAIL(rc, "%s: injected fault on write at %llu", s->path[0] ? s->path : "memory",
+                       (unsigned long long)offset);
+    if (s->ops->write_zeroes != NULL) {
+        rc = s->ops->write_zeroes(s->ctx, len, offset, flags);
+        if (rc != -EOPNOTSUPP && rc != -ENOSYS)
+            return rc < 0 ? PM_FAIL(rc, "%s: writing zeroes at %llu failed", s->path,
+                                    (unsigned long long)offset) : rc;
+    }
+    /* fallback: write zeroes from a buffer */
+    uint64_t chunk = len < (1u << 20) ? len : (1u << 20);
+    unsigned char *z = calloc(1, (size_t)chunk);
+    if (z == NULL)
+        return PM_FAIL(-ENOMEM, "out of memory");
+    for (rc = 0; len > 0 && rc == 0;) {
+        uint64_t n = len < chunk ? len : chunk;
+        rc = s->ops->write(s->ctx, z, n, offset);
+        len -= n, offset += n;
+    }
+    free(z);
+    return rc;
+}
+
+int64_t pm_store_extents(pm_store *s, uint64_t offset, uint64_t len, struct pm_extent *out, uint64_t max)
+{
+    int rc = check_io(s, len, offset, __func__);
+    if (rc)
+        return rc;
+    if (out == NULL || max == 0)
+        return PM_FAIL(-EINVAL, "out must hold at least one extent");
+    if (len == 0)
+        return 0;
+    if (s->ops->extents != NULL) {
+        int64_t n = s->ops->extents(s->ctx, offset, len, out, max);
+        if (n > 0)
+            return n;
+        if (n < 0 && n != -EOPNOTSUPP && n != -ENOSYS && n != -EINVAL)
+            return PM_FAIL((int)n, "%s: the extent query failed", s->path);
+    }
+    out[0] = (struct pm_extent){ offset, len, PM_EXTENT_DATA, 0 };   /* unknown: all data */
+    return 1;
+}
+
+int pm_store_identity(pm_store *s, char *buf, size_t len)
+{
+    if (buf == NULL || len == 0)
+        return PM_FAIL(-EINVAL, "buf must hold at least one byte");
+    buf[0] = 0;
+    if (s->ops->identity != NULL && s->ops->identity(s->ctx, buf, len) == 0 && buf[0] != 0) {
+        buf[len - 1] = 0;
+        return 0;
+    }
+    if (s->path[0] != 0)
+        snprintf(buf, len, "%s", s->path);
+    else
+        snprintf(buf, len, "store:%p", (void *)s);   /* unnamed: itself */
+    return 0;
+}
+
+void pm_io_complete(struct pm_io *io, int result)
+{
+    io->done(io, result);
+}
+
+int pm_store_submit(pm_store *s, struct pm_io *io)
+{
+    if (io == NULL || io->done == NULL)
+        return PM_FAIL(-EINVAL, "io and its done callback must not be NULL");
+    int rc = 0;
+    if (io->op == PM_IO_READ || io->op == PM_IO_WRITE || io->op == PM_IO_WRITE_ZEROES) {
+        if ((rc = check_io(s, io->len, io->offset, __func__)) != 0)
+            return rc;
+        if (io->op != PM_IO_READ && s->readonly)
+            return PM_FAIL(-EROFS, "%s: the volume is open read-only", s->path);
+        int fop = io->op == PM_IO_READ ? PM_FAULT_READ : PM_FAULT_WRITE;
+        if ((rc = fault_hit(s, fop, io->len, io->offset)) != 0) {
+            pm_io_complete(io, rc);          /* an injected fault fails the I/O, not the submit */
+            return 0;
+        }
+    } else if (io->op != PM_IO_FLUSH) {
+        return PM_FAIL(-EINVAL, "unknown I/O operation %u", io->op);
+    }
+    if (s->ops->submit != NULL)
+        return s->ops->submit(s->ctx, io);
+    /* no asynchronous path: do it now and complete before returning */
+    switch (io->op) {
+    case PM_IO_READ: rc = io->len ? s->ops->read(s->ctx, io->buf, io->len, io->offset) : 0; break;
+    case PM_IO_WRITE: rc = io->len ? s->ops->write(s->ctx, io->buf, io->len, io->offset) : 0; break;
+    case PM_IO_WRITE_ZEROES: rc = pm_store_write_zeroes(s, io->len, io->offset, io->flags); break;
+    default: rc = s->ops->flush(s->ctx); break;
+    }
+    pm_io_complete(io, rc);
+    return 0;
+}
+
+/* ---- a caller's own store ------------------------------------------------ */
+
+/* Size of the 0.2 table (the first): size..submit. */
+#define OPS_SIZE_0_2 (sizeof(struct pm_store_ops))
+
+int pm_store_create_ops(const struct pm_store_ops *ops, void *ctx, uint64_t size, const char *name,
+                        unsigned flags, pm_store **out)
+{
+    if (out == NULL || ops == NULL)
+        return PM_FAIL(-EINVAL, "ops and out must not be NULL");
+    *out = NULL;
+    size_t osize = ops->size ? ops->size : OPS_SIZE_0_2;
+    if (osize < offsetof(struct pm_store_ops, write_zeroes))
+        return PM_FAIL(-EINVAL, "ops->size %zu is too small: set it to sizeof(struct pm_store_ops)", osize);
+    for (size_t i = sizeof *ops; i < osize; i++)
+        if (((const unsigned char *)ops)[i] != 0)
+            return PM_FAIL(-E2BIG, "the store table sets callbacks this library (version %d.%d) does not know",
+                           PM_VERSION_MAJOR, PM_VERSION_MINOR);
+    if (ops->read == NULL || ops->write == NULL || ops->flush == NULL || ops->close == NULL)
+        return PM_FAIL(-EINVAL, "read, write, flush and close are required");
+    if (size == 0)
+        return PM_FAIL(PM_E_GEOMETRY, "a volume needs a size greater than zero");
+    if (flags & ~(unsigned)(PM_STORE_READONLY | PM_STORE_NOLOCK))
+        return PM_FAIL(-EINVAL, "flags 0x%x: only PM_STORE_READONLY and PM_STORE_NOLOCK apply", flags);
+    pm_store *s = pm__store_alloc(name);
+    if (s == NULL)
+        return PM_FAIL(-ENOMEM, "out of memory");
+    memset(&s->own_ops, 0, sizeof s->own_ops);
+    memcpy(&s->own_ops, ops, osize < sizeof *ops ? osize : sizeof *ops);   /* older tables: NULL = absent */
+    s->own_ops.size = sizeof s->own_ops;
+    s->ops = &s->own_ops;
+    s->ctx = ctx;
+    s->size = size;
+    s->readonly = (flags & PM_STORE_READONLY) != 0;
+    if (s->ops->lock != NULL && !(flags & PM_STORE_NOLOCK)) {
+        int rc = s->ops->lock(ctx, s->readonly ? PM_LOCK_SHARED : PM_LOCK_EXCLUSIVE);
+        if (rc < 0) {
+            s->ops = NULL;                   /* the caller keeps ctx: close is not called */
+            pm_store_destroy(s);
+            if (rc == PM_E_BUSY)
+                return PM_FAIL(PM_E_BUSY, "volume %s is in use by another pair", name ? name : "");
+            return PM_FAIL(rc, "%s: cannot lock the volume", name ? name : "");
+        }
+        s->locked = 1;
+    }
+    *out = s;
+    return 0;
 }

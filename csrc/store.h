@@ -1,17 +1,12 @@
-/* store.h - internal layout of stores (store.c), shared with the pair. */
+/* store.h - internal layout of stores (store.c, store_volatile.c), shared
+ * with the layers above: a store is a callback table (struct pm_store_ops,
+ * public in pymirror.h) and its context, plus bounds and injected faults. */
 #ifndef PM_STORE_H
 #define PM_STORE_H
 
 #include <pthread.h>
 
 #include "internal.h"
-
-struct pm_store_ops {
-    int (*read)(pm_store *s, void *buf, uint64_t len, uint64_t off);
-    int (*write)(pm_store *s, const void *buf, uint64_t len, uint64_t off);
-    int (*flush)(pm_store *s);
-    void (*close)(pm_store *s);
-};
 
 struct pm_fault {
     struct pm_fault *next;
@@ -25,7 +20,10 @@ struct pm_power;            /* a power line shared by volatile stores */
 struct pm_unflushed;        /* a write since the last flush */
 
 struct pm_store {
-    const struct pm_store_ops *ops;
+    const struct pm_store_ops *ops;   /* the callback table (pymirror.h); built-ins: static */
+    void *ctx;                        /* its context: the store itself for built-ins */
+    struct pm_store_ops own_ops;      /* a caller's table, copied (pm_store_create_ops) */
+    int locked;                       /* ops->lock was taken: release it at destroy */
     uint64_t size;
     char *path;            /* "" for memory */
     int fd;                /* -1 for memory */

@@ -3,6 +3,8 @@
  * crash safety: the model of a disk whose writes since the last flush may be
  * lost when the power goes, each wholly or in 512-byte sectors.
  *
+ * Layer 2 (with table.c): may call store.c (1) and the layer-0 helpers.
+ *
  * A store keeps the visible image (what reads return) and the durable image
  * (what survives), plus the list of writes since its last flush.  A flush
  * applies the list to the durable image.  A power loss applies a random
@@ -32,8 +34,9 @@ struct pm_unflushed {
     unsigned char data[];
 };
 
-static int vol_read(pm_store *s, void *buf, uint64_t len, uint64_t off)
+static int vol_read(void *ctx, void *buf, uint64_t len, uint64_t off)
 {
+    pm_store *s = ctx;
     pthread_mutex_lock(&s->power->lock);
     int rc = s->power->off ? -EIO : 0;
     if (rc == 0)
@@ -42,8 +45,9 @@ static int vol_read(pm_store *s, void *buf, uint64_t len, uint64_t off)
     return rc ? PM_FAIL(rc, "volatile store: the power is off") : 0;
 }
 
-static int vol_write(pm_store *s, const void *buf, uint64_t len, uint64_t off)
+static int vol_write(void *ctx, const void *buf, uint64_t len, uint64_t off)
 {
+    pm_store *s = ctx;
     struct pm_unflushed *u = malloc(sizeof *u + (size_t)len);
     if (u == NULL)
         return PM_FAIL(-ENOMEM, "out of memory");
@@ -78,8 +82,9 @@ static void drop_list(pm_store *s)
     s->unflushed = s->unflushed_tail = NULL;
 }
 
-static int vol_flush(pm_store *s)
+static int vol_flush(void *ctx)
 {
+    pm_store *s = ctx;
     pthread_mutex_lock(&s->power->lock);
     int rc = s->power->off ? -EIO : 0;
     if (rc == 0) {
@@ -91,8 +96,9 @@ static int vol_flush(pm_store *s)
     return rc ? PM_FAIL(rc, "volatile store: the power is off") : 0;
 }
 
-static void vol_close(pm_store *s)
+static void vol_close(void *ctx)
 {
+    pm_store *s = ctx;
     struct pm_power *pw = s->power;
     pthread_mutex_lock(&pw->lock);
     drop_list(s);
@@ -111,7 +117,11 @@ static void vol_close(pm_store *s)
     }
 }
 
-static const struct pm_store_ops volatile_ops = { vol_read, vol_write, vol_flush, vol_close };
+/* the same callback table as any store (pymirror.h), its context the store */
+static const struct pm_store_ops volatile_ops = {
+    .size = sizeof(struct pm_store_ops),
+    .read = vol_read, .write = vol_write, .flush = vol_flush, .close = vol_close,
+};
 
 int pm_store_create_volatile(uint64_t size, pm_store *share_power_with, pm_store **out)
 {
@@ -151,6 +161,7 @@ int pm_store_create_volatile(uint64_t size, pm_store *share_power_with, pm_store
     s->power = pw;
     s->size = size;
     s->ops = &volatile_ops;
+    s->ctx = s;
     *out = s;
     return 0;
 }

@@ -3,6 +3,8 @@
  * cut into tracks of track_size bytes, the last one possibly short) and one
  * bitmap per flag (PENDING, CHANGED, BUSY), bit t standing for track t.
  *
+ * Layer 2 (with store_volatile.c): may call bitmap.c (1) and errors.c (0).
+ *
  * The geometry never changes after creation, so its getters need no
  * synchronisation; the bitmaps are thread-safe on their own (bitmap.c).
  */

@@ -368,3 +368,47 @@ def test_pairs_added_and_removed_while_clients_come_and_go(multi):
     [t.join(10) for t in threads]
     assert not failures, failures[:3]
     assert server.pairs() == ["p0", "p3", "p1", "p2"]
+
+
+def test_a_pair_closed_under_the_server_harms_no_other(multi):
+    """The daemon closes a pair only after remove_pair, but if one is closed
+    while exported, its clients get ESHUTDOWN and the others go on."""
+    server, pairs, _ = multi
+    pairs["live"] = filled_pair(9)
+    gone = filled_pair(8)
+    gone.split()
+    server.add_pair("gone", gone)
+    server.add_pair("live", pairs["live"])
+    std, _, _ = connect(server.socket_path, "gone", structured=True)
+    mirror, _, _ = connect(server.socket_path, "gone/mirror", structured=True)
+    gone.close()
+    for c in (std, mirror):
+        c.request(P.CMD_READ, 0, 4, cookie=1)
+        assert c.reply(4)[:2] == (P.ESHUTDOWN, 1)
+        c.request(P.CMD_WRITE, 0, 4, b"dead", cookie=2)
+        assert c.reply()[:2] == (P.ESHUTDOWN, 2)
+    mirror.request(P.CMD_TRIM, 0, 4096, cookie=3)
+    assert mirror.reply()[:2] == (P.EPERM, 3) and "closed" in mirror.message
+    assert [n for n, _ in list_exports(server.socket_path)] == ["gone", "live", "live/mirror"]
+    c = RawClient(server.socket_path)
+    c.greet()
+    with pytest.raises(LookupError):
+        c.go("gone/mirror")
+    assert c.go("live")[P.INFO_EXPORT][0] == SIZE
+    server.remove_pair("gone", timeout=5)
+    assert server.pairs() == ["live"]
+
+
+def test_a_pair_exported_read_only(multi):
+    server, pairs, _ = multi
+    pairs["ro"], pairs["rw"] = filled_pair(1), filled_pair(2)
+    pairs["ro"].split()
+    server.add_pair("ro", pairs["ro"], readonly=True)
+    server.add_pair("rw", pairs["rw"])
+    for name, ro in (("ro", True), ("ro/mirror", True), ("rw", False)):
+        c, _, flags = connect(server.socket_path, name)
+        assert bool(flags & P.TFLAG_READ_ONLY) == ro, name
+        c.request(P.CMD_WRITE, 0, 1, b"w", cookie=1)
+        assert c.reply()[:2] == ((P.EPERM if ro else 0), 1)
+    assert pairs["ro"].read(0, 1) == b"\x01" and pairs["ro"].mirror_read(0, 1) == b"\x01"
+    assert pairs["rw"].read(0, 1) == b"w"

@@ -1,7 +1,8 @@
 """Clients stay connected while their pair changes state: what each export
 answers in each state (raw protocol), and a real client (libnbd, in this
 process) that rides a whole cycle -- establish, split, restore (protected),
-pause, resume, done, establish -- writing and reading back all the while."""
+pause, resume, done, establish, split, establish, cancel -- writing and
+reading back all the while."""
 from __future__ import annotations
 
 import errno
@@ -12,8 +13,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-import pytest
 
 import pymirror
 from pymirror import CopyConfig
@@ -241,6 +240,20 @@ def test_a_client_rides_a_whole_cycle_with_libnbd(tmp_path):
     assert m.pread(SIZE, 0) == model and ro.pread(SIZE, 0) == model
     assert pair.verify() == []
 
+    # split, establish, cancel: the mirror is a volume of its own again, not an image
+    pair.split()
+    host_writes()
+    job = pair.establish(config=SLOW)
+    fails(lambda: m.pread(4, 0), errno.EIO)
+    host_writes()
+    pair.cancel()
+    assert pair.state == "split" and pair.mirror_invalid > 0
+    m.pread(SIZE, 0)                                                  # readable, and writable (opened so)
+    m.pwrite(b"mine", 0)
+    host_writes()
+    finish(pair.establish(incremental=True, config=SLOW))
+    assert m.pread(SIZE, 0) == model and pair.mirror_invalid == 0
+
     # nobody was disconnected, nobody reconnected
     assert server.clients("vol") == 3
     assert [k for k, _ in events] == ["client-connected"] * 3
@@ -251,7 +264,6 @@ def test_a_client_rides_a_whole_cycle_with_libnbd(tmp_path):
     pair.close()
 
 
-@pytest.mark.skipif(not hasattr(pymirror.Pair, "cancel"), reason="Pair.cancel comes with branch core")
 def test_clients_stay_across_cancel(tmp_path):
     pair = pymirror.Pair.memory(SIZE, TRACK)
     pair.write(0, b"\x11" * SIZE)

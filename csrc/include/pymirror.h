@@ -217,6 +217,94 @@ int pm_store_read(pm_store *s, void *buf, uint64_t len, uint64_t offset);
 int pm_store_write(pm_store *s, const void *buf, uint64_t len, uint64_t offset);
 int pm_store_flush(pm_store *s);   /* fdatasync for files */
 
+/* ---- stores of your own --------------------------------------------------
+ *
+ * A tool gives pymirror its own volumes by filling a table of callbacks;
+ * the built-in file, memory and volatile stores are tables like it.  Every
+ * callback gets the `ctx` given to pm_store_create_ops, returns 0 (or a
+ * count) or a negative errno / PM_E_* code, and may be called from several
+ * threads at once (reads and writes of different ranges run concurrently;
+ * the pair never issues overlapping writes at once).  Bounds are checked
+ * before a callback is called.  Ownership: pm_store_destroy calls close(ctx)
+ * once (after lock(ctx, PM_LOCK_RELEASE) if it locked); until
+ * pm_store_create_ops succeeds, ctx stays the caller's.
+ *
+ * Required: read, write (the whole length, or an error), flush (what was
+ * written is durable), close.  Optional, NULL for "not offered":
+ *  - write_zeroes(len, offset, flags): zeroes, PM_ZERO_PUNCH allowing the
+ *    store to deallocate; -EOPNOTSUPP or NULL: pymirror writes zero buffers.
+ *  - extents(offset, len, out, max): describe [offset, offset+len) from its
+ *    start as up to max consecutive extents (data, hole, or zero), returning
+ *    how many; NULL or -EOPNOTSUPP: all data.
+ *  - identity(buf, len): a NUL-terminated string naming the volume itself
+ *    (not the path to it: "file:DEV:INO", "rbd:pool/image@id", ...), so two
+ *    names of one volume can be told apart; NULL: the name (unnamed: the
+ *    store object).  A pair refuses a standard and mirror of one identity.
+ *  - lock(mode): PM_LOCK_EXCLUSIVE (writable) or PM_LOCK_SHARED (read-only)
+ *    when the store is created, unless PM_STORE_NOLOCK; PM_E_BUSY when
+ *    another owner holds it; PM_LOCK_RELEASE before close.
+ *  - submit(io): start an asynchronous I/O and return 0 (then the store
+ *    calls pm_io_complete(io, result) exactly once, from any thread, maybe
+ *    before submit returns) or a negative code (then it never completes).
+ *    pm_store_submit does the I/O synchronously for stores without it.
+ *
+ * Growth: size first (see the conventions on top); a shorter, older table
+ * has NULL for the callbacks it lacks.
+ */
+enum pm_extent_kind { PM_EXTENT_DATA = 0, PM_EXTENT_HOLE = 1, PM_EXTENT_ZERO = 2 };
+
+struct pm_extent {
+    uint64_t offset;
+    uint64_t length;
+    uint32_t kind;             /* enum pm_extent_kind; a hole reads as zeroes */
+    uint32_t reserved;
+};
+
+enum pm_zero_flags { PM_ZERO_PUNCH = 1 };
+enum pm_lock_mode { PM_LOCK_RELEASE = 0, PM_LOCK_SHARED = 1, PM_LOCK_EXCLUSIVE = 2 };
+enum pm_io_op { PM_IO_READ = 1, PM_IO_WRITE = 2, PM_IO_FLUSH = 3, PM_IO_WRITE_ZEROES = 4 };
+
+/* One asynchronous I/O: filled by the submitter, which owns it (and its
+ * buffer) until done is called. */
+struct pm_io {
+    uint32_t op;               /* enum pm_io_op */
+    uint32_t flags;            /* PM_ZERO_PUNCH for write-zeroes */
+    void *buf;                 /* read into / write from (len bytes) */
+    uint64_t len;
+    uint64_t offset;
+    void (*done)(struct pm_io *io, int result);   /* called once: 0 or a negative code */
+    void *user;                /* the submitter's */
+};
+
+struct pm_store_ops {
+    uint32_t size;             /* sizeof(struct pm_store_ops), or 0: see the growth rule on top */
+    uint32_t reserved;         /* 0 */
+    int (*read)(void *ctx, void *buf, uint64_t len, uint64_t offset);
+    int (*write)(void *ctx, const void *buf, uint64_t len, uint64_t offset);
+    int (*flush)(void *ctx);
+    void (*close)(void *ctx);
+    int (*write_zeroes)(void *ctx, uint64_t len, uint64_t offset, unsigned flags);
+    int64_t (*extents)(void *ctx, uint64_t offset, uint64_t len, struct pm_extent *out, uint64_t max);
+    int (*identity)(void *ctx, char *buf, size_t len);
+    int (*lock)(void *ctx, int mode);
+    int (*submit)(void *ctx, struct pm_io *io);
+};
+
+/* A store over a caller's callbacks: `size` bytes, `name` used in messages
+ * and recorded as the volume's path by pm_pair_create_meta; flags:
+ * PM_STORE_READONLY, PM_STORE_NOLOCK.  The table is copied. */
+int pm_store_create_ops(const struct pm_store_ops *ops, void *ctx, uint64_t size, const char *name,
+                        unsigned flags, pm_store **out);
+/* The optional calls, with their fallbacks, on any store (thread-safe). */
+int pm_store_write_zeroes(pm_store *s, uint64_t len, uint64_t offset, unsigned flags);
+int64_t pm_store_extents(pm_store *s, uint64_t offset, uint64_t len, struct pm_extent *out, uint64_t max);
+int pm_store_identity(pm_store *s, char *buf, size_t len);
+/* Asynchronous I/O: 0 when started (io->done will be called), else an error
+ * (io->done will not be called). */
+int pm_store_submit(pm_store *s, struct pm_io *io);
+/* Called by a store's submit path when an I/O finishes. */
+void pm_io_complete(struct pm_io *io, int result);
+
 /* Injected faults, for tests: the next `count` reads (or writes) that touch
  * [offset, offset+len) fail with `error` (a negative errno such as -EIO or
  * -ENOSPC); count -1 means until cleared by pm_store_clear_faults. */

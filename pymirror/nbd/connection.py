@@ -494,10 +494,8 @@ class Connection(Handshake):
             # NO_HOLE needs nothing: zeroes are always written, nothing is ever punched
             self._call(buf, cookie, False, ex.write_zeroes, offset, length,
                        fua=bool(flags & P.CMD_FLAG_FUA))
-        elif ex.writable_now is not None and not ex.writable_now():
-            state = ex.entry.pair.state if ex.entry is not None else "changed"
-            self._error(buf, cookie, P.EPERM, f"the {ex.name} export may not be written while the pair is "
-                                              f"{state} (the mirror is writable when split or restored)")
+        elif ex.write_refusal is not None and (why := ex.write_refusal()) is not None:
+            self._error(buf, cookie, P.EPERM, why)
         else:
             # TRIM is advisory: the bytes stay as they were, which the protocol
             # allows (a client may assume nothing about trimmed bytes).  Nothing

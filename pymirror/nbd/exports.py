@@ -40,6 +40,7 @@ from . import protocol as P
 MIRROR = "/mirror"                 # a pair's mirror export is NAME + MIRROR
 MAX_PAIR_NAME = 255                # bytes of UTF-8
 _MIRROR_READABLE = ("established", "split", "restoring", "restored")
+_MIRROR_WRITABLE = ("split", "restored")
 
 
 def check_pair_name(name: Any) -> str:
@@ -71,7 +72,7 @@ class Export:
     write: Callable[..., None]
     write_zeroes: Callable[..., None]
     flush: Callable[[], None]
-    writable_now: Optional[Callable[[], bool]] = None   # the mirror: may it be written in this state
+    write_refusal: Optional[Callable[[], Optional[str]]] = None   # the mirror: why it may not be written now
     entry: Optional["PairEntry"] = field(default=None, repr=False)
 
 
@@ -102,16 +103,19 @@ class PairEntry:
         """The mirror export, or None and why it cannot be opened now."""
         p = self.pair
         name = self._names()[1]
-        state = p.state
+        try:
+            state = p.state
+        except errors.ClosedError:
+            return None, f"export {name!r} is not available: the pair is closed"
         if state not in _MIRROR_READABLE:
             return None, (f"export {name!r} is not available while the pair is {state}: the mirror "
                           "is exported when established, split, restoring or restored")
-        ro = self.readonly or not p.mirror_writable
+        ro = self.readonly or state not in _MIRROR_WRITABLE       # the state read once
         what = "the mirror" if self.legacy else f"pair {self.name}: the mirror"
         track = int(getattr(p, "track_size", 4096))
         return Export(name, "mirror", f"pymirror: {what} ({state}, {'read-only' if ro else 'writable'})",
                       ro, p.size, _preferred(track), p.mirror_readinto, p.mirror_write,
-                      p.mirror_write_zeroes, p.mirror_flush, _mirror_writable(p), self), ""
+                      p.mirror_write_zeroes, p.mirror_flush, _mirror_writable(p, name), self), ""
 
 
 def _preferred(track: int) -> int:
@@ -119,8 +123,19 @@ def _preferred(track: int) -> int:
     return min(max(4096, 1 << (track - 1).bit_length()), P.MAX_REQUEST)
 
 
-def _mirror_writable(pair: Any) -> Callable[[], bool]:
-    return lambda: bool(pair.mirror_writable)
+def _mirror_writable(pair: Any, name: str) -> Callable[[], Optional[str]]:
+    """None while the mirror may be written, else the reason (for a TRIM,
+    which writes nothing and so is checked here, not by the pair)."""
+    def refusal() -> Optional[str]:
+        try:
+            state = pair.state
+        except errors.ClosedError:
+            return "the pair is closed"
+        if state in _MIRROR_WRITABLE:
+            return None
+        return f"the {name} export may not be written while the pair is {state} " \
+               "(the mirror is writable when split or restored)"
+    return refusal
 
 
 class Registry:
@@ -217,7 +232,7 @@ class Registry:
 
 def _renamed(ex: Export, name: str) -> Export:
     return Export(name, ex.side, ex.description, ex.readonly, ex.size, ex.preferred, ex.readinto, ex.write,
-                  ex.write_zeroes, ex.flush, ex.writable_now, ex.entry)
+                  ex.write_zeroes, ex.flush, ex.write_refusal, ex.entry)
 
 
 def errno_of(exc: BaseException, write: bool) -> int:

@@ -65,7 +65,7 @@ class Handshake:
                 raise P.Closed("option data too long")
             data = self._recv_exact(length) if length else b""
             if opt == P.OPT_EXPORT_NAME:
-                export = None if self._stopping else self.server._attach(self, data)[0]
+                export: Optional[Export] = None if self._stopping else self.server._attach(self, data)[0]
                 if export is None:
                     raise P.Closed("unknown export")   # the protocol's only answer here
                 tail = b"" if no_zeroes else bytes(124)
@@ -143,7 +143,9 @@ class Handshake:
         requests = set(struct.unpack_from(f">{nreq}H", data, 4 + nlen + 2))
         # GO attaches the connection to the export before answering, so a
         # pair being removed can never gain a client it does not know of
-        export, why = self.server._attach(self, raw) if opt == P.OPT_GO else self.server._resolve(raw)
+        found: tuple[Optional[Export], str] = (self.server._attach(self, raw) if opt == P.OPT_GO
+                                               else self.server._resolve(raw))
+        export, why = found
         if export is None:
             self._opt(opt, P.REP_ERR_UNKNOWN, why.encode()[:P.MAX_STRING])
             return None

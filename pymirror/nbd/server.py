@@ -96,14 +96,15 @@ class NBDServer:
         self._stopped = threading.Event()
 
     # -- pairs ------------------------------------------------------------------
-    def add_pair(self, name: str, pair: Any) -> None:
-        """Export ``pair`` as ``name`` (its standard) and ``name/mirror``.
+    def add_pair(self, name: str, pair: Any, *, readonly: Optional[bool] = None) -> None:
+        """Export ``pair`` as ``name`` (its standard) and ``name/mirror``,
+        read-only if ``readonly`` (default: the server's ``readonly``).
         Works before or after ``start()``; a ValueError for a bad or taken name."""
         check_pair_name(name)
         with self._lock:
             if self._stopping.is_set():
                 raise RuntimeError("the NBD server is shut down; start another")
-            self._registry.add(name, pair, self.readonly)
+            self._registry.add(name, pair, self.readonly if readonly is None else bool(readonly))
         log.info("nbd: exporting pair %s as %r and %r", name, name, name + "/mirror")
 
     def remove_pair(self, name: str, timeout: float = 30.0) -> None:

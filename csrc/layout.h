@@ -1,22 +1,37 @@
 /*
- * pair.h - internal layout of a pair, shared by pair.c (state machine and
- * commands), copier.c (the background copy), arbitrate.c (host I/O and
- * track locks) and meta.c (persistence).
+ * layout.h - struct pm_pair, and the functions the pair's layers offer one
+ * another (layer 3 header: tracklock.c and everything above it include it;
+ * meta.c does not, it knows only its own handle, meta.h).
+ *
+ * The floors of csrc/, top to bottom (docs/layers.md; each .c file's first
+ * comment names its layer, and csrc/tools/layers.py checks that every call
+ * goes downwards):
+ *   8 pair_open.c             pairs from a metadata file: create, open, recover
+ *   7 pair.c                  construction, the state machine, commands
+ *   6 copier.c, arbitrate.c   the background copy | host I/O against it
+ *   5 job.c                   copy a span, clear PENDING, end the job
+ *   4 meta.c                  the metadata format and commit protocol
+ *   3 tracklock.c, state.c    per-track locks | state names
+ *   2 table.c, store_volatile.c
+ *   1 bitmap.c, store.c
+ *   0 errors.c, crc32c.c, clock.c
  *
  * Lock order (outer first): the I/O barrier (host writes and flushes pass
  * it first; pm_pair_hold_io closes it) -> cmd_lock (rwlock: commands write,
  * host I/O read) -> track locks (BUSY bits, ascending track order) ->
  * meta->lock -> mu (job state).  A thread holding the barrier may give
- * commands (they take cmd_lock) but must not write through the pair.  Copier threads never take cmd_lock and only try-lock
- * tracks, so they cannot deadlock with host I/O or commands.
+ * commands (they take cmd_lock) but must not write through the pair.
+ * Copier threads never take cmd_lock and only try-lock tracks, so they
+ * cannot deadlock with host I/O or commands.
  */
-#ifndef PM_PAIR_H
-#define PM_PAIR_H
+#ifndef PM_LAYOUT_H
+#define PM_LAYOUT_H
 
 #include <pthread.h>
 #include <time.h>
 
 #include "internal.h"
+#include "meta.h"
 #include "store.h"
 
 #define PM_MAX_COPIERS 64
@@ -27,8 +42,6 @@ struct pm_lock_bucket {
     pthread_cond_t c;
     pm_atomic_int waiters;
 } __attribute__((aligned(64)));
-
-struct pm_meta;
 
 struct pm_pair {
     pm_store *store[2];          /* PM_STANDARD, PM_MIRROR (borrowed) */
@@ -92,18 +105,12 @@ struct pm_pair {
     pm_atomic_i64 io_inflight;
 
     struct pm_lock_bucket buckets[PM_LOCK_BUCKETS];
-    struct pm_meta *meta;        /* NULL for a pair without a metadata file */
+    struct pm_meta *meta;        /* the metadata handle (without a store for a pair with no file) */
 };
 
-/* The number of mirror tracks that are not part of a point-in-time image
- * (pair.c): PENDING(mirror) while syncing, else the persisted count. */
-uint64_t pm_mirror_invalid_now(pm_pair *p);
-
-double pm_now(void);                 /* CLOCK_MONOTONIC seconds */
-/* An absolute time for pthread_cond_timedwait on p->cond (monotonic). */
-struct timespec pm_deadline(double monotonic_seconds);
-
-/* track locks (arbitrate.c) */
+/* track locks (tracklock.c) */
+void pm_tracklock_init(pm_pair *p);       /* after the tables exist */
+void pm_tracklock_destroy(pm_pair *p);
 void pm_track_lock(pm_pair *p, uint64_t t);
 int pm_track_trylock(pm_pair *p, uint64_t t);
 void pm_track_unlock(pm_pair *p, uint64_t t);
@@ -115,38 +122,30 @@ static inline uint32_t pm_track_len(const pm_pair *p, uint64_t t)
     return t == p->tracks - 1 ? p->last_track_size : p->track_size;
 }
 
-/* job (copier.c) */
+/* the copier threads (copier.c) */
 int pm_job_start_threads_locked(pm_pair *p);   /* mu held */
 void pm_job_join_threads(pm_pair *p);          /* mu not held */
-void pm_job_track_cleared(pm_pair *p);         /* a PENDING bit went 1 -> 0 */
-/* Copy one PENDING track now (the track lock held), for a hydrating read:
- * buf receives the track's bytes. */
-int pm_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf);
 
-/* persistence (meta.c); all are no-ops returning 0 when p->meta is NULL */
-int pm_meta_commit_all(pm_pair *p);            /* tables + header, durable */
-/* Note that the state changed and must reach the disk before data moves. */
-void pm_meta_note(pm_pair *p);
-/* Note a change that the next commit should carry, which nothing waits for
- * (a PENDING bit cleared). */
-void pm_meta_dirty(pm_pair *p);
-/* Write-intent for tracks t0..t1 of a side: sets their intent regions and
- * notes any region that was new.  Returns 1 if one was. */
-int pm_meta_intent(pm_pair *p, int side, uint64_t t0, uint64_t t1);
-/* CHANGED tables were cleared (split, job start): clear the intent regions
- * (the caller holds the metadata lock). */
-void pm_meta_intent_reset_locked(pm_pair *p);
-/* Commands hold the metadata lock while they change the tables and the
- * state, so a commit never snapshots half of a command. */
-void pm_meta_lock(pm_pair *p);
-void pm_meta_unlock(pm_pair *p);
-/* The PENDING set was rebuilt (a job began): the next commit must be full. */
-void pm_meta_need_full(pm_pair *p);
-/* Block until everything noted so far is durable (group commit). */
-int pm_meta_changed_durable(pm_pair *p);
-/* Copier finished a batch: schedule a background commit. */
-void pm_meta_copied(pm_pair *p, uint64_t ntracks);
-void pm_meta_close(pm_pair *p);
-void pm_meta_counters(pm_pair *p, uint64_t *commits, uint64_t *syncs);
+/* the rules of a job (job.c) */
+int pm_job_done_state(int target, int protect);   /* the state a finished job ends in */
+void pm_job_end_locked(pm_pair *p);               /* end it now (mu held, or no threads yet) */
+void pm_job_finish(pm_pair *p);                   /* end it if no track is PENDING */
+/* Clear track t's PENDING bit on `side` after its data was written; if it
+ * was set, count it in *counter and end the job when it was the last.
+ * Returns 1 if it was set. */
+int pm_job_clear_pending(pm_pair *p, int side, uint64_t t, pm_atomic_u64 *counter);
+/* Copy [off, off+len) from the source side to `target`, with retries. */
+int pm_job_copy_span(pm_pair *p, int target, uint64_t off, uint64_t len, unsigned char *buf,
+                     uint32_t retries);
+/* Copy one PENDING track now (its track lock held), for a hydrating read. */
+int pm_job_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf);
+/* Pause the job on an error (the first one is kept) and commit it. */
+void pm_job_error(pm_pair *p, int rc, uint64_t track);
+/* Mirror tracks not part of a point-in-time image (see pm_pair_mirror_invalid). */
+uint64_t pm_job_mirror_invalid(pm_pair *p);
+/* A reopened pair that was syncing or restoring: its job, paused (with the
+ * recorded error), from the PENDING tables; ended at once if none is left.
+ * Before any thread runs. */
+void pm_job_reopen(pm_pair *p, int state, int error, int64_t error_track);
 
 #endif

@@ -1,0 +1,90 @@
+/*
+ * meta.h - the metadata layer's interface (meta.c, layer 4).
+ *
+ * meta.c knows the on-disk format and the commit protocol, and nothing of
+ * a pair: it takes its own handle, bound at creation to what it describes
+ * (the two data stores, the PENDING and CHANGED bitmaps of both sides, the
+ * geometry) and to a status callback through which the layer above reports,
+ * at each snapshot, the state and the job's error.  Every pair has a handle;
+ * one without a metadata store keeps CHANGED and commits nothing.
+ *
+ * Lock order: a caller may hold track locks; meta.c takes its own lock, then
+ * (inside the status callback) the pair's job mutex.
+ */
+#ifndef PM_META_H
+#define PM_META_H
+
+#include "internal.h"
+#include "store.h"
+
+struct pm_meta;
+
+/* What the layer above reports at a snapshot (the status callback). */
+struct pm_meta_status {
+    int32_t state;             /* enum pm_state */
+    int32_t incremental, protect;
+    int32_t error;             /* the error that paused the job, or 0 */
+    int64_t error_track;
+    uint64_t mirror_invalid;
+};
+
+/* What the metadata describes; borrowed, must outlive the handle. */
+struct pm_meta_binding {
+    pm_store *data[2];          /* standard, mirror: flushed before full commits */
+    pm_bitmap *pending[2], *changed[2];
+    uint64_t volume_size, tracks;
+    uint32_t track_size;
+    void (*status)(void *ctx, struct pm_meta_status *out);
+    void *ctx;
+};
+
+/* A decoded header (the current slot of a metadata store). */
+struct pm_meta_header {
+    struct pm_meta_status status;
+    int clean;                  /* closed cleanly: CHANGED is precise */
+    uint32_t track_size;
+    uint64_t volume_size, generation, std_ino, mir_ino;
+    uint8_t pair_id[16];
+    uint64_t table_bytes, intent_bytes;
+    char standard_path[PM_PATH_MAX], mirror_path[PM_PATH_MAX];
+};
+
+/* ---- the handle ---- */
+int pm_meta_new(const struct pm_meta_binding *b, struct pm_meta **out);   /* no store yet */
+/* Put the metadata in `st` (at least pm_meta_size bytes; PM_E_GEOMETRY if
+ * smaller).  `label` names it in messages.  The handle closes st at
+ * pm_meta_close once pm_meta_own_store was called. */
+int pm_meta_attach(struct pm_meta *m, pm_store *st, const char *label);
+void pm_meta_own_store(struct pm_meta *m);
+/* A new metadata store: a random pair id, both slots written. */
+int pm_meta_format(struct pm_meta *m);
+/* Open: read the current slot's tables into the bound bitmaps and the
+ * intent regions; with an unclean header, count every track of every
+ * intent region as CHANGED (nothing a crash may have written is forgotten). */
+int pm_meta_load(struct pm_meta *m, const struct pm_meta_header *h);
+/* Commit (if anything changed, marking the header clean), detach, free. */
+void pm_meta_close(struct pm_meta *m);
+
+/* ---- the commit protocol (all thread-safe; no-ops without a store) ---- */
+int pm_meta_commit(struct pm_meta *m);                 /* full: data, tables, header */
+/* Before a host write to tracks t0..t1 of a side: mark them CHANGED, and
+ * return once the marks are durable (write-intent; free once their regions
+ * are durable). */
+int pm_meta_before_write(struct pm_meta *m, int side, uint64_t t0, uint64_t t1);
+int pm_meta_changed_durable(struct pm_meta *m);        /* everything noted so far is durable */
+void pm_meta_note(struct pm_meta *m);                  /* the state changed: commits must carry it */
+void pm_meta_dirty(struct pm_meta *m);                 /* the next commit should carry a change */
+void pm_meta_need_full(struct pm_meta *m);             /* PENDING was rebuilt (a job began) */
+void pm_meta_copied(struct pm_meta *m, uint64_t ntracks);   /* a copier batch: commit ~1/s */
+/* Commands hold the metadata lock while they change tables and state, so a
+ * commit never snapshots half of one. */
+void pm_meta_lock(struct pm_meta *m);
+void pm_meta_unlock(struct pm_meta *m);
+void pm_meta_intent_reset_locked(struct pm_meta *m);   /* CHANGED was cleared */
+void pm_meta_counters(struct pm_meta *m, uint64_t *commits, uint64_t *syncs);
+
+/* ---- the format ---- */
+int pm_meta_open_file(const char *path, int lock, pm_store **out);
+int pm_meta_read_header(pm_store *st, const char *label, struct pm_meta_header *out);
+
+#endif
