@@ -42,3 +42,4 @@ __all__ = [
     "get_include", "get_library_dir", "load_settings", "__version__",
 ]
 
+from .service.client import connect  # noqa: E402  (the daemon client; pymirror/service/)

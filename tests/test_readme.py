@@ -55,3 +55,26 @@ def test_c_example_compiles_and_runs(tmp_path):
     proc = subprocess.run([str(exe)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "restored" in proc.stdout
+
+
+def test_service_example_runs_against_a_daemon(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cli_util", Path(__file__).with_name("cli_util.py"))
+    cli_util = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("cli_util", cli_util)
+    spec.loader.exec_module(cli_util)
+    cli_util.run("create", tmp_path / "s.img", "--size", "1M")
+    cli_util.run("create", tmp_path / "m.img", "--size", "1M")
+    meta = tmp_path / "pair.meta"
+    cli_util.run("pair", meta, "--standard", tmp_path / "s.img", "--mirror", tmp_path / "m.img")
+    cli_util.run("establish", meta, "--assume-equal")
+    daemon = cli_util.Daemon(tmp_path, meta, nbd=False)
+    try:
+        env = dict(os.environ, PYMIRROR_CONTROL=str(daemon.control))
+        proc = subprocess.run([sys.executable, "-c", block("python", "service-example")], cwd=cli_util.NEUTRAL,
+                              env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "done restored\n"

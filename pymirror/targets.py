@@ -1,0 +1,172 @@
+"""Where a pair verb of the command line goes: to the daemon that holds the
+pair, or to the pair opened right here.
+
+Both kinds of target answer the same calls with the same plain values (the
+dicts of :mod:`pymirror.report`), so the command line prints the same thing
+and exits with the same code whichever way a command went.  A pair is named
+by its metadata path or by the NAME a daemon holds it under; an existing path
+is a metadata path.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from . import errors
+from .config import CopyConfig, Settings
+
+# what wait() answers, both ways
+DONE, PAUSED_ERROR, TIMEOUT = "done", "paused-error", "timeout"
+
+
+class LocalTarget:
+    """A pair opened by this process (no daemon holds it)."""
+
+    remote = False
+
+    def __init__(self, label: str, meta: str, settings: Settings) -> None:
+        from .pair import Pair
+
+        self.label = label
+        self.settings = settings
+        self.pair = Pair.open(os.path.realpath(meta), config=settings.copy)
+
+    def _config(self, rate: Optional[int] = None, copiers: Optional[int] = None,
+                batch_size: Optional[int] = None, read_policy: Optional[str] = None) -> CopyConfig:
+        return self.settings.copy.replace(rate=rate, copiers=copiers, batch_size=batch_size,
+                                          read_policy=read_policy)
+
+    # -- answers ----------------------------------------------------------------
+    def query(self) -> dict[str, Any]:
+        from .report import query_dict
+
+        return query_dict(self.pair)
+
+    def verify(self) -> dict[str, Any]:
+        from .report import verify_dict
+
+        return verify_dict(self.pair, name=self.label)
+
+    # -- commands ---------------------------------------------------------------
+    def split(self) -> None:
+        self.pair.split()
+
+    def establish(self, incremental: bool = False, assume_equal: bool = False,
+                  **copy: Any) -> None:
+        self.pair.establish(incremental=incremental, config=self._config(**copy),
+                            assume_equal=assume_equal)
+
+    def restore(self, incremental: bool = False, protect: bool = True, **copy: Any) -> None:
+        self.pair.restore(incremental=incremental, protect=protect, config=self._config(**copy))
+
+    def resume(self, **copy: Any) -> None:
+        self.pair.resume(config=self._config(**copy))
+
+    def pause(self) -> None:
+        p = self.pair.progress
+        if not p.running:
+            raise errors.StateError(f"{self.label} is {self.pair.state}; there is no copy to pause")
+        # A pair opened here has no copier running: its job is paused until
+        # someone resumes it (it ran in a command that has ended).
+
+    def cancel(self) -> None:
+        cancel = getattr(self.pair, "cancel", None)
+        if cancel is None:  # a core without Pair.cancel
+            raise errors.StateError("this build of pymirror cannot cancel a copy")
+        cancel()
+
+    def set_rate(self, rate: int) -> None:
+        raise errors.StateError(
+            f"no daemon holds {self.label}: a copy runs only inside the command that started it; "
+            f"give the rate to that command (pymirror resume {self.label} --rate ...)")
+
+    def wait(self, timeout: Optional[float]) -> str:
+        job = self.pair.job
+        if job is None:
+            return DONE
+        paused = getattr(errors, "JobPausedError", ())   # paused with no error: nobody resumes it here
+        try:
+            return DONE if job.wait(timeout) else TIMEOUT
+        except paused:
+            raise
+        except errors.JobError:
+            return PAUSED_ERROR
+
+    def has_runner(self) -> bool:
+        """True when something runs the pair's copy (a daemon does; a pair
+        opened here runs it only while this command follows it)."""
+        return False
+
+    def close(self) -> None:
+        self.pair.close()
+
+
+class RemoteTarget:
+    """A pair held by a running daemon."""
+
+    remote = True
+
+    def __init__(self, label: str, client: Any, name: str) -> None:
+        self.label = label
+        self.name = name
+        self.client = client
+        self.rp = client.pair(name)
+
+    def query(self) -> dict[str, Any]:
+        return dict(self.rp.query())
+
+    def verify(self) -> dict[str, Any]:
+        return dict(self.rp.verify())
+
+    def split(self) -> None:
+        self.rp.split()
+
+    def establish(self, incremental: bool = False, assume_equal: bool = False, **copy: Any) -> None:
+        self.rp.establish(incremental=incremental, assume_equal=assume_equal, **_given(copy))
+
+    def restore(self, incremental: bool = False, protect: bool = True, **copy: Any) -> None:
+        self.rp.restore(incremental=incremental, protect=protect, **_given(copy))
+
+    def resume(self, **copy: Any) -> None:
+        self.rp.resume(**_given(copy))
+
+    def pause(self) -> None:
+        self.rp.pause()
+
+    def cancel(self) -> None:
+        self.rp.cancel()
+
+    def set_rate(self, rate: int) -> None:
+        self.rp.set_rate(rate)
+
+    def wait(self, timeout: Optional[float]) -> str:
+        return str(self.rp.wait(timeout=timeout))
+
+    def has_runner(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _given(copy: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in copy.items() if v is not None}
+
+
+def connect_or_none(control: Optional[str]) -> Any:
+    """A client of the daemon at ``control`` (None: ``$PYMIRROR_CONTROL``,
+    then the default path), or None when no daemon listens there."""
+    from .service.client import connect
+    from .service.protocol import DaemonUnreachable
+
+    try:
+        return connect(control)
+    except DaemonUnreachable:
+        return None
+
+
+def control_label(control: Optional[str]) -> str:
+    """The control socket's path, for messages."""
+    from .service.paths import control_path
+
+    return control_path(control)
