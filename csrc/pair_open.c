@@ -123,6 +123,10 @@ static int open_on_store(pm_store *st, int own, const char *label, pm_store *sta
     if (rc == 0 && ((h->std_ino && standard->ino != h->std_ino) || (h->mir_ino && mirror->ino != h->mir_ino)))
         rc = PM_FAIL(PM_E_FOREIGN, "%s: %s or %s is not the volume this pair was made with "
                      "(the file was replaced or the two were swapped)", label, standard->path, mirror->path);
+    if (rc == 0 && pm_store_size(st) < pm_meta_size(h->volume_size, h->track_size))
+        rc = PM_FAIL(PM_E_CORRUPT, "%s: the metadata is truncated (%llu bytes of the %llu its header describes)",
+                     label, (unsigned long long)pm_store_size(st),
+                     (unsigned long long)pm_meta_size(h->volume_size, h->track_size));
     if (rc == 0)
         rc = pm_pair_create(standard, mirror, h->track_size, &p);
     if (rc == 0)
