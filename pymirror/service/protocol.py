@@ -85,6 +85,9 @@ def error_classes() -> dict[str, type[BaseException]]:
 
 def error_reply(exc: BaseException) -> dict[str, Any]:
     """The ``error`` member of a reply for ``exc``."""
+    from ..config import ConfigError   # a bad setting in the arguments: the caller's mistake
+    if isinstance(exc, ConfigError):
+        return {"class": "InvalidArgument", "desc": str(exc)}
     classes = error_classes()
     for cls in type(exc).__mro__:
         if classes.get(cls.__name__) is cls:
