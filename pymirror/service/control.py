@@ -22,6 +22,7 @@ import stat
 import struct
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Deque, Optional
 
 from .events import EventHub
@@ -230,6 +231,7 @@ class Connection:
                 except InvalidRequest as exc:
                     log.warning("control client (pid %s): %s; closing it", self.pid, exc)
                     self.send({"id": None, "error": error_reply(exc)})
+                    self._linger()
                     return
                 if line is None:
                     return
@@ -241,6 +243,20 @@ class Connection:
             self.close()
             self.server.forget(self)
             log.debug("control client gone (pid %s)", self.pid)
+
+    def _linger(self, seconds: float = 2.0) -> None:
+        """Close gently after an error reply: stop sending, then read and drop
+        what the client is still sending (for at most ``seconds``), so that
+        closing with unread data does not reset the connection and destroy
+        the reply before the client reads it."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(seconds)
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and self.sock.recv(1 << 16):
+                pass
+        except OSError:
+            pass
 
     def _handle(self, line: bytes) -> dict[str, Any]:
         ident = None
