@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -33,6 +34,14 @@ from .protocol import (MAX_LINE, DaemonError, InvalidArgument, InvalidRequest, L
 log = logging.getLogger("pymirror.daemon")
 
 Dispatch = Callable[[str, dict[str, Any]], Any]
+_current = threading.local()     # the connection whose request this thread is carrying out
+
+
+def client_alive() -> bool:
+    """False once the client whose request this thread carries out has gone
+    (long waits use it to stop waiting for nobody)."""
+    conn = getattr(_current, "conn", None)
+    return True if conn is None else conn.alive()
 QUEUE_LIMIT = 4096           # events queued per client before it starts losing them
 _REQUEST_KEYS = {"execute", "arguments", "id"}
 
@@ -219,8 +228,23 @@ class Connection:
             self.server.hub.unsubscribe(self._token)
             self._token = None
 
+    def alive(self) -> bool:
+        """Whether the client is still there (EOF not yet seen)."""
+        if self._closed:
+            return False
+        try:
+            ready, _, _ = select.select([self.sock], [], [], 0)
+            if not ready:
+                return True
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except (OSError, ValueError):
+            return False
+
     # -- receiving ----------------------------------------------------------
     def run(self) -> None:
+        _current.conn = self
         log.debug("control client connected (pid %s)", self.pid)
         try:
             self.send(self.server.greeting)

@@ -34,7 +34,7 @@ from .. import errors
 from ..config import CopyConfig
 from ..report import query_dict
 from . import barrier, verbs
-from .control import ControlServer
+from .control import ControlServer, client_alive
 from .events import PROGRESS_INTERVAL, EventHub
 from .held import HeldPair, VerifyJob, one_line
 from .paths import control_path as default_control, state_dir as default_state
@@ -621,6 +621,8 @@ class Daemon:
             while not job.finished.wait(0.5):
                 if self.stopping.is_set():
                     raise DaemonError("the daemon is stopping")
+                if not client_alive():
+                    raise DaemonError("the client went away")     # the verify goes on; its result is kept
         for job in jobs:
             if job.error is not None:
                 raise job.error
@@ -634,6 +636,7 @@ class Daemon:
         (and verify) is done, or one is paused on an error.  A job paused by
         request keeps the wait going."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        polls = 0
         while True:
             done = True
             for h in helds:
@@ -652,6 +655,9 @@ class Daemon:
                 return "timeout"
             if self.stopping.wait(0.05):
                 raise DaemonError("the daemon is stopping")
+            polls += 1
+            if polls % 10 == 0 and not client_alive():
+                raise DaemonError("the client went away")     # nobody to answer: stop waiting
 
     def verb_wait(self, name: str, timeout: Optional[float]) -> str:
         group, helds = self.resolve(name)
