@@ -425,3 +425,31 @@ def test_job_progress_events_come_at_most_four_a_second(tmp_path, daemon):
         pending = [e["data"]["tracks_pending"] for e in progress]
         assert pending == sorted(pending, reverse=True) and pending[-1] < 256
         assert all(e["data"]["tracks_total"] == 256 and e["data"]["pair"] == "prog" for e in progress)
+
+
+def test_control_socket_never_seen_with_wider_permissions(tmp_path):
+    d = U.DaemonProc(tmp_path, nbd=False)
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def watch():
+        # the path others can reach (the socket is bound in a private 0700
+        # directory beside it, given its mode there, and renamed into place)
+        while not stop.is_set():
+            try:
+                st = os.lstat(d.control)
+            except OSError:
+                continue
+            if stat.S_ISSOCK(st.st_mode):
+                seen.add(stat.S_IMODE(st.st_mode))
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        for _ in range(3):                          # under umask 0: a plain bind would make it 0777
+            d.start(umask=0)
+            assert d.stop() == 0
+    finally:
+        stop.set()
+        t.join()
+    assert seen == {0o600}, sorted(oct(m) for m in seen)
