@@ -410,13 +410,16 @@ class Pair:
         and flushes on either side block and those in flight drain; on exit
         they go on.  Holds nest.  Commands (split, restore, ...) may be given
         while held; host writes from the holding thread would wait forever.
-        Used by :mod:`pymirror.group` to act on several pairs at one instant."""
+        Used by :mod:`pymirror.group` to act on several pairs at one instant.
+        The hold counts as a call in flight: :meth:`close` waits for it to end
+        (so do not close the pair inside its own hold)."""
         with self._inflight:
-            check(lib.pm_pair_hold_io(self._p))
-        try:
-            yield
-        finally:
-            lib.pm_pair_release_io(self._p)
+            ptr = self._p
+            check(lib.pm_pair_hold_io(ptr))
+            try:
+                yield
+            finally:
+                lib.pm_pair_release_io(ptr)
 
 
 def track_counts(pair: Pair) -> dict[str, dict[str, int]]:

@@ -201,3 +201,41 @@ def test_group_commands_check_every_state_first():
         assert all(p.state == "restored" and p.read(TRACK, 6) == bytes(6) for p in pairs)
     finally:
         close_all(pairs)
+
+
+def test_close_waits_for_a_hold_and_the_writes_it_held():
+    pair = pymirror.Pair.memory(SIZE, TRACK)
+    pair.establish(assume_equal=True)
+    events = []
+    held = threading.Event()
+    release = threading.Event()
+
+    def holder():
+        with pair.hold_io():
+            held.set()
+            release.wait(10)
+            events.append("released")
+
+    def writer():
+        pair.write(0, b"w")
+        events.append("written")
+
+    def closer():
+        pair.close()
+        events.append("closed")
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    held.wait(10)
+    threads += [threading.Thread(target=writer), threading.Thread(target=closer)]
+    threads[1].start()
+    time.sleep(0.05)
+    threads[2].start()
+    time.sleep(0.1)
+    assert events == []                     # the write waits at the barrier, close waits for both
+    release.set()
+    for t in threads:
+        t.join(timeout=10)
+    assert events[0] == "released" and events[-1] == "closed" and "written" in events
+    with pytest.raises(pymirror.ClosedError):
+        pair.write(0, b"late")

@@ -336,3 +336,55 @@ def test_standard_clients_never_see_an_error_while_states_change(tmp_path):
         assert not failed, failed[:3]
         assert min(done) > 20, done
     pair.close()
+
+
+def test_libnbd_clients_of_a_removed_pair_are_let_go_cleanly(tmp_path):
+    """remove_pair under a real client with requests in flight: each is
+    answered (data, or ESHUTDOWN), then the connection ends, which the
+    client sees as an error, not a hang; another pair's client notices nothing."""
+    nbd = nbd_util.libnbd()
+    a, b = pymirror.Pair.memory(SIZE, TRACK), pymirror.Pair.memory(SIZE, TRACK)
+    a.write(0, b"\xaa" * SIZE)
+    b.write(0, b"\xbb" * SIZE)
+    with NBDServer(socket_path=str(tmp_path / "s")) as server:
+        server.add_pair("a", a)
+        server.add_pair("b", b)
+        ha, hb = nbd.NBD(), nbd.NBD()
+        ha.connect_uri(server.export_uri("a"))
+        hb.connect_uri(server.export_uri("b"))
+        bufs = [nbd.Buffer(1 << 20) for _ in range(16)]
+        cookies = [ha.aio_pread(buf, (i % 4) << 20) for i, buf in enumerate(bufs)]
+        remover = threading.Thread(target=server.remove_pair, args=("a",), kwargs={"timeout": 20})
+        t0 = time.monotonic()
+        remover.start()
+        while ha.aio_in_flight() and time.monotonic() - t0 < 20:     # the client reads its replies
+            try:
+                ha.poll(1)
+            except nbd.Error:
+                break                                                  # the server closed the connection
+        remover.join(20)
+        assert not remover.is_alive() and time.monotonic() - t0 < 15   # drained, not cut off at the timeout
+        outcomes = []
+        for buf, ck in zip(bufs, cookies):
+            try:
+                done = ha.aio_command_completed(ck)
+            except nbd.Error as e:
+                outcomes.append(e.errnum)
+                continue
+            if done:
+                assert buf.to_bytearray() == b"\xaa" * (1 << 20)
+                outcomes.append("data")
+            else:
+                outcomes.append("lost with the connection")
+        # every request had been received (libnbd sent them at once): each is answered
+        assert set(outcomes) <= {"data", errno.ESHUTDOWN} and errno.ESHUTDOWN in outcomes, outcomes
+        try:
+            ha.pread(4, 0)
+            raise AssertionError("the removed pair's connection still answers")
+        except nbd.Error:
+            pass
+        assert hb.pread(4, 0) == b"\xbb" * 4
+        assert server.clients("b") == 1 and server.pairs() == ["b"]
+        hb.shutdown()
+    a.close()
+    b.close()
