@@ -337,7 +337,8 @@ def verify(obj: Ctx, pair: str, as_json: bool, limit: int) -> None:
 
 @cli.command()
 @click.argument("pair")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Give up after S seconds (exit 3).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="S",
+              help="Give up after S seconds (exit 3).")
 @click.pass_obj
 def wait(obj: Ctx, pair: str, timeout: Optional[float]) -> None:
     """Wait until the pair's copy is done (exit 0, also at once when there is
