@@ -453,3 +453,28 @@ def test_control_socket_never_seen_with_wider_permissions(tmp_path):
         stop.set()
         t.join()
     assert seen == {0o600}, sorted(oct(m) for m in seen)
+
+
+def test_subscribe_filters_and_unsubscribe_stops_events(tmp_path, daemon):
+    a = U.make_pair(tmp_path, "sa", fill=b"L")
+    b = U.make_pair(tmp_path, "sb", fill=b"M")
+    daemon.start(a, b)
+    s, f = U.raw_control(daemon.control)
+    assert U.rpc(s, f, b'{"execute": "subscribe", "arguments": {"pair": "sb"}, "id": 1}')["return"] == {"pairs": ["sb"]}
+    with daemon.client() as c:
+        c.pair("sa").establish(wait=True)
+        c.pair("sb").establish(wait=True)
+        s.sendall(b'{"execute": "unsubscribe", "id": 2}\n')
+        got = []
+        while True:
+            msg = json.loads(f.readline())
+            if msg.get("id") == 2:
+                break
+            got.append(msg)
+        assert got and all(m["data"]["pair"] == "sb" for m in got)     # only the pair asked for
+        assert any(m["event"] == "job-done" for m in got)
+        c.pair("sb").split()
+        s.sendall(b'{"execute": "status", "id": 3}\n')
+        assert json.loads(f.readline())["id"] == 3                       # no event came before the reply
+    s.close()
+    f.close()
