@@ -181,6 +181,7 @@ class Connection:
         self._lost = 0
         self._token: Optional[int] = None
         self._writer: Optional[threading.Thread] = None
+        self._writing = False
         self._closed = False
 
     # -- sending ------------------------------------------------------------
@@ -195,7 +196,7 @@ class Connection:
                 self._lost += 1
                 return
             self._queue.append(msg)
-            self._cond.notify()
+            self._cond.notify_all()
 
     def _write_events(self) -> None:
         while True:
@@ -207,6 +208,7 @@ class Connection:
                 lost, self._lost = self._lost, 0
                 batch = list(self._queue)
                 self._queue.clear()
+                self._writing = True
             if lost:
                 batch.append(event("events-lost", {"count": lost}))
             try:
@@ -214,6 +216,10 @@ class Connection:
                     self.send(msg)
             except OSError:
                 return
+            finally:
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()
 
     def subscribe(self, pairs: Any) -> None:
         if self._token is not None:
@@ -223,10 +229,20 @@ class Connection:
             self._writer = threading.Thread(target=self._write_events, name="control-events", daemon=True)
             self._writer.start()
 
-    def unsubscribe(self) -> None:
+    def unsubscribe(self, drain: bool = False) -> None:
+        """Stop events; with ``drain``, also wait (briefly) until those already
+        queued are written, so that none follows the reply."""
         if self._token is not None:
             self.server.hub.unsubscribe(self._token)
             self._token = None
+        if drain:
+            with self._cond:
+                deadline = time.monotonic() + 5.0
+                while (self._queue or self._writing) and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
 
     def alive(self) -> bool:
         """Whether the client is still there (EOF not yet seen)."""
@@ -304,7 +320,7 @@ class Connection:
             if verb == "unsubscribe":
                 if args:
                     raise InvalidArgument(f"unsubscribe takes no arguments, got {sorted(args)[0]!r}")
-                self.unsubscribe()
+                self.unsubscribe(drain=True)
                 return {"id": ident, "return": {}}
             return {"id": ident, "return": self.server.dispatch(verb, args)}
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
