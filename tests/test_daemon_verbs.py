@@ -478,3 +478,21 @@ def test_subscribe_filters_and_unsubscribe_stops_events(tmp_path, daemon):
         assert json.loads(f.readline())["id"] == 3                       # no event came before the reply
     s.close()
     f.close()
+
+
+def test_unusable_paths_are_one_line_errors(tmp_path):
+    d = U.DaemonProc(tmp_path, nbd=False)
+    os.makedirs(os.path.dirname(d.control))
+    Path(d.control).write_text("not a socket")
+    d.start(wait=False)
+    assert d.proc.wait(30) == 2
+    assert "is not a socket" in d.log_text() and "Traceback" not in d.log_text()
+    assert Path(d.control).read_text() == "not a socket"          # left alone
+    e = U.DaemonProc(tmp_path / "e", nbd=False) if (tmp_path / "e").mkdir() is None else None
+    Path(e.state_dir).parent.mkdir(exist_ok=True)
+    Path(e.state_dir).mkdir()
+    Path(e.state_dir, "daemon.json").write_text("{broken")
+    e.start(wait=False)
+    assert e.proc.wait(30) == 2
+    assert "unreadable daemon state" in e.log_text() and "Traceback" not in e.log_text()
+    assert not os.path.exists(e.control)                         # nothing left listening
