@@ -496,3 +496,24 @@ def test_unusable_paths_are_one_line_errors(tmp_path):
     assert e.proc.wait(30) == 2
     assert "unreadable daemon state" in e.log_text() and "Traceback" not in e.log_text()
     assert not os.path.exists(e.control)                         # nothing left listening
+
+
+def test_a_running_verify_keeps_job_verbs_off_and_cancel_stops_it(tmp_path, daemon):
+    meta = U.make_pair(tmp_path, "vv", size=4 << 30)          # sparse: a verify takes seconds
+    daemon.start(meta)
+    with daemon.client() as c, daemon.client() as w:
+        p = c.pair("vv")
+        p.establish(assume_equal=True)                       # two blank volumes: no copy
+        p.split()
+        stream = w.events("vv", timeout=30)
+        assert p.verify(wait=False) == {"started": ["vv"]}
+        for verb in (p.restore, p.establish):
+            with pytest.raises(errors.StateError) as ei:
+                verb()
+            assert "verify is running" in str(ei.value)
+        assert c.status("vv")["pairs"][0]["verify"]["tracks_total"] == 65536
+        p.cancel()                                           # stops the verify
+        assert p.wait(timeout=30) == "done"
+        done = next(e for e in stream if e["event"] == "job-done")
+        assert done["data"]["kind"] == "verify" and "cancelled" in done["data"]["error"]
+        assert p.query()["state"] == "split" and c.status("vv")["pairs"][0]["last_verify"] is None

@@ -455,6 +455,7 @@ class Daemon:
                        wait: Optional[bool]) -> Any:
         group, helds = self.resolve(name)
         with self._locked(helds):
+            self._no_verify(helds, "establish")
             if group is None:
                 pair = helds[0].need()
                 pair.establish(incremental=bool(incremental), assume_equal=bool(assume_equal),
@@ -478,6 +479,7 @@ class Daemon:
         group, helds = self.resolve(name)
         protect = True if protect is None else protect
         with self._locked(helds):
+            self._no_verify(helds, "restore")
             if group is None:
                 pair = helds[0].need()
                 pair.restore(incremental=bool(incremental), protect=protect,
@@ -496,12 +498,17 @@ class Daemon:
         self._save_if_flags_changed()
         return self._finish(name, group, helds, wait, extra)
 
+    @staticmethod
+    def _no_verify(helds: list[HeldPair], verb: str) -> None:
+        for h in helds:
+            if h.verify is not None and not h.verify.finished.is_set():
+                raise errors.StateError(f"{h.name}: a verify is running; {verb} waits for it "
+                                        f"(or cancel the verify first)")
+
     def verb_split(self, name: str) -> Any:
         group, helds = self.resolve(name)
         with self._locked(helds):
-            for h in helds:
-                if h.verify is not None and not h.verify.finished.is_set():
-                    raise errors.StateError(f"{h.name}: a verify is running; wait for it or cancel it first")
+            self._no_verify(helds, "split")
             if group is None:
                 helds[0].need().split()
                 extra = None
