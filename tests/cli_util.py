@@ -97,6 +97,10 @@ class Daemon:
                 self.proc.kill()
                 raise AssertionError(f"the daemon did not start:\n{self.output()}")
             time.sleep(0.05)
+        # the control socket comes first; a request is answered once the
+        # daemon's pairs are open and exported
+        with pymirror.connect(str(self.control)) as c:
+            c.status()
 
     def output(self) -> str:
         self.log.flush()
