@@ -149,6 +149,33 @@ class RemoteTarget:
         self.client.close()
 
 
+def combined_job(q: dict[str, Any], key: str = "job") -> Optional[dict[str, Any]]:
+    """The pair's job dict (``key``: "job" or "last_job"); for a group, one
+    dict adding up its pairs' jobs (tracks, bytes and rates add up; the
+    slowest ETA and the longest time count; paused or failed if one is)."""
+    if "group" not in q:
+        return q.get(key)
+    jobs = [one.get(key) for one in q["pairs"].values() if one.get(key)]
+    if not jobs:
+        return None
+    total = sum(j["tracks_total"] for j in jobs)
+    pending = sum(j["tracks_pending"] for j in jobs)
+    etas = [j.get("eta") for j in jobs]
+    bad = next((j for j in jobs if j.get("error")), None)
+    return {
+        "kind": jobs[0].get("kind"), "tracks_total": total, "tracks_pending": pending,
+        "tracks_done": total - pending, "fraction": 1.0 if total == 0 else (total - pending) / total,
+        "rate": sum(j.get("rate") or 0 for j in jobs),
+        "eta": None if any(e is None for e in etas) else max(etas),
+        "elapsed": max(j.get("elapsed") or 0.0 for j in jobs),
+        "bytes_written": sum(j.get("bytes_written") or 0 for j in jobs),
+        "paused": any(j.get("paused") for j in jobs),
+        "error": bad and bad.get("error"), "error_track": bad and bad.get("error_track"),
+        **{k: sum(j.get(k) or 0 for j in jobs) for k in
+           ("tracks_skipped", "tracks_merged", "reads_redirected", "reads_hydrated")},
+    }
+
+
 def _given(copy: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in copy.items() if v is not None}
 

@@ -76,7 +76,7 @@ class Daemon:
     """``pymirror daemon`` in a subprocess, on sockets in ``folder``."""
 
     def __init__(self, folder: Path, *metas: Any, nbd: bool = True,
-                 file_size_limit: Optional[int] = None) -> None:
+                 file_size_limit: Optional[int] = None, listen: Optional[str] = None) -> None:
         self.folder = Path(folder)
         self.control = self.folder / "c.sock"
         self.state = self.folder / "state"
@@ -85,6 +85,8 @@ class Daemon:
         args = ["--control", str(self.control), "daemon", "--state-dir", str(self.state)]
         if self.nbd is not None:
             args += ["--socket", str(self.nbd)]
+        if listen is not None:
+            args += ["--listen", listen]
         args += [str(m) for m in metas]
         self.proc = subprocess.Popen(EXE + args, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=NEUTRAL,
@@ -95,6 +97,10 @@ class Daemon:
                 self.proc.kill()
                 raise AssertionError(f"the daemon did not start:\n{self.output()}")
             time.sleep(0.05)
+        # the control socket comes first; a request is answered once the
+        # daemon's pairs are open and exported
+        with pymirror.connect(str(self.control)) as c:
+            c.status()
 
     def output(self) -> str:
         self.log.flush()

@@ -235,3 +235,25 @@ def test_status_says_why_a_pair_is_not_served(tmp_path):
         one_line_error(pm(d, "query", "frail", check=False), 2)
     finally:
         assert d.stop() == 0, d.output()
+
+
+def test_daemon_listens_on_loopback_tcp_when_asked(tmp_path):
+    import socket
+
+    cli_util.need_libnbd()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    meta = make_pair(tmp_path, "tcp", size="1M")
+    d = cli_util.Daemon(tmp_path, meta, nbd=False, listen=f"127.0.0.1:{port}")
+    try:
+        code = ("import nbd\nh = nbd.NBD()\n"
+                f"h.connect_uri('nbd://127.0.0.1:{port}/tcp')\n"
+                "h.pwrite(b'over tcp', 0)\nprint(h.get_size())\nh.shutdown()\n")
+        proc = subprocess.run([cli_util.SYSTEM_PYTHON, "-c", code], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and proc.stdout.strip() == str(1 << 20), proc.stderr
+        assert f"127.0.0.1:{port}" in pm(d, "status").stdout
+    finally:
+        assert d.stop() == 0, d.output()
+    with pymirror.Pair.open(meta) as p:
+        assert p.read(0, 8) == b"over tcp"

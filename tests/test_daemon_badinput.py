@@ -106,6 +106,27 @@ def test_a_line_over_one_mib_is_refused_and_that_client_closed(running):
     healthy(running)
 
 
+def test_a_waiting_client_that_vanishes_frees_its_thread(running):
+    with running.client() as c:
+        base = c.status()["daemon"]["control_clients"]
+    slow = U.make_pair(Path(running.state_dir).parent, "slow", size=16 * U.MiB, fill=b"Y")
+    with running.client() as c:
+        c.attach(slow)
+        c.pair("slow").establish(rate=1 * U.MiB)
+        c.pair("slow").pause()                   # paused by request: a wait would go on for ever
+    for _ in range(5):
+        s, f = U.raw_control(running.control)
+        s.sendall(b'{"execute": "wait", "arguments": {"name": "slow"}, "id": 1}\n')
+        time.sleep(0.1)
+        f.close()
+        s.close()
+    with running.client() as c:
+        U.wait_until(lambda: c.status()["daemon"]["control_clients"] == base, timeout=10,
+                     what="the waits of departed clients to end")
+        c.pair("slow").cancel()
+        c.detach("slow")
+
+
 def test_clients_that_vanish_mid_request(running):
     for payload in (b'{"execute": "que', b'{"execute": "status"', b'{"execute": "verify", "arguments": {"name": "p"}}\n',
                     b'{"execute": "wait", "arguments": {"name": "p", "timeout": 5}}\n'):

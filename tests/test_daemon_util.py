@@ -44,7 +44,7 @@ class DaemonProc:
         self.proc: Optional[subprocess.Popen[bytes]] = None
 
     def start(self, *metas: Any, extra: tuple[str, ...] = (), wait: bool = True,
-              file_size_limit: Optional[int] = None) -> "DaemonProc":
+              file_size_limit: Optional[int] = None, umask: Optional[int] = None) -> "DaemonProc":
         cmd = [sys.executable, "-m", "pymirror.service", "--control", self.control,
                "--state-dir", self.state_dir, *extra]
         if self.nbd:
@@ -54,11 +54,14 @@ class DaemonProc:
         self._log_from = self._logfh.tell()
         def limit() -> None:      # writes past this size fail with EFBIG (Python ignores SIGXFSZ)
             import resource
-            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+            if file_size_limit is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+            if umask is not None:
+                os.umask(umask)
 
         self.proc = subprocess.Popen(cmd, stdout=self._logfh, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd="/",
-                                     preexec_fn=limit if file_size_limit is not None else None)
+                                     preexec_fn=limit if (file_size_limit, umask) != (None, None) else None)
         if wait:
             self.wait_ready()
         return self

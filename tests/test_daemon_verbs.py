@@ -425,3 +425,95 @@ def test_job_progress_events_come_at_most_four_a_second(tmp_path, daemon):
         pending = [e["data"]["tracks_pending"] for e in progress]
         assert pending == sorted(pending, reverse=True) and pending[-1] < 256
         assert all(e["data"]["tracks_total"] == 256 and e["data"]["pair"] == "prog" for e in progress)
+
+
+def test_control_socket_never_seen_with_wider_permissions(tmp_path):
+    d = U.DaemonProc(tmp_path, nbd=False)
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def watch():
+        # the path others can reach (the socket is bound in a private 0700
+        # directory beside it, given its mode there, and renamed into place)
+        while not stop.is_set():
+            try:
+                st = os.lstat(d.control)
+            except OSError:
+                continue
+            if stat.S_ISSOCK(st.st_mode):
+                seen.add(stat.S_IMODE(st.st_mode))
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        for _ in range(3):                          # under umask 0: a plain bind would make it 0777
+            d.start(umask=0)
+            assert d.stop() == 0
+    finally:
+        stop.set()
+        t.join()
+    assert seen == {0o600}, sorted(oct(m) for m in seen)
+
+
+def test_subscribe_filters_and_unsubscribe_stops_events(tmp_path, daemon):
+    a = U.make_pair(tmp_path, "sa", fill=b"L")
+    b = U.make_pair(tmp_path, "sb", fill=b"M")
+    daemon.start(a, b)
+    s, f = U.raw_control(daemon.control)
+    assert U.rpc(s, f, b'{"execute": "subscribe", "arguments": {"pair": "sb"}, "id": 1}')["return"] == {"pairs": ["sb"]}
+    with daemon.client() as c:
+        c.pair("sa").establish(wait=True)
+        c.pair("sb").establish(wait=True)
+        s.sendall(b'{"execute": "unsubscribe", "id": 2}\n')
+        got = []
+        while True:
+            msg = json.loads(f.readline())
+            if msg.get("id") == 2:
+                break
+            got.append(msg)
+        assert got and all(m["data"]["pair"] == "sb" for m in got)     # only the pair asked for
+        assert any(m["event"] == "job-done" for m in got)
+        c.pair("sb").split()
+        s.sendall(b'{"execute": "status", "id": 3}\n')
+        assert json.loads(f.readline())["id"] == 3                       # no event came before the reply
+    s.close()
+    f.close()
+
+
+def test_unusable_paths_are_one_line_errors(tmp_path):
+    d = U.DaemonProc(tmp_path, nbd=False)
+    os.makedirs(os.path.dirname(d.control))
+    Path(d.control).write_text("not a socket")
+    d.start(wait=False)
+    assert d.proc.wait(30) == 2
+    assert "is not a socket" in d.log_text() and "Traceback" not in d.log_text()
+    assert Path(d.control).read_text() == "not a socket"          # left alone
+    e = U.DaemonProc(tmp_path / "e", nbd=False) if (tmp_path / "e").mkdir() is None else None
+    Path(e.state_dir).parent.mkdir(exist_ok=True)
+    Path(e.state_dir).mkdir()
+    Path(e.state_dir, "daemon.json").write_text("{broken")
+    e.start(wait=False)
+    assert e.proc.wait(30) == 2
+    assert "unreadable daemon state" in e.log_text() and "Traceback" not in e.log_text()
+    assert not os.path.exists(e.control)                         # nothing left listening
+
+
+def test_a_running_verify_keeps_job_verbs_off_and_cancel_stops_it(tmp_path, daemon):
+    meta = U.make_pair(tmp_path, "vv", size=4 << 30)          # sparse: a verify takes seconds
+    daemon.start(meta)
+    with daemon.client() as c, daemon.client() as w:
+        p = c.pair("vv")
+        p.establish(assume_equal=True)                       # two blank volumes: no copy
+        p.split()
+        stream = w.events("vv", timeout=30)
+        assert p.verify(wait=False) == {"started": ["vv"]}
+        for verb in (p.restore, p.establish):
+            with pytest.raises(errors.StateError) as ei:
+                verb()
+            assert "verify is running" in str(ei.value)
+        assert c.status("vv")["pairs"][0]["verify"]["tracks_total"] == 65536
+        p.cancel()                                           # stops the verify
+        assert p.wait(timeout=30) == "done"
+        done = next(e for e in stream if e["event"] == "job-done")
+        assert done["data"]["kind"] == "verify" and "cancelled" in done["data"]["error"]
+        assert p.query()["state"] == "split" and c.status("vv")["pairs"][0]["last_verify"] is None

@@ -31,6 +31,9 @@ from .protocol import (MAX_LINE, DaemonUnreachable, InternalError, InvalidReques
                        exception_for)
 
 
+_NOT_SUBSCRIBED = object()
+
+
 class Client:
     def __init__(self, control: "Optional[str | os.PathLike[str]]" = None,
                  timeout: Optional[float] = None) -> None:
@@ -51,7 +54,7 @@ class Client:
         self._lock = threading.Lock()
         self._events: Deque[dict[str, Any]] = collections.deque()
         self._next = 0
-        self._subscribed: Optional[str] = "none"
+        self._subscribed: object = _NOT_SUBSCRIBED
         try:
             hello = self._read()
         except BaseException:

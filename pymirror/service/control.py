@@ -17,11 +17,13 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import select
 import socket
 import stat
 import struct
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Deque, Optional
 
 from .events import EventHub
@@ -32,6 +34,14 @@ from .protocol import (MAX_LINE, DaemonError, InvalidArgument, InvalidRequest, L
 log = logging.getLogger("pymirror.daemon")
 
 Dispatch = Callable[[str, dict[str, Any]], Any]
+_current = threading.local()     # the connection whose request this thread is carrying out
+
+
+def client_alive() -> bool:
+    """False once the client whose request this thread carries out has gone
+    (long waits use it to stop waiting for nobody)."""
+    conn = getattr(_current, "conn", None)
+    return True if conn is None else conn.alive()
 QUEUE_LIMIT = 4096           # events queued per client before it starts losing them
 _REQUEST_KEYS = {"execute", "arguments", "id"}
 
@@ -171,6 +181,7 @@ class Connection:
         self._lost = 0
         self._token: Optional[int] = None
         self._writer: Optional[threading.Thread] = None
+        self._writing = False
         self._closed = False
 
     # -- sending ------------------------------------------------------------
@@ -185,7 +196,7 @@ class Connection:
                 self._lost += 1
                 return
             self._queue.append(msg)
-            self._cond.notify()
+            self._cond.notify_all()
 
     def _write_events(self) -> None:
         while True:
@@ -197,6 +208,7 @@ class Connection:
                 lost, self._lost = self._lost, 0
                 batch = list(self._queue)
                 self._queue.clear()
+                self._writing = True
             if lost:
                 batch.append(event("events-lost", {"count": lost}))
             try:
@@ -204,6 +216,10 @@ class Connection:
                     self.send(msg)
             except OSError:
                 return
+            finally:
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()
 
     def subscribe(self, pairs: Any) -> None:
         if self._token is not None:
@@ -213,13 +229,38 @@ class Connection:
             self._writer = threading.Thread(target=self._write_events, name="control-events", daemon=True)
             self._writer.start()
 
-    def unsubscribe(self) -> None:
+    def unsubscribe(self, drain: bool = False) -> None:
+        """Stop events; with ``drain``, also wait (briefly) until those already
+        queued are written, so that none follows the reply."""
         if self._token is not None:
             self.server.hub.unsubscribe(self._token)
             self._token = None
+        if drain:
+            with self._cond:
+                deadline = time.monotonic() + 5.0
+                while (self._queue or self._writing) and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+
+    def alive(self) -> bool:
+        """Whether the client is still there (EOF not yet seen)."""
+        if self._closed:
+            return False
+        try:
+            ready, _, _ = select.select([self.sock], [], [], 0)
+            if not ready:
+                return True
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except (OSError, ValueError):
+            return False
 
     # -- receiving ----------------------------------------------------------
     def run(self) -> None:
+        _current.conn = self
         log.debug("control client connected (pid %s)", self.pid)
         try:
             self.send(self.server.greeting)
@@ -230,6 +271,7 @@ class Connection:
                 except InvalidRequest as exc:
                     log.warning("control client (pid %s): %s; closing it", self.pid, exc)
                     self.send({"id": None, "error": error_reply(exc)})
+                    self._linger()
                     return
                 if line is None:
                     return
@@ -241,6 +283,20 @@ class Connection:
             self.close()
             self.server.forget(self)
             log.debug("control client gone (pid %s)", self.pid)
+
+    def _linger(self, seconds: float = 2.0) -> None:
+        """Close gently after an error reply: stop sending, then read and drop
+        what the client is still sending (for at most ``seconds``), so that
+        closing with unread data does not reset the connection and destroy
+        the reply before the client reads it."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(seconds)
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and self.sock.recv(1 << 16):
+                pass
+        except OSError:
+            pass
 
     def _handle(self, line: bytes) -> dict[str, Any]:
         ident = None
@@ -264,7 +320,7 @@ class Connection:
             if verb == "unsubscribe":
                 if args:
                     raise InvalidArgument(f"unsubscribe takes no arguments, got {sorted(args)[0]!r}")
-                self.unsubscribe()
+                self.unsubscribe(drain=True)
                 return {"id": ident, "return": {}}
             return {"id": ident, "return": self.server.dispatch(verb, args)}
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply

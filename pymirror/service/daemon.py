@@ -34,7 +34,7 @@ from .. import errors
 from ..config import CopyConfig
 from ..report import query_dict
 from . import barrier, verbs
-from .control import ControlServer
+from .control import ControlServer, client_alive
 from .events import PROGRESS_INTERVAL, EventHub
 from .held import HeldPair, VerifyJob, one_line
 from .paths import control_path as default_control, state_dir as default_state
@@ -455,6 +455,7 @@ class Daemon:
                        wait: Optional[bool]) -> Any:
         group, helds = self.resolve(name)
         with self._locked(helds):
+            self._no_verify(helds, "establish")
             if group is None:
                 pair = helds[0].need()
                 pair.establish(incremental=bool(incremental), assume_equal=bool(assume_equal),
@@ -478,6 +479,7 @@ class Daemon:
         group, helds = self.resolve(name)
         protect = True if protect is None else protect
         with self._locked(helds):
+            self._no_verify(helds, "restore")
             if group is None:
                 pair = helds[0].need()
                 pair.restore(incremental=bool(incremental), protect=protect,
@@ -496,12 +498,17 @@ class Daemon:
         self._save_if_flags_changed()
         return self._finish(name, group, helds, wait, extra)
 
+    @staticmethod
+    def _no_verify(helds: list[HeldPair], verb: str) -> None:
+        for h in helds:
+            if h.verify is not None and not h.verify.finished.is_set():
+                raise errors.StateError(f"{h.name}: a verify is running; {verb} waits for it "
+                                        f"(or cancel the verify first)")
+
     def verb_split(self, name: str) -> Any:
         group, helds = self.resolve(name)
         with self._locked(helds):
-            for h in helds:
-                if h.verify is not None and not h.verify.finished.is_set():
-                    raise errors.StateError(f"{h.name}: a verify is running; wait for it or cancel it first")
+            self._no_verify(helds, "split")
             if group is None:
                 helds[0].need().split()
                 extra = None
@@ -621,6 +628,8 @@ class Daemon:
             while not job.finished.wait(0.5):
                 if self.stopping.is_set():
                     raise DaemonError("the daemon is stopping")
+                if not client_alive():
+                    raise DaemonError("the client went away")     # the verify goes on; its result is kept
         for job in jobs:
             if job.error is not None:
                 raise job.error
@@ -634,6 +643,7 @@ class Daemon:
         (and verify) is done, or one is paused on an error.  A job paused by
         request keeps the wait going."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        polls = 0
         while True:
             done = True
             for h in helds:
@@ -652,6 +662,9 @@ class Daemon:
                 return "timeout"
             if self.stopping.wait(0.05):
                 raise DaemonError("the daemon is stopping")
+            polls += 1
+            if polls % 10 == 0 and not client_alive():
+                raise DaemonError("the client went away")     # nobody to answer: stop waiting
 
     def verb_wait(self, name: str, timeout: Optional[float]) -> str:
         group, helds = self.resolve(name)
