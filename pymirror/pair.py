@@ -8,8 +8,10 @@ shapes of the calls.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import weakref
 from types import TracebackType
 from typing import Any, Iterator, Optional, Type, Union
 
@@ -59,6 +61,24 @@ def _new_pair(build: Any, std: Volume, mir: Volume) -> Any:
         return ffi.gc(out[0], destroy_keeping(lib.pm_pair_destroy, std._cptr, mir._cptr))
 
 
+#: Pairs not yet closed: closed in order at interpreter exit (see _close_at_exit).
+_open_pairs: "weakref.WeakSet[Pair]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close every pair still open when the interpreter exits, while the
+    interpreter is whole: the copier stops, the metadata is committed (a job
+    stays resumable), and only then are the volumes closed.  Left to the
+    garbage collector at shutdown, a pair and its volumes may be finalised
+    in any order."""
+    for pair in list(_open_pairs):
+        try:
+            pair.close()
+        except Exception:   # exit goes on; the metadata stays recoverable
+            pass
+
+
 class Pair(Handle):
     """A standard volume and its mirror.  Thread-safe: many threads may do
     host I/O at once (the C core releases the GIL and arbitrates per track).
@@ -78,6 +98,7 @@ class Pair(Handle):
         self._owned = owned
         self.meta_path = meta_path
         self._config = config
+        _open_pairs.add(self)
         try:
             self._borrow_from(standard)
             self._borrow_from(mirror)

@@ -355,3 +355,55 @@ def test_source_checkout_without_the_extension_gives_a_one_line_hint(tmp_path: P
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: pymirror's compiled core is not built in the source checkout"), last
     assert "pip install -e ." in last and "No module named" in last
+
+
+EXIT_WITH_PAIR_OPEN = '''
+import sys, threading, time, pymirror
+pair = pymirror.Pair.open(sys.argv[1])
+job = pair.restore(config=pymirror.CopyConfig(rate=1 << 20))
+holder = {"pair": pair, "job": job}
+holder["self"] = holder                      # a reference cycle, as frameworks make
+def host():
+    while True:
+        try:
+            pair.write(0, b"h" * 4096)
+            job.progress
+        except pymirror.ClosedError:
+            return
+threading.Thread(target=host, daemon=True).start()
+def waiter():
+    try:
+        job.wait()
+    except pymirror.ClosedError:
+        pass
+threading.Thread(target=waiter, daemon=True).start()
+time.sleep(0.3)
+print("leaving", flush=True)                 # the pair is never closed by the script
+'''
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_exit_with_a_pair_open_and_copying_closes_it_cleanly(tmp_path, run):
+    """An interpreter that exits with a pair open, its copy running and a
+    host thread writing neither crashes nor loses the job: the pair is
+    closed at exit (copier stopped, metadata committed) and reopens with
+    the restore paused and resumable."""
+    std, mir, meta = tmp_path / "s.img", tmp_path / "m.img", tmp_path / "p.meta"
+    pymirror.Volume.create(std, 16 << 20, 64 << 10).close()
+    pymirror.Volume.create(mir, 16 << 20, 64 << 10).close()
+    with pymirror.Pair.create(meta, std, mir) as pair:
+        pair.establish(assume_equal=True)
+        pair.split()
+        pair.mirror_write(0, b"m" * (16 << 20))
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_WITH_PAIR_OPEN)
+    out = subprocess.run([sys.executable, "-X", "faulthandler", str(script), str(meta)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "leaving" in out.stdout
+    with pymirror.Pair.open(meta) as pair:
+        assert pair.state == "restoring"
+        assert pair.progress.paused
+        assert pair.resume().wait(timeout=60)
+        assert pair.read(4096, 4096) == b"m" * 4096
+        assert pair.read(0, 4096) == b"h" * 4096, "the close at exit committed the host write"
