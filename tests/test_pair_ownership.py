@@ -88,11 +88,11 @@ def test_refused_from_another_process(tmp_path, images):
         shutil.copy(meta, tmp_path / "copy.meta")
         for m in (meta, tmp_path / "copy.meta"):
             proc = subprocess.run([sys.executable, "-c", code, str(m)], capture_output=True,
-                                  text=True, timeout=60)
+                                  text=True, timeout=60, cwd=tmp_path)   # not the source tree
             assert proc.returncode == 3, proc.stdout + proc.stderr
             assert "in use by another pair" in proc.stdout
             assert f"(pid {os.getpid()})" in proc.stdout
     # once closed, the other process may open it
     proc = subprocess.run([sys.executable, "-c", code, str(meta)], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, cwd=tmp_path)
     assert proc.returncode == 0 and "OPENED" in proc.stdout, proc.stderr
