@@ -14,8 +14,10 @@ from .capi import get_include, get_library_dir
 from .config import ConfigError, CopyConfig, Settings, load_settings
 from .errors import (
     AlignmentError,
+    BusyError,
     ClosedError,
     CorruptMetadataError,
+    DaemonUnreachable,
     ForeignMetadataError,
     GeometryError,
     InUseError,
@@ -35,7 +37,7 @@ from .volume import Volume
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlignmentError", "Bitmap", "ClosedError", "ConfigError", "CopyConfig", "CorruptMetadataError",
+    "AlignmentError", "Bitmap", "BusyError", "DaemonUnreachable", "ClosedError", "ConfigError", "CopyConfig", "CorruptMetadataError",
     "ForeignMetadataError", "GeometryError", "InUseError", "Job", "JobError", "JobPausedError",
     "MirrorError", "Pair", "Progress", "RangeError", "ReadOnlyError", "STATES", "Settings", "State",
     "StateError", "TrackTable", "Volume",

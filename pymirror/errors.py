@@ -75,3 +75,7 @@ class BusyError(MirrorError, OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class DaemonUnreachable(MirrorError, ConnectionError):
+    """No pymirror daemon listens on the control socket (or it went away)."""

@@ -58,15 +58,7 @@ class DaemonError(errors.MirrorError, RuntimeError):
     """The daemon cannot start (control socket taken, state unreadable, ...)."""
 
 
-class DaemonUnreachable(errors.MirrorError, ConnectionError):
-    """No daemon listens on the control socket (or it went away)."""
-
-
-# The contract names it pymirror.errors.DaemonUnreachable; errors.py belongs
-# to other hands, so the class lives here and is also published there (the
-# package imports this module at import time, through pymirror.connect).
-if not hasattr(errors, "DaemonUnreachable"):
-    errors.DaemonUnreachable = DaemonUnreachable  # type: ignore[attr-defined]
+DaemonUnreachable = errors.DaemonUnreachable
 
 _OWN = (ProtocolError, InvalidRequest, CommandNotFound, InvalidArgument, NoSuchPair, InternalError,
         DaemonError, DaemonUnreachable)
