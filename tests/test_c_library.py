@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import sys
 import zipfile
 from pathlib import Path
@@ -42,6 +43,9 @@ def tool(name: str) -> str:
 
 
 def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    # Outside the source tree unless told: `python -m` puts the working
+    # directory first on sys.path, and the tests are about the installed package.
+    kw.setdefault("cwd", tempfile.gettempdir())
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)  # type: ignore[call-overload]
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
     return proc
@@ -181,7 +185,8 @@ def test_config_command_line() -> None:
                        (["--libdir"], pymirror.get_library_dir())):
         out = run([sys.executable, "-m", "pymirror.config", *args]).stdout.strip()
         assert out == want
-    proc = subprocess.run([sys.executable, "-m", "pymirror.config"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "pymirror.config"], capture_output=True, text=True, timeout=60,
+                          cwd=tempfile.gettempdir())
     assert proc.returncode == 2 and "give at least one of" in proc.stderr
     assert "Traceback" not in proc.stderr and "RuntimeWarning" not in proc.stderr
 
@@ -212,7 +217,8 @@ def test_wheel_installs_a_usable_c_library(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
     py = str(venv / "bin" / "python")
-    run([py, "-m", "pip", "install", "-q", "--no-deps", str(whl)], cwd=tmp_path)
+    # --ignore-installed: the venv sees the system's packages, maybe a pymirror among them
+    run([py, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(whl)], cwd=tmp_path)
     where = run([py, "-c", "import pymirror; print(pymirror.__file__)"], cwd=tmp_path).stdout.strip()
     assert where.startswith(str(venv)), f"the fresh venv imported {where}"
     flags = run([py, "-m", "pymirror.config", "--cflags", "--libs"], cwd=tmp_path).stdout.split()
