@@ -26,11 +26,6 @@ from typing import Any, Mapping
 
 from .sizes import parse_size
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 READ_POLICIES = ("redirect", "hydrate")
 TRACK_SIZE_MIN = 4096
 TRACK_SIZE_MAX = 16 << 20
@@ -160,6 +155,11 @@ def load_settings(explicit: "str | os.PathLike[str] | None" = None) -> Settings:
     path = find_config(explicit)
     if path is None:
         return Settings()
+    # imported here: most commands run without a configuration file
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
     try:
         with open(path, "rb") as fh:
             doc = tomllib.load(fh)
