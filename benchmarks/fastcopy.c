@@ -2,7 +2,8 @@
  * fastcopy.c - the fastest durable file copy we could write for this
  * machine, as a baseline for bench_copy.py (not part of pymirror).
  *
- *   fastcopy SRC DST [THREADS [CHUNK_MIB [MODE]]]     MODE: cfr (default) | rw
+ *   fastcopy SRC DST [THREADS [CHUNK_MIB [MODE]]]
+ *   MODE: cfr (default) | rw, with "-nowb" appended: no write-behind
  *
  * DST must exist with SRC's size (the benchmark creates it).  THREADS
  * threads each copy one contiguous stripe in CHUNK_MIB pieces, with
@@ -22,7 +23,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static int in_fd, out_fd, use_rw;
+static int in_fd, out_fd, use_rw, no_wb;
 static uint64_t chunk;
 
 struct stripe {
@@ -62,7 +63,8 @@ static void *run(void *arg)
         if (ahead < s->hi)
             posix_fadvise(in_fd, (off_t)ahead, (off_t)(2 * chunk), POSIX_FADV_WILLNEED);
         s->err = copy_piece(off, len, buf);
-        sync_file_range(out_fd, (off_t)off, (off_t)len, SYNC_FILE_RANGE_WRITE);
+        if (!no_wb)
+            sync_file_range(out_fd, (off_t)off, (off_t)len, SYNC_FILE_RANGE_WRITE);
     }
     free(buf);
     return NULL;
@@ -76,7 +78,8 @@ int main(int argc, char **argv)
     }
     int threads = argc > 3 ? atoi(argv[3]) : 2;
     chunk = (uint64_t)(argc > 4 ? atoi(argv[4]) : 4) << 20;
-    use_rw = argc > 5 && strcmp(argv[5], "rw") == 0;
+    use_rw = argc > 5 && strncmp(argv[5], "rw", 2) == 0;
+    no_wb = argc > 5 && strstr(argv[5], "-nowb") != NULL;
     if (threads < 1 || threads > 64 || chunk == 0) {
         fprintf(stderr, "fastcopy: bad THREADS or CHUNK_MIB\n");
         return 2;
