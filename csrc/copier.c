@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "layout.h"
 
@@ -126,11 +127,12 @@ static void rate_refund(pm_pair *p, uint64_t bytes)
 }
 
 /* Copy the run [s, s+k) whose tracks this thread holds. */
-static void copy_run(pm_pair *p, int target, uint64_t s, uint64_t k, unsigned char *buf, uint32_t retries)
+static void copy_run(pm_pair *p, int target, uint64_t s, uint64_t k, unsigned char *buf, uint32_t retries,
+                     int kernel_ok)
 {
     uint64_t off = pm_track_off(p, s);
     uint64_t end = s + k >= p->tracks ? p->size : pm_track_off(p, s + k);
-    int rc = pm_job_copy_span(p, target, off, end - off, buf, retries, 1);
+    int rc = pm_job_copy_span(p, target, off, end - off, buf, retries, kernel_ok);
     if (rc == 0) {
         for (uint64_t t = s; t < s + k; t++)
             pm_job_clear_pending(p, target, t, &p->tracks_copied);
@@ -138,7 +140,7 @@ static void copy_run(pm_pair *p, int target, uint64_t s, uint64_t k, unsigned ch
     }
     /* Find the failing track: copy one by one. */
     for (uint64_t t = s; t < s + k; t++) {
-        rc = k == 1 ? rc : pm_job_copy_span(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries, 1);
+        rc = k == 1 ? rc : pm_job_copy_span(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries, kernel_ok);
         if (rc < 0) {
             pm_job_error(p, rc, t);
             return;
@@ -263,6 +265,13 @@ static void *copier_main(void *arg)
     int rc = pm_meta_changed_durable(p->meta);
     if (rc < 0)
         pm_job_error(p, rc, 0);
+    /* The kernel copy and write-behind won while the job fit in the page
+     * cache's dirty budget (2 GiB of 24); at 8 GiB, writeback throttled
+     * them and buffered I/O left to the kernel's writeback was faster
+     * (docs/copier.md).  A job larger than 1/8 of memory takes that path. */
+    uint64_t job_bytes = pm_load_relaxed(&p->tracks_total) << p->shift;
+    long pages = sysconf(_SC_PHYS_PAGES), page_size = sysconf(_SC_PAGESIZE);
+    int small_job = pages > 0 && page_size > 0 && job_bytes <= (uint64_t)pages * (uint64_t)page_size / 8;
     unsigned misses = 0;
     double backoff = 0.0005;
     int slot = -1, striped = 1;
@@ -328,8 +337,9 @@ static void *copier_main(void *arg)
         else
             pm_store_relaxed(&p->cursor, s + k < p->tracks ? s + k : 0);
         prefetch(p, target, pm_track_off(p, s + k), ahead, &prefetched);
-        copy_run(p, target, s, k, buf, retries);
-        pm__store_write_behind(p->store[target], (k << p->shift), pm_track_off(p, s));
+        copy_run(p, target, s, k, buf, retries, small_job);
+        if (small_job)
+            pm__store_write_behind(p->store[target], (k << p->shift), pm_track_off(p, s));
         for (uint64_t t = s; t < s + k; t++)
             pm_track_unlock(p, t);
         batch_released(p);
