@@ -6,12 +6,18 @@
  * (3), bitmap.c (1) and the layer-0 helpers; never arbitrate.c.
  *
  * Each copier thread loops: take the next run of PENDING tracks on the
- * target from a shared cursor (at most batch_bytes), try-lock each track's
- * BUSY bit in ascending order (stopping at the first busy or no-longer-
- * PENDING track: a copier never waits while holding a track), read the run
- * from the source into its own buffer, write it to the target, then clear
- * PENDING track by track and release the locks.  Buffers are bounded by
- * copiers x batch_bytes.
+ * target (at most batch_bytes) from its own stripe, a contiguous range of
+ * tracks it walks in order (stripe_take: the first copier takes the whole
+ * volume, each next one, or one whose stripe is used up, the upper half of
+ * the largest stripe left); once no stripe of two batches is left, from a
+ * shared cursor over the whole table (which also finds tracks skipped
+ * because host I/O held them).  Then try-lock each track's BUSY bit in
+ * ascending order (stopping at the first busy or no-longer-PENDING track:
+ * a copier never waits while holding a track), ask the kernel to read the
+ * next batches of the stripe ahead, copy the run (inside the kernel between
+ * two files, else through its own buffer), start the run's write-back,
+ * clear PENDING track by track and release the locks.  Buffers are bounded
+ * by copiers x batch_bytes.  Measurements and choices: docs/copier.md.
  *
  * A failed read or write is retried (cfg.retries attempts, with backoff).
  * If a multi-track batch still fails, its tracks are retried one by one so
@@ -24,8 +30,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "layout.h"
+
+/* How far a copier asks the kernel to read ahead of its stream, in batches. */
+#ifndef PM_PREFETCH_BATCHES
+#define PM_PREFETCH_BATCHES 2
+#endif
 
 /* Wait until the rate limit allows `bytes` more: the time a batch costs is
  * paid before it is copied, so a low rate never begins with a burst.  The
@@ -115,11 +127,12 @@ static void rate_refund(pm_pair *p, uint64_t bytes)
 }
 
 /* Copy the run [s, s+k) whose tracks this thread holds. */
-static void copy_run(pm_pair *p, int target, uint64_t s, uint64_t k, unsigned char *buf, uint32_t retries)
+static void copy_run(pm_pair *p, int target, uint64_t s, uint64_t k, unsigned char *buf, uint32_t retries,
+                     int kernel_ok)
 {
     uint64_t off = pm_track_off(p, s);
     uint64_t end = s + k >= p->tracks ? p->size : pm_track_off(p, s + k);
-    int rc = pm_job_copy_span(p, target, off, end - off, buf, retries);
+    int rc = pm_job_copy_span(p, target, off, end - off, buf, retries, kernel_ok);
     if (rc == 0) {
         for (uint64_t t = s; t < s + k; t++)
             pm_job_clear_pending(p, target, t, &p->tracks_copied);
@@ -127,13 +140,113 @@ static void copy_run(pm_pair *p, int target, uint64_t s, uint64_t k, unsigned ch
     }
     /* Find the failing track: copy one by one. */
     for (uint64_t t = s; t < s + k; t++) {
-        rc = k == 1 ? rc : pm_job_copy_span(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries);
+        rc = k == 1 ? rc : pm_job_copy_span(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries, kernel_ok);
         if (rc < 0) {
             pm_job_error(p, rc, t);
             return;
         }
         pm_job_clear_pending(p, target, t, &p->tracks_copied);
     }
+}
+
+/* ---- stripes ---------------------------------------------------------- */
+
+/* Give this copier a stripe: the tracks no copier has taken yet, else the
+ * upper half of the largest stripe left (cut at a multiple of `align`
+ * tracks), if that is at least two batches.  Returns 1 with [*cur, *end),
+ * or 0: the copier then scans the whole table from the shared cursor. */
+static int stripe_take(pm_pair *p, int *slot, uint64_t align, uint64_t *cur, uint64_t *end)
+{
+    pthread_mutex_lock(&p->stripe_mu);
+    if (*slot < 0 && p->nstripes < PM_MAX_COPIERS)
+        *slot = p->nstripes++;
+    int got = 0;
+    if (*slot >= 0) {
+        struct pm_stripe *me = &p->stripes[*slot];
+        me->cur = me->end = 0;             /* nobody cuts an exhausted stripe */
+        if (p->stripe_free < p->tracks) {
+            me->cur = p->stripe_free;
+            me->end = p->tracks;
+            p->stripe_free = p->tracks;
+        } else {
+            int best = -1;
+            uint64_t most = 0;
+            for (int j = 0; j < p->nstripes; j++) {
+                uint64_t left = p->stripes[j].end - p->stripes[j].cur;
+                if (j != *slot && left > most)
+                    best = j, most = left;
+            }
+            if (best >= 0 && most >= 2 * align) {
+                struct pm_stripe *v = &p->stripes[best];
+                uint64_t mid = v->cur + most / 2;
+                if (mid / align * align > v->cur)
+                    mid = mid / align * align;
+                me->cur = mid;
+                me->end = v->end;
+                v->end = mid;
+            }
+        }
+        got = me->end > me->cur;
+        *cur = me->cur;
+        *end = me->end;
+    }
+    pthread_mutex_unlock(&p->stripe_mu);
+    return got;
+}
+
+/* Reserve [s, s+*n) of this copier's stripe before claiming its tracks:
+ * trims *n to the stripe's end (another copier may have cut it) and moves
+ * the stripe's cursor past the run, so a cut never falls inside it.
+ * Returns 0 if s is past the end: the stripe is used up. */
+static int stripe_reserve(pm_pair *p, int slot, uint64_t s, uint64_t *n)
+{
+    pthread_mutex_lock(&p->stripe_mu);
+    struct pm_stripe *me = &p->stripes[slot];
+    int ok = s < me->end;
+    if (ok) {
+        if (*n > me->end - s)
+            *n = me->end - s;
+        me->cur = s + *n;
+    }
+    pthread_mutex_unlock(&p->stripe_mu);
+    return ok;
+}
+
+/* The next run to claim: from this copier's stripe while it lasts (taking
+ * a new one when it runs out), else from anywhere (the shared cursor):
+ * tracks skipped because host I/O held them, and the last few batches.
+ * Returns 1 with [*s, *s+*n), or 0 if no track is PENDING. */
+static int next_run(pm_pair *p, pm_bitmap *pending, uint64_t max_tracks, int *slot, int *striped,
+                    uint64_t *cur, uint64_t *end, uint64_t *s, uint64_t *n)
+{
+    while (*striped) {
+        if (*cur < *end && pm_bitmap_next_run(pending, *cur, max_tracks, s, n) &&
+            stripe_reserve(p, *slot, *s, n)) {
+            *cur = *s + *n;
+            return 1;
+        }
+        *striped = stripe_take(p, slot, max_tracks, cur, end);
+    }
+    uint64_t c = pm_load_relaxed(&p->cursor);
+    return pm_bitmap_next_run(pending, c, max_tracks, s, n) ||
+           (c != 0 && pm_bitmap_next_run(pending, 0, max_tracks, s, n));
+}
+
+/* Start reading the source ahead of a copier's stream, `ahead` bytes past
+ * the run it just claimed, so the device has the next reads queued while
+ * this batch is written (the kernel's own readahead is per descriptor, and
+ * the copiers share one).  *done is how far this copier has asked. */
+static void prefetch(pm_pair *p, int target, uint64_t from, uint64_t ahead, uint64_t *done)
+{
+    if (ahead == 0 || from >= p->size)
+        return;
+    uint64_t to = from + ahead < p->size ? from + ahead : p->size;
+    if (*done < from || *done > to)
+        *done = from;                       /* a new stream */
+    if (to - *done < ahead / 2)
+        return;                             /* asked recently: ask in large pieces */
+    pm__store_prefetch(p->store[1 - target], to - *done, *done);
+    *done = to;
 }
 
 static void *copier_main(void *arg)
@@ -152,8 +265,17 @@ static void *copier_main(void *arg)
     int rc = pm_meta_changed_durable(p->meta);
     if (rc < 0)
         pm_job_error(p, rc, 0);
+    /* The kernel copy and write-behind won while the job fit in the page
+     * cache's dirty budget (2 GiB of 24); at 8 GiB, writeback throttled
+     * them and buffered I/O left to the kernel's writeback was faster
+     * (docs/copier.md).  A job larger than 1/8 of memory takes that path. */
+    uint64_t job_bytes = pm_load_relaxed(&p->tracks_total) << p->shift;
+    long pages = sysconf(_SC_PHYS_PAGES), page_size = sysconf(_SC_PAGESIZE);
+    int small_job = pages > 0 && page_size > 0 && job_bytes <= (uint64_t)pages * (uint64_t)page_size / 8;
     unsigned misses = 0;
     double backoff = 0.0005;
+    int slot = -1, striped = 1;
+    uint64_t scur = 0, send = 0, prefetched = 0;
     for (;;) {
         pthread_mutex_lock(&p->mu);
         while (!pm_load_relaxed(&p->stop) && p->job_active && (p->paused_req || p->error))
@@ -164,15 +286,16 @@ static void *copier_main(void *arg)
         if (max_tracks > batch_bytes >> p->shift)
             max_tracks = batch_bytes >> p->shift;   /* never more than this thread's buffer */
         uint32_t retries = p->cfg.retries;
+        uint64_t ahead = pm_load_relaxed(&p->rate) ? 0 : (uint64_t)p->cfg.batch_bytes * PM_PREFETCH_BATCHES;
         pthread_mutex_unlock(&p->mu);
         if (!active)
             break;
 
         pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
         uint64_t seen = pm_load_seqcst(&p->batches);
-        uint64_t s, n, cur = pm_load_relaxed(&p->cursor);
-        if (!pm_bitmap_next_run(pending, cur, max_tracks, &s, &n) &&
-            (cur == 0 || !pm_bitmap_next_run(pending, 0, max_tracks, &s, &n))) {
+        uint64_t s, n;
+        int from_stripe = striped;
+        if (!next_run(p, pending, max_tracks, &slot, &striped, &scur, &send, &s, &n)) {
             if (pm_load_seqcst(&p->pending_left) == 0) {
                 pm_job_finish(p);
                 break;
@@ -180,6 +303,7 @@ static void *copier_main(void *arg)
             wait_for_work(p, seen, &backoff);   /* the last tracks are held by others */
             continue;
         }
+        from_stripe = from_stripe && striped;
         /* Pay for the run before claiming it, so no track is held while
          * the rate limit sleeps; what is not claimed is refunded. */
         if (rate_wait(p, n << p->shift))
@@ -196,7 +320,10 @@ static void *copier_main(void *arg)
         if (k == 0) {
             /* held by host I/O or another copier: look further on, and
              * sleep once a pass finds nothing to claim */
-            pm_store_relaxed(&p->cursor, s + 1 < p->tracks ? s + 1 : 0);
+            if (from_stripe)
+                scur = s + 1;
+            else
+                pm_store_relaxed(&p->cursor, s + 1 < p->tracks ? s + 1 : 0);
             if (++misses >= 16) {
                 misses = 0;
                 wait_for_work(p, seen, &backoff);
@@ -205,8 +332,14 @@ static void *copier_main(void *arg)
         }
         misses = 0;
         backoff = 0.0005;
-        pm_store_relaxed(&p->cursor, s + k < p->tracks ? s + k : 0);
-        copy_run(p, target, s, k, buf, retries);
+        if (from_stripe)
+            scur = s + k;   /* tracks of the run not claimed: the shared scan finds them */
+        else
+            pm_store_relaxed(&p->cursor, s + k < p->tracks ? s + k : 0);
+        prefetch(p, target, pm_track_off(p, s + k), ahead, &prefetched);
+        copy_run(p, target, s, k, buf, retries, small_job);
+        if (small_job)
+            pm__store_write_behind(p->store[target], (k << p->shift), pm_track_off(p, s));
         for (uint64_t t = s; t < s + k; t++)
             pm_track_unlock(p, t);
         batch_released(p);
@@ -219,6 +352,12 @@ static void *copier_main(void *arg)
 int pm_job_start_threads_locked(pm_pair *p)
 {
     pm_store_seqcst(&p->run, 1);
+    if (p->nthreads == 0) {       /* no copier holds a stripe: start afresh */
+        pthread_mutex_lock(&p->stripe_mu);
+        p->nstripes = 0;
+        p->stripe_free = 0;
+        pthread_mutex_unlock(&p->stripe_mu);
+    }
     uint32_t want = p->cfg.copiers;
     while ((uint32_t)p->nthreads < want) {
         int e = pthread_create(&p->threads[p->nthreads], NULL, copier_main, p);

@@ -76,7 +76,15 @@ struct pm_pair {
     pm_atomic_u64 batches;       /* copier batches released (wakes idle copiers) */
     pm_atomic_int stop;          /* copiers must exit (destroy) */
     pm_atomic_int run;           /* 1 while copiers may copy (not paused, no error) */
-    pm_atomic_u64 cursor;        /* where the next copier scan starts */
+    pm_atomic_u64 cursor;        /* where the next copier scan starts (outside stripes) */
+    /* Stripes (copier.c): each copier copies one contiguous range of
+     * tracks [cur, end) in order; one that runs out takes the upper half of
+     * the largest range left.  Under stripe_mu; reset when the first copier
+     * of a job starts. */
+    pthread_mutex_t stripe_mu;
+    int nstripes;                /* slots handed out */
+    uint64_t stripe_free;        /* tracks [stripe_free, tracks) are in no stripe yet */
+    struct pm_stripe { uint64_t cur, end; } stripes[PM_MAX_COPIERS];
     pm_atomic_u64 pending_left;  /* PENDING bits set on the target */
     /* Mirror tracks that are not part of a point-in-time image, outside
      * SYNCING (while syncing the live count of PENDING(mirror) is used):
@@ -135,8 +143,10 @@ void pm_job_finish(pm_pair *p);                   /* end it if no track is PENDI
  * Returns 1 if it was set. */
 int pm_job_clear_pending(pm_pair *p, int side, uint64_t t, pm_atomic_u64 *counter);
 /* Copy [off, off+len) from the source side to `target`, with retries. */
+/* kernel_ok: the caller does not need the bytes in buf afterwards, so two
+ * file stores may copy inside the kernel (copy_file_range) */
 int pm_job_copy_span(pm_pair *p, int target, uint64_t off, uint64_t len, unsigned char *buf,
-                     uint32_t retries);
+                     uint32_t retries, int kernel_ok);
 /* Copy one PENDING track now (its track lock held), for a hydrating read. */
 int pm_job_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf);
 /* Pause the job on an error (the first one is kept) and commit it. */

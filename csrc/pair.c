@@ -35,8 +35,8 @@ static void config_defaults(struct pm_copy_config *cfg)
 {
     memset(cfg, 0, sizeof *cfg);
     cfg->size = sizeof *cfg;
-    cfg->copiers = 2;
-    cfg->batch_bytes = 1u << 20;
+    cfg->copiers = 0;          /* auto: resolve_config */
+    cfg->batch_bytes = 0;
     cfg->rate_bytes = 0;
     cfg->retries = 3;
     cfg->read_policy = PM_READ_REDIRECT;
@@ -77,8 +77,25 @@ static int import_config(const struct pm_copy_config *in, struct pm_copy_config 
     return 0;
 }
 
-static int check_config(const pm_pair *p, const struct pm_copy_config *c, const char *func)
+/* The copy settings chosen from the stores when the caller leaves them 0
+ * (measurements in docs/copier.md): 4 MiB batches; 2 copiers, each with
+ * its own stripe (between two files the kernel copies, reads run ahead and
+ * writes are started behind), or 4 when a side is a caller's store (NBD,
+ * RBD, ...), where each I/O waits for a round trip. */
+static void resolve_config(const pm_pair *p, struct pm_copy_config *c)
 {
+    int remote = p->store[0]->ops == &p->store[0]->own_ops || p->store[1]->ops == &p->store[1]->own_ops;
+    if (c->copiers == 0)
+        c->copiers = remote ? 4 : 2;
+    if (c->batch_bytes == 0) {
+        uint32_t b = 4u << 20;
+        c->batch_bytes = b < p->track_size ? p->track_size : b / p->track_size * p->track_size;
+    }
+}
+
+static int check_config(const pm_pair *p, struct pm_copy_config *c, const char *func)
+{
+    resolve_config(p, c);
     if (c->copiers < 1 || c->copiers > PM_MAX_COPIERS)
         return pm_fail(func, -EINVAL, "copiers must be 1 to %d, got %u", PM_MAX_COPIERS, c->copiers);
     if (c->batch_bytes < p->track_size || c->batch_bytes % p->track_size || c->batch_bytes > (256u << 20))
@@ -159,10 +176,12 @@ int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm
     pthread_cond_init(&p->cond, &ca);
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&p->rate_mu, NULL);
+    pthread_mutex_init(&p->stripe_mu, NULL);
     pthread_mutex_init(&p->io_mu, NULL);
     pthread_cond_init(&p->io_cond, NULL);
     pm_tracklock_init(p);
     pm_copy_config_default(&p->cfg);
+    resolve_config(p, &p->cfg);        /* what a reopened job resumes with */
     p->error_track = -1;
     p->target = PM_MIRROR;
     atomic_init(&p->state, PM_STATE_NEW);
@@ -194,6 +213,7 @@ void pm_pair_destroy(pm_pair *p)
     pm_meta_close(p->meta);
     pm_tracklock_destroy(p);
     pthread_mutex_destroy(&p->rate_mu);
+    pthread_mutex_destroy(&p->stripe_mu);
     pthread_cond_destroy(&p->io_cond);
     pthread_mutex_destroy(&p->io_mu);
     pthread_cond_destroy(&p->cond);
@@ -286,7 +306,7 @@ int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *
         rc = import_config(cfg, &mine, __func__);
     cfg = &mine;
     if (rc == 0)
-        rc = check_config(p, cfg, __func__);
+        rc = check_config(p, &mine, __func__);
     if (rc)
         return rc;
     pthread_rwlock_wrlock(&p->cmd_lock);
@@ -316,7 +336,7 @@ int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_co
         rc = import_config(cfg, &mine, __func__);
     cfg = &mine;
     if (rc == 0)
-        rc = check_config(p, cfg, __func__);
+        rc = check_config(p, &mine, __func__);
     if (rc)
         return rc;
     pthread_rwlock_wrlock(&p->cmd_lock);

@@ -160,6 +160,83 @@ static const struct pm_store_ops file_ops = {
     .write_zeroes = file_write_zeroes, .extents = file_extents, .identity = file_identity,
 };
 
+/* ---- the copy engine's fast paths (store.h) ------------------------------ */
+
+static int check_io(const pm_store *s, uint64_t len, uint64_t off, const char *func);
+
+static int faults_armed(pm_store *s)
+{
+    return atomic_load_explicit(&s->nfaults, memory_order_acquire) != 0;
+}
+
+void pm__store_prefetch(pm_store *s, uint64_t len, uint64_t off)
+{
+    if (s->ops != &file_ops || off >= s->size)
+        return;
+    if (len > s->size - off)
+        len = s->size - off;
+    int fd = s->fd_buffered >= 0 ? s->fd_buffered : s->fd;
+    /* WILLNEED starts asynchronous reads of the range (block devices and
+     * regular files alike); a hint, so its result does not matter */
+    (void)posix_fadvise(fd, (off_t)off, (off_t)len, POSIX_FADV_WILLNEED);
+}
+
+void pm__store_write_behind(pm_store *s, uint64_t len, uint64_t off)
+{
+    if (s->ops != &file_ops || s->fd_buffered >= 0 || off >= s->size)
+        return;
+    /* SYNC_FILE_RANGE_WRITE queues the dirty pages for writeback and does
+     * not wait for them: the final fdatasync then finds little left to do,
+     * and reads and writes overlap on the device instead of taking turns */
+    (void)sync_file_range(s->fd, (off_t)off, (off_t)len, SYNC_FILE_RANGE_WRITE);
+}
+
+int pm__store_copy_range(pm_store *src, pm_store *dst, uint64_t len, uint64_t off)
+{
+    /* relaxed: a stale 0 only costs one more failing attempt */
+    if (src->ops != &file_ops || dst->ops != &file_ops || src->fd_buffered >= 0 || dst->fd_buffered >= 0 ||
+        atomic_load_explicit(&src->no_kernel_copy, memory_order_relaxed) ||
+        atomic_load_explicit(&dst->no_kernel_copy, memory_order_relaxed) ||
+        faults_armed(src) || faults_armed(dst) || dst->readonly)
+        return PM__NO_KERNEL_COPY;
+    if (check_io(src, len, off, __func__) || check_io(dst, len, off, __func__))
+        return PM__NO_KERNEL_COPY;     /* the buffered path reports it */
+    uint64_t done = 0;
+    while (done < len) {
+        loff_t in = (loff_t)(off + done), out = (loff_t)(off + done);
+        size_t chunk = len - done > (1u << 30) ? (1u << 30) : (size_t)(len - done);
+        ssize_t n = copy_file_range(src->fd, &in, dst->fd, &out, chunk, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (done == 0 && (errno == EXDEV || errno == EINVAL || errno == EOPNOTSUPP ||
+                              errno == ENOSYS || errno == EBADF)) {
+                /* not between these two (block devices, other file systems
+                 * on old kernels): the buffered path from now on */
+                atomic_store_explicit(&src->no_kernel_copy, 1, memory_order_relaxed);
+                return PM__NO_KERNEL_COPY;
+            }
+            return PM_FAIL(-errno, "%s -> %s: copy of %llu bytes at %llu failed", src->path, dst->path,
+                           (unsigned long long)len, (unsigned long long)off);
+        }
+        if (n == 0)
+            break;     /* the source file ended early: the rest reads as zeros */
+        done += (uint64_t)n;
+    }
+    if (done < len) {
+        /* past the end of a source that shrank: zeros, as file_read gives */
+        static const unsigned char zeros[65536];
+        while (done < len) {
+            uint64_t n = len - done > sizeof zeros ? sizeof zeros : len - done;
+            int rc = file_write(dst, zeros, n, off + done);
+            if (rc < 0)
+                return rc;
+            done += n;
+        }
+    }
+    return 0;
+}
+
 /* ---- memory backend ------------------------------------------------------ */
 
 static int mem_read(void *ctx, void *buf, uint64_t len, uint64_t off)

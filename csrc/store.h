@@ -30,6 +30,7 @@ struct pm_store {
     int fd_buffered;       /* PM_STORE_DIRECT: a second, buffered descriptor
                               for I/O that is not 4 KiB-aligned (else -1) */
     int readonly;
+    pm_atomic_int no_kernel_copy;  /* copy_file_range failed with "not supported" once */
     uint64_t dev, ino;     /* identity of a file store (0 for memory) */
     unsigned char *mem;    /* memory store */
     pthread_mutex_t fault_lock;
@@ -42,6 +43,22 @@ struct pm_store {
 };
 
 pm_store *pm__store_alloc(const char *path);
+
+/* The copy engine's fast paths (copier.c, job.c).  Thread-safe.
+ * pm__store_copy_range: copy [off, off+len) from src to dst inside the
+ * kernel (copy_file_range, no user-space buffer) when both are file stores
+ * on buffered descriptors and neither has faults armed; returns 0, a
+ * negative errno, or PM__NO_KERNEL_COPY when that path does not apply
+ * (the caller then copies through its buffer; nothing was written).
+ * pm__store_prefetch: ask the kernel to start reading [off, off+len) into
+ * the page cache now (file stores; a no-op for others). */
+#define PM__NO_KERNEL_COPY 1
+int pm__store_copy_range(pm_store *src, pm_store *dst, uint64_t len, uint64_t off);
+void pm__store_prefetch(pm_store *s, uint64_t len, uint64_t off);
+/* pm__store_write_behind: start writing [off, off+len) back to the device
+ * now, without waiting (file stores; a no-op for others).  Durability still
+ * comes only from pm_store_flush. */
+void pm__store_write_behind(pm_store *s, uint64_t len, uint64_t off);
 /* The pid holding a flock on the file (dev, ino), or 0 if not found. */
 int pm__lock_holder(uint64_t dev, uint64_t ino);
 

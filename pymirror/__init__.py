@@ -10,6 +10,8 @@ while the host keeps using it.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .capi import get_include, get_library_dir
 from .config import ConfigError, CopyConfig, Settings, load_settings
 from .errors import (
@@ -31,8 +33,20 @@ from .errors import (
 from .job import Job, Progress
 from .pair import Pair
 from .state import STATES, State
-from .tables import Bitmap, TrackTable
 from .volume import Volume
+
+if TYPE_CHECKING:
+    from .tables import Bitmap, TrackTable
+
+
+def __getattr__(name: str) -> Any:
+    # The track-table classes need numpy, which costs more to import than
+    # the rest of the package: load it only when someone asks (so the
+    # command line starts fast).
+    if name in ("Bitmap", "TrackTable"):
+        from . import tables
+        return getattr(tables, name)
+    raise AttributeError(f"module 'pymirror' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 

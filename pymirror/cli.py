@@ -158,8 +158,8 @@ def note(text: str) -> None:
 def copy_options(f: F) -> F:
     opts = [
         click.option("--rate", type=SIZE, default=None, help="Copy rate limit in bytes per second (8M = 8 MiB/s; 0 = none)."),
-        click.option("--copiers", type=click.IntRange(1, 64), default=None, help="Copier threads (default 2)."),
-        click.option("--batch-size", type=SIZE, default=None, help="Largest copy I/O (default 1M)."),
+        click.option("--copiers", type=click.IntRange(1, 64), default=None, help="Copier threads (default: auto, 2 for files)."),
+        click.option("--batch-size", type=SIZE, default=None, help="Largest copy I/O (default: auto, 4M)."),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -35,7 +35,7 @@ def _c_config(cfg: CopyConfig, track_size: int) -> Any:
     c = ffi.new("struct pm_copy_config *")
     lib.pm_copy_config_default(c)
     c.copiers = cfg.copiers
-    c.batch_bytes = max(track_size, cfg.batch_size // track_size * track_size)
+    c.batch_bytes = max(track_size, cfg.batch_size // track_size * track_size) if cfg.batch_size else 0
     c.rate_bytes = cfg.rate
     c.retries = cfg.retries
     c.read_policy = lib.PM_READ_HYDRATE if cfg.read_policy == "hydrate" else lib.PM_READ_REDIRECT

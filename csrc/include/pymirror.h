@@ -360,8 +360,9 @@ enum pm_io_flags { PM_IO_FUA = 1 };
 
 struct pm_copy_config {
     uint32_t size;          /* sizeof(struct pm_copy_config), or 0: see the growth rule on top */
-    uint32_t copiers;       /* copier threads, >= 1 (default 2) */
-    uint32_t batch_bytes;   /* largest copy I/O, a multiple of the track size (default 1 MiB) */
+    uint32_t copiers;       /* copier threads, 1 to 64; 0 (the default) = chosen from the stores */
+    uint32_t batch_bytes;   /* largest copy I/O, a multiple of the track size;
+                               0 (the default) = chosen from the stores (docs/copier.md) */
     uint64_t rate_bytes;    /* bytes per second for the background copy, 0 = unlimited */
     uint32_t retries;       /* attempts per failed track copy before the job pauses (default 3) */
     int32_t read_policy;    /* enum pm_read_policy */

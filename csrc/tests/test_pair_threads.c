@@ -6,7 +6,8 @@
  * untouched segments must read as the mirror.  Afterwards the standard
  * equals the mirror overlaid with each thread's writes and the mirror is
  * unchanged (protected restores, both read policies); an unprotected
- * restore ends with both sides equal to the model.  Established, then
+ * restore ends with both sides equal to the model.  The restores run with 2
+ * copiers and with 16 copiers of one-track batches.  Established, then
  * syncing: threads write overlapping ranges with different bytes at once;
  * both sides must end identical (invariant 6).
  *
@@ -239,13 +240,16 @@ int main(void)
     free(junk);
     memcpy(expect, mirror_img, SIZE);
 
-    for (int policy = 0; policy < 2; policy++) {
+    /* rounds 2 and 3: many copiers with one-track batches, so stripes are
+     * small and cut often (copier.c), against the same writers */
+    for (int round = 0; round < 4; round++) {
+        int policy = round % 2;
         pthread_barrier_init(&barrier, NULL, NTH + 1);
         pthread_t t[NTH];
         for (int i = 0; i < NTH; i++)
             pthread_create(&t[i], NULL, writer, (void *)(intptr_t)i);
-        c.copiers = 2;
-        c.batch_bytes = 4 * TS;
+        c.copiers = round < 2 ? 2 : 16;
+        c.batch_bytes = round < 2 ? 4 * TS : TS;
         c.rate_bytes = 4u << 20;          /* slow enough that the writers overlap the copy */
         c.read_policy = policy;
         CHECK_EQ(pm_pair_restore(pair, 0, 1, &c), 0);

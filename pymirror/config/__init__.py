@@ -6,8 +6,8 @@ configuration file, and explicit arguments.  The file is TOML with one
 
     [pymirror]
     track_size = "64K"
-    copiers = 2
-    batch_size = "1M"
+    copiers = "auto"      # or a number of threads, 1 to 64
+    batch_size = "auto"   # or a size, e.g. "4M"
     rate = "0"            # bytes per second, 0 = unlimited
     read_policy = "redirect"   # or "hydrate"
     retries = 3
@@ -30,11 +30,6 @@ from typing import Any, Mapping
 from ..errors import MirrorError
 from ..sizes import parse_size
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 READ_POLICIES = ("redirect", "hydrate")
 TRACK_SIZE_MIN = 4096
 TRACK_SIZE_MAX = 16 << 20
@@ -48,24 +43,27 @@ class ConfigError(MirrorError, ValueError):
 class CopyConfig:
     """How a background copy runs.
 
-    copiers: copier threads.  batch_size: the largest copy I/O in bytes (a
-    multiple of the track size is used).  rate: bytes per second, 0 for no
-    limit.  retries: attempts per failing track before the job pauses.
-    read_policy: ``"redirect"`` serves a read of a not-yet-restored track from
-    the source; ``"hydrate"`` copies the track first.
+    copiers: copier threads, 0 (the default) to let the core choose from the
+    volumes (2 for files and block devices, 4 for remote stores).
+    batch_size: the largest copy I/O in bytes (a multiple of the track size
+    is used), 0 (the default) to let the core choose (4 MiB); see
+    docs/copier.md.  rate: bytes per second, 0 for no limit.  retries:
+    attempts per failing track before the job pauses.  read_policy:
+    ``"redirect"`` serves a read of a not-yet-restored track from the
+    source; ``"hydrate"`` copies the track first.
     """
 
-    copiers: int = 2
-    batch_size: int = 1 << 20
+    copiers: int = 0
+    batch_size: int = 0
     rate: int = 0
     retries: int = 3
     read_policy: str = "redirect"
 
     def __post_init__(self) -> None:
-        if not 1 <= self.copiers <= 64:
-            raise ConfigError(f"copiers must be between 1 and 64, got {self.copiers}")
-        if not 4096 <= self.batch_size <= 256 << 20:
-            raise ConfigError(f"batch_size must be between 4K and 256M, got {self.batch_size}")
+        if not 0 <= self.copiers <= 64:
+            raise ConfigError(f"copiers must be between 1 and 64 (0 = auto), got {self.copiers}")
+        if self.batch_size != 0 and not 4096 <= self.batch_size <= 256 << 20:
+            raise ConfigError(f"batch_size must be between 4K and 256M (0 = auto), got {self.batch_size}")
         if self.rate < 0:
             raise ConfigError(f"rate must not be negative, got {self.rate}")
         if not 1 <= self.retries <= 100:
@@ -118,6 +116,17 @@ def find_config(explicit: "str | os.PathLike[str] | None" = None) -> "Path | Non
 _KEYS = {"track_size", "copiers", "batch_size", "rate", "retries", "read_policy"}
 
 
+def _auto(name: str, value: Any, convert: Any) -> int:
+    """0 for "auto" (the core chooses), else the converted value (which
+    must not be 0 in a file: "auto" says it)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    n = int(convert(value))
+    if n == 0:
+        raise ConfigError(f"{name} = 0 is not valid; write {name} = \"auto\" to let pymirror choose")
+    return n
+
+
 def settings_from_mapping(data: Mapping[str, Any], source: "str | None" = None) -> Settings:
     where = f" in {source}" if source else ""
     unknown = set(data) - _KEYS
@@ -128,8 +137,8 @@ def settings_from_mapping(data: Mapping[str, Any], source: "str | None" = None) 
         )
     try:
         copy = CopyConfig(
-            copiers=int(data.get("copiers", 2)),
-            batch_size=parse_size(data.get("batch_size", 1 << 20), "batch_size"),
+            copiers=_auto("copiers", data.get("copiers", "auto"), int),
+            batch_size=_auto("batch_size", data.get("batch_size", "auto"), lambda v: parse_size(v, "batch_size")),
             rate=parse_size(data.get("rate", 0), "rate"),
             retries=int(data.get("retries", 3)),
             read_policy=str(data.get("read_policy", "redirect")),
@@ -150,6 +159,11 @@ def load_settings(explicit: "str | os.PathLike[str] | None" = None) -> Settings:
     path = find_config(explicit)
     if path is None:
         return Settings()
+    # imported here: most commands run without a configuration file
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
     try:
         with open(path, "rb") as fh:
             doc = tomllib.load(fh)
