@@ -296,19 +296,26 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
     return rc;
 }
 
+/* A command's copy settings: the caller's (of any struct size the ABI
+ * accepts) or the defaults, checked against the pair. */
+static int take_config(pm_pair *p, const struct pm_copy_config *cfg, struct pm_copy_config *mine,
+                       const char *func)
+{
+    int rc = 0;
+    if (cfg == NULL)
+        config_defaults(mine);
+    else
+        rc = import_config(cfg, mine, func);
+    return rc ? rc : check_config(p, mine, func);
+}
+
 int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *cfg)
 {
     struct pm_copy_config mine;
-    int rc = 0;
-    if (cfg == NULL)
-        config_defaults(&mine);
-    else
-        rc = import_config(cfg, &mine, __func__);
-    cfg = &mine;
-    if (rc == 0)
-        rc = check_config(p, &mine, __func__);
+    int rc = take_config(p, cfg, &mine, __func__);
     if (rc)
         return rc;
+    cfg = &mine;
     pthread_rwlock_wrlock(&p->cmd_lock);
     int s = pm_pair_state(p);
     if (s == PM_STATE_NEW && incremental)
@@ -329,16 +336,10 @@ uint64_t pm_pair_mirror_invalid(const pm_pair *p) { return pm_job_mirror_invalid
 int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_copy_config *cfg)
 {
     struct pm_copy_config mine;
-    int rc = 0;
-    if (cfg == NULL)
-        config_defaults(&mine);
-    else
-        rc = import_config(cfg, &mine, __func__);
-    cfg = &mine;
-    if (rc == 0)
-        rc = check_config(p, &mine, __func__);
+    int rc = take_config(p, cfg, &mine, __func__);
     if (rc)
         return rc;
+    cfg = &mine;
     pthread_rwlock_wrlock(&p->cmd_lock);
     int s = pm_pair_state(p);
     uint64_t invalid = pm_job_mirror_invalid(p);

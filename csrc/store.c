@@ -571,16 +571,26 @@ int pm_store_read(pm_store *s, void *buf, uint64_t len, uint64_t offset)
     return s->ops->read(s->ctx, buf, len, offset);
 }
 
-int pm_store_write(pm_store *s, const void *buf, uint64_t len, uint64_t offset)
+/* The checks every write-like call makes first: range, read-only, an
+ * injected fault.  0 to go on (also for len 0, which writes nothing). */
+static int write_allowed(pm_store *s, uint64_t len, uint64_t offset, const char *func)
 {
-    int rc = check_io(s, len, offset, __func__);
+    int rc = check_io(s, len, offset, func);
     if (rc || len == 0)
         return rc;
     if (s->readonly)
-        return PM_FAIL(-EROFS, "%s: the volume is open read-only", s->path);
+        return pm_fail(func, -EROFS, "%s: the volume is open read-only", s->path);
     if ((rc = fault_hit(s, PM_FAULT_WRITE, len, offset)) != 0)
-        return PM_FAIL(rc, "%s: injected fault on write at %llu", s->path[0] ? s->path : "memory",
+        return pm_fail(func, rc, "%s: injected fault on write at %llu", s->path[0] ? s->path : "memory",
                        (unsigned long long)offset);
+    return 0;
+}
+
+int pm_store_write(pm_store *s, const void *buf, uint64_t len, uint64_t offset)
+{
+    int rc = write_allowed(s, len, offset, __func__);
+    if (rc || len == 0)
+        return rc;
     return s->ops->write(s->ctx, buf, len, offset);
 }
 
@@ -591,14 +601,9 @@ int pm_store_flush(pm_store *s)
 
 int pm_store_write_zeroes(pm_store *s, uint64_t len, uint64_t offset, unsigned flags)
 {
-    int rc = check_io(s, len, offset, __func__);
+    int rc = write_allowed(s, len, offset, __func__);
     if (rc || len == 0)
         return rc;
-    if (s->readonly)
-        return PM_FAIL(-EROFS, "%s: the volume is open read-only", s->path);
-    if ((rc = fault_hit(s, PM_FAULT_WRITE, len, offset)) != 0)
-        return PM_FAIL(rc, "%s: injected fault on write at %llu", s->path[0] ? s->path : "memory",
-                       (unsigned long long)offset);
     if (s->ops->write_zeroes != NULL) {
         rc = s->ops->write_zeroes(s->ctx, len, offset, flags);
         if (rc != -EOPNOTSUPP && rc != -ENOSYS)
