@@ -285,7 +285,7 @@ def test_state_enum_matches_the_c_core_and_compares_as_strings() -> None:
 
 def test_config_error_is_a_mirror_error() -> None:
     with pytest.raises(MirrorError):
-        CopyConfig(copiers=0)
+        CopyConfig(copiers=1000)          # 0 means auto; more than 64 is refused
     assert issubclass(ConfigError, ValueError)
 
 
