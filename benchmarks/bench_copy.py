@@ -71,7 +71,8 @@ def run_child(argv: list[str]) -> tuple[float, float]:
     rss_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"pm-bench-rss-{os.getpid()}"
     wrapped = [timer, "-f", "%M", "-o", str(rss_file)] + argv if timer else argv
     t0 = time.perf_counter()
-    proc = subprocess.run(wrapped, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # cwd="/": a `python -c` child would import the source tree from the working directory
+    proc = subprocess.run(wrapped, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, f"{argv[0]} failed: {proc.stderr.decode().strip()[-300:]}"
     rss = 0.0
@@ -144,7 +145,7 @@ def test_default_copy_vs_peers(benchmark, tools, tmp_path, scale, kind, size_mib
                 if pair.state != "split":
                     pair.split()
         tools.drop_caches()
-        subprocess.run(PYMIRROR[:2] + ["import pymirror.cli, pymirror._core"], check=True)
+        subprocess.run(PYMIRROR[:2] + ["import pymirror.cli, pymirror._core"], check=True, cwd="/")
         return run_child(PYMIRROR + [kind, str(meta)])
 
     contenders = {
