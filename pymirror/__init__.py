@@ -37,6 +37,7 @@ from .volume import Volume
 
 if TYPE_CHECKING:
     from .tables import Bitmap, TrackTable
+    from .service.client import connect
 
 
 def __getattr__(name: str) -> Any:
@@ -46,6 +47,9 @@ def __getattr__(name: str) -> Any:
     if name in ("Bitmap", "TrackTable"):
         from . import tables
         return getattr(tables, name)
+    if name == "connect":    # the daemon client (sockets, JSON): a third of the import otherwise
+        from .service.client import connect
+        return connect
     raise AttributeError(f"module 'pymirror' has no attribute {name!r}")
 
 __version__ = "0.1.0"
@@ -55,7 +59,6 @@ __all__ = [
     "ForeignMetadataError", "GeometryError", "InUseError", "Job", "JobError", "JobPausedError",
     "MirrorError", "Pair", "Progress", "RangeError", "ReadOnlyError", "STATES", "Settings", "State",
     "StateError", "TrackTable", "Volume",
-    "get_include", "get_library_dir", "load_settings", "__version__",
+    "connect", "get_include", "get_library_dir", "load_settings", "__version__",
 ]
 
-from .service.client import connect  # noqa: E402  (the daemon client; pymirror/service/)
