@@ -124,27 +124,24 @@ def test_default_copy_vs_peers(benchmark, tools, tmp_path, scale, kind, size_mib
                 pair.split()            # ready for the next rep
         return t, tools.peak_rss_mib()
 
-    def command() -> tuple[float, float]:
+    def prepare_command() -> None:
         fresh_out()
         if kind == "establish":
             with pymirror.Pair.open(meta) as pair:
                 if pair.state != "split":
                     pair.split()
         tools.drop_caches()
-        t, rss = run_child(PYMIRROR + [kind, str(meta)])
-        return t, rss
+
+    def command() -> tuple[float, float]:
+        prepare_command()
+        return run_child(PYMIRROR + [kind, str(meta)])
 
     def command_warm() -> tuple[float, float]:
         """The same command after the cache drop, but with the interpreter,
         the package and its libraries read back into the page cache first (by
         an untimed ``import pymirror.cli``): a user's second command.  The
         volumes stay cold."""
-        fresh_out()
-        if kind == "establish":
-            with pymirror.Pair.open(meta) as pair:
-                if pair.state != "split":
-                    pair.split()
-        tools.drop_caches()
+        prepare_command()
         subprocess.run(PYMIRROR[:2] + ["import pymirror.cli, pymirror._core"], check=True, cwd="/")
         return run_child(PYMIRROR + [kind, str(meta)])
 
