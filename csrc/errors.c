@@ -45,6 +45,9 @@ const char *pm_strerror(int code)
     case PM_E_TIMEDOUT: return "timed out";
     case PM_E_CLOSED: return "object is closed";
     case PM_E_BUSY: return "volume is in use by another pair";
+    case PM_E_OUTSIDE: return "volume was changed outside pymirror";
+    case PM_E_DETACHED: return "mirror is detached";
+    case PM_E_NOLIB: return "optional library is not installed";
     default: break;
     }
     if (code < 0 && code > -4096) {

@@ -78,6 +78,10 @@ struct disk_header {
     uint32_t reserved;
     int64_t job_error_track;   /* its track (meaningful when job_error != 0) */
     uint64_t mirror_invalid;   /* mirror tracks not part of a point-in-time image */
+    /* -- format 2, branch detach: the detach record -- */
+
+    /* -- format 2, branch metatrust: volume identities, change stamps -- */
+
 };
 #define FLAG_INCREMENTAL 1u
 #define FLAG_PROTECT 2u

@@ -46,6 +46,9 @@ _PROJECT_ERRORS: dict[int, type[Exception]] = {
     lib.PM_E_JOB: errors.JobError,
     lib.PM_E_CLOSED: errors.ClosedError,
     lib.PM_E_BUSY: errors.BusyError,   # added on branch core
+    lib.PM_E_OUTSIDE: errors.ChangedOutsideError,
+    lib.PM_E_DETACHED: errors.DetachedError,
+    lib.PM_E_NOLIB: errors.MissingLibraryError,
 }
 
 # "pm_pair_write: ", "open_meta_store: ": the C function that failed

@@ -77,5 +77,22 @@ class BusyError(MirrorError, OSError):
         return str(self.strerror)
 
 
+class ChangedOutsideError(MirrorError, RuntimeError):
+    """A volume was changed outside pymirror since the pair last closed
+    cleanly, so its CHANGED table cannot be trusted: an incremental job is
+    refused.  ``--compare`` (copy only the tracks that differ) or
+    ``--trust`` (proceed anyway) are the ways on."""
+
+
+class DetachedError(MirrorError, RuntimeError):
+    """The mirror was detached after an error on it: it is no point-in-time
+    image, so a restore from it is refused; an incremental establish repairs it."""
+
+
+class MissingLibraryError(MirrorError, OSError):
+    """An optional library (librbd, libnbd, a TLS library) is not installed;
+    the message names the Debian package that provides it."""
+
+
 class DaemonUnreachable(MirrorError, ConnectionError):
     """No pymirror daemon listens on the control socket (or it went away)."""

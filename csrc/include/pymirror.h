@@ -68,7 +68,10 @@ enum pm_error {
     PM_E_JOB = -4104,       /* the copy job stopped on an error (see progress) */
     PM_E_TIMEDOUT = -4105,  /* a wait ran out of time; nothing is wrong */
     PM_E_CLOSED = -4106,    /* the object is closing or closed */
-    PM_E_BUSY = -4107       /* a volume or metadata file is in use by another pair */
+    PM_E_BUSY = -4107,      /* a volume or metadata file is in use by another pair */
+    PM_E_OUTSIDE = -4108,   /* a volume was changed outside pymirror (incremental refused) */
+    PM_E_DETACHED = -4109,  /* the mirror is detached after an error (not a point-in-time image) */
+    PM_E_NOLIB = -4110      /* an optional library (librbd, libnbd, TLS) is not installed */
 };
 
 /* Name of a code: "Input/output error", "pair is in the wrong state", ...
@@ -366,6 +369,8 @@ struct pm_copy_config {
     uint64_t rate_bytes;    /* bytes per second for the background copy, 0 = unlimited */
     uint32_t retries;       /* attempts per failed track copy before the job pauses (default 3) */
     int32_t read_policy;    /* enum pm_read_policy */
+    /* -- 0.3 fields, branch pace (issue 13) -- */
+
 };
 
 /* Fill a config with the defaults above (the fields of version 0.2; size
@@ -401,6 +406,12 @@ struct pm_progress {
     uint64_t commits;          /* metadata commits since the pair was opened */
     uint64_t syncs;            /* data and metadata syncs those commits made */
     uint64_t mirror_invalid;   /* mirror tracks not part of a point-in-time image (0: consistent) */
+    /* -- 0.3 fields, branch pace (issue 13) -- */
+
+    /* -- 0.3 fields, branch sparse (issue 13) -- */
+
+    /* -- 0.3 fields, branch compare (issue 16) -- */
+
 };
 
 /* A new pair over two stores of equal size, in state NEW. */
@@ -521,6 +532,20 @@ int pm_pair_open_meta_store(pm_store *meta, pm_store *standard, pm_store *mirror
 int pm_pair_commit(pm_pair *p);
 /* Settings for the current and later jobs (used by resume after open). */
 int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg);
+
+/* ---- branch pace: latency-aware pacing, hot tracks first, exact rate (issue 13) ---- */
+
+/* ---- branch sparse: holes and zeros, block status, plans (issue 13) ---- */
+
+/* ---- branch compare: comparing the two sides in C, compare-restore, adopt (issue 16) ---- */
+
+/* ---- branch metatrust: volume identity, changes outside pymirror, metadata check and relocate (issue 16) ---- */
+
+/* ---- branch detach: a failing mirror detaches, FUA-light (issue 16) ---- */
+
+/* ---- branch nbdstore: NBD volumes over libnbd, loaded at run time (issue 14) ---- */
+
+/* ---- branch rbd: RBD volumes over librbd, loaded at run time (issue 14) ---- */
 
 /* PM_CDEF_END */
 
