@@ -183,6 +183,15 @@ def _given(copy: dict[str, Any]) -> dict[str, Any]:
 def connect_or_none(control: Optional[str]) -> Any:
     """A client of the daemon at ``control`` (None: ``$PYMIRROR_CONTROL``,
     then the default path), or None when no daemon listens there."""
+    import stat
+
+    from .service.paths import control_path
+
+    try:       # no socket there: no daemon, and no need to load the client
+        if not stat.S_ISSOCK(os.stat(control_path(control)).st_mode):
+            return None
+    except OSError:
+        return None
     from .service.client import connect
     from .service.protocol import DaemonUnreachable
 
