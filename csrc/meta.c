@@ -122,6 +122,8 @@ struct pm_meta {
     pm_atomic_int need_full;    /* the next commit must refresh PENDING (a job began) */
     pm_atomic_u64 host_clears;  /* PENDING bits of the standard cleared (pm_meta_std_cleared) */
     uint64_t host_clears_durable;   /* ... as of the last full commit (m->lock) */
+    int flush_full;             /* PYMIRROR_FLUSH_FULL_COMMIT=1: every host flush commits fully (as before
+                                   FUA-light; for benchmarks and diagnosis) */
     uint32_t crc[NTABLES];      /* of the tables in snap */
     int have_snap;              /* snap holds a full snapshot */
 };
@@ -180,6 +182,8 @@ int pm_meta_new(const struct pm_meta_binding *b, struct pm_meta **out)
     }
     pthread_mutex_init(&m->lock, NULL);
     m->last_clean = 1;          /* nothing to mark clean without a store */
+    const char *ff = getenv("PYMIRROR_FLUSH_FULL_COMMIT");
+    m->flush_full = ff != NULL && ff[0] != 0 && ff[0] != '0';
     *out = m;
     return 0;
 }
@@ -754,7 +758,7 @@ int pm_meta_flush_commit(struct pm_meta *m)
     /* host_clears_durable is written under the lock; a clear counted after
      * this read is covered by a later flush (its write completed after
      * this flush began). */
-    int full = pm_load_seqcst(&m->host_clears) != m->host_clears_durable;
+    int full = m->flush_full || pm_load_seqcst(&m->host_clears) != m->host_clears_durable;
     pthread_mutex_unlock(&m->lock);
     if (full)
         return pm_meta_commit(m);
