@@ -348,3 +348,38 @@ def test_a_full_filesystem_under_the_mirror(tmp_path, small_tmpfs):
     pair.establish(incremental=True).wait()
     assert_equal_sides(pair)
     pair.close()
+
+
+def test_daemon_keeps_the_copy_error_across_a_restart_then_logs_the_detach(tmp_path, small_tmpfs):
+    """Through the daemon: the establish onto a full filesystem pauses with
+    ENOSPC, and after a restart the error is still there; a host write over
+    NBD then detaches the mirror (success to the client), which ``status``
+    and the log show; once there is room an incremental establish repairs."""
+    pair = file_pair(tmp_path, small_tmpfs)
+    pair.close()
+    meta = tmp_path / "p.meta"
+    daemon = cli_util.Daemon(tmp_path, meta)
+    pm = lambda *a, **kw: cli_util.run("--control", daemon.control, *a, **kw)   # noqa: E731
+    try:
+        assert "No space left" in cli_util.one_line_error(pm("establish", meta, check=False), 1)
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    daemon = cli_util.Daemon(tmp_path, meta)
+    try:
+        q = json.loads(pm("query", meta, "--json").stdout)
+        assert q["state"] == "syncing" and q["job"]["paused"] and "No space left" in q["job"]["error"]
+        assert "stays paused on an error" in daemon.output()
+        c, _, _ = nbd_util.connect(str(daemon.nbd), "p")
+        c.request(P.CMD_WRITE, 60 * TRACK, TRACK, b"\x5a" * TRACK, flags=P.CMD_FLAG_FUA, cookie=1)
+        assert c.reply()[:2] == (0, 1)                         # the host is not failed
+        c.request(P.CMD_READ, 60 * TRACK, 16, cookie=2)
+        assert c.reply(16) == (0, 2, b"\x5a" * 16)
+        cli_util.wait_until(lambda: "DETACHED" in daemon.output(), what="the detach to be logged")
+        q = json.loads(pm("query", meta, "--json").stdout)
+        assert q["state"] == "detached" and q["detached"]["errno"] == "ENOSPC"
+        assert "DETACHED" in pm("status").stdout or "detached" in pm("status").stdout
+        subprocess.run(["mount", "-o", "remount,size=16m", str(small_tmpfs)], check=True)
+        pm("establish", "--incremental", meta)
+        assert pm("verify", meta).returncode == 0
+    finally:
+        assert daemon.stop() == 0, daemon.output()
