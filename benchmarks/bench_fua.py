@@ -2,7 +2,7 @@
 after, against nbdkit and qemu-nbd, same run, reps interleaved.
 
 Run:  pytest benchmarks/bench_fua.py --benchmark-only -s
-      (PM_BENCH_MIB=16 export size, PM_BENCH_REPS=3, PM_BENCH_SECONDS=5 per fio run)
+      (PM_BENCH_MIB=4 export size, PM_BENCH_REPS=3, PM_BENCH_SECONDS=5 per fio run)
       CI runs it with --benchmark-disable: 1 MiB, one rep, 1 s.
 
 Servers, each over its own copy of a zeroed image, on unix sockets:
@@ -110,7 +110,7 @@ class Servers:
 
 @pytest.fixture
 def servers(tmp_path, benchmark):
-    size = (1 if benchmark.disabled else int(os.environ.get("PM_BENCH_MIB", "16"))) * MiB
+    size = (1 if benchmark.disabled else int(os.environ.get("PM_BENCH_MIB", "4"))) * MiB
     for name in ("nbdkit.img", "qemu.img"):
         pymirror.Volume.create(tmp_path / name, size).close()
     for name in ("pymirror", "pymirror-full"):
