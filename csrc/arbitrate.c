@@ -350,8 +350,9 @@ static int do_write_entered(pm_pair *p, int side, const struct wsrc *src, uint64
  * standard, bit 1 the mirror) durable, with the metadata they need: one
  * data sync per side, then pm_meta_flush_commit, which commits fully only
  * if a PENDING bit of the standard was cleared since the last full commit
- * (a restore is running or just ended), and otherwise only makes durable the write-intent not yet durable
- * (normally none: each write waited for its own).  A mirror that fails its
+ * (a restore is running or just ended), and otherwise only makes durable
+ * the write-intent not yet durable (normally none: each write waited for
+ * its own).  A mirror that fails its
  * sync while the pair mirrors detaches (the host's flush succeeds); a
  * detached mirror is not synced at all. */
 static int make_durable(pm_pair *p, unsigned mask)
