@@ -24,10 +24,20 @@
  *  ESTABLISHED: writes go to both sides under the track lock, so concurrent
  *   overlapping writers leave both sides identical.
  *  NEW, SPLIT, RESTORED: each side is written alone and marks its CHANGED.
+ *  DETACHED: the standard alone (the mirror failed; see below).
+ *
+ * A failing mirror never fails the host (docs/states.md): a host write or
+ * flush that succeeds on the standard and fails on the mirror while SYNCING
+ * or ESTABLISHED detaches the mirror (job.c) and succeeds; during an
+ * unprotected restore it pauses the job and stops mirroring instead.  A
+ * failing standard fails the host's I/O (and pauses a restore).
  *
  * The state is read once per I/O (acquire) under cmd_lock held for reading,
  * so commands cannot change it meanwhile; only the end of a copy can (the
- * copier moves SYNCING -> ESTABLISHED or RESTORING -> RESTORED/ESTABLISHED).
+ * copier moves SYNCING -> ESTABLISHED or RESTORING -> RESTORED/ESTABLISHED),
+ * and a detach (a host I/O moves SYNCING/ESTABLISHED -> DETACHED; a writer
+ * that still acts on the older state writes the mirror too, harmlessly: its
+ * tracks are CHANGED(standard) whatever happens there).
  * Acting on the older state is still right: once no track is PENDING, the
  * RESTORING and SYNCING paths do exactly what RESTORED and ESTABLISHED do.
  */
