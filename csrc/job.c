@@ -37,7 +37,7 @@ void pm_job_end_locked(pm_pair *p)
         pm_store_relaxed(&p->mirror_invalid, 0);   /* the mirror is a whole image again */
         p->detach_error = 0;                       /* ... repaired, if it was detached */
         p->detach_track = -1;
-        p->detach_time = 0;
+        p->detach_time_ns = 0;
     }
     pm_store_release(&p->state, pm_job_done_state(p->target, pm_load_relaxed(&p->protect)));
 }
@@ -225,7 +225,7 @@ int pm_job_detach(pm_pair *p, int rc, uint64_t track)
     p->detach_track = (int64_t)track;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    p->detach_time = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+    p->detach_time_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
     /* release: host I/O that sees DETACHED writes the standard alone */
     pm_store_release(&p->state, PM_STATE_DETACHED);
     pthread_cond_broadcast(&p->cond);

@@ -97,7 +97,7 @@ struct pm_pair {
      * seconds).  detach_error 0: none.  Cleared when an establish completes. */
     int detach_error;
     int64_t detach_track;
-    double detach_time;
+    uint64_t detach_time_ns;
     int detached_job;            /* the job that was running ended by a detach (pm_pair_wait says so) */
 
     /* rate limit: a token bucket under rate_mu */

@@ -219,14 +219,14 @@ static void put_detach_record(struct disk_header *h, const struct pm_meta_status
         return;
     h->detach_error = st->detach_error;
     h->detach_track = st->detach_track;
-    h->detach_time_ns = st->detach_time > 0 ? (uint64_t)(st->detach_time * 1e9) : 0;
+    h->detach_time_ns = st->detach_time_ns;
 }
 
 static void get_detach_record(const struct disk_header *h, struct pm_meta_status *st)
 {
     st->detach_error = h->detach_error;
     st->detach_track = h->detach_error ? h->detach_track : -1;
-    st->detach_time = h->detach_error ? (double)h->detach_time_ns / 1e9 : 0;
+    st->detach_time_ns = h->detach_error ? h->detach_time_ns : 0;
 }
 
 /* A full commit need not flush the mirror when nothing durable is expected

@@ -29,7 +29,7 @@ struct pm_meta_status {
     /* branch detach: the detach record (detach_error 0: not detached) */
     int32_t detach_error;
     int64_t detach_track;
-    double detach_time;        /* seconds since the Unix epoch */
+    uint64_t detach_time_ns;   /* ns since the Unix epoch */
 };
 
 /* What the metadata describes; borrowed, must outlive the handle. */

@@ -126,7 +126,7 @@ static void meta_status(void *ctx, struct pm_meta_status *st)
     }
     st->detach_error = p->detach_error;
     st->detach_track = p->detach_track;
-    st->detach_time = p->detach_time;
+    st->detach_time_ns = p->detach_time_ns;
     pthread_mutex_unlock(&p->mu);
 }
 
@@ -672,7 +672,7 @@ int pm_pair_detach_info(const pm_pair *cp, struct pm_detach_info *out)
     pthread_mutex_lock(&p->mu);
     out->error = p->detach_error;
     out->track = p->detach_error ? p->detach_track : -1;
-    out->time = p->detach_error ? p->detach_time : 0;
+    out->time = p->detach_error ? (double)p->detach_time_ns / 1e9 : 0;
     pthread_mutex_unlock(&p->mu);
     return 0;
 }
