@@ -24,10 +24,20 @@
  *  ESTABLISHED: writes go to both sides under the track lock, so concurrent
  *   overlapping writers leave both sides identical.
  *  NEW, SPLIT, RESTORED: each side is written alone and marks its CHANGED.
+ *  DETACHED: the standard alone (the mirror failed; see below).
+ *
+ * A failing mirror never fails the host (docs/states.md): a host write or
+ * flush that succeeds on the standard and fails on the mirror while SYNCING
+ * or ESTABLISHED detaches the mirror (job.c) and succeeds; during an
+ * unprotected restore it pauses the job and stops mirroring instead.  A
+ * failing standard fails the host's I/O (and pauses a restore).
  *
  * The state is read once per I/O (acquire) under cmd_lock held for reading,
  * so commands cannot change it meanwhile; only the end of a copy can (the
- * copier moves SYNCING -> ESTABLISHED or RESTORING -> RESTORED/ESTABLISHED).
+ * copier moves SYNCING -> ESTABLISHED or RESTORING -> RESTORED/ESTABLISHED),
+ * and a detach (a host I/O moves SYNCING/ESTABLISHED -> DETACHED; a writer
+ * that still acts on the older state writes the mirror too, harmlessly: its
+ * tracks are CHANGED(standard) whatever happens there).
  * Acting on the older state is still right: once no track is PENDING, the
  * RESTORING and SYNCING paths do exactly what RESTORED and ESTABLISHED do.
  */
@@ -115,7 +125,10 @@ static int check_io(const pm_pair *p, int side, uint64_t len, uint64_t off, cons
     return 0;
 }
 
-static int mirror_readable(int state) { return state != PM_STATE_NEW && state != PM_STATE_SYNCING; }
+static int mirror_readable(int state)
+{
+    return state != PM_STATE_NEW && state != PM_STATE_SYNCING && state != PM_STATE_DETACHED;
+}
 static int mirror_writable(int state) { return state == PM_STATE_SPLIT || state == PM_STATE_RESTORED; }
 
 static int is_mirrored(pm_pair *p, int state)
@@ -192,7 +205,10 @@ int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
     pthread_rwlock_rdlock(&p->cmd_lock);
     int state = pm_pair_state(p);
     if (side == PM_MIRROR) {
-        if (!mirror_readable(state))
+        if (state == PM_STATE_DETACHED)
+            rc = PM_FAIL(PM_E_DETACHED, "the mirror is detached after an error: it is no point-in-time "
+                         "image; establish repairs it");
+        else if (!mirror_readable(state))
             rc = PM_FAIL(PM_E_STATE, "the pair is %s; the mirror is readable when established, "
                          "split, restoring or restored", pm_state_name(state));
         else
@@ -248,8 +264,8 @@ static int write_restoring_track(pm_pair *p, uint64_t t, const struct wsrc *src,
         if (*tbuf == NULL && (*tbuf = malloc(p->track_size)) == NULL)
             return PM_FAIL(-ENOMEM, "out of memory");
         rc = pm_store_read(p->store[PM_MIRROR], *tbuf, tlen, toff);
-        if (rc)
-            return rc;
+        if (rc)   /* the restore's source fails: the host's write cannot be merged */
+            return pm_job_restore_write_failed(p, PM_STANDARD, rc, t);
         if (src->buf != NULL)
             memcpy(*tbuf + (off - toff), src->buf + rel, (size_t)len);
         else
@@ -261,11 +277,27 @@ static int write_restoring_track(pm_pair *p, uint64_t t, const struct wsrc *src,
             pm_job_clear_pending(p, PM_STANDARD, t, &p->tracks_merged);
         }
     }
-    if (rc == 0 && mirrored)
+    if (rc)   /* a failing standard: the host gets the error, the job pauses on it */
+        return pm_job_restore_write_failed(p, PM_STANDARD, rc, t);
+    if (mirrored && pm_load_relaxed(&p->protect) == 0) {
         rc = store_put(p->store[PM_MIRROR], src, rel, len, off);
+        if (rc)   /* the mirror is the restore's source: pause, stop mirroring, the write stands */
+            rc = pm_job_restore_write_failed(p, PM_MIRROR, rc, t);
+    }
     return rc;
 }
 
+/* A host write reached the standard but failed on the mirror (SYNCING or
+ * ESTABLISHED, cmd_lock held for reading): a failing mirror never fails the
+ * host.  The pair detaches (job.c) and the write succeeds; PM__DETACHED
+ * tells the caller to write the standard alone from now on. */
+#define PM__DETACHED 1
+static int mirror_failed(pm_pair *p, int rc, uint64_t t)
+{
+    return pm_job_detach(p, rc, t) ? PM__DETACHED : rc;
+}
+
+/* Returns 0, PM__DETACHED (the write is done, the mirror detached) or an error. */
 static int write_locked(pm_pair *p, int side, int state, const struct wsrc *src, uint64_t len,
                         uint64_t offset, uint64_t t0, uint64_t t1, unsigned *flush_mask)
 {
@@ -293,8 +325,10 @@ static int write_locked(pm_pair *p, int side, int state, const struct wsrc *src,
     rc = store_put(p->store[PM_STANDARD], src, 0, len, offset);
     if (rc || !mirrored)
         return rc;
-    if (state != PM_STATE_SYNCING)
-        return store_put(p->store[PM_MIRROR], src, 0, len, offset);
+    if (state != PM_STATE_SYNCING) {
+        rc = store_put(p->store[PM_MIRROR], src, 0, len, offset);
+        return rc ? mirror_failed(p, rc, t0) : 0;
+    }
     /* SYNCING: whole PENDING mirror tracks are written and cleared; partial
      * ones stay PENDING for the copier, which copies them from the standard. */
     pm_bitmap *pending = p->table[PM_MIRROR]->flags[PM_PENDING];
@@ -310,13 +344,48 @@ static int write_locked(pm_pair *p, int side, int state, const struct wsrc *src,
             if (rc == 0)
                 pm_job_clear_pending(p, PM_MIRROR, t, &p->tracks_skipped);
         }
+        if (rc)
+            return mirror_failed(p, rc, t);
         off += n;
     }
-    return rc;
+    return 0;
 }
 
 static int do_write_entered(pm_pair *p, int side, const struct wsrc *src, uint64_t len, uint64_t offset,
                             unsigned flags, const char *func);
+
+/* ---- durability: FUA and flush (FUA-light, docs/format.md) ----------------
+ *
+ * Make the writes already completed on the sides in `mask` (bit 0 the
+ * standard, bit 1 the mirror) durable, with the metadata they need: one
+ * data sync per side, then pm_meta_flush_commit, which commits fully only
+ * if a PENDING bit of the standard was cleared since the last full commit
+ * (a restore is running or just ended), and otherwise only makes durable
+ * the write-intent not yet durable (normally none: each write waited for
+ * its own).  A mirror that fails its
+ * sync while the pair mirrors detaches (the host's flush succeeds); a
+ * detached mirror is not synced at all. */
+static int make_durable(pm_pair *p, unsigned mask)
+{
+    int rc = 0;
+    if (mask & 1) {
+        rc = pm_store_flush(p->store[PM_STANDARD]);
+        if (rc && pm_pair_state(p) == PM_STATE_RESTORING)   /* reported like a copy's error */
+            return pm_job_restore_write_failed(p, PM_STANDARD, rc, UINT64_MAX);
+    }
+    if (rc == 0 && (mask & 2) && pm_pair_state(p) != PM_STATE_DETACHED) {
+        rc = pm_store_flush(p->store[PM_MIRROR]);
+        if (rc && (mask & 1)) {     /* mirrored host I/O: the mirror's failure is not the host's */
+            pthread_rwlock_rdlock(&p->cmd_lock);
+            if (pm_pair_state(p) == PM_STATE_RESTORING)
+                rc = pm_job_restore_write_failed(p, PM_MIRROR, rc, UINT64_MAX);
+            else if (pm_job_detach(p, rc, UINT64_MAX))
+                rc = 0;
+            pthread_rwlock_unlock(&p->cmd_lock);
+        }
+    }
+    return rc ? rc : pm_meta_flush_commit(p->meta);
+}
 
 static int do_write(pm_pair *p, int side, const struct wsrc *src, uint64_t len, uint64_t offset,
                     unsigned flags, const char *func)
@@ -368,17 +437,16 @@ static int do_write_entered(pm_pair *p, int side, const struct wsrc *src, uint64
         rc = pm_meta_before_write(p->meta, side, t0, t1);
         if (rc == 0)
             rc = write_locked(p, side, state, &part, n, off, t0, t1, &flush_mask);
+        if (rc == PM__DETACHED) {   /* the rest goes to the standard alone */
+            rc = 0;
+            state = PM_STATE_DETACHED;
+        }
         unlock_span(p, t0, t1);
         done += n;
     }
     pthread_rwlock_unlock(&p->cmd_lock);
-    if (rc == 0 && (flags & PM_IO_FUA)) {
-        for (int s = 0; s < 2 && rc == 0; s++)
-            if (flush_mask & (1u << s))
-                rc = pm_store_flush(p->store[s]);
-        if (rc == 0)
-            rc = pm_meta_commit(p->meta);
-    }
+    if (rc == 0 && (flags & PM_IO_FUA))
+        rc = make_durable(p, flush_mask);
     return rc;
 }
 
@@ -405,11 +473,8 @@ int pm_pair_flush(pm_pair *p, int side)
     if (side != PM_STANDARD && side != PM_MIRROR)
         return PM_FAIL(-EINVAL, "side must be PM_STANDARD or PM_MIRROR, got %d", side);
     io_enter(p);
-    int rc = pm_store_flush(p->store[side]);
-    if (rc == 0 && side == PM_STANDARD && is_mirrored(p, pm_pair_state(p)))
-        rc = pm_store_flush(p->store[PM_MIRROR]);
-    if (rc == 0)
-        rc = pm_meta_commit(p->meta);
+    unsigned mask = side == PM_MIRROR ? 2u : is_mirrored(p, pm_pair_state(p)) ? 3u : 1u;
+    int rc = make_durable(p, mask);
     io_exit(p);
     return rc;
 }

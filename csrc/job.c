@@ -16,6 +16,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "layout.h"
 
@@ -32,15 +33,34 @@ void pm_job_end_locked(pm_pair *p)
     p->error = 0;           /* host writes may have covered a track that had failed */
     p->error_track = -1;
     p->t_end = pm_now();
-    if (p->target == PM_MIRROR)
+    if (p->target == PM_MIRROR) {
         pm_store_relaxed(&p->mirror_invalid, 0);   /* the mirror is a whole image again */
+        p->detach_error = 0;                       /* ... repaired, if it was detached */
+        p->detach_track = -1;
+        p->detach_time_ns = 0;
+    }
     pm_store_release(&p->state, pm_job_done_state(p->target, pm_load_relaxed(&p->protect)));
+}
+
+/* Tracks CHANGED on either side: what an incremental establish would copy. */
+static uint64_t count_changed_either(pm_pair *p)
+{
+    const uint64_t *a = pm_bitmap_words(p->table[PM_STANDARD]->flags[PM_CHANGED]);
+    const uint64_t *b = pm_bitmap_words(p->table[PM_MIRROR]->flags[PM_CHANGED]);
+    uint64_t n = 0, words = pm_bitmap_nwords(p->table[PM_STANDARD]->flags[PM_CHANGED]);
+    for (uint64_t i = 0; i < words; i++)   /* relaxed reads: a count of a moving table */
+        n += (uint64_t)__builtin_popcountll(__atomic_load_n(&a[i], __ATOMIC_RELAXED) |
+                                            __atomic_load_n(&b[i], __ATOMIC_RELAXED));
+    return n;
 }
 
 uint64_t pm_job_mirror_invalid(pm_pair *p)
 {
-    if (pm_load_acquire(&p->state) == PM_STATE_SYNCING)
+    int state = pm_load_acquire(&p->state);
+    if (state == PM_STATE_SYNCING)
         return pm_bitmap_count(p->table[PM_MIRROR]->flags[PM_PENDING]);
+    if (state == PM_STATE_DETACHED)        /* every track the mirror may lack */
+        return count_changed_either(p);
     return pm_load_relaxed(&p->mirror_invalid);
 }
 
@@ -72,6 +92,8 @@ int pm_job_clear_pending(pm_pair *p, int side, uint64_t t, pm_atomic_u64 *counte
         return 0;
     pm_count_add(counter, 1);
     pm_meta_dirty(p->meta);
+    if (side == PM_STANDARD)
+        pm_meta_std_cleared(p->meta);   /* host flushes commit fully until this is durable */
     if (pm_fetch_sub(&p->pending_left, 1) == 1)
         pm_job_finish(p);
     return 1;
@@ -163,4 +185,78 @@ void pm_job_reopen(pm_pair *p, int state, int error, int64_t error_track)
         pm_job_end_locked(p);
         pm_meta_dirty(p->meta);
     }
+}
+
+/* ---- a failing mirror (docs/states.md, "detached") ----------------------
+ *
+ * Why the CHANGED tables are enough to repair a detached mirror: since the
+ * establish began (begin_job cleared CHANGED) every host write marked
+ * CHANGED(standard), durably before its data (write-intent), so every
+ * track a host write may have left different on the mirror is there.  What
+ * the establish still had to copy is PENDING(mirror): it moves to
+ * CHANGED(mirror).  Copies the copier finished are durable on the mirror
+ * once the mirror is flushed; if that flush fails too, no copy since the
+ * last good flush can be trusted and every track becomes CHANGED(mirror).
+ * Then a full commit records the state, the tables and the record
+ * together; it does not flush the mirror (meta.c), so the failing mirror
+ * cannot fail it. */
+int pm_job_detach(pm_pair *p, int rc, uint64_t track)
+{
+    pm_meta_lock(p->meta);          /* no commit sees half of it */
+    pthread_mutex_lock(&p->mu);
+    int state = pm_pair_state(p);
+    if (state != PM_STATE_SYNCING && state != PM_STATE_ESTABLISHED) {
+        pthread_mutex_unlock(&p->mu);
+        pm_meta_unlock(p->meta);
+        return state == PM_STATE_DETACHED;
+    }
+    if (state == PM_STATE_SYNCING && p->job_active) {
+        /* the establish ends here; copiers exit after their batch (their
+         * PENDING clears then find nothing to clear) */
+        p->job_active = 0;
+        p->paused_req = 0;
+        p->error = 0;
+        p->error_track = -1;
+        p->t_end = pm_now();
+        p->detached_job = 1;
+        pm_store_seqcst(&p->run, 0);
+    }
+    p->detach_error = rc;
+    p->detach_track = (int64_t)track;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    p->detach_time_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    /* release: host I/O that sees DETACHED writes the standard alone */
+    pm_store_release(&p->state, PM_STATE_DETACHED);
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->mu);
+    pm_bitmap *pending = p->table[PM_MIRROR]->flags[PM_PENDING];
+    pm_bitmap *chg_mir = p->table[PM_MIRROR]->flags[PM_CHANGED];
+    if (state == PM_STATE_SYNCING) {
+        pm_bitmap_union(chg_mir, pending);
+        pm_bitmap_zero(pending);
+        pm_store_seqcst(&p->pending_left, 0);
+        if (pm_store_flush(p->store[PM_MIRROR]) != 0)
+            pm_bitmap_fill(chg_mir);
+    }
+    pm_meta_dirty(p->meta);
+    pm_meta_unlock(p->meta);
+    pm_meta_commit(p->meta);        /* best effort: a close commits again */
+    return 1;
+}
+
+int pm_job_restore_write_failed(pm_pair *p, int side, int rc, uint64_t track)
+{
+    pthread_mutex_lock(&p->mu);
+    if (side == PM_MIRROR && p->target == PM_STANDARD)
+        pm_store_relaxed(&p->protect, 1);   /* host writes go to the standard alone from now on */
+    pthread_mutex_unlock(&p->mu);
+    pm_job_error(p, rc, track);             /* pauses and commits (the first error) */
+    if (side != PM_MIRROR)
+        return rc;
+    /* The write is on the standard: it succeeds once the protect flag is
+     * durable (else an unclean reopen of an unprotected restore would copy
+     * the mirror's older track over it). */
+    pm_meta_dirty(p->meta);
+    return pm_meta_commit(p->meta);
 }

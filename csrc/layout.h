@@ -92,6 +92,13 @@ struct pm_pair {
      * in the metadata header.  Written under mu. */
     pm_atomic_u64 mirror_invalid;
     double t_start, t_end;       /* monotonic seconds; t_end 0 while running */
+    /* The detach record (job.c; under mu): the mirror's error that
+     * detached the pair, the first track of the failed write, when (epoch
+     * seconds).  detach_error 0: none.  Cleared when an establish completes. */
+    int detach_error;
+    int64_t detach_track;
+    uint64_t detach_time_ns;
+    int detached_job;            /* the job that was running ended by a detach (pm_pair_wait says so) */
 
     /* rate limit: a token bucket under rate_mu */
     pthread_mutex_t rate_mu;
@@ -157,5 +164,16 @@ uint64_t pm_job_mirror_invalid(pm_pair *p);
  * recorded error), from the PENDING tables; ended at once if none is left.
  * Before any thread runs. */
 void pm_job_reopen(pm_pair *p, int state, int error, int64_t error_track);
+/* A host write or flush failed on the mirror (rc) while the pair mirrors
+ * (SYNCING or ESTABLISHED; called with cmd_lock held for reading, maybe
+ * track locks): detach the mirror (job.c's rule, docs/states.md) and commit.
+ * Returns 1 if the pair is detached now (by this call or an earlier one),
+ * 0 if it was not mirroring (the caller then reports rc). */
+int pm_job_detach(pm_pair *p, int rc, uint64_t track);
+/* A host write failed during a restore (on the standard, or on the mirror
+ * of an unprotected one): pause the job with the error; for the mirror,
+ * stop mirroring host writes (the restore ends RESTORED) and return what
+ * the host's write returns (0 once that is committed); else rc. */
+int pm_job_restore_write_failed(pm_pair *p, int side, int rc, uint64_t track);
 
 #endif

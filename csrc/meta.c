@@ -79,6 +79,10 @@ struct disk_header {
     int64_t job_error_track;   /* its track (meaningful when job_error != 0) */
     uint64_t mirror_invalid;   /* mirror tracks not part of a point-in-time image */
     /* -- format 2, branch detach: the detach record -- */
+    int32_t detach_error;      /* the mirror's error that detached it; 0: not detached */
+    uint32_t detach_reserved;
+    int64_t detach_track;      /* the first track of the write it failed */
+    uint64_t detach_time_ns;   /* when (CLOCK_REALTIME, ns since the epoch) */
 
     /* -- format 2, branch metatrust: volume identities, change stamps -- */
 
@@ -116,6 +120,10 @@ struct pm_meta {
     double last_commit;
     pm_atomic_u64 commits, syncs;
     pm_atomic_int need_full;    /* the next commit must refresh PENDING (a job began) */
+    pm_atomic_u64 host_clears;  /* PENDING bits of the standard cleared (pm_meta_std_cleared) */
+    uint64_t host_clears_durable;   /* ... as of the last full commit (m->lock) */
+    int flush_full;             /* PYMIRROR_FLUSH_FULL_COMMIT=1: every host flush commits fully (as before
+                                   FUA-light; for benchmarks and diagnosis) */
     uint32_t crc[NTABLES];      /* of the tables in snap */
     int have_snap;              /* snap holds a full snapshot */
 };
@@ -174,6 +182,8 @@ int pm_meta_new(const struct pm_meta_binding *b, struct pm_meta **out)
     }
     pthread_mutex_init(&m->lock, NULL);
     m->last_clean = 1;          /* nothing to mark clean without a store */
+    const char *ff = getenv("PYMIRROR_FLUSH_FULL_COMMIT");
+    m->flush_full = ff != NULL && ff[0] != 0 && ff[0] != '0';
     *out = m;
     return 0;
 }
@@ -201,6 +211,33 @@ void pm_meta_own_store(struct pm_meta *m) { m->own_store = 1; }
 
 /* ---- commit -------------------------------------------------------------- */
 
+/* branch detach: the detach record in a header, and back (zeros, as in a
+ * file written before it existed, read as "not detached"). */
+static void put_detach_record(struct disk_header *h, const struct pm_meta_status *st)
+{
+    if (st->detach_error == 0)
+        return;
+    h->detach_error = st->detach_error;
+    h->detach_track = st->detach_track;
+    h->detach_time_ns = st->detach_time_ns;
+}
+
+static void get_detach_record(const struct disk_header *h, struct pm_meta_status *st)
+{
+    st->detach_error = h->detach_error;
+    st->detach_track = h->detach_error ? h->detach_track : -1;
+    st->detach_time_ns = h->detach_error ? h->detach_time_ns : 0;
+}
+
+/* A full commit need not flush the mirror when nothing durable is expected
+ * of it: detached (its tracks the standard has are CHANGED), or the source
+ * of a protected restore (nothing writes it).  So a failing mirror cannot
+ * fail the commits that record its failure. */
+static int mirror_needs_no_flush(const struct pm_meta_status *st)
+{
+    return st->state == PM_STATE_DETACHED || (st->state == PM_STATE_RESTORING && st->protect);
+}
+
 /* A full commit snapshots all four tables and makes the volumes' data
  * durable first.  An intent commit (for write-intent) refreshes only the
  * CHANGED tables and the state, and writes PENDING as of the last full
@@ -212,6 +249,7 @@ static int commit_locked(struct pm_meta *m, int full, int clean)
         return 0;
     uint64_t seq = pm_load_seqcst(&m->noted);
     uint64_t dirty = pm_load_seqcst(&m->dirty);
+    uint64_t host_clears = pm_load_seqcst(&m->host_clears);   /* before the snapshot */
     unsigned char *hdr = calloc(1, SLOT_SIZE);
     if (hdr == NULL)
         return PM_FAIL(-ENOMEM, "out of memory");
@@ -256,6 +294,7 @@ static int commit_locked(struct pm_meta *m, int full, int clean)
         h.job_error = now.error;
         h.job_error_track = now.error_track;
     }
+    put_detach_record(&h, &now);
     pm_bitmap_copy(m->intent_snap[0], m->intent[0]);
     pm_bitmap_copy(m->intent_snap[1], m->intent[1]);
     for (int i = 0; i < NTABLES; i++) {
@@ -278,7 +317,7 @@ static int commit_locked(struct pm_meta *m, int full, int clean)
     int slot = (int)(h.generation % 2);
     int rc = 0;
     for (int s = 0; s < 2 && rc == 0 && full; s++)   /* data before the bits that describe it */
-        if (!m->b.data[s]->readonly)
+        if (!m->b.data[s]->readonly && !(s == PM_MIRROR && mirror_needs_no_flush(&now)))
             rc = pm_store_flush(m->b.data[s]);
     uint64_t st = slot_tables(m->table_bytes, m->intent_bytes);
     if (rc == 0)
@@ -299,6 +338,8 @@ static int commit_locked(struct pm_meta *m, int full, int clean)
     pm_bitmap_union(m->intent_durable[0], m->intent_snap[0]);
     pm_bitmap_union(m->intent_durable[1], m->intent_snap[1]);
     pm_store_seqcst(&m->durable, seq);
+    if (full)
+        m->host_clears_durable = host_clears;
     m->dirty_committed = dirty;
     m->last_clean = clean;
     return 0;
@@ -472,14 +513,14 @@ static int read_slot(pm_store *st, int slot, unsigned char *hdr, struct disk_hea
         return PM_FAIL(PM_E_FOREIGN, "%s: metadata format version %u; this pymirror reads version %u",
                        path, h->version, FORMAT_VERSION);
     uint64_t rt = h->track_size ? ((uint64_t)REGION_BYTES / h->track_size ? (uint64_t)REGION_BYTES / h->track_size : 1) : 1;
-    if (h->slot_size != SLOT_SIZE || h->ntables != NTABLES || h->state > PM_STATE_RESTORED ||
+    if (h->slot_size != SLOT_SIZE || h->ntables != NTABLES || h->state > PM_STATE_DETACHED ||
         h->region_tracks != rt || h->tracks == 0 ||
         h->intent_bytes != round4k(((h->tracks + rt - 1) / rt + 7) / 8) ||
         h->track_size < PM_TRACK_SIZE_MIN || h->track_size > PM_TRACK_SIZE_MAX ||
         (h->track_size & (h->track_size - 1)) || h->volume_size == 0 ||
         h->tracks != (h->volume_size + h->track_size - 1) / h->track_size ||
         h->table_bytes != round4k((h->tracks + 7) / 8) ||
-        h->job_error > 0 || h->mirror_invalid > h->tracks ||
+        h->job_error > 0 || h->mirror_invalid > h->tracks || h->detach_error > 0 ||
         hdr[STD_PATH_AT + PM_PATH_MAX - 1] != 0 || hdr[MIR_PATH_AT + PM_PATH_MAX - 1] != 0)
         return PM_FAIL(PM_E_CORRUPT, "%s: header slot %d has impossible values", path, slot);
     unsigned char *buf = malloc((size_t)h->table_bytes);
@@ -618,6 +659,7 @@ int pm_meta_read_header(pm_store *st, const char *label, struct pm_meta_header *
         out->status.error = h.job_error;
         out->status.error_track = h.job_error ? h.job_error_track : -1;
         out->status.mirror_invalid = h.mirror_invalid;
+        get_detach_record(&h, &out->status);
         out->clean = (h.flags & FLAG_CLEAN) != 0;
         out->track_size = h.track_size;
         out->volume_size = h.volume_size;
@@ -671,7 +713,12 @@ int pm_meta_load(struct pm_meta *m, const struct pm_meta_header *h)
         return rc;
     for (int side = 0; side < 2; side++) {   /* the intent regions on disk are durable ones */
         pm_bitmap_copy(m->intent[side], m->intent_snap[side]);
-        pm_bitmap_copy(m->intent_durable[side], m->intent_snap[side]);
+        /* ... but a header marked clean makes a reopen ignore them (the
+         * precise CHANGED tables are used alone), so until a commit marks
+         * the file unclean no region protects a write: the first write to
+         * each waits for one. */
+        if (!h->clean)
+            pm_bitmap_copy(m->intent_durable[side], m->intent_snap[side]);
     }
     if (!h->clean) {
         /* Unclean shutdown: writes may have landed after the precise CHANGED
@@ -693,4 +740,27 @@ int pm_meta_load(struct pm_meta *m, const struct pm_meta_header *h)
     memcpy(m->pair_id, h->pair_id, 16);
     m->last_commit = pm_now();
     return 0;
+}
+
+/* ---- branch detach: FUA-light ------------------------------------------ */
+
+void pm_meta_std_cleared(struct pm_meta *m)
+{
+    if (m != NULL)
+        pm_fetch_add(&m->host_clears, 1);   /* after the bit was cleared */
+}
+
+int pm_meta_flush_commit(struct pm_meta *m)
+{
+    if (m == NULL || m->store == NULL)
+        return 0;
+    pthread_mutex_lock(&m->lock);
+    /* host_clears_durable is written under the lock; a clear counted after
+     * this read is covered by a later flush (its write completed after
+     * this flush began). */
+    int full = m->flush_full || pm_load_seqcst(&m->host_clears) != m->host_clears_durable;
+    pthread_mutex_unlock(&m->lock);
+    if (full)
+        return pm_meta_commit(m);
+    return pm_meta_changed_durable(m);
 }

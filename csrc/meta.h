@@ -26,6 +26,10 @@ struct pm_meta_status {
     int32_t error;             /* the error that paused the job, or 0 */
     int64_t error_track;
     uint64_t mirror_invalid;
+    /* branch detach: the detach record (detach_error 0: not detached) */
+    int32_t detach_error;
+    int64_t detach_track;
+    uint64_t detach_time_ns;   /* ns since the Unix epoch */
 };
 
 /* What the metadata describes; borrowed, must outlive the handle. */
@@ -86,5 +90,17 @@ void pm_meta_counters(struct pm_meta *m, uint64_t *commits, uint64_t *syncs);
 /* ---- the format ---- */
 int pm_meta_open_file(const char *path, int lock, pm_store **out);
 int pm_meta_read_header(pm_store *st, const char *label, struct pm_meta_header *out);
+
+/* ---- branch detach: the detach record, FUA-light ---- */
+/* A PENDING bit of the standard was cleared (restoring: by a copy or a
+ * host write): until a full commit records it, a host flush must commit
+ * fully, or a crash would restore the track again over a write the flush
+ * made durable. */
+void pm_meta_std_cleared(struct pm_meta *m);
+/* After a host flush or FUA write made the data it covers durable: commit
+ * what that needs and no more (docs/format.md, "FUA-light"): a full commit
+ * if a PENDING bit of the standard was cleared since the last full commit, else only the
+ * write-intent not yet durable (usually nothing). */
+int pm_meta_flush_commit(struct pm_meta *m);
 
 #endif

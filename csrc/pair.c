@@ -124,6 +124,9 @@ static void meta_status(void *ctx, struct pm_meta_status *st)
         st->error = p->error;
         st->error_track = p->error_track;
     }
+    st->detach_error = p->detach_error;
+    st->detach_track = p->detach_track;
+    st->detach_time_ns = p->detach_time_ns;
     pthread_mutex_unlock(&p->mu);
 }
 
@@ -183,6 +186,7 @@ int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm
     pm_copy_config_default(&p->cfg);
     resolve_config(p, &p->cfg);        /* what a reopened job resumes with */
     p->error_track = -1;
+    p->detach_track = -1;
     p->target = PM_MIRROR;
     atomic_init(&p->state, PM_STATE_NEW);
     struct pm_meta_binding b = {
@@ -235,6 +239,18 @@ static int wrong_state(const char *func, int state, const char *what)
     return pm_fail(func, PM_E_STATE, "the pair is %s; %s", pm_state_name(state), what);
 }
 
+/* PM_E_DETACHED, naming the record: a command the detached state refuses. */
+static int detached_refusal(pm_pair *p, const char *func, const char *what)
+{
+    pthread_mutex_lock(&p->mu);
+    int err = p->detach_error;
+    long long track = (long long)p->detach_track;
+    pthread_mutex_unlock(&p->mu);
+    return pm_fail(func, PM_E_DETACHED, "the mirror was detached after an error on it (%s, track %lld): "
+                   "it is no point-in-time image, so %s; establish (--incremental copies only what it "
+                   "missed) repairs it", pm_strerror(err), track, what);
+}
+
 /* Begin a job copying towards `target` (cmd_lock held for writing). */
 static int begin_job(pm_pair *p, int target, int incremental, int protect, int new_state,
                      const struct pm_copy_config *cfg)
@@ -263,6 +279,7 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
     p->target = target;
     p->error = 0;
     p->error_track = -1;
+    p->detached_job = 0;
     p->paused_req = 0;
     p->t_start = pm_now();
     p->t_end = 0;
@@ -321,8 +338,8 @@ int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *
     if (s == PM_STATE_NEW && incremental)
         rc = wrong_state(__func__, s, "an incremental establish is allowed only when split or "
                                       "restored (a pair established once); use a full establish");
-    else if (s != PM_STATE_NEW && s != PM_STATE_SPLIT && s != PM_STATE_RESTORED)
-        rc = wrong_state(__func__, s, "establish is allowed when new, split or restored");
+    else if (s != PM_STATE_NEW && s != PM_STATE_SPLIT && s != PM_STATE_RESTORED && s != PM_STATE_DETACHED)
+        rc = wrong_state(__func__, s, "establish is allowed when new, split, restored or detached");
     else
         rc = begin_job(p, PM_MIRROR, incremental, 0, PM_STATE_SYNCING, cfg);
     if (rc == 0)
@@ -343,7 +360,9 @@ int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_co
     pthread_rwlock_wrlock(&p->cmd_lock);
     int s = pm_pair_state(p);
     uint64_t invalid = pm_job_mirror_invalid(p);
-    if (s != PM_STATE_SPLIT && s != PM_STATE_RESTORED)
+    if (s == PM_STATE_DETACHED)
+        rc = detached_refusal(p, __func__, "restore from it is refused");
+    else if (s != PM_STATE_SPLIT && s != PM_STATE_RESTORED)
         rc = wrong_state(__func__, s, "restore is allowed when split or restored");
     else if (invalid > 0)
         rc = PM_FAIL(PM_E_STATE, "the mirror is inconsistent: %llu of its tracks are not part of a "
@@ -387,7 +406,9 @@ int pm_pair_split(pm_pair *p)
     pthread_rwlock_wrlock(&p->cmd_lock);
     int s = pm_pair_state(p);
     int rc;
-    if (s != PM_STATE_ESTABLISHED && s != PM_STATE_RESTORED)
+    if (s == PM_STATE_DETACHED)
+        rc = detached_refusal(p, __func__, "a split of it would be no image of the standard either");
+    else if (s != PM_STATE_ESTABLISHED && s != PM_STATE_RESTORED)
         rc = wrong_state(__func__, s, "split is allowed only when established (or restored)");
     else
         /* From ESTABLISHED the sides are identical: CHANGED starts afresh.
@@ -471,7 +492,13 @@ int pm_pair_wait(pm_pair *p, int64_t timeout_ms)
         deadline = pm_deadline(pm_now() + (double)timeout_ms / 1000.0);
     int rc = 0;
     pthread_mutex_lock(&p->mu);
-    while (p->job_active || p->finishing) {
+    while (p->job_active || p->finishing || p->detached_job) {
+        if (p->detached_job && !p->job_active && !p->finishing) {   /* the establish ended by a detach */
+            rc = PM_FAIL(PM_E_DETACHED, "the mirror was detached at track %lld: %s; the host's writes go "
+                         "on to the standard; establish (--incremental) repairs it",
+                         (long long)p->detach_track, pm_strerror(p->detach_error));
+            break;
+        }
         if (p->job_active && p->error) {
             rc = PM_FAIL(PM_E_JOB, "the copy stopped at track %lld: %s", (long long)p->error_track,
                          pm_strerror(p->error));
@@ -634,6 +661,20 @@ int64_t pm_pair_verify(pm_pair *p, uint64_t from, uint64_t *out, uint64_t max, u
         return rc;
     *next = t;
     return n;
+}
+
+int pm_pair_detach_info(const pm_pair *cp, struct pm_detach_info *out)
+{
+    if (cp == NULL || out == NULL)
+        return PM_FAIL(-EINVAL, "the pair and out must not be NULL");
+    pm_pair *p = (pm_pair *)cp;
+    memset(out, 0, sizeof *out);
+    pthread_mutex_lock(&p->mu);
+    out->error = p->detach_error;
+    out->track = p->detach_error ? p->detach_track : -1;
+    out->time = p->detach_error ? (double)p->detach_time_ns / 1e9 : 0;
+    pthread_mutex_unlock(&p->mu);
+    return 0;
 }
 
 int pm_pair_commit(pm_pair *p)

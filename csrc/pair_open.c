@@ -144,6 +144,9 @@ static int open_on_store(pm_store *st, int own, const char *label, pm_store *sta
     pm_store_relaxed(&p->incremental, h->status.incremental);
     pm_store_relaxed(&p->protect, protect);
     pm_store_relaxed(&p->mirror_invalid, h->status.mirror_invalid);
+    p->detach_error = h->status.detach_error;   /* the detach record (zeros: none) */
+    p->detach_track = h->status.detach_track;
+    p->detach_time_ns = h->status.detach_time_ns;
     if (!h->clean && is_mirrored_state(state, protect)) {
         /* Host writes were mirrored: a crash may have landed one on one side
          * only.  Copy every track they may have touched again, in the job's

@@ -13,12 +13,12 @@ int pm_pair_state(const pm_pair *p)
 }
 
 static const char *const state_names[] = {
-    "new", "syncing", "established", "split", "restoring", "restored",
+    "new", "syncing", "established", "split", "restoring", "restored", "detached",
 };
 
 const char *pm_state_name(int state)
 {
-    if (state < 0 || state > PM_STATE_RESTORED)
+    if (state < 0 || state > PM_STATE_DETACHED)
         return "unknown";
     return state_names[state];
 }

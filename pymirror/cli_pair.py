@@ -79,7 +79,11 @@ def follow_job(t: "LocalTarget | RemoteTarget", kind: str, server: Any = None) -
             p = last or {}
             fail(f"the {kind} of {label} stopped on track {p.get('error_track')}: {p.get('error')}; "
                  f"fix the cause, then: pymirror resume {label}", EXIT_NO)
-        out(summary(kind, t.query()))
+        q = t.query()
+        if q.get("detached") and q.get("state") == "detached":
+            from .detach import describe as describe_detach
+            fail(f"the {kind} of {label} ended: {describe_detach(q['detached'], label)}", EXIT_NO)
+        out(summary(kind, q))
         if server is not None:
             note(f"still serving at {server.uri}; stop with Ctrl-C")
             wait_forever()
@@ -300,7 +304,10 @@ def print_query(label: str, info: dict[str, Any]) -> None:
     for side in ("standard", "mirror"):
         s = info[side]
         out(f"{side:<9} {s['path']}: {s['pending']} tracks pending, {s['changed']} changed")
-    if info.get("mirror_invalid"):
+    if info.get("detached"):
+        from .detach import describe as describe_detach
+        out(f"          {describe_detach(info['detached'], label)}")
+    elif info.get("mirror_invalid"):
         out(f"          the mirror is INCONSISTENT: {info['mirror_invalid']} tracks are not part of a "
             f"point-in-time image; establish again before restoring from it")
     job = info.get("job")

@@ -246,7 +246,7 @@ class Pair(Handle):
     @property
     def state(self) -> State:
         """A :class:`State`, equal to one of the strings ``new, syncing,
-        established, split, restoring, restored``."""
+        established, split, restoring, restored, detached``."""
         with self._call as p:
             code = lib.pm_pair_state(p)
         return State.from_code(code)
@@ -462,6 +462,20 @@ class Pair(Handle):
         a cancelled establish: what it left.  :meth:`restore` refuses an
         inconsistent mirror."""
         return int(lib.pm_pair_mirror_invalid(self._p))
+
+    # -- added on branch detach: a failing mirror detaches ------------------
+    @property
+    def detached(self) -> Optional[dict[str, Any]]:
+        """The detach record, or None.  When a host write or flush fails on
+        the mirror while ``syncing`` or ``established``, the host's I/O
+        succeeds on the standard and the pair goes to ``detached``: this
+        dict says why and when (``error``, ``errno``, ``track``, ``time``,
+        ``when``; see :func:`pymirror.detach.detach_info`).  ``restore`` and
+        ``split`` raise :class:`~pymirror.errors.DetachedError`; an
+        ``establish`` (incremental: only what the mirror missed) repairs it,
+        and the record is cleared when that establish completes."""
+        from .detach import detach_info
+        return detach_info(self)
 
     @contextlib.contextmanager
     def hold_io(self) -> Iterator[None]:

@@ -12,6 +12,9 @@ query_dict keys:
 - ``standard`` / ``mirror``: ``{"path", "pending", "changed"}`` (track counts);
 - ``mirror_invalid``: mirror tracks that are not part of a point-in-time
   image (0 = the mirror is consistent), and ``mirror_consistent`` (bool);
+- ``detached``: None, or the detach record when a failing mirror was
+  detached (``error``, ``errno``, ``track``, ``time``, ``when``; see
+  :mod:`pymirror.detach`);
 - ``job``: None when no copy exists; while an establish or restore exists
   (running or paused) a dict with ``kind`` (``"establish"``/``"restore"``),
   ``tracks_total``, ``tracks_pending``, ``tracks_done``, ``paused``, ``error``,
@@ -71,6 +74,7 @@ def query_dict(pair: "Pair") -> dict[str, Any]:
         "mirror": {"path": pair.mirror.path, **counts["mirror"]},
         "mirror_invalid": invalid,
         "mirror_consistent": invalid == 0,
+        "detached": getattr(pair, "detached", None),
         "job": job,
         "last_job": last,
     }

@@ -17,6 +17,7 @@ class State(str, enum.Enum):
     SPLIT = "split"
     RESTORING = "restoring"
     RESTORED = "restored"
+    DETACHED = "detached"   # the mirror failed on a host write (docs/states.md)
 
     def __str__(self) -> str:
         return str(self.value)

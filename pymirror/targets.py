@@ -89,6 +89,8 @@ class LocalTarget:
             return DONE if job.wait(timeout) else TIMEOUT
         except paused:
             raise
+        except errors.DetachedError:   # the establish ended by detaching the mirror: query says so
+            return DONE
         except errors.JobError:
             return PAUSED_ERROR
 

@@ -53,9 +53,24 @@ def data_of(k: int, i: int) -> bytes:
     return np.random.default_rng(k * 100000 + i).integers(0, 256, SLOT, dtype=np.uint8).tobytes()
 
 
-def test_sigkill_mid_restore_then_resume(tmp_path):
-    kills = 4
-    rng = np.random.default_rng(0)
+#: Kills in all (PM_SIGKILL_KILLS; CI keeps the default): episodes of up to
+#: KILLS_PER_EPISODE kills, each on a fresh pair with its own restore.
+SIGKILL_KILLS = int(os.environ.get("PM_SIGKILL_KILLS", "4"))
+KILLS_PER_EPISODE = 5
+
+
+@pytest.mark.parametrize("episode", range(-(-SIGKILL_KILLS // KILLS_PER_EPISODE)))
+def test_sigkill_mid_restore_then_resume(tmp_path, episode):
+    kills = min(KILLS_PER_EPISODE, SIGKILL_KILLS - episode * KILLS_PER_EPISODE)
+    try:
+        sigkill_episode(tmp_path, episode, kills)
+    finally:   # hundreds of episodes must not fill the disk with 64 MiB each
+        for name in ("std.img", "mir.img"):
+            (tmp_path / name).unlink(missing_ok=True)
+
+
+def sigkill_episode(tmp_path, episode, kills):
+    rng = np.random.default_rng(episode)
     std, mir, meta = tmp_path / "std.img", tmp_path / "mir.img", tmp_path / "pair.meta"
     pymirror.Volume.create(std, SIZE, TRACK).close()
     pymirror.Volume.create(mir, SIZE, TRACK).close()
@@ -72,7 +87,14 @@ def test_sigkill_mid_restore_then_resume(tmp_path):
     for k in range(1, kills + 1):
         proc = subprocess.Popen([sys.executable, str(script), str(meta), str(log), str(k)],
                                 cwd=tempfile.gettempdir())
-        time.sleep(0.5 + 0.25 * k)
+        # once the child has acknowledged a write of its own (the restore is
+        # under way; a loaded machine starts a child slowly), at a random instant
+        acked = log.stat().st_size if log.exists() else 0
+        deadline = time.monotonic() + 60
+        while (not log.exists() or log.stat().st_size == acked) and time.monotonic() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(float(rng.uniform(0.0, 0.8)))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         with pymirror.Pair.open(meta) as pair:          # reopens cleanly after every kill

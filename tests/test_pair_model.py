@@ -4,8 +4,13 @@ volumes.  Every read must equal the model: the restore is visible to the
 host only in speed (invariants 2, 3, 4), the protected mirror never changes
 (invariant 1), established sides stay equal (invariant 6).  Cancel ends an
 establish: the pair is split, at most ``mirror_invalid`` tracks differ, and a
-restore is refused until an establish completes."""
+restore is refused until an establish completes.  A mirror that fails on a
+host write while syncing or established detaches (the write succeeds; restore
+and split are refused; an establish repairs it); during an unprotected
+restore it pauses the job and the restore ends restored."""
 from __future__ import annotations
+
+import errno
 
 import hypothesis.strategies as st
 from hypothesis import settings
@@ -13,12 +18,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import pymirror
 from pymirror import CopyConfig, ReadOnlyError, StateError
+from pymirror.errors import DetachedError
 
 TRACK = 4096
 SIZE = 7 * TRACK + 1000          # a short last track
 COMMANDS_OK = {
-    "establish": {"new", "split", "restored"},
-    "establish_incremental": {"split", "restored"},
+    "establish": {"new", "split", "restored", "detached"},
+    "establish_incremental": {"split", "restored", "detached"},
     "split": {"established", "restored"},
     "restore": {"split", "restored"},
 }
@@ -54,7 +60,9 @@ class PairMachine(RuleBasedStateMachine):
 
     def _settle_phase(self) -> None:
         state = self.pair.state
-        if self.phase == "sync" and state == "established":
+        if state == "detached":
+            self.phase = "detached"
+        elif self.phase == "sync" and state == "established":
             self.phase = "est"
             self.invalid = 0
         elif self.phase == "restore_p" and state == "restored":
@@ -83,6 +91,8 @@ class PairMachine(RuleBasedStateMachine):
     @rule()
     def split(self) -> None:
         self._settle_phase()
+        if self._refused_when_detached(self.pair.split):
+            return
         if self.pair.state not in COMMANDS_OK["split"]:
             try:
                 self.pair.split()
@@ -92,11 +102,25 @@ class PairMachine(RuleBasedStateMachine):
         self.pair.split()
         self.phase = "split"
 
+    def _refused_when_detached(self, command) -> bool:
+        """True (and checked) if the pair is detached: the command is refused."""
+        if self.pair.state != "detached":
+            return False
+        try:
+            command()
+        except DetachedError as exc:
+            assert "detached" in str(exc) and self.pair.state == "detached"
+            return True
+        raise AssertionError("a command allowed from detached")
+
     @rule(incremental=st.booleans(), protect=st.booleans(), hydrate=st.booleans(), slow=st.booleans())
     def restore(self, incremental: bool, protect: bool, hydrate: bool, slow: bool) -> None:
         self._settle_phase()
         state = self.pair.state
         cfg = self.cfg.replace(read_policy="hydrate" if hydrate else "redirect", rate=1 if slow else 0)
+        if self._refused_when_detached(lambda: self.pair.restore(incremental=incremental, protect=protect,
+                                                                 config=cfg)):
+            return
         if state not in COMMANDS_OK["restore"]:
             try:
                 self.pair.restore(incremental=incremental, protect=protect, config=cfg)
@@ -124,7 +148,7 @@ class PairMachine(RuleBasedStateMachine):
                 job.resume()
             assert job.wait(timeout=30)
         self._settle_phase()
-        assert self.pair.state in ("new", "established", "split", "restored")
+        assert self.pair.state in ("new", "established", "split", "restored", "detached")
 
     @rule()
     def cancel(self) -> None:
@@ -178,6 +202,34 @@ class PairMachine(RuleBasedStateMachine):
         if self.phase in ("sync", "est", "restore_u"):
             self.mir[off:off + n] = data
 
+    @rule(track=st.integers(0, SIZE // TRACK - 1))
+    def host_write_on_a_failing_mirror(self, track: int) -> None:
+        """A whole-track host write while every mirror write fails: it always
+        succeeds; syncing/established detach, an unprotected restore pauses
+        and stops mirroring, the other states do not write the mirror."""
+        off = track * TRACK
+        n = min(TRACK, SIZE - off)
+        data = self._data(n)[:n]
+        self._settle_phase()
+        before = self.phase
+        self.pair.mirror.inject_fault("write", 0, SIZE, errno.EIO)
+        try:
+            self.pair.write(off, data)
+        finally:
+            self.pair.mirror.clear_faults()
+        self.std[off:off + n] = data
+        self._settle_phase()
+        if before in ("sync", "est", "detached"):
+            assert self.pair.state == "detached" and self.phase == "detached"
+            assert self.pair.detached is not None and self.pair.mirror_invalid > 0
+        elif before == "restore_u":
+            if self.pair.state == "restoring":     # else it had just ended (restored or established)
+                assert self.pair.progress.paused and self.pair.progress.error
+                self.phase = "restore_p"           # mirroring stopped: it ends restored
+            elif self.pair.state == "established":
+                self.phase = "detached"            # the copy ended first: established, so it detached
+                assert self.pair.state == "detached"
+
     @rule(r=io_range())
     def host_read(self, r: tuple[int, int]) -> None:
         off, n = r
@@ -224,6 +276,9 @@ class PairMachine(RuleBasedStateMachine):
             assert self.pair.mirror_invalid == 0
         if self.phase in ("split", "restored"):
             assert self.pair.mirror_invalid == self.invalid
+        if self.phase == "detached":
+            assert self.pair.state == "detached" and self.pair.detached is not None
+            assert self.pair.mirror_invalid > 0
 
 
 PairMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)

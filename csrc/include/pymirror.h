@@ -337,6 +337,7 @@ int pm_store_power_on(pm_store *s);
  *   SPLIT/RESTORED --establish--> SYNCING
  *   SPLIT/RESTORED --restore--> RESTORING --(copy done)--> RESTORED (protect)
  *                                                     \--> ESTABLISHED (no protect)
+ *   SYNCING/ESTABLISHED --(mirror error on a host write)--> DETACHED --establish--> SYNCING
  *
  * The pair borrows its two stores: they must outlive it.  All pair functions
  * are thread-safe.
@@ -349,7 +350,8 @@ enum pm_state {
     PM_STATE_ESTABLISHED = 2,
     PM_STATE_SPLIT = 3,
     PM_STATE_RESTORING = 4,
-    PM_STATE_RESTORED = 5
+    PM_STATE_RESTORED = 5,
+    PM_STATE_DETACHED = 6      /* the mirror failed on a host write: see pm_pair_detach_info */
 };
 
 enum pm_side { PM_STANDARD = 0, PM_MIRROR = 1 };
@@ -542,6 +544,24 @@ int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg);
 /* ---- branch metatrust: volume identity, changes outside pymirror, metadata check and relocate (issue 16) ---- */
 
 /* ---- branch detach: a failing mirror detaches, FUA-light (issue 16) ---- */
+
+/* A failing mirror never fails the host.  When a host write (or flush)
+ * succeeds on the standard but fails on the mirror while SYNCING or
+ * ESTABLISHED, the pair goes to PM_STATE_DETACHED: the host's I/O succeeds,
+ * the mirror is no point-in-time image any more, every track it may have
+ * missed is CHANGED, and the error, its track and its time are committed to
+ * the metadata.  From DETACHED: establish (full or incremental) repairs the
+ * mirror; restore and split fail with PM_E_DETACHED; pm_pair_wait on the
+ * establish that was running returns PM_E_DETACHED.  The record stays
+ * (error != 0) until an establish completes. */
+struct pm_detach_info {
+    int32_t error;             /* the mirror's error (a negative code), or 0: not detached */
+    int32_t reserved;
+    int64_t track;             /* the first track of the failed write, or -1 */
+    double time;               /* when, in seconds since the Unix epoch (UTC) */
+};
+/* Thread-safe.  -EINVAL for NULL arguments. */
+int pm_pair_detach_info(const pm_pair *p, struct pm_detach_info *out);
 
 /* ---- branch nbdstore: NBD volumes over libnbd, loaded at run time (issue 14) ---- */
 

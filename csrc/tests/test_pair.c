@@ -671,10 +671,39 @@ static void more_errors(void)
     CHECK_EQ(pm_pair_resume(p), 0);
     CHECK_EQ(pm_pair_wait(p, -1), 0);
     CHECK_EQ(pm_pair_state(p), PM_STATE_ESTABLISHED);
-    /* host writes that fail report the store's error */
-    CHECK_EQ(pm_store_inject_fault(b, PM_FAULT_WRITE, 0, SIZE, -EIO, 1), 0);
+    /* a host write that fails on the standard reports the standard's error */
+    CHECK_EQ(pm_store_inject_fault(a, PM_FAULT_WRITE, 0, SIZE, -EIO, 1), 0);
     CHECK_EQ(pm_pair_write(p, PM_STANDARD, "q", 1, 5, 0), -EIO);
+    CHECK_EQ(pm_store_clear_faults(a), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_ESTABLISHED);
+    /* ... one that fails on the mirror succeeds and detaches the mirror */
+    CHECK_EQ(pm_store_inject_fault(b, PM_FAULT_WRITE, 0, SIZE, -EIO, 1), 0);
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, "q", 1, 2 * TS + 5, 0), 0);
     CHECK_EQ(pm_store_clear_faults(b), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_DETACHED);
+    CHECK(strcmp(pm_state_name(PM_STATE_DETACHED), "detached") == 0);
+    struct pm_detach_info di;
+    CHECK_EQ(pm_pair_detach_info(p, &di), 0);
+    CHECK_EQ(di.error, -EIO);
+    CHECK_EQ(di.track, 2);
+    CHECK(di.time > 1.7e9);
+    CHECK(pm_pair_mirror_invalid(p) > 0);
+    CHECK_EQ(pm_pair_restore(p, 1, 1, NULL), PM_E_DETACHED);
+    CHECK(strstr(pm_last_error(), "track 2") != NULL);
+    CHECK_EQ(pm_pair_split(p), PM_E_DETACHED);
+    char one;
+    CHECK_EQ(pm_pair_read(p, PM_MIRROR, &one, 1, 0), PM_E_DETACHED);
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, "r", 1, 9 * TS, 0), 0);   /* the standard alone */
+    CHECK_EQ(pm_pair_flush(p, PM_STANDARD), 0);
+    CHECK_EQ(pm_pair_establish(p, 1, &c), 0);                    /* repairs what it missed */
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_ESTABLISHED);
+    uint64_t diff[4], nxt;
+    CHECK_EQ(pm_pair_verify(p, 0, diff, 4, &nxt), 0);
+    CHECK_EQ(pm_pair_detach_info(p, &di), 0);
+    CHECK_EQ(di.error, 0);
+    CHECK_EQ(di.track, -1);
+    CHECK_EQ(pm_pair_mirror_invalid(p), 0);
     /* range errors */
     char buf[8];
     CHECK_EQ(pm_pair_read(p, PM_STANDARD, buf, 0, SIZE), 0);

@@ -17,9 +17,9 @@ State rules (fixed at handshake, checked again per request)
 * The standard export is there in every state and never refuses I/O for a
   state: the pair arbitrates it against the copy.
 * The mirror export can be opened while the mirror is a readable image:
-  ``established``, ``split``, ``restoring``, ``restored``.  While ``new`` or
-  ``syncing`` it is not listed and OPT_GO/INFO answer NBD_REP_ERR_UNKNOWN
-  with the reason.
+  ``established``, ``split``, ``restoring``, ``restored``.  While ``new``,
+  ``syncing`` or ``detached`` (a failing mirror, no image of anything) it is
+  not listed and OPT_GO/INFO answer NBD_REP_ERR_UNKNOWN with the reason.
 * Its read-only flag is decided when the client connects: writable when the
   pair's mirror is writable then (``split``, ``restored``).  The state may
   change under a connected client: the client stays connected, and a

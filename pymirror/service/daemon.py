@@ -184,6 +184,9 @@ class Daemon:
         pair = held.pair
         p = pair.progress
         log.info("%s: opened %s (%s)", held.name, held.meta, pair.state)
+        if pair.state == "detached" and getattr(pair, "detached", None):
+            from ..detach import describe as describe_detach
+            log.warning("%s: %s", held.name, describe_detach(pair.detached, held.name))
         if held.exported:
             try:
                 self._export(held)

@@ -33,6 +33,8 @@ def describe(name: str, data: dict[str, Any]) -> str:
         why = f"error on track {data.get('error_track')}: {data.get('error')}" if data.get("error") \
             else ("by request" if data.get("by_request") else "interrupted")
         return f"{who}{data.get('kind')} paused ({why})"
+    if name == "mirror-detached":
+        return f"{who}{data.get('summary')}"
     if name == "job-done":
         return f"{who}{data.get('kind')} done ({data.get('summary', '')})".replace(" ()", "")
     if name in ("client-connected", "client-disconnected"):
@@ -52,7 +54,8 @@ class EventHub:
     def emit(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
         msg = protocol.event(name, data)
         level = logging.DEBUG if name == "job-progress" else (
-            logging.WARNING if name == "job-paused" and data.get("error") else logging.INFO)
+            logging.WARNING if (name == "job-paused" and data.get("error")) or name == "mirror-detached"
+            else logging.INFO)
         log.log(level, describe(name, data))
         pair = data.get("pair")
         with self._lock:

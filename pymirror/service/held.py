@@ -186,6 +186,14 @@ class HeldPair:
     def job_cancelled(self) -> None:
         self._cancelled = True
 
+    def _emit_detached(self) -> None:
+        """A failing mirror was detached (branch detach): one warning event
+        with the record (error, track, time) and the way to repair it."""
+        from ..detach import describe
+        record = getattr(self.pair, "detached", None) if self.pair is not None else None
+        if record:
+            self.emit("mirror-detached", summary=describe(record, self.name), **record)
+
     def watch(self, progress: bool = False) -> None:
         """Compare the pair with what was last seen and emit the events for
         the difference (state changed, job started/paused/resumed/done, and
@@ -206,6 +214,8 @@ class HeldPair:
             kind = self.kind
             if p.state != lstate:
                 self.emit("state-changed", **{"from": lstate, "to": p.state})
+                if p.state == "detached":
+                    self._emit_detached()
             if p.running and not lrunning:
                 self.emit("job-started", kind=kind, tracks_total=p.tracks_total,
                           incremental=p.incremental)
