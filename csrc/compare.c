@@ -359,7 +359,6 @@ int64_t pm__compare_run(const struct pm_compare_job *j)
     if (c != NULL) {
         if (atomic_exchange(&c->running, 1))
             return PM_FAIL(PM_E_BUSY, "this compare handle is in use by another compare");
-        pm_store_relaxed(&c->cancel, 0);
         pm_store_relaxed(&c->total, j->count);
         pm_store_relaxed(&c->done, 0);
         pm_store_relaxed(&c->differ, 0);
@@ -411,6 +410,7 @@ int64_t pm__compare_run(const struct pm_compare_job *j)
         pthread_mutex_lock(&c->mu);
         c->t1 = pm_now();
         pthread_mutex_unlock(&c->mu);
+        pm_store_seqcst(&c->cancel, 0);    /* a cancel given before the start counted; now spent */
         pm_store_seqcst(&c->running, 0);
     }
     return rc < 0 ? rc : total;

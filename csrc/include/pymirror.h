@@ -552,8 +552,9 @@ int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg);
  * A pm_compare is a handle to follow and stop a compare from another
  * thread: pass it to pm_pair_compare (or pm_pair_adopt); read its progress
  * with pm_compare_progress and stop it with pm_compare_cancel (the compare
- * then returns -ECANCELED) at any time, from any thread.  One compare at a
- * time per handle; a handle may be reused after the compare returned. */
+ * then returns -ECANCELED) at any time, from any thread (a cancel given
+ * before the compare starts stops it at once).  One compare at a time per
+ * handle; a handle may be reused after the compare returned. */
 typedef struct pm_compare pm_compare;
 
 struct pm_compare_progress {
