@@ -27,6 +27,8 @@ from pymirror import CopyConfig
 
 REPS = int(os.environ.get("PM_BENCH_REPS", "3"))
 MiB = 1 << 20
+# the size; PM_BENCH_COMPARE_MIB overrides it (a smaller disk: the run needs 2x this free)
+SIZE_MIB = int(os.environ.get("PM_BENCH_COMPARE_MIB", "2048"))
 TS = 64 << 10
 
 
@@ -61,7 +63,7 @@ def damage_mirror(pair, fraction, seed):
 
 def test_compare_restore_vs_full_restore(benchmark, tools, tmp_path, scale):
     drop_caches, median, record, timed = tools.drop_caches, tools.median, tools.record, tools.timed
-    size = int(2048 * MiB * scale)
+    size = int(SIZE_MIB * MiB * scale)
     pair = make_pair(tmp_path, size)
     cfg = CopyConfig(copiers=2, batch_size=4 * MiB)
     damaged = []
@@ -116,7 +118,7 @@ def _run_rss(cmd):
 
 def test_verify_vs_cmp(benchmark, tools, tmp_path, scale):
     drop_caches, median, record = tools.drop_caches, tools.median, tools.record
-    size = int(2048 * MiB * scale)
+    size = int(SIZE_MIB * MiB * scale)
     pair = make_pair(tmp_path, size)        # two equal images: both tools read everything
     meta = pair.meta_path
     a, b = pair.standard.path, pair.mirror.path

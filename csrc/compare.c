@@ -293,8 +293,11 @@ static int engine_setup(struct engine *e, const struct pm_compare_job *j)
         sd->e = e;
         sd->idx = i;
         sd->remote_hash = j->store[i]->track_hash != NULL;
-        if (!sd->remote_hash && (sd->buf = malloc((size_t)e->batch * e->depth)) == NULL)
+        /* page-aligned: an O_DIRECT store reads into it directly */
+        void *buf = NULL;
+        if (!sd->remote_hash && posix_memalign(&buf, 4096, (size_t)e->batch * e->depth) != 0)
             return PM_FAIL(-ENOMEM, "out of memory for the compare's buffers");
+        sd->buf = buf;
         if (e->use_hash && (sd->hash = malloc(sizeof(uint32_t) * e->tpb * e->depth)) == NULL)
             return PM_FAIL(-ENOMEM, "out of memory for the compare's buffers");
     }

@@ -164,7 +164,7 @@ def establish(obj: Ctx, pair: str, incremental: bool, assume_equal: bool, compar
     copy = dict(rate=rate, copiers=copiers, batch_size=batch_size)
     t = open_target(obj, pair)
     run_job_verb(t, "establish", lambda: t.establish(incremental=incremental, assume_equal=assume_equal,
-                                                     **_compare_arg(compare), **copy),
+                                                     compare=compare, **copy),
                  no_wait, socket_path, listen, allow_remote)
 
 
@@ -175,9 +175,6 @@ def _check_compare(compare: bool, incremental: bool, assume_equal: bool = False)
     if compare and assume_equal:
         raise click.UsageError("--compare and --assume-equal cannot be combined")
 
-
-def _compare_arg(compare: bool) -> dict[str, Any]:
-    return {"compare": True} if compare else {}
 
 
 @cli.command()
@@ -217,7 +214,7 @@ def restore(obj: Ctx, pair: str, incremental: bool, protect: bool, read_policy: 
     copy = dict(rate=rate, copiers=copiers, batch_size=batch_size, read_policy=read_policy)
     t = open_target(obj, pair)
     run_job_verb(t, "restore", lambda: t.restore(incremental=incremental, protect=protect,
-                                                 **_compare_arg(compare), **copy),
+                                                 compare=compare, **copy),
                  no_wait, socket_path, listen, allow_remote)
 
 
@@ -347,7 +344,7 @@ def verify(obj: Ctx, pair: str, as_json: bool, limit: int) -> None:
     terminal).  Exit 0 equal, 1 they differ, 2 an error."""
     t = open_target(obj, pair)
     try:
-        info = t.verify() if t.remote else verify_here(t)
+        info = t.verify() if isinstance(t, RemoteTarget) else verify_here(t)
     finally:
         t.close()
     if as_json:

@@ -489,7 +489,8 @@ int pm_pair_release_io(pm_pair *p);
 /* Compare the two sides track by track, writing the numbers of up to `max`
  * differing tracks at or after track `from` into out[]; returns how many,
  * and sets *next to the track to continue from (tracks when done).  Only
- * meaningful while no job runs. */
+ * meaningful while no job runs.  Both sides are read at once, in bounded
+ * memory (the engine of pm_pair_compare, below, with progress and cancel). */
 int64_t pm_pair_verify(pm_pair *p, uint64_t from, uint64_t *out, uint64_t max, uint64_t *next);
 
 /* ---- persistence ---------------------------------------------------------
