@@ -325,6 +325,9 @@ def test_daemon_compare_verbs_and_online_verify(tmp_path):
             rp = c.pair("dc")
             assert rp.query()["standard"]["changed"] == 0
             assert rp.verify()["differing"] == [3]
+            v = cli_util.run("--control", d.control, "verify", "dc", check=False)   # the CLI, through the daemon
+            assert v.returncode == 1 and v.stdout == "dc: 1 of 32 tracks differ: 3\n"
+            assert "verify dc: done" in v.stderr
             q = rp.restore(compare=True, wait=True)
             assert q["state"] == "restored"
             lj = q["last_job"]
