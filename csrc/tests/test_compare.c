@@ -437,6 +437,64 @@ static void adopt(void)
     pm_store_destroy(b);
 }
 
+/* Power lost at a random instant of a compare-restore or compare-establish
+ * (volatile stores on one power line, metadata included): after reopening
+ * and finishing, the sides are equal, the restore took the mirror's image
+ * and left the mirror untouched, the establish kept the standard's. */
+static void crash_during_compare_jobs(int points)
+{
+    int mid_job = 0;
+    unsigned char diff[NT];
+    unsigned char *img_std = malloc(SIZE), *img_mir = malloc(SIZE);
+    for (int k = 0; k < points; k++) {
+        int restore = k % 2 == 0;
+        pm_store *a, *b, *meta;
+        CHECK_EQ(pm_store_create_volatile(SIZE, NULL, &a), 0);
+        CHECK_EQ(pm_store_create_volatile(SIZE, a, &b), 0);
+        CHECK_EQ(pm_store_create_volatile(pm_meta_size(SIZE, TS), a, &meta), 0);
+        pm_pair *p;
+        CHECK_EQ(pm_pair_create_meta_store(meta, a, b, TS, &p), 0);
+        CHECK_EQ(pm_pair_assume_established(p), 0);
+        CHECK_EQ(pm_pair_split(p), 0);
+        random_diff(diff, 100);
+        fill_pair(a, b, diff);              /* behind the pair's back */
+        CHECK_EQ(pm_store_flush(a), 0);
+        CHECK_EQ(pm_store_flush(b), 0);
+        CHECK_EQ(pm_store_read(a, img_std, SIZE, 0), 0);
+        CHECK_EQ(pm_store_read(b, img_mir, SIZE, 0), 0);
+        struct pm_copy_config c;
+        pm_copy_config_default(&c);
+        c.batch_bytes = 4 * TS;
+        CHECK_EQ(restore ? pm_pair_restore_compare(p, 1, &c) : pm_pair_establish_compare(p, &c), 0);
+        usleep((useconds_t)(rnd() % 4000));
+        pm_store_power_loss(a, (uint64_t)k + 1);
+        pm_pair_destroy(p);                 /* its last commit fails: no power */
+        pm_store_power_on(a);
+        CHECK_EQ(pm_pair_open_meta_store(meta, a, b, &p), 0);
+        int s = pm_pair_state(p);
+        mid_job += s == PM_STATE_SYNCING || s == PM_STATE_RESTORING;
+        if (s == PM_STATE_SYNCING || s == PM_STATE_RESTORING)
+            CHECK_EQ(pm_pair_resume(p), 0);
+        else if (s == PM_STATE_SPLIT)       /* the job never became durable */
+            CHECK_EQ(restore ? pm_pair_restore_compare(p, 1, &c) : pm_pair_establish_compare(p, &c), 0);
+        CHECK_EQ(pm_pair_wait(p, 30000), 0);
+        CHECK_EQ(pm_pair_state(p), restore ? PM_STATE_RESTORED : PM_STATE_ESTABLISHED);
+        unsigned char *now = malloc(SIZE);
+        for (int side = 0; side < 2; side++) {
+            CHECK_EQ(pm_store_read(side ? b : a, now, SIZE, 0), 0);
+            CHECK(memcmp(now, restore ? img_mir : img_std, SIZE) == 0);
+        }
+        free(now);
+        pm_pair_destroy(p);
+        pm_store_destroy(meta);
+        pm_store_destroy(b);
+        pm_store_destroy(a);
+    }
+    free(img_std);
+    free(img_mir);
+    printf("compare jobs: %d crash points, %d reopened in the middle of the job\n", points, mid_job);
+}
+
 int main(void)
 {
     engine_against_shadow();
@@ -446,5 +504,7 @@ int main(void)
     writers_during_compare_establish();
     compare_job_read_error();
     adopt();
+    const char *env = getenv("PM_COMPARE_CRASH_POINTS");
+    crash_during_compare_jobs(env ? atoi(env) : 24);
     return CHECK_DONE("test_compare");
 }
