@@ -121,6 +121,14 @@ struct pm_pair {
 
     struct pm_lock_bucket buckets[PM_LOCK_BUCKETS];
     struct pm_meta *meta;        /* the metadata handle (without a store for a pair with no file) */
+
+    /* ---- branch compare: a job that begins by comparing (pair_compare.c) ----
+     * comparing and the thread's handle are under mu; the counters relaxed. */
+    int comparing;               /* the compare phase runs: copiers start when it ends */
+    int compare_thread_live;     /* compare_thread was started and not yet joined */
+    pthread_t compare_thread;
+    pm_atomic_int compare;       /* the current/last job began by comparing */
+    pm_atomic_u64 tracks_compared, tracks_equal, compare_bytes;
 };
 
 /* track locks (tracklock.c) */
@@ -175,5 +183,20 @@ int pm_job_detach(pm_pair *p, int rc, uint64_t track);
  * stop mirroring host writes (the restore ends RESTORED) and return what
  * the host's write returns (0 once that is committed); else rc. */
 int pm_job_restore_write_failed(pm_pair *p, int side, int rc, uint64_t track);
+
+/* ---- branch compare: the pair's side of a compare job (pair.c, called by
+ * pair_compare.c on layer 8).  pm_pair__establish/__restore are the
+ * commands with an optional compare phase: with `compare_main` the job
+ * begins with every track PENDING and that thread (given the pair) runs
+ * instead of the copiers; it calls pm_pair__compare_done when it ends,
+ * which starts the copiers unless the job is paused, failed or over. */
+int pm_pair__establish(pm_pair *p, int incremental, const struct pm_copy_config *cfg,
+                       void *(*compare_main)(void *));
+int pm_pair__restore(pm_pair *p, int incremental, int protect, const struct pm_copy_config *cfg,
+                     void *(*compare_main)(void *));
+void pm_pair__compare_done(pm_pair *p);
+/* Adopt: a NEW pair whose sides differ in `differ` goes to SPLIT with those
+ * tracks CHANGED on both sides, committed.  PM_E_STATE if no longer NEW. */
+int pm_pair__adopted(pm_pair *p, const pm_bitmap *differ);
 
 #endif

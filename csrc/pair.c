@@ -205,6 +205,19 @@ int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm
     return 0;
 }
 
+/* Join the compare thread of a --compare job, if one was started (it
+ * exits once the job is stopped, cancelled or over). */
+static void join_compare(pm_pair *p)
+{
+    pthread_mutex_lock(&p->mu);
+    int live = p->compare_thread_live;
+    pthread_t th = p->compare_thread;
+    p->compare_thread_live = 0;
+    pthread_mutex_unlock(&p->mu);
+    if (live)
+        pthread_join(th, NULL);
+}
+
 void pm_pair_destroy(pm_pair *p)
 {
     if (p == NULL)
@@ -214,6 +227,7 @@ void pm_pair_destroy(pm_pair *p)
     pthread_cond_broadcast(&p->cond);
     pthread_mutex_unlock(&p->mu);
     pm_job_join_threads(p);
+    join_compare(p);
     pm_meta_close(p->meta);
     pm_tracklock_destroy(p);
     pthread_mutex_destroy(&p->rate_mu);
@@ -253,9 +267,10 @@ static int detached_refusal(pm_pair *p, const char *func, const char *what)
 
 /* Begin a job copying towards `target` (cmd_lock held for writing). */
 static int begin_job(pm_pair *p, int target, int incremental, int protect, int new_state,
-                     const struct pm_copy_config *cfg)
+                     const struct pm_copy_config *cfg, void *(*compare_main)(void *))
 {
     pm_job_join_threads(p);   /* threads of a finished job */
+    join_compare(p);
     pm_meta_lock(p->meta);          /* no commit sees half of this */
     pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
     pm_bitmap *chg_std = p->table[PM_STANDARD]->flags[PM_CHANGED];
@@ -295,6 +310,10 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
     pm_store_relaxed(&p->reads_hydrated, 0);
     pm_store_relaxed(&p->bytes_read, 0);
     pm_store_relaxed(&p->bytes_written, 0);
+    pm_store_relaxed(&p->compare, compare_main != NULL);
+    pm_store_relaxed(&p->tracks_compared, 0);
+    pm_store_relaxed(&p->tracks_equal, 0);
+    pm_store_relaxed(&p->compare_bytes, 0);
     pm_store_seqcst(&p->pending_left, n);
     pm_store_relaxed(&p->incremental, incremental);
     pm_store_relaxed(&p->protect, protect);
@@ -303,9 +322,19 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
     /* release: host I/O that sees the new state also sees the tables above */
     pm_store_release(&p->state, new_state);
     int rc = 0;
-    if (n == 0)
+    if (n == 0) {
         pm_job_end_locked(p);     /* nothing to copy: the job is done at once */
-    else {
+    } else if (compare_main != NULL) {
+        /* the compare phase first (pair_compare.c); it starts the copiers */
+        pm_store_seqcst(&p->run, 1);
+        int e = pthread_create(&p->compare_thread, NULL, compare_main, p);
+        if (e != 0) {             /* copy every track instead: correct, only slower */
+            rc = pm_job_start_threads_locked(p);
+        } else {
+            p->comparing = 1;
+            p->compare_thread_live = 1;
+        }
+    } else {
         rc = pm_job_start_threads_locked(p);
     }
     pthread_mutex_unlock(&p->mu);
@@ -328,6 +357,12 @@ static int take_config(pm_pair *p, const struct pm_copy_config *cfg, struct pm_c
 
 int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *cfg)
 {
+    return pm_pair__establish(p, incremental, cfg, NULL);
+}
+
+int pm_pair__establish(pm_pair *p, int incremental, const struct pm_copy_config *cfg,
+                       void *(*compare_main)(void *))
+{
     struct pm_copy_config mine;
     int rc = take_config(p, cfg, &mine, __func__);
     if (rc)
@@ -341,7 +376,7 @@ int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *
     else if (s != PM_STATE_NEW && s != PM_STATE_SPLIT && s != PM_STATE_RESTORED && s != PM_STATE_DETACHED)
         rc = wrong_state(__func__, s, "establish is allowed when new, split, restored or detached");
     else
-        rc = begin_job(p, PM_MIRROR, incremental, 0, PM_STATE_SYNCING, cfg);
+        rc = begin_job(p, PM_MIRROR, incremental, 0, PM_STATE_SYNCING, cfg, compare_main);
     if (rc == 0)
         rc = pm_meta_commit(p->meta);
     pthread_rwlock_unlock(&p->cmd_lock);
@@ -351,6 +386,12 @@ int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *
 uint64_t pm_pair_mirror_invalid(const pm_pair *p) { return pm_job_mirror_invalid((pm_pair *)p); }
 
 int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_copy_config *cfg)
+{
+    return pm_pair__restore(p, incremental, protect, cfg, NULL);
+}
+
+int pm_pair__restore(pm_pair *p, int incremental, int protect, const struct pm_copy_config *cfg,
+                     void *(*compare_main)(void *))
 {
     struct pm_copy_config mine;
     int rc = take_config(p, cfg, &mine, __func__);
@@ -369,7 +410,7 @@ int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_co
                      "point-in-time image (an establish was cancelled or failed); establish again "
                      "before restoring from it", (unsigned long long)invalid);
     else
-        rc = begin_job(p, PM_STANDARD, incremental, protect, PM_STATE_RESTORING, cfg);
+        rc = begin_job(p, PM_STANDARD, incremental, protect, PM_STATE_RESTORING, cfg, compare_main);
     /* Nothing to copy: no copier will make the commit, so make it here
      * (one header and table write, like any command). */
     if (rc == 0 && pm_pair_state(p) != PM_STATE_RESTORING)
@@ -449,6 +490,7 @@ int pm_pair_cancel(pm_pair *p)
             rc = wrong_state(__func__, s, "the establish ended before it could be cancelled");
         } else {
             pm_job_join_threads(p);         /* copiers finish their batch and exit */
+            join_compare(p);                /* so does a compare phase */
             pm_meta_lock(p->meta);
             pm_bitmap *pending = p->table[PM_MIRROR]->flags[PM_PENDING];
             uint64_t n = pm_bitmap_count(pending);
@@ -545,7 +587,7 @@ int pm_pair_resume(pm_pair *p)
         p->error = 0;
         p->error_track = -1;
         pm_store_seqcst(&p->run, 1);
-        if (p->nthreads == 0)
+        if (p->nthreads == 0 && !p->comparing)   /* a compare phase starts them when it ends */
             rc = pm_job_start_threads_locked(p);
         pthread_cond_broadcast(&p->cond);
     }
@@ -616,6 +658,13 @@ int pm_pair_progress(const pm_pair *cp, struct pm_progress *out)
     o->changed_mirror = pm_bitmap_count(p->table[PM_MIRROR]->flags[PM_CHANGED]);
     pm_meta_counters(p->meta, &o->commits, &o->syncs);
     o->mirror_invalid = pm_job_mirror_invalid(p);
+    o->compare = pm_load_relaxed(&p->compare);
+    pthread_mutex_lock(&p->mu);
+    o->comparing = p->comparing && p->job_active && !p->error;
+    pthread_mutex_unlock(&p->mu);
+    o->tracks_compared = pm_load_relaxed(&p->tracks_compared);
+    o->tracks_equal = pm_load_relaxed(&p->tracks_equal);
+    o->compare_bytes = pm_load_relaxed(&p->compare_bytes);
     /* as much as the caller's struct holds; a newer caller's extra fields read 0 */
     size_t n = size < sizeof full ? size : sizeof full;
     full.size = (uint32_t)n;
@@ -625,42 +674,35 @@ int pm_pair_progress(const pm_pair *cp, struct pm_progress *out)
     return 0;
 }
 
-/* ---- verify -------------------------------------------------------------- */
+/* ---- compare jobs and adopt (the pair's side; the rest is pair_compare.c) ---- */
 
-int64_t pm_pair_verify(pm_pair *p, uint64_t from, uint64_t *out, uint64_t max, uint64_t *next)
+void pm_pair__compare_done(pm_pair *p)
 {
-    const uint64_t chunk = (1u << 20) > p->track_size ? (1u << 20) : p->track_size;
-    unsigned char *a = malloc(chunk), *b = malloc(chunk);
-    if (a == NULL || b == NULL) {
-        free(a), free(b);
-        return PM_FAIL(-ENOMEM, "out of memory");
+    pthread_mutex_lock(&p->mu);
+    p->comparing = 0;
+    if (p->job_active && !pm_load_relaxed(&p->stop) && !p->paused_req && !p->error && p->nthreads == 0)
+        pm_job_start_threads_locked(p);   /* a failure to start is recorded as the job's error */
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->mu);
+}
+
+int pm_pair__adopted(pm_pair *p, const pm_bitmap *differ)
+{
+    pthread_rwlock_wrlock(&p->cmd_lock);
+    int s = pm_pair_state(p), rc;
+    if (s != PM_STATE_NEW) {
+        rc = wrong_state("pm_pair_adopt", s, "adopt is for a new pair, and this one changed meanwhile");
+    } else {
+        /* what the host wrote meanwhile is CHANGED(standard) already */
+        pm_meta_lock(p->meta);
+        pm_bitmap_union(p->table[PM_STANDARD]->flags[PM_CHANGED], differ);
+        pm_bitmap_union(p->table[PM_MIRROR]->flags[PM_CHANGED], differ);
+        pm_meta_dirty(p->meta);
+        pm_meta_unlock(p->meta);
+        rc = set_state_and_commit(p, PM_STATE_SPLIT, 0);
     }
-    int64_t n = 0;
-    uint64_t t = from;
-    int rc = 0;
-    while (t < p->tracks && (uint64_t)n < max) {
-        uint64_t off = pm_track_off(p, t);
-        uint64_t len = p->size - off < chunk ? p->size - off : chunk;
-        if ((rc = pm_store_read(p->store[PM_STANDARD], a, len, off)) < 0 ||
-            (rc = pm_store_read(p->store[PM_MIRROR], b, len, off)) < 0)
-            break;
-        uint64_t end = t + ((len + p->track_size - 1) >> p->shift);
-        for (; t < end; t++) {
-            uint64_t o = pm_track_off(p, t) - off;
-            if (memcmp(a + o, b + o, pm_track_len(p, t)) != 0) {
-                out[n++] = t;
-                if ((uint64_t)n == max) {
-                    t++;
-                    break;
-                }
-            }
-        }
-    }
-    free(a), free(b);
-    if (rc < 0)
-        return rc;
-    *next = t;
-    return n;
+    pthread_rwlock_unlock(&p->cmd_lock);
+    return rc;
 }
 
 int pm_pair_detach_info(const pm_pair *cp, struct pm_detach_info *out)

@@ -40,6 +40,10 @@ struct pm_store {
     unsigned char *durable;       /* what survives a power loss */
     struct pm_power *power;
     struct pm_unflushed *unflushed, *unflushed_tail;
+    /* branch compare (compare.c): a per-track hash the store offers
+     * (pm_store_set_track_hash), computed next to its data; NULL: none */
+    int (*track_hash)(void *ctx, uint64_t offset, uint64_t len, uint32_t track_size, uint32_t *out);
+    void *track_hash_ctx;
 };
 
 pm_store *pm__store_alloc(const char *path);

@@ -260,9 +260,12 @@ def create(path: str, size: int, track_size: Optional[int]) -> None:
 @click.option("--standard", type=click.Path(dir_okay=False), required=True, help="The host's volume.")
 @click.option("--mirror", type=click.Path(dir_okay=False), required=True, help="The mirror volume (same size).")
 @click.option("--track-size", type=SIZE, default=None, help="Track size (default 64K, or the config file's).")
+@click.option("--adopt", is_flag=True,
+              help="Two volumes that already hold data: compare them and start split, with the tracks "
+                   "that differ marked changed (an incremental establish or restore copies exactly those).")
 @click.pass_obj
-def pair_cmd(obj: Ctx, meta: str, standard: str, mirror: str, track_size: Optional[int]) -> None:
-    """Create the metadata of a pair of two volumes (state: new)."""
+def pair_cmd(obj: Ctx, meta: str, standard: str, mirror: str, track_size: Optional[int], adopt: bool) -> None:
+    """Create the metadata of a pair of two volumes (state: new; with --adopt: split)."""
     from .pair import Pair
 
     if os.path.exists(meta):
@@ -270,7 +273,13 @@ def pair_cmd(obj: Ctx, meta: str, standard: str, mirror: str, track_size: Option
     for role, path in (("standard", standard), ("mirror", mirror)):
         if not os.path.exists(path):
             raise errors.MirrorError(f"{role} volume {path}: no such file (make one with 'pymirror create')")
-    with Pair.create(meta, standard, mirror, track_size=track_size or obj.settings.track_size) as p:
+    ts = track_size or obj.settings.track_size
+    if adopt:
+        from .cli_compare import adopt_here
+
+        adopt_here(meta, standard, mirror, ts)
+        return
+    with Pair.create(meta, standard, mirror, track_size=ts) as p:
         out(f"created pair {meta}: {standard} + {mirror}, {format_size(p.size)}, "
             f"{p.tracks} tracks of {format_size(p.track_size)}, state {p.state}")
 

@@ -62,6 +62,11 @@ def summary(kind: str, q: dict[str, Any]) -> str:
         state = f"the pair is {q['state']}"
     if not lj:
         return f"{kind} complete: {state} (nothing to copy)"
+    if lj.get("compare"):   # a --compare job: what the compare found, then what was copied
+        copied = lj["tracks_total"] - lj.get("tracks_equal", 0)
+        return (f"{kind} complete: {state} ({lj.get('tracks_compared', 0)} tracks compared, "
+                f"{copied} differed or were written; {format_size(lj['bytes_written'])} copied "
+                f"in {lj['elapsed']:.2f} s)")
     return (f"{kind} complete: {state} ({lj['tracks_total']} tracks, "
             f"{format_size(lj['bytes_written'])} copied in {lj['elapsed']:.2f} s)")
 
@@ -148,18 +153,32 @@ def run_job_verb(t: "LocalTarget | RemoteTarget", kind: str, start: Callable[[],
 @click.option("--incremental", is_flag=True, help="Copy only the tracks changed on either side since the split.")
 @click.option("--assume-equal", is_flag=True,
               help="New pair only: skip the copy, the two volumes are known to be identical (e.g. both blank).")
+@click.option("--compare", is_flag=True,
+              help="Compare the two sides first and copy only the tracks that differ (when the tables are "
+                   "lost or not trusted).")
 @copy_options
 @job_options
 @serve_options
 @click.pass_obj
-def establish(obj: Ctx, pair: str, incremental: bool, assume_equal: bool, rate: Optional[int],
+def establish(obj: Ctx, pair: str, incremental: bool, assume_equal: bool, compare: bool, rate: Optional[int],
               copiers: Optional[int], batch_size: Optional[int], no_wait: bool,
               socket_path: Optional[str], listen: Optional[str], allow_remote: bool) -> None:
     """Copy the standard to the mirror and keep them identical.  PAIR may be a group."""
+    _check_compare(compare, incremental, assume_equal)
     copy = dict(rate=rate, copiers=copiers, batch_size=batch_size)
     t = open_target(obj, pair)
-    run_job_verb(t, "establish", lambda: t.establish(incremental=incremental, assume_equal=assume_equal, **copy),
+    run_job_verb(t, "establish", lambda: t.establish(incremental=incremental, assume_equal=assume_equal,
+                                                     compare=compare, **copy),
                  no_wait, socket_path, listen, allow_remote)
+
+
+def _check_compare(compare: bool, incremental: bool, assume_equal: bool = False) -> None:
+    if compare and incremental:
+        raise click.UsageError("--compare and --incremental cannot be combined: a compare finds the "
+                               "tracks to copy itself")
+    if compare and assume_equal:
+        raise click.UsageError("--compare and --assume-equal cannot be combined")
+
 
 
 @cli.command()
@@ -183,18 +202,23 @@ def split(obj: Ctx, pair: str) -> None:
               help="Keep the mirror write-disabled and unchanged during the restore.")
 @click.option("--read-policy", type=click.Choice(["redirect", "hydrate"]), default=None,
               help="Reads of not-yet-restored tracks: serve from the mirror, or copy the track first.")
+@click.option("--compare", is_flag=True,
+              help="Compare the two sides first and restore only the tracks that differ (when the tables "
+                   "are lost or not trusted).")
 @copy_options
 @job_options
 @serve_options
 @click.pass_obj
-def restore(obj: Ctx, pair: str, incremental: bool, protect: bool, read_policy: Optional[str],
+def restore(obj: Ctx, pair: str, incremental: bool, protect: bool, read_policy: Optional[str], compare: bool,
             rate: Optional[int], copiers: Optional[int], batch_size: Optional[int], no_wait: bool,
             socket_path: Optional[str], listen: Optional[str], allow_remote: bool) -> None:
     """Restore the standard from the mirror while the host keeps using it.
     PAIR may be a group: every pair starts its restore at one instant."""
+    _check_compare(compare, incremental)
     copy = dict(rate=rate, copiers=copiers, batch_size=batch_size, read_policy=read_policy)
     t = open_target(obj, pair)
-    run_job_verb(t, "restore", lambda: t.restore(incremental=incremental, protect=protect, **copy),
+    run_job_verb(t, "restore", lambda: t.restore(incremental=incremental, protect=protect,
+                                                 compare=compare, **copy),
                  no_wait, socket_path, listen, allow_remote)
 
 
@@ -323,10 +347,11 @@ def print_query(label: str, info: dict[str, Any]) -> None:
 @click.option("--limit", type=int, default=50, show_default=True, help="Differing tracks to list (text output).")
 @click.pass_obj
 def verify(obj: Ctx, pair: str, as_json: bool, limit: int) -> None:
-    """Compare the two sides track by track.  Exit 0 equal, 1 they differ, 2 an error."""
+    """Compare the two sides track by track (both read at once, in C; a progress bar on a
+    terminal).  Exit 0 equal, 1 they differ, 2 an error."""
     t = open_target(obj, pair)
     try:
-        info = t.verify()
+        info = verify_remote(obj, t) if isinstance(t, RemoteTarget) else verify_here(t)
     finally:
         t.close()
     if as_json:
@@ -340,6 +365,86 @@ def verify(obj: Ctx, pair: str, as_json: bool, limit: int) -> None:
                 shown = ", ".join(map(str, diff[:limit])) + (" ..." if len(diff) > limit else "")
                 out(f"{name}: {len(diff)} of {one['tracks']} tracks differ: {shown}")
     sys.exit(EXIT_OK if info["equal"] else EXIT_NO)
+
+
+def verify_here(t: LocalTarget) -> dict[str, Any]:
+    """Verify a pair opened here, following the C comparison with the same
+    display as a copy job (stderr); Ctrl-C cancels it."""
+    from .compare import Comparison
+    from .progress import follow_snapshots
+    from .report import check_settled, verify_result
+
+    pair = t.pair
+    check_settled(pair, t.label)
+    comp = Comparison(pair).start()
+    try:
+        follow_snapshots(lambda s: DONE if comp.wait(s) else TIMEOUT, lambda: compare_snapshot(comp),
+                         f"verify {t.label}")
+    except BaseException:
+        comp.cancel()
+        comp.wait()
+        raise
+    return verify_result(pair, comp.result())
+
+
+def verify_remote(obj: Ctx, t: RemoteTarget) -> dict[str, Any]:
+    """Verify through the daemon (its online verify, in C), showing the
+    progress it reports in ``status`` (read on a second connection) while
+    the verb waits on the first.  Ctrl-C stops following; the daemon's
+    verify goes on and keeps its result (``status``: last_verify)."""
+    import threading
+
+    from .progress import follow_snapshots
+
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["info"] = t.verify()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            result["exc"] = exc
+
+    poller = connect_or_none(obj.control)
+    th = threading.Thread(target=work, name="verify", daemon=True)
+    th.start()
+
+    def wait(seconds: float) -> str:
+        th.join(seconds)
+        return TIMEOUT if th.is_alive() else DONE
+
+    def snapshot() -> Optional[dict[str, Any]]:
+        if poller is None:
+            return None
+        try:
+            pairs = poller.status(t.name).get("pairs") or []
+        except Exception:  # noqa: BLE001 - progress is best effort (a group has no one entry)
+            return None
+        v = pairs[0].get("verify") if len(pairs) == 1 else None
+        if not v:
+            return None
+        total, done = int(v["tracks_total"]), int(v["tracks_done"])
+        return {"tracks_total": total, "tracks_done": done, "tracks_pending": total - done,
+                "fraction": done / total if total else 1.0, "rate": None, "eta": None}
+
+    try:
+        follow_snapshots(wait, snapshot, f"verify {t.label}")
+    finally:
+        if poller is not None:
+            poller.close()
+    th.join()
+    if "exc" in result:
+        raise result["exc"]
+    info: dict[str, Any] = result["info"]
+    return info
+
+
+def compare_snapshot(comp: Any) -> dict[str, Any]:
+    """A comparison's progress in the shape progress.describe() shows."""
+    p = comp.progress()
+    left = p.tracks_total - p.tracks_done
+    per_track = p.bytes_read / p.tracks_done if p.tracks_done else 0
+    eta = left * per_track / p.rate if p.rate > 0 else None
+    return {**p.as_dict(), "tracks_pending": left, "eta": eta, "elapsed": p.elapsed}
 
 
 @cli.command()

@@ -48,6 +48,12 @@ class Progress:
     commits: int = 0
     syncs: int = 0
     mirror_invalid: int = 0   # mirror tracks not part of a point-in-time image (0: consistent)
+    # -- branch compare: a job that began by comparing the sides (establish/restore --compare)
+    compare: bool = False         # the current/last job began by comparing
+    comparing: bool = False       # its compare phase runs now (the copy starts after it)
+    tracks_compared: int = 0      # tracks compared so far
+    tracks_equal: int = 0         # tracks found equal: not copied
+    compare_bytes: int = 0        # bytes the compare read from both sides
 
     @property
     def tracks_done(self) -> int:
@@ -105,7 +111,15 @@ def read_progress(pair: "Pair") -> Progress:
         commits=int(p.commits),
         syncs=int(p.syncs),
         mirror_invalid=int(p.mirror_invalid),
+        **_compare_fields(p),
     )
+
+
+def _compare_fields(p: Any) -> dict[str, Any]:
+    """The compare branch's counters (docs/compare.md)."""
+    return {"compare": bool(p.compare), "comparing": bool(p.comparing),
+            "tracks_compared": int(p.tracks_compared), "tracks_equal": int(p.tracks_equal),
+            "compare_bytes": int(p.compare_bytes)}
 
 
 class Job:

@@ -13,7 +13,7 @@ import contextlib
 import os
 import weakref
 from types import TracebackType
-from typing import Any, Iterator, Optional, Type, Union
+from typing import Any, Callable, Iterator, Optional, Type, Union
 
 from . import errors
 from ._handle import Handle, destroy_keeping
@@ -218,6 +218,7 @@ class Pair(Handle):
     def _progress_struct(self) -> Any:
         """A ``struct pm_progress`` filled now (for :func:`read_progress`)."""
         out = ffi.new("struct pm_progress *")
+        out.size = ffi.sizeof("struct pm_progress")   # every field this header knows (0.3 too)
         self._run("progress", lib.pm_pair_progress, out)
         return out
 
@@ -279,16 +280,24 @@ class Pair(Handle):
 
     # -- commands -----------------------------------------------------------
     def establish(self, incremental: bool = False, config: Optional[CopyConfig] = None, *,
-                  assume_equal: bool = False) -> Job:
+                  assume_equal: bool = False, compare: bool = False) -> Job:
         """Copy the standard to the mirror (every track, or with ``incremental``
         only the tracks changed on either side since the split); host writes
         are mirrored from now on.  Returns at once with the copy's Job; the
         pair is ``established`` when it is done.
 
         ``assume_equal`` (a new pair only) skips the copy for two volumes you
-        know are identical, such as two freshly created (all-zero) images."""
+        know are identical, such as two freshly created (all-zero) images.
+
+        ``compare`` copies only the tracks whose bytes differ, found by
+        comparing the two sides first (for when the tables are lost or not
+        trusted; docs/compare.md): the job's progress shows the compare
+        phase (``comparing``, ``tracks_compared``, ``tracks_equal``)."""
         cfg = config or self._config
-        if assume_equal:
+        _check_compare_args(compare, incremental, assume_equal)
+        if compare:
+            self._run("establish --compare", lib.pm_pair_establish_compare, _c_config(cfg, self.track_size))
+        elif assume_equal:
             if incremental:
                 raise ValueError("assume_equal and incremental cannot be combined")
             self._run("establish", lib.pm_pair_assume_established)
@@ -303,17 +312,24 @@ class Pair(Handle):
         self._run("split", lib.pm_pair_split)
 
     def restore(self, incremental: bool = False, protect: bool = True,
-                config: Optional[CopyConfig] = None) -> Job:
+                config: Optional[CopyConfig] = None, *, compare: bool = False) -> Job:
         """Restore the standard from the mirror, while the host keeps using
         the standard.  Returns at once, before any data is copied.
 
         incremental: copy only the tracks changed on either side since the
         split.  protect: keep the mirror write-disabled and unchanged for the
         whole restore (the pair ends ``restored``); without it, host writes are
-        mirrored and the pair ends ``established``."""
+        mirrored and the pair ends ``established``.  compare: copy only the
+        tracks whose bytes differ, found by comparing the sides first
+        (docs/compare.md)."""
         cfg = config or self._config
-        self._run("restore", lib.pm_pair_restore, bool(incremental), bool(protect),
-                  _c_config(cfg, self.track_size))
+        _check_compare_args(compare, incremental)
+        if compare:
+            self._run("restore --compare", lib.pm_pair_restore_compare, bool(protect),
+                      _c_config(cfg, self.track_size))
+        else:
+            self._run("restore", lib.pm_pair_restore, bool(incremental), bool(protect),
+                      _c_config(cfg, self.track_size))
         self._config, self._job_kind = cfg, "restore"
         return Job(self, "restore")
 
@@ -413,9 +429,27 @@ class Pair(Handle):
                 break
             start = int(nxt[0])
 
-    def verify(self) -> list[int]:
-        """The numbers of the tracks that differ between the two sides."""
-        return list(self.iter_differences())
+    def verify(self, progress: Optional[Callable[[Any], None]] = None) -> list[int]:
+        """The numbers of the tracks that differ between the two sides
+        (ascending), compared in C: both sides read at once, in bounded
+        memory, with the GIL released.  ``progress`` is called a few times a
+        second with a :class:`pymirror.compare.CompareProgress`; Ctrl-C
+        cancels the comparison."""
+        from .compare import compare
+
+        return compare(self, progress)
+
+    @classmethod
+    def adopt(cls, meta: Optional[PathLike], standard: "PathLike | Volume", mirror: "PathLike | Volume", *,
+              track_size: Optional[int] = None, config: Optional[CopyConfig] = None,
+              progress: Optional[Callable[[Any], None]] = None) -> "Pair":
+        """A pair over two existing volumes that already hold data: created,
+        compared, and ``split`` with every differing track CHANGED, so an
+        incremental establish or restore copies exactly those.  On error
+        nothing is created.  See :func:`pymirror.compare.adopt`."""
+        from .compare import adopt
+
+        return adopt(meta, standard, mirror, track_size=track_size, config=config, progress=progress)
 
     def commit(self) -> None:
         """Make the pair's state and track tables durable."""
@@ -493,6 +527,14 @@ class Pair(Handle):
                 yield
             finally:
                 lib.pm_pair_release_io(ptr)
+
+
+def _check_compare_args(compare: bool, incremental: bool, assume_equal: bool = False) -> None:
+    if compare and incremental:
+        raise ValueError("compare and incremental cannot be combined: a compare finds the tracks "
+                         "to copy itself, whatever the tables say")
+    if compare and assume_equal:
+        raise ValueError("compare and assume_equal cannot be combined")
 
 
 def track_counts(pair: Pair) -> dict[str, dict[str, int]]:

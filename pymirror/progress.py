@@ -33,6 +33,11 @@ def describe(p: "Union[Progress, Snapshot]") -> str:
     line = (f"{done}/{total} tracks ({100 * fraction:.1f}%), "
             f"{(_get(p, 'rate') or 0) / MiB:.1f} MiB/s, ETA {format_seconds(_get(p, 'eta', None))}")
     extra = []
+    if _get(p, "comparing", False):
+        extra.append(f"comparing: {_get(p, 'tracks_compared')}/{total} compared, "
+                     f"{_get(p, 'tracks_equal')} equal")
+    elif _get(p, "compare", False):
+        extra.append(f"{_get(p, 'tracks_equal')} of {total} equal, not copied")
     if _get(p, "tracks_skipped"):
         extra.append(f"{_get(p, 'tracks_skipped')} skipped by host writes")
     if _get(p, "tracks_merged"):

@@ -86,11 +86,15 @@ def verify_dict(pair: "Pair", name: Optional[str] = None) -> dict[str, Any]:
     Refused with :class:`StateError` while a copy exists: verify compares
     settled volumes.  ``name`` is used in that message (default: the meta
     path)."""
-    label = name or pair.meta_path or "the pair"
+    check_settled(pair, name or pair.meta_path or "the pair")
+    return verify_result(pair, pair.verify())
+
+
+def check_settled(pair: "Pair", label: str) -> None:
+    """StateError while a copy exists: verify compares settled volumes."""
     if pair.progress.running:
         raise errors.StateError(f"{label}: a copy is in progress ({pair.state}); "
                                 f"verify compares settled volumes: resume it and let it finish first")
-    return verify_result(pair, pair.verify())
 
 
 def verify_result(pair: "Pair", differing: list[int]) -> dict[str, Any]:

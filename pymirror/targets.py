@@ -51,13 +51,15 @@ class LocalTarget:
     def split(self) -> None:
         self.pair.split()
 
-    def establish(self, incremental: bool = False, assume_equal: bool = False,
+    def establish(self, incremental: bool = False, assume_equal: bool = False, compare: bool = False,
                   **copy: Any) -> None:
         self.pair.establish(incremental=incremental, config=self._config(**copy),
-                            assume_equal=assume_equal)
+                            assume_equal=assume_equal, compare=compare)
 
-    def restore(self, incremental: bool = False, protect: bool = True, **copy: Any) -> None:
-        self.pair.restore(incremental=incremental, protect=protect, config=self._config(**copy))
+    def restore(self, incremental: bool = False, protect: bool = True, compare: bool = False,
+                **copy: Any) -> None:
+        self.pair.restore(incremental=incremental, protect=protect, config=self._config(**copy),
+                          compare=compare)
 
     def resume(self, **copy: Any) -> None:
         self.pair.resume(config=self._config(**copy))
@@ -123,11 +125,13 @@ class RemoteTarget:
     def split(self) -> None:
         self.rp.split()
 
-    def establish(self, incremental: bool = False, assume_equal: bool = False, **copy: Any) -> None:
-        self.rp.establish(incremental=incremental, assume_equal=assume_equal, **_given(copy))
+    def establish(self, incremental: bool = False, assume_equal: bool = False, compare: bool = False,
+                  **copy: Any) -> None:
+        self.rp.establish(incremental=incremental, assume_equal=assume_equal, compare=compare, **_given(copy))
 
-    def restore(self, incremental: bool = False, protect: bool = True, **copy: Any) -> None:
-        self.rp.restore(incremental=incremental, protect=protect, **_given(copy))
+    def restore(self, incremental: bool = False, protect: bool = True, compare: bool = False,
+                **copy: Any) -> None:
+        self.rp.restore(incremental=incremental, protect=protect, compare=compare, **_given(copy))
 
     def resume(self, **copy: Any) -> None:
         self.rp.resume(**_given(copy))

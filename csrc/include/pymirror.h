@@ -413,6 +413,11 @@ struct pm_progress {
     /* -- 0.3 fields, branch sparse (issue 13) -- */
 
     /* -- 0.3 fields, branch compare (issue 16) -- */
+    int32_t compare;           /* the current/last job began by comparing the sides (--compare) */
+    int32_t comparing;         /* 1 while that job's compare phase runs (copiers start after it) */
+    uint64_t tracks_compared;  /* tracks the compare phase has compared so far */
+    uint64_t tracks_equal;     /* tracks it found equal: no copy (their PENDING bit cleared) */
+    uint64_t compare_bytes;    /* bytes the compare phase read from both sides */
 
 };
 
@@ -486,7 +491,8 @@ int pm_pair_release_io(pm_pair *p);
 /* Compare the two sides track by track, writing the numbers of up to `max`
  * differing tracks at or after track `from` into out[]; returns how many,
  * and sets *next to the track to continue from (tracks when done).  Only
- * meaningful while no job runs. */
+ * meaningful while no job runs.  Both sides are read at once, in bounded
+ * memory (the engine of pm_pair_compare, below, with progress and cancel). */
 int64_t pm_pair_verify(pm_pair *p, uint64_t from, uint64_t *out, uint64_t max, uint64_t *next);
 
 /* ---- persistence ---------------------------------------------------------
@@ -540,6 +546,84 @@ int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg);
 /* ---- branch sparse: holes and zeros, block status, plans (issue 13) ---- */
 
 /* ---- branch compare: comparing the two sides in C, compare-restore, adopt (issue 16) ---- */
+
+/* Comparing the two sides (docs/compare.md).  Two reader threads, one per
+ * side, read batches of whole tracks ahead of the comparing thread into a
+ * ring of a few buffers each, so memory is bounded (2 sides x 3 batches of
+ * 4 MiB) and both volumes are read at once.
+ *
+ * A pm_compare is a handle to follow and stop a compare from another
+ * thread: pass it to pm_pair_compare (or pm_pair_adopt); read its progress
+ * with pm_compare_progress and stop it with pm_compare_cancel (the compare
+ * then returns -ECANCELED) at any time, from any thread (a cancel given
+ * before the compare starts stops it at once).  One compare at a time per
+ * handle; a handle may be reused after the compare returned. */
+typedef struct pm_compare pm_compare;
+
+struct pm_compare_progress {
+    uint32_t size;             /* sizeof(struct pm_compare_progress), or 0 (this version) */
+    int32_t running;           /* 1 while a compare runs with this handle */
+    uint64_t tracks_total;     /* tracks to compare */
+    uint64_t tracks_done;      /* tracks compared so far */
+    uint64_t tracks_differ;    /* ... of which differ */
+    uint64_t bytes_read;       /* data bytes read from the two sides */
+    uint64_t tracks_hashed;    /* track-sides compared by the store's hash instead of its data */
+    double elapsed;            /* seconds since the compare began (frozen when it ends) */
+};
+
+int pm_compare_create(pm_compare **out);
+void pm_compare_destroy(pm_compare *c);
+int pm_compare_cancel(pm_compare *c);                                  /* thread-safe */
+int pm_compare_progress(const pm_compare *c, struct pm_compare_progress *out);   /* thread-safe */
+
+/* Compare tracks [first, first+count) of the two sides (count 0: to the
+ * end), setting the bit of every differing track in `out` (a bitmap of
+ * pm_pair's track count; other bits are left as they are).  Blocks until
+ * done; returns the number of differing tracks, -ECANCELED when cancelled,
+ * or a read error naming the side and track.  It reads the volumes
+ * directly, not through the host's arbitration: run it while no job runs
+ * (a host write racing it can make one track compare either way).  `c`
+ * may be NULL. */
+int64_t pm_pair_compare(pm_pair *p, uint64_t first, uint64_t count, pm_bitmap *out, pm_compare *c);
+
+/* establish / restore whose PENDING set is computed by comparing: the job
+ * begins like a full one (every track PENDING on the target, the host may
+ * use the pair at once, arbitrated as usual), then a compare phase clears
+ * PENDING on every track found equal that the host has not written since
+ * the job began (decided under the track's lock, so a host write is never
+ * missed: a written track stays PENDING and is copied), and only then do
+ * the copiers start, copying exactly the tracks that differ (plus those the
+ * host wrote meanwhile, which the arbitration may already have settled).
+ * Progress: pm_progress.compare/comparing/tracks_compared/tracks_equal.
+ * States as pm_pair_establish (new, split, restored) and pm_pair_restore
+ * (split, restored; a consistent mirror).  Returns at once. */
+int pm_pair_establish_compare(pm_pair *p, const struct pm_copy_config *cfg);
+int pm_pair_restore_compare(pm_pair *p, int protect, const struct pm_copy_config *cfg);
+
+/* A NEW pair over two existing volumes: compare them, mark every differing
+ * track CHANGED on both sides (and keep what the host wrote meanwhile),
+ * and move to SPLIT, so an incremental establish or restore copies exactly
+ * those.  Blocks; `c` (may be NULL) follows or cancels it.  Returns the
+ * number of differing tracks; on error or cancel the pair stays NEW. */
+int64_t pm_pair_adopt(pm_pair *p, pm_compare *c);
+
+/* Per-track hashes, for a store whose data is far away: a store may offer
+ * a function that hashes tracks next to the data (CRC-32C of each whole
+ * track of [offset, offset+len), track_size bytes each, the last one
+ * possibly shorter, into out[]), so a compare moves 4 bytes per track
+ * instead of the track.  When either side offers one, both sides are
+ * compared by hash (the other side hashes what it reads).  hash NULL
+ * withdraws the offer.  Not thread-safe against a compare in progress. */
+int pm_store_set_track_hash(pm_store *s,
+                            int (*hash)(void *ctx, uint64_t offset, uint64_t len, uint32_t track_size,
+                                        uint32_t *out),
+                            void *ctx);
+/* The tracks' hashes of any store: its offered hash, else read and hashed
+ * here.  Thread-safe. */
+int pm_store_track_hashes(pm_store *s, uint64_t offset, uint64_t len, uint32_t track_size, uint32_t *out);
+/* A hash function to offer for a pm_store given as ctx, hashing its data
+ * where the store runs (what an NBD or RBD server would do on its side). */
+int pm_store_crc32c_tracks(void *store, uint64_t offset, uint64_t len, uint32_t track_size, uint32_t *out);
 
 /* ---- branch metatrust: volume identity, changes outside pymirror, metadata check and relocate (issue 16) ---- */
 

@@ -455,18 +455,22 @@ class Daemon:
 
     def verb_establish(self, name: str, incremental: Optional[bool], assume_equal: Optional[bool],
                        rate: Optional[int], copiers: Optional[int], batch_size: Optional[int],
-                       wait: Optional[bool]) -> Any:
+                       wait: Optional[bool], compare: Optional[bool] = None) -> Any:
         group, helds = self.resolve(name)
         with self._locked(helds):
             self._no_verify(helds, "establish")
             if group is None:
                 pair = helds[0].need()
                 pair.establish(incremental=bool(incremental), assume_equal=bool(assume_equal),
-                               config=self._cfg(pair, rate=rate, copiers=copiers, batch_size=batch_size))
+                               config=self._cfg(pair, rate=rate, copiers=copiers, batch_size=batch_size),
+                               compare=bool(compare))
                 extra = None
             else:
                 if assume_equal:
                     raise InvalidArgument("assume_equal is for one new pair, not a group")
+                if compare:
+                    raise InvalidArgument("compare is for one pair, not a group: establish each pair "
+                                          "with compare")
                 for h in helds:
                     h.need()._configure(self._cfg(h.pair, rate=rate, copiers=copiers, batch_size=batch_size))
                 extra = {"held_seconds": self._group_call("establish", helds, incremental=bool(incremental))}
@@ -478,7 +482,7 @@ class Daemon:
 
     def verb_restore(self, name: str, incremental: Optional[bool], protect: Optional[bool],
                      read_policy: Optional[str], rate: Optional[int], copiers: Optional[int],
-                     batch_size: Optional[int], wait: Optional[bool]) -> Any:
+                     batch_size: Optional[int], wait: Optional[bool], compare: Optional[bool] = None) -> Any:
         group, helds = self.resolve(name)
         protect = True if protect is None else protect
         with self._locked(helds):
@@ -487,9 +491,12 @@ class Daemon:
                 pair = helds[0].need()
                 pair.restore(incremental=bool(incremental), protect=protect,
                              config=self._cfg(pair, rate=rate, copiers=copiers, batch_size=batch_size,
-                                              read_policy=read_policy))
+                                              read_policy=read_policy), compare=bool(compare))
                 extra = None
             else:
+                if compare:
+                    raise InvalidArgument("compare is for one pair, not a group: restore each pair "
+                                          "with compare")
                 for h in helds:
                     h.need()._configure(self._cfg(h.pair, rate=rate, copiers=copiers, batch_size=batch_size,
                                                   read_policy=read_policy))

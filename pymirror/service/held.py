@@ -32,8 +32,8 @@ def one_line(exc: BaseException) -> str:
 
 
 class VerifyJob:
-    """Compare the two sides in steps of about 1 MiB on a thread, with
-    progress events, while the host keeps using the pair.  Tracks found to
+    """Compare the two sides in C (compare.py) on a thread, with progress
+    events, while the host keeps using the pair.  Tracks found to
     differ are compared again at the end (up to RECHECKS times), so a host
     write that raced the scan is not reported as a difference."""
 
@@ -71,38 +71,43 @@ class VerifyJob:
         return [t + i for i in range(n) if a[i * ts:(i + 1) * ts] != b[i * ts:(i + 1) * ts]]
 
     def _scan(self) -> list[int]:
-        pair, ts = self.pair, self.pair.track_size
-        step = max(1, (1 << 20) // ts)
-        a, b = bytearray(step * ts), bytearray(step * ts)
-        diff: list[int] = []
+        """The C comparison (both sides read at once; compare.py), with
+        progress events; then the differing tracks are compared again
+        through the host's reads, so a write that raced the scan is not
+        reported."""
+        from ..compare import Comparison
+
+        comp = Comparison(self.pair).start()
         last = 0.0
-        t = 0
-        while t < self.tracks:
+        while not comp.wait(0.1):
             if self._stop.is_set():
+                comp.cancel()
+                comp.wait()
                 raise errors.MirrorError("verify cancelled")
-            n = min(step, self.tracks - t)
-            diff += self._compare(t, n, a, b)
-            t += n
-            self.done_tracks = t
+            pr = comp.progress()
+            self.done_tracks = pr.tracks_done
             now = time.monotonic()
             if now - last >= PROGRESS_INTERVAL:
                 last = now
                 self.held.emit("job-progress", kind="verify", tracks_total=self.tracks,
-                               tracks_done=t, tracks_pending=self.tracks - t,
-                               fraction=t / self.tracks if self.tracks else 1.0, differing=len(diff))
-        for _ in range(RECHECKS):       # a host write racing the scan differs only for a moment
-            if not diff:
-                break
-            time.sleep(0.01)
-            diff = [x for x in diff if self._compare(x, 1, bytearray(ts), bytearray(ts))]
+                               tracks_done=pr.tracks_done, tracks_pending=self.tracks - pr.tracks_done,
+                               fraction=pr.fraction, differing=pr.tracks_differ)
+        diff: list[int] = comp.result()
+        self.done_tracks = self.tracks
+        ts = self.pair.track_size
+        try:
+            for _ in range(RECHECKS):       # a host write racing the scan differs only for a moment
+                if not diff:
+                    break
+                time.sleep(0.01)
+                diff = [x for x in diff if self._compare(x, 1, bytearray(ts), bytearray(ts))]
+        except (errors.StateError, errors.ReadOnlyError):
+            pass                            # a side the host may not read now: the C result stands
         return diff
 
     def _run(self) -> None:
         try:
-            try:
-                diff = self._scan()
-            except (errors.StateError, errors.ReadOnlyError):
-                diff = self.pair.verify()   # a side the state does not let the host read: scan in C
+            diff = self._scan()
             self.result = verify_result(self.pair, diff)
             self.held.last_verify = dict(self.result, finished=time.time())
             self.held.emit("job-done", kind="verify", equal=self.result["equal"],
