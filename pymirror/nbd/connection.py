@@ -36,7 +36,7 @@ Lock order: ``_recv_lock`` before ``_state``; ``_send_lock`` is taken alone.
 
 Commands: READ, WRITE (FUA), FLUSH, TRIM (an advisory no-op), WRITE_ZEROES
 (FUA, NO_HOLE), DISC.  A client that breaks the protocol (bad magic, a write
-larger than 32 MiB, a truncated request) is dropped; nothing half-received
+larger than 64 MiB, a truncated request) is dropped; nothing half-received
 is written or acknowledged; the server and the other connections go on.
 A request the pair's current state forbids gets an error reply (see
 exports.py), never a disconnect.  ``stop()`` (server shutdown, or the
@@ -50,6 +50,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from . import cloop
 from . import protocol as P
 from .exports import Export, PairEntry, errno_of
 from .handshake import Handshake
@@ -124,6 +125,8 @@ class Connection(Handshake):
         self._rpos = 0
         self._rend = 0
         self._large_writes = False              # the last write was large
+        self._cloop: Any = None                 # the C request loop serving it (cloop.py)
+        self._tls: Any = None                   # the TLS session after STARTTLS (tls.py)
 
     def start(self) -> None:
         threading.Thread(target=self._first, name="nbd-conn", daemon=True).start()
@@ -131,6 +134,7 @@ class Connection(Handshake):
     def stop(self) -> None:
         """Read no further requests; answer those already received with ESHUTDOWN."""
         self._stopping = True
+        cloop.stop(self)
         try:
             self.sock.shutdown(socket.SHUT_RD)   # wakes a leader waiting for the next request
         except OSError:
@@ -138,6 +142,7 @@ class Connection(Handshake):
 
     def abort(self) -> None:
         self._closing = True
+        cloop.abort(self)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -336,7 +341,7 @@ class Connection(Handshake):
             self.sock.settimeout(None)
         except Exception:  # noqa: BLE001 - _Closed, OSError, a timeout: no transmission phase
             self.export = None
-        if self.export is None:
+        if self.export is None or cloop.serve(self):     # the C request loop (cloop.py), or no export
             self._closing = True
             self._leave()
             return

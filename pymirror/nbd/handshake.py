@@ -156,7 +156,7 @@ class Handshake:
             self._opt(opt, P.REP_INFO, struct.pack(">H", P.INFO_DESCRIPTION) + export.description.encode())
         # Block sizes, always stated: any byte range works (minimum 1), whole
         # tracks are best (a partial write of a track not yet restored merges
-        # it first), at most 32 MiB per request.
+        # it first), at most 64 MiB per request (nbdkit's limit).
         self._opt(opt, P.REP_INFO, struct.pack(">HIII", P.INFO_BLOCK_SIZE, 1, export.preferred, P.MAX_REQUEST))
         self._opt(opt, P.REP_ACK)
         return export
