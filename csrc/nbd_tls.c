@@ -308,8 +308,10 @@ int64_t pm_tls_recv(pm_tls *t, void *buf, uint64_t len)
         ssize_t k = gt.recv(t->s, buf, len);
         if (k >= 0)
             return k;
-        if (k == GT_E_AGAIN || k == GT_E_INTERRUPTED)
+        if (k == GT_E_INTERRUPTED)
             continue;
+        if (k == GT_E_AGAIN)            /* the socket's receive timeout (the handshake's) */
+            return PM_FAIL(-EAGAIN, "TLS: timed out waiting for the client");
         return PM_FAIL(-ECONNRESET, "TLS: %s", gt.strerror((int)k));
     }
 }

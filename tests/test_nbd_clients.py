@@ -94,7 +94,7 @@ def test_nbdinfo_lists_exports_and_sizes(restoring):
     std = exports["standard"]
     assert std["can_multi_conn"] is True and std["can_fua"] is True and std["can_zero"] is True
     assert std["block_size_minimum"] == 1 and std["block_size_preferred"] == TRACK
-    assert std["block_size_maximum"] == 32 * MiB
+    assert std["block_size_maximum"] == 64 * MiB
     assert "restoring" in exports["mirror"]["description"]
     finish(pair, job)
 

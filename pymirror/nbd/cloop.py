@@ -63,7 +63,8 @@ def serve(conn: Any) -> bool:
     pair = entry.pair if entry is not None else None
     tls = getattr(conn, "_tls", None)
     if pair is None or not _real_pair(pair):
-        return False
+        # only the C loop speaks TLS: a wrapped pair over TLS cannot be served
+        return tls is not None
     if tls is None and engine_of(conn.server) != "c":
         return False
     flags = (lib.PM_NBD_STRUCTURED if conn.structured else 0) | (lib.PM_NBD_READONLY if ex.readonly else 0)

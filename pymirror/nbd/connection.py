@@ -52,6 +52,7 @@ from typing import Any, Callable, Optional
 
 from . import cloop
 from . import protocol as P
+from . import tls
 from .exports import Export, PairEntry, errno_of
 from .handshake import Handshake
 
@@ -150,6 +151,9 @@ class Connection(Handshake):
 
     # -- sending ----------------------------------------------------------------
     def _send(self, data: Any) -> None:
+        if self._tls is not None:        # the handshake after STARTTLS (tls.py)
+            self._tls.sendall(data)
+            return
         with self._send_lock:
             try:
                 self.sock.sendall(data)
@@ -233,6 +237,8 @@ class Connection(Handshake):
     # -- receiving --------------------------------------------------------------
     def _recv_exact(self, n: int) -> bytes:
         """Handshake only: exactly ``n`` bytes straight from the socket."""
+        if self._tls is not None:
+            return self._tls.recv_exact(n)
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
@@ -339,6 +345,7 @@ class Connection(Handshake):
             self.sock.settimeout(HANDSHAKE_TIMEOUT)
             self.export = self._handshake()
             self.sock.settimeout(None)
+            tls.transmission(self)
         except Exception:  # noqa: BLE001 - _Closed, OSError, a timeout: no transmission phase
             self.export = None
         if self.export is None or cloop.serve(self):     # the C request loop (cloop.py), or no export
@@ -433,6 +440,7 @@ class Connection(Handshake):
         if last:
             try:
                 self.sock.close()
+                tls.release(self)
             finally:
                 self.server._forget(self)
                 self.done.set()

@@ -15,6 +15,7 @@ import struct
 from typing import Any, Optional
 
 from . import protocol as P
+from . import tls
 from .exports import Export
 
 SERVER_FLAGS = P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES
@@ -64,6 +65,8 @@ class Handshake:
             if length > P.MAX_OPTION:
                 raise P.Closed("option data too long")
             data = self._recv_exact(length) if length else b""
+            if tls.intercept(self, opt, data):        # STARTTLS, and TLS required (tls.py)
+                continue
             if opt == P.OPT_EXPORT_NAME:
                 export: Optional[Export] = None if self._stopping else self.server._attach(self, data)[0]
                 if export is None:
