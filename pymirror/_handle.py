@@ -155,6 +155,12 @@ class Handle:
                     self._idle.wait()
                 return False
             self._state = _CLOSING
+            # users that hold the C pointer outside counted calls (the NBD C
+            # request loop, pymirror/nbd/cloop.py) let go of it now
+            hooks = list(getattr(self, "__dict__", {}).get("_closing_hooks", {}).values())
+        for hook in hooks:
+            hook()
+        with self._lock:
             while self._calls:
                 self._idle.wait()
         try:

@@ -94,7 +94,7 @@ def test_nbdinfo_lists_exports_and_sizes(restoring):
     std = exports["standard"]
     assert std["can_multi_conn"] is True and std["can_fua"] is True and std["can_zero"] is True
     assert std["block_size_minimum"] == 1 and std["block_size_preferred"] == TRACK
-    assert std["block_size_maximum"] == 32 * MiB
+    assert std["block_size_maximum"] == 64 * MiB
     assert "restoring" in exports["mirror"]["description"]
     finish(pair, job)
 
@@ -163,7 +163,7 @@ assert h.get_size() == size and not h.is_read_only()
 assert h.can_fua() and h.can_flush() and h.can_zero() and h.can_trim() and h.can_multi_conn()
 assert not h.can_cache() and not h.can_df() and not h.can_fast_zero()
 assert (h.get_block_size(nbd.SIZE_MINIMUM), h.get_block_size(nbd.SIZE_PREFERRED),
-        h.get_block_size(nbd.SIZE_MAXIMUM)) == (1, track, 32 << 20)
+        h.get_block_size(nbd.SIZE_MAXIMUM)) == (1, track, 64 << 20)
 h.pwrite(b'nbdsh!' * 1000, 12345, nbd.CMD_FLAG_FUA)
 assert h.pread(6000, 12345) == b'nbdsh!' * 1000
 h.zero(70000, 3 << 20)

@@ -111,12 +111,12 @@ def test_handshake_list_info_and_flags(served):
 
     info = c.go("mirror", infos=(P.INFO_NAME, P.INFO_DESCRIPTION, P.INFO_BLOCK_SIZE), opt=P.OPT_INFO)
     assert info[P.INFO_NAME] == "mirror" and "writable" in info[P.INFO_DESCRIPTION]
-    assert info[P.INFO_BLOCK_SIZE] == (1, TRACK, 32 << 20)           # any byte range; whole tracks preferred
+    assert info[P.INFO_BLOCK_SIZE] == (1, TRACK, 64 << 20)           # any byte range; whole tracks preferred
     assert not info[P.INFO_EXPORT][1] & P.TFLAG_READ_ONLY              # split: the mirror is writable
 
     info = c.go("standard")
     size, flags = info[P.INFO_EXPORT]
-    assert size == SIZE and info[P.INFO_BLOCK_SIZE] == (1, TRACK, 32 << 20)
+    assert size == SIZE and info[P.INFO_BLOCK_SIZE] == (1, TRACK, 64 << 20)
     want = (P.TFLAG_HAS_FLAGS | P.TFLAG_SEND_FLUSH | P.TFLAG_SEND_FUA | P.TFLAG_SEND_TRIM
             | P.TFLAG_SEND_WRITE_ZEROES | P.TFLAG_CAN_MULTI_CONN)
     assert flags == want
@@ -260,7 +260,7 @@ def test_errors_keep_the_connection(served, structured):
         (P.CMD_WRITE, SIZE - 2, 4, b"abcd", 0, P.ENOSPC),              # the payload is consumed
         (P.CMD_WRITE_ZEROES, SIZE - 2, 4, b"", 0, P.ENOSPC),
         (P.CMD_TRIM, SIZE, 1, b"", 0, P.EINVAL),
-        (P.CMD_READ, 0, (32 << 20) + 1, b"", 0, P.EINVAL),              # larger than the maximum
+        (P.CMD_READ, 0, (64 << 20) + 1, b"", 0, P.EINVAL),              # larger than the maximum
         (99, 0, 0, b"", 0, P.EINVAL),                                   # unknown command
         (P.CMD_CACHE, 0, 4096, b"", 0, P.EINVAL),                       # not advertised
         (P.CMD_READ, 0, 4, b"", P.CMD_FLAG_DF, P.EINVAL),               # flags not advertised
@@ -303,7 +303,7 @@ def test_protocol_breakage_drops_only_that_client(served, breakage):
     if breakage == "bad-magic":
         bad.sock.sendall(struct.pack(">IHHQQI", 0xDEADBEEF, 0, P.CMD_READ, 1, 0, 4))
     elif breakage == "huge-write":
-        bad.request(P.CMD_WRITE, 0, 64 << 20, b"x" * 100)
+        bad.request(P.CMD_WRITE, 0, (64 << 20) + 1, b"x" * 100)
     elif breakage == "truncated-header":
         bad.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, 4)[:10])
         bad.sock.shutdown(socket.SHUT_WR)

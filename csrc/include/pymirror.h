@@ -651,6 +651,65 @@ int pm_pair_detach_info(const pm_pair *p, struct pm_detach_info *out);
 
 /* ---- branch rbd: RBD volumes over librbd, loaded at run time (issue 14) ---- */
 
+/* ---- branch nbdc: the NBD request loop in C, TLS (issue 15) ---- */
+
+/* The transmission phase of one NBD connection, after the (Python)
+ * handshake: requests parsed, carried out on the pair and answered in C,
+ * by a small pool of threads per connection (docs/nbd.md, "The C request
+ * loop").  fd is the connected socket (borrowed: the caller closes it after
+ * pm_nbd_conn_run returns); side PM_STANDARD or PM_MIRROR; flags
+ * PM_NBD_STRUCTURED (structured replies were negotiated), PM_NBD_READONLY
+ * (the export was offered read-only); name names the export in messages;
+ * max_threads 1 to 64 (requests carried out at once); tls a session made by
+ * pm_tls_start for this fd, or NULL. */
+typedef struct pm_nbd_conn pm_nbd_conn;
+enum pm_nbd_flags { PM_NBD_STRUCTURED = 1, PM_NBD_READONLY = 2 };
+enum pm_nbd_limits { PM_NBD_MAX_REQUEST = 67108864, PM_NBD_PIECE = 4194304 };
+typedef struct pm_tls pm_tls;
+int pm_nbd_conn_new(int fd, pm_pair *pair, int side, unsigned flags, const char *name,
+                    uint32_t max_threads, pm_tls *tls, pm_nbd_conn **out);
+/* Meta context ids negotiated for NBD_CMD_BLOCK_STATUS (-1: not negotiated):
+ * base:allocation and pymirror:pending.  Before pm_nbd_conn_run. */
+int pm_nbd_conn_set_contexts(pm_nbd_conn *c, int64_t allocation_id, int64_t pending_id);
+/* Serve until the client disconnects, breaks the protocol, or stop/abort;
+ * returns when every request is answered and every thread has ended
+ * (0, or a negative errno if a thread could not be started at all). */
+int pm_nbd_conn_run(pm_nbd_conn *c);
+/* Drain (any thread): read no further requests; those received and not
+ * started get ESHUTDOWN, those being carried out finish. */
+void pm_nbd_conn_stop(pm_nbd_conn *c);
+/* Cut the connection off now (a client that reads no replies). */
+void pm_nbd_conn_abort(pm_nbd_conn *c);
+/* The pair is about to be freed: wait for the requests using it, then
+ * answer later ones ESHUTDOWN without touching it. */
+void pm_nbd_conn_detach(pm_nbd_conn *c);
+/* Counters: requests answered, of them errors. */
+uint64_t pm_nbd_conn_requests(const pm_nbd_conn *c);
+uint64_t pm_nbd_conn_errors(const pm_nbd_conn *c);
+void pm_nbd_conn_free(pm_nbd_conn *c);
+
+/* TLS through GnuTLS, loaded at run time (dlopen of libgnutls.so.30;
+ * PM_E_NOLIB naming Debian's libgnutls30 when it is missing).  Credentials:
+ * x509 from a directory in the layout qemu-nbd and nbdkit use (ca-cert.pem
+ * optional, server-cert.pem, server-key.pem), or PSK from a psktool file
+ * ("username:hexkey" lines). */
+typedef struct pm_tls_creds pm_tls_creds;
+int pm_tls_creds_x509(const char *dir, pm_tls_creds **out);
+int pm_tls_creds_psk(const char *file, pm_tls_creds **out);
+void pm_tls_creds_free(pm_tls_creds *c);
+/* The server side of a TLS handshake on fd (after NBD_OPT_STARTTLS was
+ * acknowledged), at most timeout_ms; the session borrows creds and fd. */
+int pm_tls_start(pm_tls_creds *creds, int fd, int timeout_ms, pm_tls **out);
+/* Bytes received (0: the peer closed) or sent, or a negative error; both
+ * may be called at once from two threads (one receiving, one sending). */
+int64_t pm_tls_recv(pm_tls *t, void *buf, uint64_t len);
+int64_t pm_tls_send(pm_tls *t, const void *buf, uint64_t len);
+/* Bytes already decrypted and waiting to be read. */
+uint64_t pm_tls_pending(pm_tls *t);
+/* A PSK session: the user name the client gave ("" for x509). */
+const char *pm_tls_user(pm_tls *t);
+void pm_tls_free(pm_tls *t);
+
 /* PM_CDEF_END */
 
 #ifdef __cplusplus

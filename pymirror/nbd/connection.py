@@ -36,7 +36,7 @@ Lock order: ``_recv_lock`` before ``_state``; ``_send_lock`` is taken alone.
 
 Commands: READ, WRITE (FUA), FLUSH, TRIM (an advisory no-op), WRITE_ZEROES
 (FUA, NO_HOLE), DISC.  A client that breaks the protocol (bad magic, a write
-larger than 32 MiB, a truncated request) is dropped; nothing half-received
+larger than 64 MiB, a truncated request) is dropped; nothing half-received
 is written or acknowledged; the server and the other connections go on.
 A request the pair's current state forbids gets an error reply (see
 exports.py), never a disconnect.  ``stop()`` (server shutdown, or the
@@ -50,7 +50,9 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from . import cloop
 from . import protocol as P
+from . import tls
 from .exports import Export, PairEntry, errno_of
 from .handshake import Handshake
 
@@ -124,6 +126,8 @@ class Connection(Handshake):
         self._rpos = 0
         self._rend = 0
         self._large_writes = False              # the last write was large
+        self._cloop: Any = None                 # the C request loop serving it (cloop.py)
+        self._tls: Any = None                   # the TLS session after STARTTLS (tls.py)
 
     def start(self) -> None:
         threading.Thread(target=self._first, name="nbd-conn", daemon=True).start()
@@ -131,6 +135,7 @@ class Connection(Handshake):
     def stop(self) -> None:
         """Read no further requests; answer those already received with ESHUTDOWN."""
         self._stopping = True
+        cloop.stop(self)
         try:
             self.sock.shutdown(socket.SHUT_RD)   # wakes a leader waiting for the next request
         except OSError:
@@ -138,6 +143,7 @@ class Connection(Handshake):
 
     def abort(self) -> None:
         self._closing = True
+        cloop.abort(self)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -145,6 +151,9 @@ class Connection(Handshake):
 
     # -- sending ----------------------------------------------------------------
     def _send(self, data: Any) -> None:
+        if self._tls is not None:        # the handshake after STARTTLS (tls.py)
+            self._tls.sendall(data)
+            return
         with self._send_lock:
             try:
                 self.sock.sendall(data)
@@ -228,6 +237,8 @@ class Connection(Handshake):
     # -- receiving --------------------------------------------------------------
     def _recv_exact(self, n: int) -> bytes:
         """Handshake only: exactly ``n`` bytes straight from the socket."""
+        if self._tls is not None:
+            return self._tls.recv_exact(n)
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
@@ -334,9 +345,10 @@ class Connection(Handshake):
             self.sock.settimeout(HANDSHAKE_TIMEOUT)
             self.export = self._handshake()
             self.sock.settimeout(None)
+            tls.transmission(self)
         except Exception:  # noqa: BLE001 - _Closed, OSError, a timeout: no transmission phase
             self.export = None
-        if self.export is None:
+        if self.export is None or cloop.serve(self):     # the C request loop (cloop.py), or no export
             self._closing = True
             self._leave()
             return
@@ -428,6 +440,7 @@ class Connection(Handshake):
         if last:
             try:
                 self.sock.close()
+                tls.release(self)
             finally:
                 self.server._forget(self)
                 self.done.set()

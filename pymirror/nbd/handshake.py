@@ -15,6 +15,7 @@ import struct
 from typing import Any, Optional
 
 from . import protocol as P
+from . import tls
 from .exports import Export
 
 SERVER_FLAGS = P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES
@@ -64,6 +65,8 @@ class Handshake:
             if length > P.MAX_OPTION:
                 raise P.Closed("option data too long")
             data = self._recv_exact(length) if length else b""
+            if tls.intercept(self, opt, data):        # STARTTLS, and TLS required (tls.py)
+                continue
             if opt == P.OPT_EXPORT_NAME:
                 export: Optional[Export] = None if self._stopping else self.server._attach(self, data)[0]
                 if export is None:
@@ -156,7 +159,7 @@ class Handshake:
             self._opt(opt, P.REP_INFO, struct.pack(">H", P.INFO_DESCRIPTION) + export.description.encode())
         # Block sizes, always stated: any byte range works (minimum 1), whole
         # tracks are best (a partial write of a track not yet restored merges
-        # it first), at most 32 MiB per request.
+        # it first), at most 64 MiB per request (nbdkit's limit).
         self._opt(opt, P.REP_INFO, struct.pack(">HIII", P.INFO_BLOCK_SIZE, 1, export.preferred, P.MAX_REQUEST))
         self._opt(opt, P.REP_ACK)
         return export

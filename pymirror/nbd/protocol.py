@@ -95,7 +95,7 @@ EOVERFLOW = 75
 ENOTSUP = 95
 ESHUTDOWN = 108
 
-MAX_REQUEST = 32 << 20       # the largest READ/WRITE payload we accept
+MAX_REQUEST = 64 << 20       # the largest READ/WRITE payload we accept (nbdkit's limit)
 MAX_OPTION = 64 << 10        # the largest option payload we read (names are at most 4096 bytes)
 MAX_STRING = 4096            # the protocol's limit on names and messages
 

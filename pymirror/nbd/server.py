@@ -34,9 +34,11 @@ from types import TracebackType
 from typing import Any, Callable, Optional, Type, Union
 from urllib.parse import quote
 
+from . import cloop
 from . import listener as L
 from .connection import Connection
 from .exports import Export, Registry, check_pair_name
+from .tls import Credentials as TLSCredentials
 
 log = logging.getLogger("pymirror.nbd")
 
@@ -65,11 +67,19 @@ class NBDServer:
     max_inflight = 64 << 20       # bytes of large requests in flight per connection
     max_connections = 128
     handoff_after = 30e-6         # a request slower than this (s) counts as waiting for the disk
+    # the C request loop (cloop.py, the default engine): threads per
+    # connection, started as requests overlap (benchmarks/README.md)
+    c_threads = 8
+    engine: Optional[str] = None  # "c" or "python"; None: $PYMIRROR_NBD_ENGINE, else "c"
 
     def __init__(self, pair: Any = None, *, socket_path: Optional[str] = None, host: Optional[str] = None,
                  port: Optional[int] = None, allow_remote: bool = False, readonly: bool = False,
                  socket_mode: int = 0o660, socket_group: Union[str, int, None] = None,
-                 on_event: Optional[EventHook] = None) -> None:
+                 on_event: Optional[EventHook] = None, engine: Optional[str] = None,
+                 tls: str = "off", tls_certs: Optional[str] = None, tls_psk: Optional[str] = None) -> None:
+        if engine is not None:
+            self.engine = engine
+            cloop.engine_of(self)          # a ValueError for an unknown engine
         if socket_path is None and host is None and port is None:
             raise ValueError("give a unix socket path or a TCP port to serve on")
         self.socket_mode = L.check_mode(socket_mode)
@@ -79,6 +89,13 @@ class NBDServer:
         self.host: Optional[str] = None
         if host is not None or port is not None:
             self.host = L.check_tcp(host, port, allow_remote)
+        # TLS (tls.py): credentials loaded now, so a bad file fails here
+        self.tls_credentials = TLSCredentials(tls, tls_certs, tls_psk)
+        self.tls_warning: Optional[str] = None
+        if self.host is not None and not L.is_loopback(self.host) and tls == "off":
+            self.tls_warning = (f"warning: serving on {self.host} without TLS: anyone who can reach it can read "
+                                "and write the volumes in the clear (add --tls=require with --tls-certs or --tls-psk)")
+            log.warning("nbd: %s", self.tls_warning)
         self.port = port
         self.pair = pair
         self.socket_path = os.path.abspath(socket_path) if socket_path else None
