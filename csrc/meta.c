@@ -44,6 +44,7 @@
 #include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "crc32c.h"
@@ -581,9 +582,9 @@ static int pick_slot_v(pm_store *st, unsigned char *hdr, struct disk_header *h, 
         int bad = rc0 ? 0 : 1;
         const struct disk_header *good = rc0 ? &h1 : h;
         snprintf(last_warning, sizeof last_warning,
-                 "%s: header slot %d is damaged (%s); using slot %d (generation %llu)%s", path, bad,
-                 reason(bad ? msg1 : msg0, path), 1 - bad, (unsigned long long)good->generation,
-                 (good->flags & FLAG_CLEAN) ? "" : "; a commit cut short by a crash also leaves this");
+                 "%s: header slot %d is damaged (%s); using the other slot, generation %llu (a commit cut "
+                 "short by a crash leaves this too; else the file was damaged: pymirror check %s)", path, bad,
+                 reason(bad ? msg1 : msg0, path), (unsigned long long)good->generation, path);
     }
     if (rc1 == 0 && (rc0 != 0 || h1.generation > h->generation)) {
         memcpy(hdr, other, SLOT_SIZE);
@@ -830,11 +831,35 @@ static void take_samples(struct pm_meta *m)
     m->trust.nsamples = n;
 }
 
+/* File times come from a coarse clock (a tick of a few ms): a write in
+ * the same tick as pymirror's last one would leave the stamp unchanged.
+ * At a clean close, wait (at most ~50 ms) until that clock has moved past
+ * the recorded times, so that any later write changes them. */
+static void settle_tick(const char *stamp)
+{
+    const char *at = strstr(stamp, "ctime=");
+    long long sec;
+    long nsec;
+    if (at == NULL || sscanf(at, "ctime=%lld.%ld", &sec, &nsec) != 2)
+        return;
+    for (int i = 0; i < 50; i++) {
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME_COARSE, &now);
+        if (now.tv_sec > sec || (now.tv_sec == sec && now.tv_nsec > nsec))
+            return;
+        struct timespec ms = { 0, 1000000 };
+        nanosleep(&ms, NULL);
+    }
+}
+
 static void trust_fill(struct pm_meta *m, struct disk_header *h, unsigned char *hdr, int clean)
 {
     struct pm_meta_trust *t = &m->trust;
-    for (int s = 0; s < 2; s++)
+    for (int s = 0; s < 2; s++) {
         pm_store_change_stamp(m->b.data[s], t->stamp[s], sizeof t->stamp[s]);   /* "" if it cannot tell */
+        if (clean && t->stamp[s][0])
+            settle_tick(t->stamp[s]);
+    }
     t->flags |= TRUST_IDS | TRUST_STAMPS;
     if (clean) {
         take_samples(m);
@@ -1094,6 +1119,8 @@ int pm_meta_check(const char *meta_path, struct pm_meta_health *out)
     }
     free(hdr);
     pm_store_destroy(st);
+    if (r.slot[0].version > FORMAT_VERSION || r.slot[1].version > FORMAT_VERSION)
+        r.current = -1;         /* a newer pymirror wrote it: the other slot is an older state */
     if (r.current >= 0 && r.slot[1 - r.current].status != 0 && r.slot[1 - r.current].status != PM_E_FOREIGN)
         snprintf(last_warning, sizeof last_warning, "%s: header slot %d is damaged (%s); using slot %d",
                  meta_path, 1 - r.current, r.slot[1 - r.current].why, r.current);

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import warnings
 import weakref
 from types import TracebackType
 from typing import Any, Iterator, Optional, Type, Union
@@ -155,11 +156,18 @@ class Pair(Handle):
         meta_path = os.fspath(meta)
         info = ffi.new("struct pm_meta_info *")
         check(lib.pm_meta_peek(fspath(meta_path), info), meta_path, f"open pair {meta_path}")
+        warning = _metadata_warning()
         ts = int(info.track_size)
         std_path = os.fsdecode(ffi.string(info.standard_path))
         mir_path = os.fsdecode(ffi.string(info.mirror_path))
         owned: list[Volume] = []
         try:
+            for role, path in (("standard", std_path), ("mirror", mir_path)):
+                if not os.path.lexists(path):
+                    import errno as _errno
+                    raise errors.VolumeMissingError(
+                        _errno.ENOENT, f"open pair {meta_path}: its {role} volume {path} does not exist; if the "
+                        f"volumes moved: pymirror pair {meta_path} --relocate --standard NEW --mirror NEW", path)
             std = Volume.open(std_path, track_size=ts)
             owned.append(std)
             mir = Volume.open(mir_path, track_size=ts)
@@ -171,6 +179,42 @@ class Pair(Handle):
             for v in owned:
                 v.close()
             raise
+        _warn_metadata(warning)
+        pair._configure(pair._config)
+        return pair
+
+    @classmethod
+    def relocate(cls, meta: PathLike, standard: PathLike, mirror: PathLike, *,
+                 config: Optional[CopyConfig] = None) -> "Pair":
+        """Open a pair whose volumes moved (a folder renamed, copied to
+        another disk): ``standard`` and ``mirror`` replace the paths in the
+        metadata once they are shown to be the same volumes (the same size,
+        and the checksums of a sample of tracks recorded when the pair was
+        last closed cleanly); :class:`ForeignMetadataError` names the first
+        mismatch, and nothing is changed then.  The new paths are committed
+        before this returns."""
+        meta_path = os.fspath(meta)
+        info = ffi.new("struct pm_meta_info *")
+        check(lib.pm_meta_peek(fspath(meta_path), info), meta_path, f"relocate pair {meta_path}")
+        warning = _metadata_warning()
+        ts = int(info.track_size)
+        owned: list[Volume] = []
+        try:
+            std = Volume.open(standard, track_size=ts)
+            owned.append(std)
+            mir = Volume.open(mirror, track_size=ts)
+            owned.append(mir)
+            if std.path is not None and mir.path is not None and \
+                    os.path.realpath(std.path) == os.path.realpath(mir.path):
+                raise errors.GeometryError(f"the standard and the mirror are the same file: {std.path}")
+            pair = cls._assemble(lambda sp, mp, out: check(
+                lib.pm_pair_relocate_meta(fspath(meta_path), sp, mp, out),
+                meta_path, f"relocate pair {meta_path}"), std, mir, owned, meta_path, config)
+        except BaseException:
+            for v in owned:
+                v.close()
+            raise
+        _warn_metadata(warning)
         pair._configure(pair._config)
         return pair
 
@@ -279,15 +323,22 @@ class Pair(Handle):
 
     # -- commands -----------------------------------------------------------
     def establish(self, incremental: bool = False, config: Optional[CopyConfig] = None, *,
-                  assume_equal: bool = False) -> Job:
+                  assume_equal: bool = False, trust: bool = False) -> Job:
         """Copy the standard to the mirror (every track, or with ``incremental``
         only the tracks changed on either side since the split); host writes
         are mirrored from now on.  Returns at once with the copy's Job; the
         pair is ``established`` when it is done.
 
         ``assume_equal`` (a new pair only) skips the copy for two volumes you
-        know are identical, such as two freshly created (all-zero) images."""
+        know are identical, such as two freshly created (all-zero) images.
+
+        An incremental establish is refused with
+        :class:`~pymirror.errors.ChangedOutsideError` when a volume was
+        changed outside pymirror since the pair was last closed
+        (:meth:`volume_trust`); ``trust=True`` accepts the tables anyway."""
         cfg = config or self._config
+        if trust:
+            self.trust()
         if assume_equal:
             if incremental:
                 raise ValueError("assume_equal and incremental cannot be combined")
@@ -303,15 +354,19 @@ class Pair(Handle):
         self._run("split", lib.pm_pair_split)
 
     def restore(self, incremental: bool = False, protect: bool = True,
-                config: Optional[CopyConfig] = None) -> Job:
+                config: Optional[CopyConfig] = None, *, trust: bool = False) -> Job:
         """Restore the standard from the mirror, while the host keeps using
         the standard.  Returns at once, before any data is copied.
 
         incremental: copy only the tracks changed on either side since the
         split.  protect: keep the mirror write-disabled and unchanged for the
         whole restore (the pair ends ``restored``); without it, host writes are
-        mirrored and the pair ends ``established``."""
+        mirrored and the pair ends ``established``.  trust: as for
+        :meth:`establish`, accept the tables although a volume was changed
+        outside pymirror."""
         cfg = config or self._config
+        if trust:
+            self.trust()
         self._run("restore", lib.pm_pair_restore, bool(incremental), bool(protect),
                   _c_config(cfg, self.track_size))
         self._config, self._job_kind = cfg, "restore"
@@ -463,6 +518,39 @@ class Pair(Handle):
         inconsistent mirror."""
         return int(lib.pm_pair_mirror_invalid(self._p))
 
+    # -- added on branch metatrust: changes outside pymirror ---------------
+    def trust(self) -> None:
+        """Accept the changed-track tables although a volume was changed
+        outside pymirror (``--trust``): incremental jobs are allowed again.
+        Persisted with the pair's metadata at once."""
+        self._run("trust", lib.pm_pair_trust)
+
+    def volume_trust(self, side: str = "standard") -> dict[str, Any]:
+        """What opening the pair found about one volume (``"standard"`` or
+        ``"mirror"``): ``outside`` (``"unchanged"``, ``"changed"``,
+        ``"unchecked"``, ``"undetectable"``, ``"not-recorded"``), ``note``
+        (in words), ``identity`` (what the volume is, e.g. ``disk:wwn-...``),
+        ``identity_stable`` (False: only device numbers, or nothing) and
+        ``identity_recorded``."""
+        code = {"standard": lib.PM_STANDARD, "mirror": lib.PM_MIRROR}.get(side)
+        if code is None:
+            raise ValueError(f"side must be 'standard' or 'mirror', got {side!r}")
+        out = ffi.new("struct pm_volume_trust *")
+        out.size = ffi.sizeof("struct pm_volume_trust")
+        self._run("query", lib.pm_pair_volume_trust, code, out)
+        return {
+            "outside": _OUTSIDE.get(int(out.outside), str(out.outside)),
+            "note": ffi.string(out.note).decode(errors="replace"),
+            "identity": ffi.string(out.identity).decode(errors="replace"),
+            "identity_stable": bool(out.identity_stable),
+            "identity_recorded": bool(out.identity_recorded),
+        }
+
+    @property
+    def changed_outside(self) -> list[str]:
+        """The sides changed outside pymirror and not yet trusted."""
+        return [s for s in ("standard", "mirror") if self.volume_trust(s)["outside"] == "changed"]
+
     @contextlib.contextmanager
     def hold_io(self) -> Iterator[None]:
         """Hold host I/O at a barrier: on entry, new host writes, write-zeroes
@@ -479,6 +567,19 @@ class Pair(Handle):
                 yield
             finally:
                 lib.pm_pair_release_io(ptr)
+
+
+_OUTSIDE = {0: "unchanged", 1: "changed", 2: "unchecked", 3: "undetectable", 4: "not-recorded"}
+
+
+def _metadata_warning() -> str:
+    """The warning the last metadata read on this thread left ("" if none)."""
+    return os.fsdecode(ffi.string(lib.pm_meta_last_warning()))
+
+
+def _warn_metadata(text: str) -> None:
+    if text:
+        warnings.warn(errors.MetadataWarning(text), stacklevel=3)
 
 
 def track_counts(pair: Pair) -> dict[str, dict[str, int]]:
@@ -500,6 +601,7 @@ def peek(meta: PathLike) -> dict[str, Any]:
     meta_path = os.fspath(meta)
     info = ffi.new("struct pm_meta_info *")
     check(lib.pm_meta_peek(fspath(meta_path), info), meta_path, f"read pair {meta_path}")
+    _warn_metadata(_metadata_warning())
     return {
         "state": State.from_code(info.state) if 0 <= info.state < len(STATES) else str(info.state),
         "incremental": bool(info.incremental),

@@ -51,13 +51,14 @@ class LocalTarget:
     def split(self) -> None:
         self.pair.split()
 
-    def establish(self, incremental: bool = False, assume_equal: bool = False,
+    def establish(self, incremental: bool = False, assume_equal: bool = False, trust: bool = False,
                   **copy: Any) -> None:
         self.pair.establish(incremental=incremental, config=self._config(**copy),
-                            assume_equal=assume_equal)
+                            assume_equal=assume_equal, trust=trust)
 
-    def restore(self, incremental: bool = False, protect: bool = True, **copy: Any) -> None:
-        self.pair.restore(incremental=incremental, protect=protect, config=self._config(**copy))
+    def restore(self, incremental: bool = False, protect: bool = True, trust: bool = False,
+                **copy: Any) -> None:
+        self.pair.restore(incremental=incremental, protect=protect, config=self._config(**copy), trust=trust)
 
     def resume(self, **copy: Any) -> None:
         self.pair.resume(config=self._config(**copy))

@@ -206,18 +206,19 @@ class RemotePair:
         return self.client.execute(verb, name=self.name, **kw)
 
     def establish(self, incremental: bool = False, assume_equal: bool = False, rate: Optional[int] = None,
-                  copiers: Optional[int] = None, batch_size: Optional[int] = None, wait: bool = False) -> Any:
+                  copiers: Optional[int] = None, batch_size: Optional[int] = None, wait: bool = False,
+                  trust: Optional[bool] = None) -> Any:
         return self._x("establish", incremental=incremental, assume_equal=assume_equal, rate=rate,
-                       copiers=copiers, batch_size=batch_size, wait=wait)
+                       copiers=copiers, batch_size=batch_size, wait=wait, trust=trust)
 
     def split(self) -> Any:
         return self._x("split")
 
     def restore(self, incremental: bool = False, protect: bool = True, read_policy: Optional[str] = None,
                 rate: Optional[int] = None, copiers: Optional[int] = None, batch_size: Optional[int] = None,
-                wait: bool = False) -> Any:
+                wait: bool = False, trust: Optional[bool] = None) -> Any:
         return self._x("restore", incremental=incremental, protect=protect, read_policy=read_policy,
-                       rate=rate, copiers=copiers, batch_size=batch_size, wait=wait)
+                       rate=rate, copiers=copiers, batch_size=batch_size, wait=wait, trust=trust)
 
     def resume(self, rate: Optional[int] = None, copiers: Optional[int] = None,
                batch_size: Optional[int] = None, wait: bool = False) -> Any:
