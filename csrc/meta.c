@@ -572,11 +572,15 @@ static int pick_slot_v(pm_store *st, unsigned char *hdr, struct disk_header *h, 
         return PM_FAIL(PM_E_FOREIGN, "%s: metadata format %d is newer than this pymirror (reads up to %u): "
                        "upgrade pymirror", path, newer, FORMAT_VERSION);
     }
-    if (rc0 == 0 && rc1 == 0) {
-        if (other_version)
-            *other_version = h1.generation > h->generation ? h->version : h1.version;
-    } else if (other_version) {
-        *other_version = 0;
+    if (other_version) {
+        /* the other slot's format, valid or not (an upgrade cut short leaves
+         * an older, damaged slot: it is rewritten like an older one) */
+        int cur = rc1 == 0 && (rc0 != 0 || h1.generation > h->generation) ? 1 : 0;
+        const unsigned char *o = cur ? hdr : other;   /* hdr holds slot 0 here */
+        uint32_t v = 0;
+        if (memcmp(o, MAGIC, 8) == 0)
+            memcpy(&v, o + 8, 4);
+        *other_version = v;
     }
     if ((rc0 == 0) != (rc1 == 0) && rc0 != PM_E_FOREIGN && rc1 != PM_E_FOREIGN) {
         int bad = rc0 ? 0 : 1;
