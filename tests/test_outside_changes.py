@@ -159,3 +159,37 @@ def test_change_stamp_of_stores(tmp_path: Path) -> None:
     with m._call as s:
         assert lib.pm_store_change_stamp(s, buf, 128) == -95         # EOPNOTSUPP
     m.close()
+
+
+def test_the_daemon_refuses_and_trusts_the_same_way(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("test_daemon_util", Path(__file__).with_name("test_daemon_util.py"))
+    U = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("test_daemon_util", U)
+    spec.loader.exec_module(U)
+    metas = []
+    for name in ("a", "b"):
+        meta = U.make_pair(tmp_path, name, fill=b"A")
+        with Pair.open(meta) as p:
+            p.establish().wait()
+            p.split()
+        metas.append(meta)
+    dd(tmp_path / "a.std", 7 * TRACK, b"outside")
+    d = U.DaemonProc(tmp_path, nbd=False)
+    d.start(*metas)
+    try:
+        with d.client() as c:
+            q = c.pair("a").query()
+            assert q["standard"]["trust"]["outside"] == "changed"
+            assert q["mirror"]["trust"]["outside"] == "unchanged"
+            with pytest.raises(ChangedOutsideError) as info:
+                c.pair("a").restore(incremental=True, wait=True)
+            assert "--trust" in str(info.value)
+            c.execute("group-create", name="g", pairs=["a", "b"])
+            with pytest.raises(ChangedOutsideError):                # the group: refused before any pair acts
+                c.pair("g").restore(incremental=True, wait=True)
+            assert c.pair("b").query()["state"] == "split"
+            q = c.pair("g").restore(incremental=True, trust=True, wait=True)
+            assert {one["state"] for one in q["pairs"].values()} == {"restored"}
+            assert c.pair("a").query()["standard"]["trust"]["outside"] == "unchanged"
+    finally:
+        d.stop()
