@@ -42,14 +42,37 @@ def _slot(s: Any) -> dict[str, Any]:
     }
 
 
+def _in_use(path: str) -> bool:
+    """True when a pair holds the file open (its lock): a commit may be
+    half written while we read, and show as a damaged slot."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def check_metadata(meta: PathLike) -> dict[str, Any]:
     """The health of the metadata file ``meta`` as a JSON-able dict:
     ``verdict`` (0, 1, 2 as above) and ``health`` (its word), ``current`` (the
     slot a pair would use, or None), ``file_size``, ``needed_size``, and
     ``slots``: for each, ``valid``, ``why`` (when not), ``version``,
     ``generation``, ``state``, ``clean`` and its ``tables`` (name, recorded
-    CRC-32C, ok).  An unreadable file raises (FileNotFoundError, ...)."""
+    CRC-32C, ok), and ``in_use`` (a pair holds the file open: a commit in
+    progress can show as a damaged slot; check again once it is closed).
+    An unreadable file raises (FileNotFoundError, ...)."""
     path = os.fspath(meta)
+    in_use = _in_use(path)
     out = ffi.new("struct pm_meta_health *")
     out.size = ffi.sizeof("struct pm_meta_health")
     rc = lib.pm_meta_check(os.fsencode(path), out)
@@ -65,7 +88,7 @@ def check_metadata(meta: PathLike) -> dict[str, Any]:
     else:
         verdict = DAMAGED
     return {
-        "meta": path, "verdict": verdict, "health": VERDICTS[verdict],
+        "meta": path, "verdict": verdict, "health": VERDICTS[verdict], "in_use": in_use,
         "current": current if current >= 0 else None,
         "file_size": int(out.file_size), "needed_size": int(out.needed_size) or None,
         "slots": slots,
@@ -75,6 +98,9 @@ def check_metadata(meta: PathLike) -> dict[str, Any]:
 def describe(report: dict[str, Any]) -> list[str]:
     """The report as lines of text (what ``pymirror check`` prints)."""
     lines = [f"{report['meta']}: {report['health']}"]
+    if report.get("in_use"):
+        lines.append("  (in use by a pair: a commit in progress can show as a damaged slot; check again "
+                     "when it is closed)")
     for i, s in enumerate(report["slots"]):
         use = " (in use)" if report["current"] == i else ""
         if s["version"] is None:

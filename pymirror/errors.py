@@ -111,4 +111,4 @@ class VolumeMissingError(MirrorError, FileNotFoundError):
     volumes moved, ``pymirror pair META --relocate`` points the pair at them."""
 
     def __str__(self) -> str:
-        return str(self.strerror)
+        return str(self.strerror) if self.strerror is not None else super().__str__()

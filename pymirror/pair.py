@@ -156,7 +156,6 @@ class Pair(Handle):
         meta_path = os.fspath(meta)
         info = ffi.new("struct pm_meta_info *")
         check(lib.pm_meta_peek(fspath(meta_path), info), meta_path, f"open pair {meta_path}")
-        warning = _metadata_warning()
         ts = int(info.track_size)
         std_path = os.fsdecode(ffi.string(info.standard_path))
         mir_path = os.fsdecode(ffi.string(info.mirror_path))
@@ -179,7 +178,9 @@ class Pair(Handle):
             for v in owned:
                 v.close()
             raise
-        _warn_metadata(warning)
+        # what the open's locked read of the header found (the unlocked peek
+        # above may catch another process's commit half written)
+        _warn_metadata(_metadata_warning())
         pair._configure(pair._config)
         return pair
 
@@ -196,7 +197,6 @@ class Pair(Handle):
         meta_path = os.fspath(meta)
         info = ffi.new("struct pm_meta_info *")
         check(lib.pm_meta_peek(fspath(meta_path), info), meta_path, f"relocate pair {meta_path}")
-        warning = _metadata_warning()
         ts = int(info.track_size)
         owned: list[Volume] = []
         try:
@@ -214,7 +214,9 @@ class Pair(Handle):
             for v in owned:
                 v.close()
             raise
-        _warn_metadata(warning)
+        # what the open's locked read of the header found (the unlocked peek
+        # above may catch another process's commit half written)
+        _warn_metadata(_metadata_warning())
         pair._configure(pair._config)
         return pair
 
@@ -601,7 +603,6 @@ def peek(meta: PathLike) -> dict[str, Any]:
     meta_path = os.fspath(meta)
     info = ffi.new("struct pm_meta_info *")
     check(lib.pm_meta_peek(fspath(meta_path), info), meta_path, f"read pair {meta_path}")
-    _warn_metadata(_metadata_warning())
     return {
         "state": State.from_code(info.state) if 0 <= info.state < len(STATES) else str(info.state),
         "incremental": bool(info.incremental),
