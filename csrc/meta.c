@@ -44,6 +44,7 @@
 #include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "crc32c.h"
@@ -51,7 +52,8 @@
 
 #define SLOT_SIZE 16384u
 #define TABLES_AT (2u * SLOT_SIZE)
-#define FORMAT_VERSION 1u
+#define FORMAT_VERSION 2u         /* written; 1 is read and upgraded in place */
+#define FORMAT_OLDEST 1u
 static const char MAGIC[8] = { 'P', 'M', 'I', 'R', 'M', 'E', 'T', 'A' };
 
 /* On-disk header, little-endian; paths follow at fixed offsets. */
@@ -85,6 +87,8 @@ struct disk_header {
     uint64_t detach_time_ns;   /* when (CLOCK_REALTIME, ns since the epoch) */
 
     /* -- format 2, branch metatrust: volume identities, change stamps -- */
+    uint32_t trust_flags;      /* TRUST_*: what the identity area after the paths holds */
+    uint32_t samples;          /* sampled tracks at SAMPLE_AT (at most PM_META_SAMPLES) */
 
 };
 #define FLAG_INCREMENTAL 1u
@@ -95,6 +99,19 @@ struct disk_header {
 #define STD_PATH_AT 512u
 #define MIR_PATH_AT (512u + 4096u)
 #define CRC_AT (SLOT_SIZE - 4u)
+/* format 2 (branch metatrust): after the paths, in every slot */
+#define ID_AT (MIR_PATH_AT + 4096u)        /* two identities of 256 bytes */
+#define STAMP_AT (ID_AT + 512u)            /* two change stamps of 128 bytes */
+#define SAMPLE_AT (STAMP_AT + 256u)        /* samples of 16 bytes: track u64, CRC std u32, CRC mir u32 */
+#define SAMPLE_BYTES 65536u                /* each sample: the CRC-32C of a track's first 64 KiB */
+#define V1_HEADER_END (offsetof(struct disk_header, mirror_invalid) + 8u)   /* where format 1 ended */
+#define TRUST_IDS 1u                       /* identities recorded */
+#define TRUST_STAMPS 2u                    /* change stamps recorded ("" for a store that cannot tell) */
+#define TRUST_OUTSIDE_STD 4u               /* the standard was changed outside pymirror, not yet trusted */
+#define TRUST_OUTSIDE_MIR 8u               /* ... the mirror */
+#define TRUST_SAMPLES 16u                  /* samples taken at the last clean close */
+#define TRUST_KNOWN 31u
+_Static_assert(SAMPLE_AT + 16u * PM_META_SAMPLES <= CRC_AT, "the identity area must end before the CRC");
 _Static_assert(sizeof(struct disk_header) <= STD_PATH_AT, "the header must end before the paths");
 
 struct pm_meta {
@@ -126,6 +143,10 @@ struct pm_meta {
                                    FUA-light; for benchmarks and diagnosis) */
     uint32_t crc[NTABLES];      /* of the tables in snap */
     int have_snap;              /* snap holds a full snapshot */
+    /* -- branch metatrust -- */
+    struct pm_meta_trust trust;  /* recorded with every commit (m->lock) */
+    int outside[2];              /* enum pm_outside found at open */
+    char note[2][256];
 };
 
 static uint64_t round4k(uint64_t n) { return (n + 4095) & ~(uint64_t)4095; }
@@ -238,6 +259,8 @@ static int mirror_needs_no_flush(const struct pm_meta_status *st)
     return st->state == PM_STATE_DETACHED || (st->state == PM_STATE_RESTORING && st->protect);
 }
 
+static void trust_fill(struct pm_meta *m, struct disk_header *h, unsigned char *hdr, int clean);
+
 /* A full commit snapshots all four tables and makes the volumes' data
  * durable first.  An intent commit (for write-intent) refreshes only the
  * CHANGED tables and the state, and writes PENDING as of the last full
@@ -308,6 +331,7 @@ static int commit_locked(struct pm_meta *m, int full, int clean)
     }
     m->have_snap = 1;
     memcpy(h.table_crc, m->crc, sizeof h.table_crc);
+    trust_fill(m, &h, hdr, clean);
     memcpy(hdr, &h, sizeof h);
     snprintf((char *)hdr + STD_PATH_AT, PM_PATH_MAX, "%s", m->b.data[PM_STANDARD]->path);
     snprintf((char *)hdr + MIR_PATH_AT, PM_PATH_MAX, "%s", m->b.data[PM_MIRROR]->path);
@@ -492,7 +516,8 @@ void pm_meta_close(struct pm_meta *m)
 /* ---- reading headers ----------------------------------------------------- */
 
 /* Validate slot `slot`; fill h/hdr.  Returns 0, PM_E_CORRUPT or PM_E_FOREIGN. */
-static int read_slot(pm_store *st, int slot, unsigned char *hdr, struct disk_header *h, const char *path)
+static int read_slot(pm_store *st, int slot, unsigned char *hdr, struct disk_header *h, const char *path,
+                     int *newer)
 {
     int rc = meta_read(st, hdr, SLOT_SIZE, (uint64_t)slot * SLOT_SIZE);
     if (rc == -ENODATA) {
@@ -509,9 +534,16 @@ static int read_slot(pm_store *st, int slot, unsigned char *hdr, struct disk_hea
     memcpy(&crc, hdr + CRC_AT, 4);
     if (pm_crc32c(0, hdr, CRC_AT) != crc)
         return PM_FAIL(PM_E_CORRUPT, "%s: header slot %d fails its checksum", path, slot);
-    if (h->version != FORMAT_VERSION)
-        return PM_FAIL(PM_E_FOREIGN, "%s: metadata format version %u; this pymirror reads version %u",
-                       path, h->version, FORMAT_VERSION);
+    if (h->version > FORMAT_VERSION) {
+        if (newer)
+            *newer = (int)h->version;
+        return PM_FAIL(PM_E_FOREIGN, "%s: metadata format %u is newer than this pymirror (reads up to %u): "
+                       "upgrade pymirror", path, h->version, FORMAT_VERSION);
+    }
+    if (h->version < FORMAT_OLDEST)
+        return PM_FAIL(PM_E_FOREIGN, "%s: metadata format version %u is unknown", path, h->version);
+    if (h->version < 2)   /* format 1 had nothing past mirror_invalid: zeros, "none recorded" */
+        memset((char *)h + V1_HEADER_END, 0, sizeof *h - V1_HEADER_END);
     uint64_t rt = h->track_size ? ((uint64_t)REGION_BYTES / h->track_size ? (uint64_t)REGION_BYTES / h->track_size : 1) : 1;
     if (h->slot_size != SLOT_SIZE || h->ntables != NTABLES || h->state > PM_STATE_DETACHED ||
         h->region_tracks != rt || h->tracks == 0 ||
@@ -521,6 +553,9 @@ static int read_slot(pm_store *st, int slot, unsigned char *hdr, struct disk_hea
         h->tracks != (h->volume_size + h->track_size - 1) / h->track_size ||
         h->table_bytes != round4k((h->tracks + 7) / 8) ||
         h->job_error > 0 || h->mirror_invalid > h->tracks || h->detach_error > 0 ||
+        (h->trust_flags & ~TRUST_KNOWN) || h->samples > PM_META_SAMPLES ||
+        (h->version >= 2 && (hdr[ID_AT + 255] != 0 || hdr[ID_AT + 511] != 0 ||
+                             hdr[STAMP_AT + 127] != 0 || hdr[STAMP_AT + 255] != 0)) ||
         hdr[STD_PATH_AT + PM_PATH_MAX - 1] != 0 || hdr[MIR_PATH_AT + PM_PATH_MAX - 1] != 0)
         return PM_FAIL(PM_E_CORRUPT, "%s: header slot %d has impossible values", path, slot);
     unsigned char *buf = malloc((size_t)h->table_bytes);
@@ -541,18 +576,61 @@ static int read_slot(pm_store *st, int slot, unsigned char *hdr, struct disk_hea
     return rc;
 }
 
-/* The current slot: the valid one with the highest generation. */
-static int pick_slot(pm_store *st, unsigned char *hdr, struct disk_header *h, const char *path)
+static _Thread_local char last_warning[640];
+
+const char *pm_meta_last_warning(void) { return last_warning; }
+
+/* The text after "func: path: " of the last error, for a warning. */
+static const char *reason(const char *msg, const char *path)
 {
+    const char *at = strstr(msg, path);
+    if (at != NULL && at[strlen(path)] == ':')
+        return at + strlen(path) + 2;
+    return strchr(msg, ':') ? strchr(msg, ':') + 2 : msg;
+}
+
+/* The current slot: the valid one with the highest generation.  A slot of
+ * a newer format refuses the whole file (its other slot is an older state).
+ * When one slot is invalid, last_warning says so.  *other_version: the
+ * version of the other slot when valid, else 0. */
+static int pick_slot_v(pm_store *st, unsigned char *hdr, struct disk_header *h, const char *path,
+                       uint32_t *other_version)
+{
+    last_warning[0] = 0;
     unsigned char *other = malloc(SLOT_SIZE);
     if (other == NULL)
         return PM_FAIL(-ENOMEM, "out of memory");
     struct disk_header h1;
-    int rc0 = read_slot(st, 0, hdr, h, path);
-    char msg0[512];
+    int newer = 0;
+    int rc0 = read_slot(st, 0, hdr, h, path, &newer);
+    char msg0[512], msg1[512];
     snprintf(msg0, sizeof msg0, "%s", pm_last_error());
-    int rc1 = read_slot(st, 1, other, &h1, path);
+    int rc1 = read_slot(st, 1, other, &h1, path, &newer);
+    snprintf(msg1, sizeof msg1, "%s", pm_last_error());
     int rc;
+    if (newer) {
+        free(other);
+        return PM_FAIL(PM_E_FOREIGN, "%s: metadata format %d is newer than this pymirror (reads up to %u): "
+                       "upgrade pymirror", path, newer, FORMAT_VERSION);
+    }
+    if (other_version) {
+        /* the other slot's format, valid or not (an upgrade cut short leaves
+         * an older, damaged slot: it is rewritten like an older one) */
+        int cur = rc1 == 0 && (rc0 != 0 || h1.generation > h->generation) ? 1 : 0;
+        const unsigned char *o = cur ? hdr : other;   /* hdr holds slot 0 here */
+        uint32_t v = 0;
+        if (memcmp(o, MAGIC, 8) == 0)
+            memcpy(&v, o + 8, 4);
+        *other_version = v;
+    }
+    if ((rc0 == 0) != (rc1 == 0) && rc0 != PM_E_FOREIGN && rc1 != PM_E_FOREIGN) {
+        int bad = rc0 ? 0 : 1;
+        const struct disk_header *good = rc0 ? &h1 : h;
+        snprintf(last_warning, sizeof last_warning,
+                 "%s: header slot %d is damaged (%s); using the other slot, generation %llu (a commit cut "
+                 "short by a crash leaves this too; else the file was damaged: pymirror check %s)", path, bad,
+                 reason(bad ? msg1 : msg0, path), (unsigned long long)good->generation, path);
+    }
     if (rc1 == 0 && (rc0 != 0 || h1.generation > h->generation)) {
         memcpy(hdr, other, SLOT_SIZE);
         *h = h1;
@@ -567,6 +645,11 @@ static int pick_slot(pm_store *st, unsigned char *hdr, struct disk_header *h, co
     }
     free(other);
     return rc;
+}
+
+static int pick_slot(pm_store *st, unsigned char *hdr, struct disk_header *h, const char *path)
+{
+    return pick_slot_v(st, hdr, h, path, NULL);
 }
 
 /* Open a metadata file as a store; with `lock`, take an exclusive flock. */
@@ -646,13 +729,19 @@ uint64_t pm_meta_size(uint64_t volume_size, uint32_t track_size)
 
 /* ---- decoding, formatting and loading ------------------------------------ */
 
+static void trust_decode(const struct disk_header *h, const unsigned char *hdr, struct pm_meta_trust *t);
+
 int pm_meta_read_header(pm_store *st, const char *label, struct pm_meta_header *out)
 {
     unsigned char *hdr = malloc(SLOT_SIZE);
     struct disk_header h;
-    int rc = hdr ? pick_slot(st, hdr, &h, label) : PM_FAIL(-ENOMEM, "out of memory");
+    uint32_t other_version = 0;
+    int rc = hdr ? pick_slot_v(st, hdr, &h, label, &other_version) : PM_FAIL(-ENOMEM, "out of memory");
     if (rc == 0) {
         memset(out, 0, sizeof *out);
+        out->version = h.version;
+        out->upgrade = h.version < FORMAT_VERSION || (other_version != 0 && other_version < FORMAT_VERSION);
+        trust_decode(&h, hdr, &out->trust);
         out->status.state = (int32_t)h.state;
         out->status.incremental = (h.flags & FLAG_INCREMENTAL) != 0;
         out->status.protect = (h.flags & FLAG_PROTECT) != 0;
@@ -681,10 +770,13 @@ int pm_meta_open_file(const char *path, int lock, pm_store **out)
     return open_meta_store(path, lock, out);
 }
 
+static void trust_new(struct pm_meta *m);
+
 int pm_meta_format(struct pm_meta *m)
 {
     if (getrandom(m->pair_id, 16, 0) != 16)
         memset(m->pair_id, 0x5a, 16);
+    trust_new(m);
     int rc = pm_meta_commit(m);          /* generation 1, slot 1 */
     if (rc == 0)
         rc = pm_meta_commit(m);          /* generation 2, slot 0: both slots valid */
@@ -763,4 +855,384 @@ int pm_meta_flush_commit(struct pm_meta *m)
     if (full)
         return pm_meta_commit(m);
     return pm_meta_changed_durable(m);
+}
+
+/* ---- branch metatrust: identities, outside changes, upgrade, check -------
+ *
+ * Format 2 records, in every slot after the paths: each volume's identity
+ * (pm_store_identity, unless it is only a memory address), its change stamp
+ * (pm_store_change_stamp: files give size, inode, mtime and ctime) as of
+ * the commit, and at a clean close the CRC-32C of the first 64 KiB of up to
+ * 16 tracks spread over the volume.  A stamp is compared at open only when
+ * the header says the pair was closed cleanly: otherwise pymirror's own
+ * writes after the last commit moved the times.  An outside change found
+ * is kept in trust_flags (sticky) until a full job or pm_pair_trust.
+ */
+
+/* The identity worth recording: none for memory or unnamed stores. */
+static void identity_of(pm_store *s, char *buf, size_t len)
+{
+    pm_store_identity(s, buf, len);
+    if (strncmp(buf, "store:", 6) == 0 || strncmp(buf, "memory:", 7) == 0)
+        buf[0] = 0;
+}
+
+/* The sample tracks: spread evenly over the volume. */
+static uint64_t sample_track(uint64_t tracks, uint32_t n, uint32_t i) { return (uint64_t)i * tracks / n; }
+
+static void take_samples(struct pm_meta *m)
+{
+    uint32_t n = m->b.tracks < PM_META_SAMPLES ? (uint32_t)m->b.tracks : PM_META_SAMPLES;
+    uint32_t len = m->b.track_size < SAMPLE_BYTES ? m->b.track_size : SAMPLE_BYTES;
+    unsigned char *buf = malloc(len);
+    m->trust.nsamples = 0;
+    if (buf == NULL)
+        return;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t t = sample_track(m->b.tracks, n, i), off = t * m->b.track_size;
+        uint64_t l = m->b.volume_size - off < len ? m->b.volume_size - off : len;
+        m->trust.sample[i].track = t;
+        for (int s = 0; s < 2; s++) {
+            if (pm_store_read(m->b.data[s], buf, l, off) < 0) {
+                free(buf);
+                m->trust.nsamples = 0;   /* no sample rather than a wrong one */
+                return;
+            }
+            m->trust.sample[i].crc[s] = pm_crc32c(0, buf, (size_t)l);
+        }
+    }
+    free(buf);
+    m->trust.nsamples = n;
+}
+
+/* File times come from a coarse clock (a tick of a few ms): a write in
+ * the same tick as pymirror's last one would leave the stamp unchanged.
+ * At a clean close, wait (at most ~50 ms) until that clock has moved past
+ * the recorded times, so that any later write changes them. */
+static void settle_tick(const char *stamp)
+{
+    const char *at = strstr(stamp, "ctime=");
+    long long sec;
+    long nsec;
+    if (at == NULL || sscanf(at, "ctime=%lld.%ld", &sec, &nsec) != 2)
+        return;
+    for (int i = 0; i < 50; i++) {
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME_COARSE, &now);
+        if (now.tv_sec > sec || (now.tv_sec == sec && now.tv_nsec > nsec))
+            return;
+        struct timespec ms = { 0, 1000000 };
+        nanosleep(&ms, NULL);
+    }
+}
+
+static void trust_fill(struct pm_meta *m, struct disk_header *h, unsigned char *hdr, int clean)
+{
+    struct pm_meta_trust *t = &m->trust;
+    for (int s = 0; s < 2; s++) {
+        pm_store_change_stamp(m->b.data[s], t->stamp[s], sizeof t->stamp[s]);   /* "" if it cannot tell */
+        if (clean && t->stamp[s][0])
+            settle_tick(t->stamp[s]);
+    }
+    t->flags |= TRUST_IDS | TRUST_STAMPS;
+    if (clean) {
+        take_samples(m);
+        t->flags = (t->flags & ~TRUST_SAMPLES) | (t->nsamples ? TRUST_SAMPLES : 0u);
+    }
+    h->trust_flags = t->flags;
+    h->samples = t->nsamples;
+    for (int s = 0; s < 2; s++) {
+        snprintf((char *)hdr + ID_AT + 256u * (unsigned)s, 256, "%s", t->id[s]);
+        snprintf((char *)hdr + STAMP_AT + 128u * (unsigned)s, 128, "%s", t->stamp[s]);
+    }
+    for (uint32_t i = 0; i < t->nsamples; i++) {
+        unsigned char *e = hdr + SAMPLE_AT + 16u * i;
+        memcpy(e, &t->sample[i].track, 8);
+        memcpy(e + 8, &t->sample[i].crc[0], 4);
+        memcpy(e + 12, &t->sample[i].crc[1], 4);
+    }
+}
+
+static void trust_decode(const struct disk_header *h, const unsigned char *hdr, struct pm_meta_trust *t)
+{
+    memset(t, 0, sizeof *t);
+    if (h->version < 2)
+        return;                 /* format 1: nothing recorded */
+    t->flags = h->trust_flags;
+    t->nsamples = h->samples;
+    for (int s = 0; s < 2; s++) {
+        memcpy(t->id[s], hdr + ID_AT + 256u * (unsigned)s, 256);
+        memcpy(t->stamp[s], hdr + STAMP_AT + 128u * (unsigned)s, 128);
+    }
+    for (uint32_t i = 0; i < t->nsamples && i < PM_META_SAMPLES; i++) {
+        const unsigned char *e = hdr + SAMPLE_AT + 16u * i;
+        memcpy(&t->sample[i].track, e, 8);
+        memcpy(&t->sample[i].crc[0], e + 8, 4);
+        memcpy(&t->sample[i].crc[1], e + 12, 4);
+    }
+}
+
+static const char *side_name(int s) { return s == PM_STANDARD ? "standard" : "mirror"; }
+
+/* Relocate: each recorded sample must match the new volume. */
+static int check_samples(struct pm_meta *m, const struct pm_meta_header *h)
+{
+    const struct pm_meta_trust *t = &h->trust;
+    uint32_t len = m->b.track_size < SAMPLE_BYTES ? m->b.track_size : SAMPLE_BYTES;
+    unsigned char *buf = malloc(len);
+    if (buf == NULL)
+        return PM_FAIL(-ENOMEM, "out of memory");
+    int rc = 0;
+    for (uint32_t i = 0; i < t->nsamples && rc == 0; i++) {
+        uint64_t tr = t->sample[i].track, off = tr * m->b.track_size;
+        if (tr >= m->b.tracks) {
+            rc = PM_FAIL(PM_E_CORRUPT, "%s: sample track %llu is beyond the volume", m->path,
+                         (unsigned long long)tr);
+            break;
+        }
+        uint64_t l = m->b.volume_size - off < len ? m->b.volume_size - off : len;
+        for (int s = 0; s < 2 && rc == 0; s++) {
+            rc = pm_store_read(m->b.data[s], buf, l, off);
+            if (rc == 0 && pm_crc32c(0, buf, (size_t)l) != t->sample[i].crc[s])
+                rc = PM_FAIL(PM_E_FOREIGN, "%s: %s is not the %s this pair was closed with: track %llu "
+                             "differs from its checksum recorded at the last clean close", m->path,
+                             m->b.data[s]->path, side_name(s), (unsigned long long)tr);
+        }
+    }
+    free(buf);
+    return rc;
+}
+
+int pm_meta_trust_open(struct pm_meta *m, const struct pm_meta_header *h, int relocate)
+{
+    if (m->store == NULL)
+        return 0;
+    char now_id[2][256], now_stamp[2][128];
+    for (int s = 0; s < 2; s++) {
+        identity_of(m->b.data[s], now_id[s], sizeof now_id[s]);
+        pm_store_change_stamp(m->b.data[s], now_stamp[s], sizeof now_stamp[s]);
+    }
+    const struct pm_meta_trust *t = &h->trust;
+    if (relocate) {
+        if (h->clean && (t->flags & TRUST_SAMPLES)) {
+            int rc = check_samples(m, h);
+            if (rc)
+                return rc;
+        }
+    } else if (t->flags & TRUST_IDS) {
+        for (int s = 0; s < 2; s++)
+            if (t->id[s][0] && strcmp(t->id[s], now_id[s]) != 0)
+                return PM_FAIL(PM_E_FOREIGN, "%s: the %s %s is not the volume this pair was made with: "
+                               "the pair recorded %s, the volume now is %s (if the volumes moved: "
+                               "pymirror pair %s --relocate --standard NEW --mirror NEW)", m->path,
+                               side_name(s), m->b.data[s]->path, t->id[s], now_id[s][0] ? now_id[s] : "unnamed",
+                               m->path);
+    }
+    pthread_mutex_lock(&m->lock);
+    m->trust = *t;
+    for (int s = 0; s < 2; s++) {
+        unsigned bit = s == PM_STANDARD ? TRUST_OUTSIDE_STD : TRUST_OUTSIDE_MIR;
+        snprintf(m->trust.id[s], sizeof m->trust.id[s], "%s", now_id[s]);
+        if (relocate) {
+            m->outside[s] = (t->flags & bit) ? PM_OUTSIDE_CHANGED : PM_OUTSIDE_NONE;
+            snprintf(m->note[s], sizeof m->note[s], "%s", (t->flags & bit)
+                     ? "changed outside pymirror (found before the move; not yet trusted)"
+                     : h->clean && (t->flags & TRUST_SAMPLES) ? "relocated: size and sampled checksums match"
+                     : "relocated: only the size was checked (no checksums recorded at a clean close)");
+        } else if (t->flags & bit) {
+            m->outside[s] = PM_OUTSIDE_CHANGED;
+            snprintf(m->note[s], sizeof m->note[s], "changed outside pymirror (found at an earlier open, "
+                     "not yet trusted)");
+        } else if (!(t->flags & TRUST_STAMPS)) {
+            m->outside[s] = PM_OUTSIDE_NO_STAMP;
+            snprintf(m->note[s], sizeof m->note[s], "not checked: nothing recorded yet (metadata from an older "
+                     "pymirror); checked from the next clean close on");
+        } else if (now_stamp[s][0] == 0 || t->stamp[s][0] == 0) {
+            m->outside[s] = PM_OUTSIDE_UNDETECTABLE;
+            snprintf(m->note[s], sizeof m->note[s], "changes outside pymirror cannot be detected on this "
+                     "volume (it offers no change stamp)");
+        } else if (!h->clean) {
+            m->outside[s] = PM_OUTSIDE_UNCHECKED;
+            snprintf(m->note[s], sizeof m->note[s], "not checked for changes outside pymirror: the pair was "
+                     "not closed cleanly, so its own last writes changed the file's times");
+        } else if (strcmp(t->stamp[s], now_stamp[s]) != 0) {
+            m->outside[s] = PM_OUTSIDE_CHANGED;
+            m->trust.flags |= bit;
+            snprintf(m->note[s], sizeof m->note[s], "changed outside pymirror since the pair was closed "
+                     "(recorded %.90s; now %.90s)", t->stamp[s], now_stamp[s]);
+            pm_meta_dirty(m);   /* the finding is persisted by the next commit */
+        } else {
+            m->outside[s] = PM_OUTSIDE_NONE;
+            snprintf(m->note[s], sizeof m->note[s], "unchanged since the pair was last closed");
+        }
+    }
+    if (relocate)
+        pm_meta_dirty(m);
+    pthread_mutex_unlock(&m->lock);
+    return 0;
+}
+
+int pm_meta_upgrade(struct pm_meta *m, const struct pm_meta_header *h)
+{
+    if (m->store == NULL || !h->upgrade)
+        return 0;
+    /* Two ordinary commits: the first writes the slot that is not current,
+     * the second the other one.  Until the first is complete the old slot is
+     * current (a crash: the upgrade starts again at the next open); after it,
+     * the new slot is current and an old-format slot may remain, which the
+     * next open upgrades the same way.  The clean flag is kept as found. */
+    pthread_mutex_lock(&m->lock);
+    int rc = commit_locked(m, 1, h->clean);
+    if (rc == 0)
+        rc = commit_locked(m, 1, h->clean);
+    pthread_mutex_unlock(&m->lock);
+    return rc;
+}
+
+unsigned pm_meta_outside(struct pm_meta *m)
+{
+    if (m == NULL || m->store == NULL)
+        return 0;
+    pthread_mutex_lock(&m->lock);
+    unsigned out = ((m->trust.flags & TRUST_OUTSIDE_STD) ? 1u : 0u) | ((m->trust.flags & TRUST_OUTSIDE_MIR) ? 2u : 0u);
+    pthread_mutex_unlock(&m->lock);
+    return out;
+}
+
+void pm_meta_trust_all(struct pm_meta *m)
+{
+    if (m == NULL || m->store == NULL)
+        return;
+    pthread_mutex_lock(&m->lock);
+    if (m->trust.flags & (TRUST_OUTSIDE_STD | TRUST_OUTSIDE_MIR)) {
+        m->trust.flags &= ~(TRUST_OUTSIDE_STD | TRUST_OUTSIDE_MIR);
+        for (int s = 0; s < 2; s++)
+            if (m->outside[s] == PM_OUTSIDE_CHANGED) {
+                m->outside[s] = PM_OUTSIDE_NONE;
+                snprintf(m->note[s], sizeof m->note[s], "was changed outside pymirror; trusted since");
+            }
+        pm_meta_dirty(m);
+    }
+    pthread_mutex_unlock(&m->lock);
+}
+
+int pm_meta_volume_trust(struct pm_meta *m, int side, struct pm_volume_trust *out)
+{
+    struct pm_volume_trust v;
+    memset(&v, 0, sizeof v);
+    v.size = sizeof v;
+    pm_store *st = m->b.data[side];
+    identity_of(st, v.identity, sizeof v.identity);
+    v.identity_stable = pm__identity_stable(v.identity);
+    if (m->store == NULL) {
+        v.outside = PM_OUTSIDE_UNDETECTABLE;
+        snprintf(v.note, sizeof v.note, "a pair without a metadata file records nothing");
+    } else {
+        pthread_mutex_lock(&m->lock);
+        v.outside = m->outside[side];
+        v.identity_recorded = m->trust.id[side][0] != 0;
+        snprintf(v.note, sizeof v.note, "%s", m->note[side]);
+        pthread_mutex_unlock(&m->lock);
+    }
+    size_t n = out->size == 0 || out->size > sizeof v ? sizeof v : out->size;
+    memcpy(out, &v, n);
+    out->size = (uint32_t)n;
+    return 0;
+}
+
+int pm_meta_check(const char *meta_path, struct pm_meta_health *out)
+{
+    if (meta_path == NULL || out == NULL)
+        return PM_FAIL(-EINVAL, "meta_path and out must not be NULL");
+    struct pm_meta_health r;
+    memset(&r, 0, sizeof r);
+    r.size = sizeof r;
+    r.current = -1;
+    last_warning[0] = 0;
+    pm_store *st;
+    int rc = open_meta_store(meta_path, 0, &st);
+    if (rc)
+        return rc;
+    r.file_size = pm_store_size(st);
+    unsigned char *hdr = malloc(SLOT_SIZE);
+    uint64_t best = 0;
+    for (int slot = 0; slot < 2 && hdr != NULL; slot++) {
+        struct pm_meta_slot_health *sh = &r.slot[slot];
+        struct disk_header h;
+        int newer = 0;
+        sh->status = read_slot(st, slot, hdr, &h, meta_path, &newer);
+        if (sh->status != 0)
+            snprintf(sh->why, sizeof sh->why, "%s", reason(pm_last_error(), meta_path));
+        if (meta_read(st, hdr, SLOT_SIZE, (uint64_t)slot * SLOT_SIZE) < 0 || memcmp(hdr, MAGIC, 8) != 0)
+            continue;           /* no header to describe */
+        memcpy(&h, hdr, sizeof h);
+        sh->version = h.version;
+        sh->generation = h.generation;
+        sh->state = (int32_t)h.state;
+        sh->clean = (h.flags & FLAG_CLEAN) != 0;
+        memcpy(sh->table_crc, h.table_crc, sizeof sh->table_crc);
+        if (sh->status == 0 && (r.current < 0 || h.generation > best)) {
+            r.current = slot;
+            best = h.generation;
+            r.needed_size = pm_meta_size(h.volume_size, h.track_size);
+        }
+        /* every table, also after the first bad one (read_slot stops there) */
+        if (h.ntables == NTABLES && h.table_bytes && h.table_bytes < ((uint64_t)1 << 40) &&
+            h.intent_bytes < ((uint64_t)1 << 40)) {
+            uint64_t stb = slot_tables(h.table_bytes, h.intent_bytes);
+            unsigned char *buf = malloc((size_t)(h.table_bytes > h.intent_bytes ? h.table_bytes : h.intent_bytes));
+            for (int i = 0; i < NTABLES && buf != NULL; i++) {
+                uint64_t len = table_len(h.table_bytes, h.intent_bytes, i);
+                if (meta_read(st, buf, len, TABLES_AT + (uint64_t)slot * stb + table_off(h.table_bytes, h.intent_bytes, i)) < 0 ||
+                    pm_crc32c(0, buf, (size_t)len) != h.table_crc[i])
+                    sh->tables_bad |= 1u << i;
+                sh->ntables++;
+            }
+            free(buf);
+        }
+    }
+    free(hdr);
+    pm_store_destroy(st);
+    if (r.slot[0].version > FORMAT_VERSION || r.slot[1].version > FORMAT_VERSION)
+        r.current = -1;         /* a newer pymirror wrote it: the other slot is an older state */
+    if (r.current >= 0 && r.slot[1 - r.current].status != 0 && r.slot[1 - r.current].status != PM_E_FOREIGN)
+        snprintf(last_warning, sizeof last_warning, "%s: header slot %d is damaged (%s); using slot %d",
+                 meta_path, 1 - r.current, r.slot[1 - r.current].why, r.current);
+    size_t n = out->size == 0 || out->size > sizeof r ? sizeof r : out->size;
+    memcpy(out, &r, n);
+    out->size = (uint32_t)n;
+    return 0;
+}
+
+static void trust_new(struct pm_meta *m)
+{
+    memset(&m->trust, 0, sizeof m->trust);
+    for (int s = 0; s < 2; s++) {
+        identity_of(m->b.data[s], m->trust.id[s], sizeof m->trust.id[s]);
+        m->outside[s] = PM_OUTSIDE_NONE;
+        snprintf(m->note[s], sizeof m->note[s], "a new pair: checked at each open after a clean close");
+    }
+}
+
+int pm_meta_refuse_outside(struct pm_meta *m, const char *func)
+{
+    unsigned o = pm_meta_outside(m);
+    if (o == 0)
+        return 0;
+    const char *std = m->b.data[PM_STANDARD]->path, *mir = m->b.data[PM_MIRROR]->path;
+    char which[2 * PM_PATH_MAX + 64];
+    if (o == 3)
+        snprintf(which, sizeof which, "the standard %s and the mirror %s were", std, mir);
+    else
+        snprintf(which, sizeof which, "the %s %s was", o == 1 ? "standard" : "mirror", o == 1 ? std : mir);
+    return pm_fail(func, PM_E_OUTSIDE, "%s changed outside pymirror since the pair was last closed, so the "
+                   "changed-track tables are incomplete and an incremental copy could miss tracks: use "
+                   "--compare (copy the tracks that differ) or --trust (accept the tables as they are), "
+                   "or a full copy", which);
+}
+
+void pm_meta_forget_store(struct pm_meta *m)
+{
+    if (m != NULL && !m->own_store)
+        m->store = NULL;
 }

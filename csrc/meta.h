@@ -42,6 +42,19 @@ struct pm_meta_binding {
     void *ctx;
 };
 
+/* What a format-2 header says of the volumes beyond their paths (branch
+ * metatrust): their identities, change stamps, a sample of track checksums
+ * taken at the last clean close, and outside changes found and not yet
+ * resolved.  Empty strings: nothing recorded. */
+#define PM_META_SAMPLES 16
+struct pm_meta_trust {
+    uint32_t flags;                     /* TRUST_* (meta.c) as on disk */
+    uint32_t nsamples;
+    char id[2][256];
+    char stamp[2][128];
+    struct { uint64_t track; uint32_t crc[2]; } sample[PM_META_SAMPLES];
+};
+
 /* A decoded header (the current slot of a metadata store). */
 struct pm_meta_header {
     struct pm_meta_status status;
@@ -51,6 +64,10 @@ struct pm_meta_header {
     uint8_t pair_id[16];
     uint64_t table_bytes, intent_bytes;
     char standard_path[PM_PATH_MAX], mirror_path[PM_PATH_MAX];
+    /* -- branch metatrust -- */
+    uint32_t version;           /* of the current slot */
+    int upgrade;                /* a slot is of an older format: pm_meta_upgrade */
+    struct pm_meta_trust trust;
 };
 
 /* ---- the handle ---- */
@@ -102,5 +119,26 @@ void pm_meta_std_cleared(struct pm_meta *m);
  * if a PENDING bit of the standard was cleared since the last full commit, else only the
  * write-intent not yet durable (usually nothing). */
 int pm_meta_flush_commit(struct pm_meta *m);
+
+/* ---- branch metatrust: identities, outside changes, upgrade, relocate ---- */
+/* At open, after pm_meta_load: check the volumes' identities against the
+ * header (PM_E_FOREIGN naming both) and their change stamps (an outside
+ * change is recorded, and refuses incremental jobs until trusted).  With
+ * `relocate`, identities are not compared: the sample of track checksums
+ * is (PM_E_FOREIGN on a mismatch), and the new identities are recorded. */
+int pm_meta_trust_open(struct pm_meta *m, const struct pm_meta_header *h, int relocate);
+/* Rewrite both slots in the current format (crash-safe: two ordinary
+ * commits; the older slot stays valid until the second). */
+int pm_meta_upgrade(struct pm_meta *m, const struct pm_meta_header *h);
+/* Sides (bit 0 standard, bit 1 mirror) changed outside pymirror and not
+ * trusted; pm_meta_trust_all forgets them (a full job, or --trust). */
+unsigned pm_meta_outside(struct pm_meta *m);
+void pm_meta_trust_all(struct pm_meta *m);
+int pm_meta_volume_trust(struct pm_meta *m, int side, struct pm_volume_trust *out);
+/* PM_E_OUTSIDE (message from `func`, naming the volumes and the ways on)
+ * when a side was changed outside pymirror and not trusted; else 0. */
+int pm_meta_refuse_outside(struct pm_meta *m, const char *func);
+/* A refused open: close without committing (the store stays the caller's). */
+void pm_meta_forget_store(struct pm_meta *m);
 
 #endif

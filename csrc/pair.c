@@ -375,8 +375,12 @@ int pm_pair__establish(pm_pair *p, int incremental, const struct pm_copy_config 
                                       "restored (a pair established once); use a full establish");
     else if (s != PM_STATE_NEW && s != PM_STATE_SPLIT && s != PM_STATE_RESTORED && s != PM_STATE_DETACHED)
         rc = wrong_state(__func__, s, "establish is allowed when new, split, restored or detached");
+    else if (incremental && (rc = pm_meta_refuse_outside(p->meta, __func__)) != 0)
+        ;   /* a volume changed behind pymirror's back: CHANGED is incomplete */
     else
         rc = begin_job(p, PM_MIRROR, incremental, 0, PM_STATE_SYNCING, cfg, compare_main);
+    if (rc == 0 && !incremental)
+        pm_meta_trust_all(p->meta);   /* a full copy makes an outside change moot */
     if (rc == 0)
         rc = pm_meta_commit(p->meta);
     pthread_rwlock_unlock(&p->cmd_lock);
@@ -409,8 +413,12 @@ int pm_pair__restore(pm_pair *p, int incremental, int protect, const struct pm_c
         rc = PM_FAIL(PM_E_STATE, "the mirror is inconsistent: %llu of its tracks are not part of a "
                      "point-in-time image (an establish was cancelled or failed); establish again "
                      "before restoring from it", (unsigned long long)invalid);
+    else if (incremental && (rc = pm_meta_refuse_outside(p->meta, __func__)) != 0)
+        ;   /* a volume changed behind pymirror's back: CHANGED is incomplete */
     else
         rc = begin_job(p, PM_STANDARD, incremental, protect, PM_STATE_RESTORING, cfg, compare_main);
+    if (rc == 0 && !incremental)
+        pm_meta_trust_all(p->meta);   /* a full copy makes an outside change moot */
     /* Nothing to copy: no copier will make the commit, so make it here
      * (one header and table write, like any command). */
     if (rc == 0 && pm_pair_state(p) != PM_STATE_RESTORING)

@@ -110,8 +110,9 @@ static int is_mirrored_state(int state, int protect)
            (state == PM_STATE_RESTORING && !protect);
 }
 
+/* Open (or, with `relocate`, re-point) a pair from its metadata store. */
 static int open_on_store(pm_store *st, int own, const char *label, pm_store *standard, pm_store *mirror,
-                         pm_pair **out)
+                         pm_pair **out, int relocate)
 {
     struct pm_meta_header *h = malloc(sizeof *h);
     pm_pair *p = NULL;
@@ -120,7 +121,9 @@ static int open_on_store(pm_store *st, int own, const char *label, pm_store *sta
         rc = PM_FAIL(PM_E_FOREIGN, "%s: the pair's volumes are %llu bytes, but %s is %llu and %s is %llu",
                      label, (unsigned long long)h->volume_size, standard->path,
                      (unsigned long long)standard->size, mirror->path, (unsigned long long)mirror->size);
-    if (rc == 0 && ((h->std_ino && standard->ino != h->std_ino) || (h->mir_ino && mirror->ino != h->mir_ino)))
+    /* format 1 recorded inode numbers; format 2 identities (pm_meta_trust_open) */
+    if (rc == 0 && !relocate && !(h->trust.flags & 1u) &&
+        ((h->std_ino && standard->ino != h->std_ino) || (h->mir_ino && mirror->ino != h->mir_ino)))
         rc = PM_FAIL(PM_E_FOREIGN, "%s: %s or %s is not the volume this pair was made with "
                      "(the file was replaced or the two were swapped)", label, standard->path, mirror->path);
     if (rc == 0 && pm_store_size(st) < pm_meta_size(h->volume_size, h->track_size))
@@ -133,13 +136,15 @@ static int open_on_store(pm_store *st, int own, const char *label, pm_store *sta
         rc = pm_meta_attach(p->meta, st, label);
     if (rc == 0)
         rc = pm_meta_load(p->meta, h);
+    if (rc == 0)
+        rc = pm_meta_trust_open(p->meta, h, relocate);
     if (rc) {
         free(h);
+        if (p != NULL)
+            pm_meta_forget_store(p->meta);   /* a refused open writes nothing */
         pm_pair_destroy(p);   /* the store is not owned yet: left to the caller */
         return rc;
     }
-    if (own)
-        pm_meta_own_store(p->meta);
     int state = h->status.state, protect = h->status.protect;
     pm_store_relaxed(&p->incremental, h->status.incremental);
     pm_store_relaxed(&p->protect, protect);
@@ -162,7 +167,19 @@ static int open_on_store(pm_store *st, int own, const char *label, pm_store *sta
         pm_job_reopen(p, state, h->status.error, h->status.error_track);
     else
         pm_store_release(&p->state, state);
+    /* An older format is rewritten now, in place (two ordinary commits:
+     * crash-safe), and a relocation is committed before it is reported. */
+    rc = pm_meta_upgrade(p->meta, h);
+    if (rc == 0 && relocate)
+        rc = pm_meta_commit(p->meta);
     free(h);
+    if (rc) {
+        pm_meta_forget_store(p->meta);
+        pm_pair_destroy(p);   /* the store is left to the caller */
+        return rc;
+    }
+    if (own)
+        pm_meta_own_store(p->meta);
     *out = p;
     return 0;
 }
@@ -176,7 +193,7 @@ int pm_pair_open_meta(const char *meta_path, pm_store *standard, pm_store *mirro
     int rc = pm_meta_open_file(meta_path, 1, &st);
     if (rc)
         return rc;
-    rc = open_on_store(st, 1, meta_path, standard, mirror, out);
+    rc = open_on_store(st, 1, meta_path, standard, mirror, out, 0);
     if (rc)
         pm_store_destroy(st);   /* and its lock */
     return rc;
@@ -187,5 +204,42 @@ int pm_pair_open_meta_store(pm_store *meta, pm_store *standard, pm_store *mirror
     if (meta == NULL || out == NULL || standard == NULL || mirror == NULL)
         return PM_FAIL(-EINVAL, "the stores and out must not be NULL");
     *out = NULL;
-    return open_on_store(meta, 0, "metadata store", standard, mirror, out);
+    return open_on_store(meta, 0, "metadata store", standard, mirror, out, 0);
+}
+
+/* ---- branch metatrust: relocate, trust ------------------------------------ */
+
+int pm_pair_relocate_meta(const char *meta_path, pm_store *standard, pm_store *mirror, pm_pair **out)
+{
+    if (meta_path == NULL || out == NULL || standard == NULL || mirror == NULL)
+        return PM_FAIL(-EINVAL, "meta_path, the stores and out must not be NULL");
+    *out = NULL;
+    if (strlen(standard->path) >= PM_PATH_MAX || strlen(mirror->path) >= PM_PATH_MAX ||
+        standard->path[0] == 0 || mirror->path[0] == 0)
+        return PM_FAIL(-EINVAL, "relocating a pair needs file volumes with paths shorter than %d", PM_PATH_MAX);
+    pm_store *st;
+    int rc = pm_meta_open_file(meta_path, 1, &st);
+    if (rc)
+        return rc;
+    rc = open_on_store(st, 1, meta_path, standard, mirror, out, 1);
+    if (rc)
+        pm_store_destroy(st);
+    return rc;
+}
+
+int pm_pair_trust(pm_pair *p)
+{
+    if (p == NULL)
+        return PM_FAIL(-EINVAL, "the pair must not be NULL");
+    pm_meta_trust_all(p->meta);
+    return pm_meta_commit(p->meta);
+}
+
+int pm_pair_volume_trust(pm_pair *p, int side, struct pm_volume_trust *out)
+{
+    if (p == NULL || out == NULL)
+        return PM_FAIL(-EINVAL, "the pair and out must not be NULL");
+    if (side != PM_STANDARD && side != PM_MIRROR)
+        return PM_FAIL(PM_E_RANGE, "side %d is neither PM_STANDARD nor PM_MIRROR", side);
+    return pm_meta_volume_trust(p->meta, side, out);
 }

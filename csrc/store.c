@@ -146,11 +146,21 @@ static int64_t file_extents(void *ctx, uint64_t off, uint64_t len, struct pm_ext
     return n;
 }
 
+/* Which volume it is, and a stamp that changes when anyone writes it
+ * (store_ident.c); st_dev:st_ino is only the fallback. */
 static int file_identity(void *ctx, char *buf, size_t len)
 {
     pm_store *s = ctx;
-    snprintf(buf, len, "file:%llu:%llu", (unsigned long long)s->dev, (unsigned long long)s->ino);
+    if (pm__file_identity(s->fd, buf, len) == 0)
+        return 0;
+    snprintf(buf, len, "file:dev=%llu,ino=%llu", (unsigned long long)s->dev, (unsigned long long)s->ino);
     return 0;
+}
+
+static int file_change_stamp(void *ctx, char *buf, size_t len)
+{
+    pm_store *s = ctx;
+    return pm__file_change_stamp(s->fd, buf, len);
 }
 
 /* the same callback table as a caller's own store (pymirror.h) */
@@ -158,6 +168,7 @@ static const struct pm_store_ops file_ops = {
     .size = sizeof(struct pm_store_ops),
     .read = file_read, .write = file_write, .flush = file_flush, .close = file_close,
     .write_zeroes = file_write_zeroes, .extents = file_extents, .identity = file_identity,
+    .change_stamp = file_change_stamp,
 };
 
 /* ---- the copy engine's fast paths (store.h) ------------------------------ */
@@ -660,6 +671,22 @@ int pm_store_identity(pm_store *s, char *buf, size_t len)
     return 0;
 }
 
+int pm_store_change_stamp(pm_store *s, char *buf, size_t len)
+{
+    if (buf == NULL || len == 0)
+        return PM_FAIL(-EINVAL, "buf must hold at least one byte");
+    buf[0] = 0;
+    if (s->ops->change_stamp == NULL)
+        return -EOPNOTSUPP;
+    int rc = s->ops->change_stamp(s->ctx, buf, len);
+    buf[len - 1] = 0;
+    if (rc == 0 && buf[0] == 0)
+        rc = -EOPNOTSUPP;
+    if (rc < 0)
+        buf[0] = 0;
+    return rc;
+}
+
 void pm_io_complete(struct pm_io *io, int result)
 {
     io->done(io, result);
@@ -699,7 +726,7 @@ int pm_store_submit(pm_store *s, struct pm_io *io)
 /* ---- a caller's own store ------------------------------------------------ */
 
 /* Size of the 0.2 table (the first): size..submit. */
-#define OPS_SIZE_0_2 (sizeof(struct pm_store_ops))
+#define OPS_SIZE_0_2 (offsetof(struct pm_store_ops, change_stamp))
 
 int pm_store_create_ops(const struct pm_store_ops *ops, void *ctx, uint64_t size, const char *name,
                         unsigned flags, pm_store **out)

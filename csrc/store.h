@@ -63,6 +63,12 @@ void pm__store_prefetch(pm_store *s, uint64_t len, uint64_t off);
  * now, without waiting (file stores; a no-op for others).  Durability still
  * comes only from pm_store_flush. */
 void pm__store_write_behind(pm_store *s, uint64_t len, uint64_t off);
+/* store_ident.c (layer 0): a file's or block device's identity, whether
+ * that identity is stable (not device numbers), and a regular file's (or a
+ * loop device's backing file's) change stamp; 0 or a negative errno. */
+int pm__file_identity(int fd, char *buf, size_t len);
+int pm__identity_stable(const char *id);
+int pm__file_change_stamp(int fd, char *buf, size_t len);
 /* The pid holding a flock on the file (dev, ino), or 0 if not found. */
 int pm__lock_holder(uint64_t dev, uint64_t ino);
 

@@ -30,6 +30,7 @@ from .errors import (
     ReadOnlyError,
     StateError,
 )
+from .errors import ChangedOutsideError, MetadataWarning  # branch metatrust
 from .job import Job, Progress
 from .pair import Pair
 from .state import STATES, State
@@ -61,4 +62,5 @@ __all__ = [
     "StateError", "TrackTable", "Volume",
     "connect", "get_include", "get_library_dir", "load_settings", "__version__",
 ]
+__all__ += ["ChangedOutsideError", "MetadataWarning"]  # branch metatrust
 

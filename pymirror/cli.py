@@ -235,6 +235,22 @@ def cli(ctx: click.Context, debug: bool, config_path: Optional[str], control: Op
     paused on an error), 2 an error, 3 a timeout, 130/143 on SIGINT/SIGTERM."""
     ctx.obj = Ctx(debug=debug, config_path=config_path, control=control)
     _signals_stop_the_command()
+    _warnings_are_one_line()
+
+
+def _warnings_are_one_line() -> None:
+    """pymirror's warnings (a damaged metadata slot, ...) print as one line
+    on stderr, like its errors, instead of Python's file:line format."""
+    import warnings
+
+    shown = warnings.showwarning
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if issubclass(category, errors.MetadataWarning):
+            note(f"warning: {message}")
+        else:
+            shown(message, category, filename, lineno, file, line)
+    warnings.showwarning = show
 
 
 @cli.command()
@@ -263,11 +279,30 @@ def create(path: str, size: int, track_size: Optional[int]) -> None:
 @click.option("--adopt", is_flag=True,
               help="Two volumes that already hold data: compare them and start split, with the tracks "
                    "that differ marked changed (an incremental establish or restore copies exactly those).")
+@click.option("--relocate", is_flag=True,
+              help="Point the existing pair META at its moved volumes (checked: size and sampled checksums).")
 @click.pass_obj
-def pair_cmd(obj: Ctx, meta: str, standard: str, mirror: str, track_size: Optional[int], adopt: bool) -> None:
-    """Create the metadata of a pair of two volumes (state: new; with --adopt: split)."""
+def pair_cmd(obj: Ctx, meta: str, standard: str, mirror: str, track_size: Optional[int], adopt: bool,
+             relocate: bool) -> None:
+    """Create the metadata of a pair of two volumes (state: new; with --adopt: split), or with
+    --relocate point an existing pair at its volumes' new paths."""
     from .pair import Pair
 
+    if relocate and adopt:
+        raise click.UsageError("--relocate and --adopt cannot be combined")
+    if relocate:
+        if track_size is not None:
+            raise click.BadParameter("a relocated pair keeps its track size", param_hint="'--track-size'")
+        if not os.path.exists(meta):
+            raise errors.MirrorError(f"{meta}: no such pair metadata file (relocate points an existing pair "
+                                     f"at moved volumes)")
+        for role, path in (("standard", standard), ("mirror", mirror)):
+            if not os.path.exists(path):
+                raise errors.MirrorError(f"{role} volume {path}: no such file")
+        with Pair.relocate(meta, os.path.abspath(standard), os.path.abspath(mirror)) as p:
+            note_ = p.volume_trust("standard")["note"]
+            out(f"relocated pair {meta}: {p.standard.path} + {p.mirror.path}, state {p.state} ({note_})")
+        return
     if os.path.exists(meta):
         raise errors.MirrorError(f"{meta}: already exists; pymirror pair never overwrites metadata")
     for role, path in (("standard", standard), ("mirror", mirror)):
@@ -282,6 +317,28 @@ def pair_cmd(obj: Ctx, meta: str, standard: str, mirror: str, track_size: Option
     with Pair.create(meta, standard, mirror, track_size=ts) as p:
         out(f"created pair {meta}: {standard} + {mirror}, {format_size(p.size)}, "
             f"{p.tracks} tracks of {format_size(p.track_size)}, state {p.state}")
+
+
+@cli.command("check")
+@click.argument("meta", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on one line.")
+def check_cmd(meta: str, as_json: bool) -> None:
+    """Report the health of a pair's metadata file: each header slot (valid
+    or why not, format, generation, state) and its tables' CRC-32Cs.  Writes
+    nothing.  Exit 0 healthy, 1 damaged but usable, 2 unusable."""
+    import json
+
+    from .check import check_metadata, describe
+
+    if not os.path.exists(meta):
+        raise errors.MirrorError(f"{meta}: no such file")
+    report = check_metadata(meta)
+    if as_json:
+        out(json.dumps(report, sort_keys=True))
+    else:
+        for line in describe(report):
+            out(line)
+    sys.exit(report["verdict"])
 
 
 # -- the rest -------------------------------------------------------------------

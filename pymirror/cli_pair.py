@@ -156,16 +156,21 @@ def run_job_verb(t: "LocalTarget | RemoteTarget", kind: str, start: Callable[[],
 @click.option("--compare", is_flag=True,
               help="Compare the two sides first and copy only the tracks that differ (when the tables are "
                    "lost or not trusted).")
+@click.option("--trust", is_flag=True,
+              help="Accept the changed-track tables although a volume was changed outside pymirror.")
 @copy_options
 @job_options
 @serve_options
 @click.pass_obj
-def establish(obj: Ctx, pair: str, incremental: bool, assume_equal: bool, compare: bool, rate: Optional[int],
+def establish(obj: Ctx, pair: str, incremental: bool, assume_equal: bool, compare: bool, trust: bool,
+              rate: Optional[int],
               copiers: Optional[int], batch_size: Optional[int], no_wait: bool,
               socket_path: Optional[str], listen: Optional[str], allow_remote: bool) -> None:
     """Copy the standard to the mirror and keep them identical.  PAIR may be a group."""
     _check_compare(compare, incremental, assume_equal)
     copy = dict(rate=rate, copiers=copiers, batch_size=batch_size)
+    if trust:
+        copy["trust"] = True
     t = open_target(obj, pair)
     run_job_verb(t, "establish", lambda: t.establish(incremental=incremental, assume_equal=assume_equal,
                                                      compare=compare, **copy),
@@ -205,17 +210,22 @@ def split(obj: Ctx, pair: str) -> None:
 @click.option("--compare", is_flag=True,
               help="Compare the two sides first and restore only the tracks that differ (when the tables "
                    "are lost or not trusted).")
+@click.option("--trust", is_flag=True,
+              help="Accept the changed-track tables although a volume was changed outside pymirror.")
 @copy_options
 @job_options
 @serve_options
 @click.pass_obj
 def restore(obj: Ctx, pair: str, incremental: bool, protect: bool, read_policy: Optional[str], compare: bool,
+            trust: bool,
             rate: Optional[int], copiers: Optional[int], batch_size: Optional[int], no_wait: bool,
             socket_path: Optional[str], listen: Optional[str], allow_remote: bool) -> None:
     """Restore the standard from the mirror while the host keeps using it.
     PAIR may be a group: every pair starts its restore at one instant."""
     _check_compare(compare, incremental)
-    copy = dict(rate=rate, copiers=copiers, batch_size=batch_size, read_policy=read_policy)
+    copy: dict[str, Any] = dict(rate=rate, copiers=copiers, batch_size=batch_size, read_policy=read_policy)
+    if trust:
+        copy["trust"] = True
     t = open_target(obj, pair)
     run_job_verb(t, "restore", lambda: t.restore(incremental=incremental, protect=protect,
                                                  compare=compare, **copy),
@@ -317,6 +327,18 @@ def query(obj: Ctx, pair: str, as_json: bool) -> None:
         print_query(pair, info)
 
 
+def print_trust(trust: Optional[dict[str, Any]]) -> None:
+    """The identity and outside-change lines of one volume (branch metatrust)."""
+    if not trust:
+        return
+    ident = trust.get("identity") or "none"
+    if not trust.get("identity_stable"):
+        ident += " (no stable identity: a replaced volume at this path cannot be told apart)"
+    out(f"          identity {ident}")
+    mark = "CHANGED OUTSIDE PYMIRROR: " if trust.get("outside") == "changed" else ""
+    out(f"          {mark}{trust.get('note')}")
+
+
 def print_query(label: str, info: dict[str, Any]) -> None:
     from .progress import describe
 
@@ -328,6 +350,7 @@ def print_query(label: str, info: dict[str, Any]) -> None:
     for side in ("standard", "mirror"):
         s = info[side]
         out(f"{side:<9} {s['path']}: {s['pending']} tracks pending, {s['changed']} changed")
+        print_trust(s.get("trust"))
     if info.get("detached"):
         from .detach import describe as describe_detach
         out(f"          {describe_detach(info['detached'], label)}")

@@ -96,3 +96,19 @@ class MissingLibraryError(MirrorError, OSError):
 
 class DaemonUnreachable(MirrorError, ConnectionError):
     """No pymirror daemon listens on the control socket (or it went away)."""
+
+
+# -- added on branch metatrust (issue 16) ---------------------------------------
+class MetadataWarning(UserWarning):
+    """The metadata file is damaged but usable: for instance its newer header
+    slot fails its checksum and the older one was used (the last commit was
+    cut short by a crash, or the file was damaged).  ``pymirror check META``
+    reports its health."""
+
+
+class VolumeMissingError(MirrorError, FileNotFoundError):
+    """A volume the pair's metadata names is not at its recorded path; if the
+    volumes moved, ``pymirror pair META --relocate`` points the pair at them."""
+
+    def __str__(self) -> str:
+        return str(self.strerror) if self.strerror is not None else super().__str__()

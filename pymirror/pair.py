@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import warnings
 import weakref
 from types import TracebackType
 from typing import Any, Callable, Iterator, Optional, Type, Union
@@ -160,6 +161,12 @@ class Pair(Handle):
         mir_path = os.fsdecode(ffi.string(info.mirror_path))
         owned: list[Volume] = []
         try:
+            for role, path in (("standard", std_path), ("mirror", mir_path)):
+                if not os.path.lexists(path):
+                    import errno as _errno
+                    raise errors.VolumeMissingError(
+                        _errno.ENOENT, f"open pair {meta_path}: its {role} volume {path} does not exist; if the "
+                        f"volumes moved: pymirror pair {meta_path} --relocate --standard NEW --mirror NEW", path)
             std = Volume.open(std_path, track_size=ts)
             owned.append(std)
             mir = Volume.open(mir_path, track_size=ts)
@@ -171,6 +178,45 @@ class Pair(Handle):
             for v in owned:
                 v.close()
             raise
+        # what the open's locked read of the header found (the unlocked peek
+        # above may catch another process's commit half written)
+        _warn_metadata(_metadata_warning())
+        pair._configure(pair._config)
+        return pair
+
+    @classmethod
+    def relocate(cls, meta: PathLike, standard: PathLike, mirror: PathLike, *,
+                 config: Optional[CopyConfig] = None) -> "Pair":
+        """Open a pair whose volumes moved (a folder renamed, copied to
+        another disk): ``standard`` and ``mirror`` replace the paths in the
+        metadata once they are shown to be the same volumes (the same size,
+        and the checksums of a sample of tracks recorded when the pair was
+        last closed cleanly); :class:`ForeignMetadataError` names the first
+        mismatch, and nothing is changed then.  The new paths are committed
+        before this returns."""
+        meta_path = os.fspath(meta)
+        info = ffi.new("struct pm_meta_info *")
+        check(lib.pm_meta_peek(fspath(meta_path), info), meta_path, f"relocate pair {meta_path}")
+        ts = int(info.track_size)
+        owned: list[Volume] = []
+        try:
+            std = Volume.open(standard, track_size=ts)
+            owned.append(std)
+            mir = Volume.open(mirror, track_size=ts)
+            owned.append(mir)
+            if std.path is not None and mir.path is not None and \
+                    os.path.realpath(std.path) == os.path.realpath(mir.path):
+                raise errors.GeometryError(f"the standard and the mirror are the same file: {std.path}")
+            pair = cls._assemble(lambda sp, mp, out: check(
+                lib.pm_pair_relocate_meta(fspath(meta_path), sp, mp, out),
+                meta_path, f"relocate pair {meta_path}"), std, mir, owned, meta_path, config)
+        except BaseException:
+            for v in owned:
+                v.close()
+            raise
+        # what the open's locked read of the header found (the unlocked peek
+        # above may catch another process's commit half written)
+        _warn_metadata(_metadata_warning())
         pair._configure(pair._config)
         return pair
 
@@ -280,7 +326,7 @@ class Pair(Handle):
 
     # -- commands -----------------------------------------------------------
     def establish(self, incremental: bool = False, config: Optional[CopyConfig] = None, *,
-                  assume_equal: bool = False, compare: bool = False) -> Job:
+                  assume_equal: bool = False, compare: bool = False, trust: bool = False) -> Job:
         """Copy the standard to the mirror (every track, or with ``incremental``
         only the tracks changed on either side since the split); host writes
         are mirrored from now on.  Returns at once with the copy's Job; the
@@ -292,9 +338,16 @@ class Pair(Handle):
         ``compare`` copies only the tracks whose bytes differ, found by
         comparing the two sides first (for when the tables are lost or not
         trusted; docs/compare.md): the job's progress shows the compare
-        phase (``comparing``, ``tracks_compared``, ``tracks_equal``)."""
+        phase (``comparing``, ``tracks_compared``, ``tracks_equal``).
+
+        An incremental establish is refused with
+        :class:`~pymirror.errors.ChangedOutsideError` when a volume was
+        changed outside pymirror since the pair was last closed
+        (:meth:`volume_trust`); ``trust=True`` accepts the tables anyway."""
         cfg = config or self._config
         _check_compare_args(compare, incremental, assume_equal)
+        if trust:
+            self.trust()
         if compare:
             self._run("establish --compare", lib.pm_pair_establish_compare, _c_config(cfg, self.track_size))
         elif assume_equal:
@@ -312,7 +365,7 @@ class Pair(Handle):
         self._run("split", lib.pm_pair_split)
 
     def restore(self, incremental: bool = False, protect: bool = True,
-                config: Optional[CopyConfig] = None, *, compare: bool = False) -> Job:
+                config: Optional[CopyConfig] = None, *, compare: bool = False, trust: bool = False) -> Job:
         """Restore the standard from the mirror, while the host keeps using
         the standard.  Returns at once, before any data is copied.
 
@@ -321,9 +374,12 @@ class Pair(Handle):
         whole restore (the pair ends ``restored``); without it, host writes are
         mirrored and the pair ends ``established``.  compare: copy only the
         tracks whose bytes differ, found by comparing the sides first
-        (docs/compare.md)."""
+        (docs/compare.md).  trust: as for :meth:`establish`, accept the
+        tables although a volume was changed outside pymirror."""
         cfg = config or self._config
         _check_compare_args(compare, incremental)
+        if trust:
+            self.trust()
         if compare:
             self._run("restore --compare", lib.pm_pair_restore_compare, bool(protect),
                       _c_config(cfg, self.track_size))
@@ -510,6 +566,38 @@ class Pair(Handle):
         and the record is cleared when that establish completes."""
         from .detach import detach_info
         return detach_info(self)
+    # -- added on branch metatrust: changes outside pymirror ---------------
+    def trust(self) -> None:
+        """Accept the changed-track tables although a volume was changed
+        outside pymirror (``--trust``): incremental jobs are allowed again.
+        Persisted with the pair's metadata at once."""
+        self._run("trust", lib.pm_pair_trust)
+
+    def volume_trust(self, side: str = "standard") -> dict[str, Any]:
+        """What opening the pair found about one volume (``"standard"`` or
+        ``"mirror"``): ``outside`` (``"unchanged"``, ``"changed"``,
+        ``"unchecked"``, ``"undetectable"``, ``"not-recorded"``), ``note``
+        (in words), ``identity`` (what the volume is, e.g. ``disk:wwn-...``),
+        ``identity_stable`` (False: only device numbers, or nothing) and
+        ``identity_recorded``."""
+        code = {"standard": lib.PM_STANDARD, "mirror": lib.PM_MIRROR}.get(side)
+        if code is None:
+            raise ValueError(f"side must be 'standard' or 'mirror', got {side!r}")
+        out = ffi.new("struct pm_volume_trust *")
+        out.size = ffi.sizeof("struct pm_volume_trust")
+        self._run("query", lib.pm_pair_volume_trust, code, out)
+        return {
+            "outside": _OUTSIDE.get(int(out.outside), str(out.outside)),
+            "note": ffi.string(out.note).decode(errors="replace"),
+            "identity": ffi.string(out.identity).decode(errors="replace"),
+            "identity_stable": bool(out.identity_stable),
+            "identity_recorded": bool(out.identity_recorded),
+        }
+
+    @property
+    def changed_outside(self) -> list[str]:
+        """The sides changed outside pymirror and not yet trusted."""
+        return [s for s in ("standard", "mirror") if self.volume_trust(s)["outside"] == "changed"]
 
     @contextlib.contextmanager
     def hold_io(self) -> Iterator[None]:
@@ -535,6 +623,19 @@ def _check_compare_args(compare: bool, incremental: bool, assume_equal: bool = F
                          "to copy itself, whatever the tables say")
     if compare and assume_equal:
         raise ValueError("compare and assume_equal cannot be combined")
+
+
+_OUTSIDE = {0: "unchanged", 1: "changed", 2: "unchecked", 3: "undetectable", 4: "not-recorded"}
+
+
+def _metadata_warning() -> str:
+    """The warning the last metadata read on this thread left ("" if none)."""
+    return os.fsdecode(ffi.string(lib.pm_meta_last_warning()))
+
+
+def _warn_metadata(text: str) -> None:
+    if text:
+        warnings.warn(errors.MetadataWarning(text), stacklevel=3)
 
 
 def track_counts(pair: Pair) -> dict[str, dict[str, int]]:

@@ -23,6 +23,9 @@ query_dict keys:
   :class:`pymirror.Progress`;
 - ``last_job``: the counters of the copy that finished last (same shape as
   ``job``), or None; kept so a script can see what a completed job did.
+- ``standard`` / ``mirror`` also hold ``trust``: what opening the pair found
+  about the volume (:meth:`pymirror.Pair.volume_trust`: ``outside``,
+  ``note``, ``identity``, ``identity_stable``, ``identity_recorded``).
 
 verify_dict keys: ``meta``, ``equal`` (bool), ``tracks``, ``track_size``,
 ``differing`` (the numbers of the tracks that differ, ascending).
@@ -64,6 +67,10 @@ def query_dict(pair: "Pair") -> dict[str, Any]:
     invalid = _mirror_invalid(pair, p)
     job = job_dict(pair, p) if p.running else None
     last = job_dict(pair, p) if not p.running and p.tracks_total else None
+    trust = getattr(pair, "volume_trust", None)   # branch metatrust
+    for side in ("standard", "mirror"):
+        if trust is not None:
+            counts[side] = dict(counts[side], trust=trust(side))
     return {
         "meta": pair.meta_path,
         "state": pair.state,

@@ -52,14 +52,14 @@ class LocalTarget:
         self.pair.split()
 
     def establish(self, incremental: bool = False, assume_equal: bool = False, compare: bool = False,
-                  **copy: Any) -> None:
+                  trust: bool = False, **copy: Any) -> None:
         self.pair.establish(incremental=incremental, config=self._config(**copy),
-                            assume_equal=assume_equal, compare=compare)
+                            assume_equal=assume_equal, compare=compare, trust=trust)
 
     def restore(self, incremental: bool = False, protect: bool = True, compare: bool = False,
-                **copy: Any) -> None:
+                trust: bool = False, **copy: Any) -> None:
         self.pair.restore(incremental=incremental, protect=protect, config=self._config(**copy),
-                          compare=compare)
+                          compare=compare, trust=trust)
 
     def resume(self, **copy: Any) -> None:
         self.pair.resume(config=self._config(**copy))

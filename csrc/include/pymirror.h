@@ -250,6 +250,12 @@ int pm_store_flush(pm_store *s);   /* fdatasync for files */
  *    calls pm_io_complete(io, result) exactly once, from any thread, maybe
  *    before submit returns) or a negative code (then it never completes).
  *    pm_store_submit does the I/O synchronously for stores without it.
+ *  - change_stamp(buf, len) (0.3): a NUL-terminated string (under 128
+ *    bytes) that changes whenever anyone may have written the volume, such
+ *    as a file's "size=..,ino=..,mtime=..,ctime=.."; pymirror records it at
+ *    each commit and, after a clean close, compares it at open to find
+ *    writes made behind its back.  NULL or -EOPNOTSUPP: the store cannot
+ *    tell (remote stores, disks), and query says so.
  *
  * Growth: size first (see the conventions on top); a shorter, older table
  * has NULL for the callbacks it lacks.
@@ -291,6 +297,8 @@ struct pm_store_ops {
     int (*identity)(void *ctx, char *buf, size_t len);
     int (*lock)(void *ctx, int mode);
     int (*submit)(void *ctx, struct pm_io *io);
+    /* -- 0.3, branch metatrust (issue 16) -- */
+    int (*change_stamp)(void *ctx, char *buf, size_t len);
 };
 
 /* A store over a caller's callbacks: `size` bytes, `name` used in messages
@@ -626,6 +634,69 @@ int pm_store_track_hashes(pm_store *s, uint64_t offset, uint64_t len, uint32_t t
 int pm_store_crc32c_tracks(void *store, uint64_t offset, uint64_t len, uint32_t track_size, uint32_t *out);
 
 /* ---- branch metatrust: volume identity, changes outside pymirror, metadata check and relocate (issue 16) ---- */
+
+/* A store's change stamp (see change_stamp above): 0, or -EOPNOTSUPP when
+ * the store cannot tell (buf is then ""). */
+int pm_store_change_stamp(pm_store *s, char *buf, size_t len);
+
+/* What opening a pair found about one of its volumes (docs/format.md). */
+enum pm_outside {
+    PM_OUTSIDE_NONE = 0,         /* checked: unchanged since the pair was last closed cleanly */
+    PM_OUTSIDE_CHANGED = 1,      /* changed outside pymirror: incremental jobs refused (PM_E_OUTSIDE) */
+    PM_OUTSIDE_UNCHECKED = 2,    /* not checked: the pair was not closed cleanly (its own writes moved the times) */
+    PM_OUTSIDE_UNDETECTABLE = 3, /* the store cannot tell (a disk, a remote volume) */
+    PM_OUTSIDE_NO_STAMP = 4      /* nothing recorded yet (a format-1 file): checked from the next clean close */
+};
+
+struct pm_volume_trust {
+    uint32_t size;               /* sizeof(struct pm_volume_trust), or 0 */
+    int32_t outside;             /* enum pm_outside */
+    int32_t identity_stable;     /* 1: the identity names the volume itself, not device numbers */
+    int32_t identity_recorded;   /* 1: the metadata records it and open checked it */
+    char identity[256];          /* what the store says it is now */
+    char note[256];              /* the finding in words (for query) */
+};
+/* Side PM_STANDARD or PM_MIRROR.  A pair without a metadata file reports
+ * PM_OUTSIDE_UNDETECTABLE. */
+int pm_pair_volume_trust(pm_pair *p, int side, struct pm_volume_trust *out);
+/* Accept the CHANGED tables although a volume was changed outside
+ * pymirror (--trust): incremental jobs are allowed again; persisted with
+ * the next commit.  A full establish or restore does the same by itself. */
+int pm_pair_trust(pm_pair *p);
+
+/* A warning left by the last metadata read on this thread ("" if none):
+ * e.g. that the newer header slot was damaged and the older one used.
+ * pm_meta_peek, pm_pair_open_meta and pm_meta_check set or clear it. */
+const char *pm_meta_last_warning(void);
+
+/* The health of a metadata file, slot by slot, without opening the pair
+ * (writes nothing).  Returns 0 when it could be read at all (see the
+ * slots), else -errno. */
+struct pm_meta_slot_health {
+    int32_t status;              /* 0 valid, else the code that makes it invalid */
+    uint32_t version;            /* format version found (0: no header) */
+    uint64_t generation;
+    int32_t state;               /* enum pm_state as recorded */
+    int32_t clean;               /* closed cleanly */
+    uint32_t ntables;            /* tables checked (6 in a valid slot) */
+    uint32_t tables_bad;         /* bit i: table i fails its CRC-32C */
+    uint32_t table_crc[6];       /* as recorded */
+    char why[256];               /* "" or why the slot is invalid */
+};
+struct pm_meta_health {
+    uint32_t size;               /* sizeof(struct pm_meta_health), or 0 */
+    int32_t current;             /* the slot a pair would use, or -1 */
+    uint64_t file_size, needed_size;
+    struct pm_meta_slot_health slot[2];
+};
+int pm_meta_check(const char *meta_path, struct pm_meta_health *out);
+
+/* Open a pair whose volumes moved: `standard` and `mirror` replace the
+ * recorded volumes after checking that they are the same volumes (size,
+ * and the checksums of a sample of tracks recorded at the last clean
+ * close; PM_E_FOREIGN naming the first mismatch).  The new paths and
+ * identities are committed before it returns. */
+int pm_pair_relocate_meta(const char *meta_path, pm_store *standard, pm_store *mirror, pm_pair **out);
 
 /* ---- branch detach: a failing mirror detaches, FUA-light (issue 16) ---- */
 

@@ -188,8 +188,8 @@ static void *cancel_later(void *arg)
 
 static void cancel(void)
 {
-    struct pm_store_ops ops = { sizeof ops, 0, slow_read, ok_write, ok_flush, no_close,
-                                NULL, NULL, NULL, NULL, NULL };
+    struct pm_store_ops ops = { .size = sizeof ops, .read = slow_read, .write = ok_write,
+                                .flush = ok_flush, .close = no_close };
     pm_store *a, *b;
     pm_pair *p;
     uint64_t size = (uint64_t)1 << 30;       /* 512 batches of 2 ms: a second if not cancelled */
@@ -335,8 +335,8 @@ static void slowvol_close(void *ctx)
 }
 static pm_store *slowvol(const char *name)
 {
-    static const struct pm_store_ops ops = { sizeof ops, 0, slowvol_read, slowvol_write, ok_flush, slowvol_close,
-                                             NULL, NULL, NULL, NULL, NULL };
+    static const struct pm_store_ops ops = { .size = sizeof ops, .read = slowvol_read, .write = slowvol_write,
+                                             .flush = ok_flush, .close = slowvol_close };
     struct slowvol *v = calloc(1, sizeof *v);
     v->data = calloc(1, SIZE);
     pthread_mutex_init(&v->mu, NULL);

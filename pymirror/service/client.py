@@ -207,20 +207,20 @@ class RemotePair:
 
     def establish(self, incremental: bool = False, assume_equal: bool = False, rate: Optional[int] = None,
                   copiers: Optional[int] = None, batch_size: Optional[int] = None, wait: bool = False,
-                  compare: bool = False) -> Any:
+                  compare: bool = False, trust: Optional[bool] = None) -> Any:
         extra = {"compare": True} if compare else {}
         return self._x("establish", incremental=incremental, assume_equal=assume_equal, rate=rate,
-                       copiers=copiers, batch_size=batch_size, wait=wait, **extra)
+                       copiers=copiers, batch_size=batch_size, wait=wait, trust=trust, **extra)
 
     def split(self) -> Any:
         return self._x("split")
 
     def restore(self, incremental: bool = False, protect: bool = True, read_policy: Optional[str] = None,
                 rate: Optional[int] = None, copiers: Optional[int] = None, batch_size: Optional[int] = None,
-                wait: bool = False, compare: bool = False) -> Any:
+                wait: bool = False, compare: bool = False, trust: Optional[bool] = None) -> Any:
         extra = {"compare": True} if compare else {}
         return self._x("restore", incremental=incremental, protect=protect, read_policy=read_policy,
-                       rate=rate, copiers=copiers, batch_size=batch_size, wait=wait, **extra)
+                       rate=rate, copiers=copiers, batch_size=batch_size, wait=wait, trust=trust, **extra)
 
     def resume(self, rate: Optional[int] = None, copiers: Optional[int] = None,
                batch_size: Optional[int] = None, wait: bool = False) -> Any:

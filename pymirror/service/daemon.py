@@ -453,12 +453,27 @@ class Daemon:
             return barrier.act(named, lambda p: p.establish(incremental=incremental))
         return barrier.act(named, lambda p: p.restore(incremental=incremental, protect=protect))
 
+    @staticmethod
+    def _trust(helds: list[HeldPair], trust: Optional[bool], incremental: Optional[bool]) -> None:
+        """--trust (branch metatrust): accept every pair's tables although a
+        volume changed outside pymirror; without it, an incremental group
+        command is refused before any pair acts if one of them changed."""
+        for h in helds:
+            pair = h.need()
+            if trust:
+                pair.trust()
+            elif incremental and len(helds) > 1 and pair.changed_outside:
+                raise errors.ChangedOutsideError(
+                    f"{h.name}: the {' and the '.join(pair.changed_outside)} changed outside pymirror; an "
+                    f"incremental copy could miss tracks: use --compare or --trust (nothing was changed)")
+
     def verb_establish(self, name: str, incremental: Optional[bool], assume_equal: Optional[bool],
                        rate: Optional[int], copiers: Optional[int], batch_size: Optional[int],
-                       wait: Optional[bool], compare: Optional[bool] = None) -> Any:
+                       wait: Optional[bool], compare: Optional[bool] = None, trust: Optional[bool] = None) -> Any:
         group, helds = self.resolve(name)
         with self._locked(helds):
             self._no_verify(helds, "establish")
+            self._trust(helds, trust, incremental)
             if group is None:
                 pair = helds[0].need()
                 pair.establish(incremental=bool(incremental), assume_equal=bool(assume_equal),
@@ -482,11 +497,13 @@ class Daemon:
 
     def verb_restore(self, name: str, incremental: Optional[bool], protect: Optional[bool],
                      read_policy: Optional[str], rate: Optional[int], copiers: Optional[int],
-                     batch_size: Optional[int], wait: Optional[bool], compare: Optional[bool] = None) -> Any:
+                     batch_size: Optional[int], wait: Optional[bool], compare: Optional[bool] = None,
+                     trust: Optional[bool] = None) -> Any:
         group, helds = self.resolve(name)
         protect = True if protect is None else protect
         with self._locked(helds):
             self._no_verify(helds, "restore")
+            self._trust(helds, trust, incremental)
             if group is None:
                 pair = helds[0].need()
                 pair.restore(incremental=bool(incremental), protect=protect,
