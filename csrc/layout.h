@@ -101,6 +101,7 @@ struct pm_pair {
     /* counters: relaxed atomics, read without locks */
     pm_atomic_u64 tracks_total, tracks_copied, tracks_skipped, tracks_merged;
     pm_atomic_u64 reads_redirected, reads_hydrated, bytes_read, bytes_written;
+    pm_atomic_u64 bytes_zeroed;  /* branch sparse: zeroed on the target instead of copied */
 
     /* The I/O barrier (arbitrate.c): host writes/flushes in flight, and
      * holds.  A writer adds itself to io_inflight, then checks io_holds; a
@@ -142,9 +143,12 @@ void pm_job_finish(pm_pair *p);                   /* end it if no track is PENDI
  * was set, count it in *counter and end the job when it was the last.
  * Returns 1 if it was set. */
 int pm_job_clear_pending(pm_pair *p, int side, uint64_t t, pm_atomic_u64 *counter);
-/* Copy [off, off+len) from the source side to `target`, with retries. */
-/* kernel_ok: the caller does not need the bytes in buf afterwards, so two
- * file stores may copy inside the kernel (copy_file_range) */
+/* Copy [off, off+len) from the source side to `target`, with retries.
+ * Holes of the source (its extents) and tracks that read as all zeroes are
+ * zeroed on the target with PM_ZERO_PUNCH instead of written (job.c).
+ * buf (at least len bytes) is scratch: its contents afterwards are
+ * unspecified.  kernel_ok: two file stores may copy inside the kernel
+ * (copy_file_range). */
 int pm_job_copy_span(pm_pair *p, int target, uint64_t off, uint64_t len, unsigned char *buf,
                      uint32_t retries, int kernel_ok);
 /* Copy one PENDING track now (its track lock held), for a hydrating read. */

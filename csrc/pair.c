@@ -278,6 +278,7 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
     pm_store_relaxed(&p->reads_hydrated, 0);
     pm_store_relaxed(&p->bytes_read, 0);
     pm_store_relaxed(&p->bytes_written, 0);
+    pm_store_relaxed(&p->bytes_zeroed, 0);
     pm_store_seqcst(&p->pending_left, n);
     pm_store_relaxed(&p->incremental, incremental);
     pm_store_relaxed(&p->protect, protect);
@@ -585,6 +586,7 @@ int pm_pair_progress(const pm_pair *cp, struct pm_progress *out)
     o->reads_hydrated = pm_load_relaxed(&p->reads_hydrated);
     o->bytes_read = pm_load_relaxed(&p->bytes_read);
     o->bytes_written = pm_load_relaxed(&p->bytes_written);
+    o->bytes_zeroed = pm_load_relaxed(&p->bytes_zeroed);
     o->changed_standard = pm_bitmap_count(p->table[PM_STANDARD]->flags[PM_CHANGED]);
     o->changed_mirror = pm_bitmap_count(p->table[PM_MIRROR]->flags[PM_CHANGED]);
     pm_meta_counters(p->meta, &o->commits, &o->syncs);

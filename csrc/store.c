@@ -106,16 +106,27 @@ static void file_close(void *ctx)
 }
 
 /* Zeroes: FALLOC_FL_ZERO_RANGE (or, with PM_ZERO_PUNCH, a punched hole
- * that reads as zeroes) where the filesystem has it; else -EOPNOTSUPP and
- * the caller writes zeroes. */
+ * that reads as zeroes) where the filesystem has it.  A block device takes
+ * the same fallocate modes (the kernel turns them into WRITE_ZEROES or a
+ * discard that guarantees zeroes) and, where the device has neither,
+ * BLKZEROOUT (the kernel writes the zeroes itself, no buffer crosses user
+ * space).  Else -EOPNOTSUPP and the caller writes zero buffers. */
 static int file_write_zeroes(void *ctx, uint64_t len, uint64_t off, unsigned flags)
 {
     pm_store *s = ctx;
     int fd = s->fd_buffered >= 0 ? s->fd_buffered : s->fd;
     int mode = (flags & PM_ZERO_PUNCH) ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE;
+    if (s->blockdev && !(flags & PM_ZERO_PUNCH))
+        mode |= FALLOC_FL_KEEP_SIZE;
     if (fallocate(fd, mode, (off_t)off, (off_t)len) == 0)
         return 0;
     int e = errno;
+    if (s->blockdev && (off | len) % 512 == 0 && (e == EOPNOTSUPP || e == EINVAL || e == ENOSYS)) {
+        uint64_t range[2] = { off, len };
+        if (ioctl(fd, BLKZEROOUT, range) == 0)
+            return 0;
+        e = errno;
+    }
     return e == EOPNOTSUPP || e == ENOSYS || e == EINVAL ? -EOPNOTSUPP : -e;
 }
 
@@ -446,6 +457,7 @@ int pm_store_open_file(const char *path, unsigned flags, uint64_t size, pm_store
     }
     s->size = real;
     s->readonly = readonly;
+    s->blockdev = S_ISBLK(st.st_mode);
     s->dev = (uint64_t)st.st_dev;
     s->ino = (uint64_t)st.st_ino;
     *out = s;
