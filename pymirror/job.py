@@ -48,6 +48,7 @@ class Progress:
     commits: int = 0
     syncs: int = 0
     mirror_invalid: int = 0   # mirror tracks not part of a point-in-time image (0: consistent)
+    bytes_zeroed: int = 0     # zeroed on the target (source holes and zero tracks), not copied
 
     @property
     def tracks_done(self) -> int:
@@ -59,8 +60,10 @@ class Progress:
 
     @property
     def rate(self) -> float:
-        """Bytes per second written by the job so far."""
-        return self.bytes_written / self.elapsed if self.elapsed > 0 else 0.0
+        """Bytes per second the job has brought up to date so far (data
+        written plus ranges zeroed instead of copied)."""
+        done = self.bytes_written + self.bytes_zeroed
+        return done / self.elapsed if self.elapsed > 0 else 0.0
 
     @property
     def eta(self) -> Optional[float]:
@@ -105,6 +108,7 @@ def read_progress(pair: "Pair") -> Progress:
         commits=int(p.commits),
         syncs=int(p.syncs),
         mirror_invalid=int(p.mirror_invalid),
+        bytes_zeroed=int(p.bytes_zeroed),
     )
 
 

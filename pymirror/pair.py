@@ -346,10 +346,10 @@ class Pair(Handle):
         if rc < 0:
             raise_for(rc, self.meta_path, f"write {_SIDE[side]} of {self._name}")
 
-    def _write_zeroes(self, side: int, offset: int, length: int, fua: bool) -> None:
+    def _write_zeroes(self, side: int, offset: int, length: int, fua: bool, punch: bool = False) -> None:
         check_io(offset, length, self.size)
-        self._run(f"write zeroes to {_SIDE[side]} of", lib.pm_pair_write_zeroes, side, length, offset,
-                  lib.PM_IO_FUA if fua else 0)
+        flags = (lib.PM_IO_FUA if fua else 0) | (lib.PM_IO_PUNCH if punch else 0)
+        self._run(f"write zeroes to {_SIDE[side]} of", lib.pm_pair_write_zeroes, side, length, offset, flags)
 
     def _flush(self, side: int) -> None:
         self._run(f"flush {_SIDE[side]} of", lib.pm_pair_flush, side)
@@ -372,8 +372,21 @@ class Pair(Handle):
         this returns."""
         self._write(lib.PM_STANDARD, offset, data, fua)
 
-    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
-        self._write_zeroes(lib.PM_STANDARD, offset, length, fua)
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False, punch: bool = False) -> None:
+        """Zero a range of the standard, like a write of zeroes (marks
+        CHANGED, mirrored where writes are).  With ``punch`` the range may be
+        deallocated on every side it reaches (a hole in a file, a discard
+        that guarantees zeroes on a block device): NBD's TRIM and
+        WRITE_ZEROES without NO_HOLE."""
+        self._write_zeroes(lib.PM_STANDARD, offset, length, fua, punch)
+
+    def block_status(self, offset: int = 0, length: Optional[int] = None, *, context: str = "allocation",
+                     side: str = "standard") -> list[tuple[int, int, int]]:
+        """``(offset, length, kind)`` extents describing a range of a side
+        (see :func:`pymirror.blockstatus.block_status`)."""
+        from .blockstatus import block_status
+        return block_status(self, offset, self.size - offset if length is None else length,
+                            context=context, side=side)
 
     def flush(self) -> None:
         """Make every completed write, and the metadata covering it, durable."""
@@ -393,8 +406,8 @@ class Pair(Handle):
         """Write the mirror (only while split or restored)."""
         self._write(lib.PM_MIRROR, offset, data, fua)
 
-    def mirror_write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
-        self._write_zeroes(lib.PM_MIRROR, offset, length, fua)
+    def mirror_write_zeroes(self, offset: int, length: int, *, fua: bool = False, punch: bool = False) -> None:
+        self._write_zeroes(lib.PM_MIRROR, offset, length, fua, punch)
 
     def mirror_flush(self) -> None:
         self._flush(lib.PM_MIRROR)
