@@ -218,6 +218,7 @@ class Pair(Handle):
     def _progress_struct(self) -> Any:
         """A ``struct pm_progress`` filled now (for :func:`read_progress`)."""
         out = ffi.new("struct pm_progress *")
+        out.size = ffi.sizeof("struct pm_progress")     # every field this build knows (0.3's too)
         self._run("progress", lib.pm_pair_progress, out)
         return out
 
