@@ -153,6 +153,7 @@ class Job:
                 slice_ms = max(1, min(slice_ms, int(left * 1000)))
             try:
                 if self.pair._job_wait(slice_ms):
+                    self._ended()
                     return True
                 if deadline is None:
                     prog = self.progress
@@ -172,6 +173,15 @@ class Job:
                 raise errors.JobError(
                     f"the {self.kind} of {self.pair._name} stopped on track {prog.error_track}: "
                     f"{prog.error}; fix the cause, then resume") from None
+
+    def _ended(self) -> None:
+        """Keep the finished job's copy rate beside the metadata, for plans
+        (pymirror.plan); a failure to write it is not the job's."""
+        from .plan import record_rate
+        try:
+            record_rate(self.pair, self.progress, self.kind)
+        except errors.ClosedError:
+            pass
 
     def pause(self) -> None:
         """Pause the copy (host I/O goes on; ``resume`` continues it)."""

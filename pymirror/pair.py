@@ -13,7 +13,7 @@ import contextlib
 import os
 import weakref
 from types import TracebackType
-from typing import Any, Iterator, Optional, Type, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Type, Union
 
 from . import errors
 from ._handle import Handle, destroy_keeping
@@ -22,6 +22,9 @@ from .config import CopyConfig
 from .job import Job, Progress, read_progress
 from .state import STATES, State
 from .volume import DEFAULT_TRACK_SIZE, Volume, check_io
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .plan import Plan
 
 PathLike = Union[str, "os.PathLike[str]"]
 __all__ = ["Pair", "State", "STATES", "peek", "track_counts"]
@@ -297,6 +300,18 @@ class Pair(Handle):
             self._run("establish", lib.pm_pair_establish, bool(incremental), _c_config(cfg, self.track_size))
         self._config, self._job_kind = cfg, "establish"
         return Job(self, "establish")
+
+    def plan_establish(self, incremental: bool = False) -> "Plan":
+        """What :meth:`establish` would do now, changing nothing (see
+        :mod:`pymirror.plan`).  Raises what establish would raise for the state."""
+        from .plan import plan
+        return plan(self, "establish", incremental)
+
+    def plan_restore(self, incremental: bool = False, protect: bool = True) -> "Plan":
+        """What :meth:`restore` would do now, changing nothing (see
+        :mod:`pymirror.plan`).  Raises what restore would raise for the state."""
+        from .plan import plan
+        return plan(self, "restore", incremental, protect)
 
     def split(self) -> None:
         """Make the mirror an independent volume (instant).  Both sides start

@@ -23,6 +23,7 @@ VERBS: dict[str, dict[str, tuple[str, bool]]] = {
     "restore": {**NAME, "incremental": ("bool", False), "protect": ("bool", False),
                 "read_policy": ("str", False), **COPY, "wait": ("bool", False)},
     "resume": {**NAME, **COPY, "wait": ("bool", False)},
+    "plan": {**NAME, "kind": ("str", True), "incremental": ("bool", False), "protect": ("bool", False)},
     "pause": dict(NAME),
     "cancel": dict(NAME),
     "set-rate": {**NAME, "rate": ("size", True)},
