@@ -222,6 +222,20 @@ int pm_job_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf)
     return rc;
 }
 
+void pm_job_prefetch_first(pm_pair *p, int target)
+{
+    if (pm_load_relaxed(&p->rate) != 0)
+        return;                     /* a rate limit would not read them soon */
+    pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
+    uint64_t want = PM_JOB_PREFETCH_FIRST >> p->shift ? PM_JOB_PREFETCH_FIRST >> p->shift : 1;
+    uint64_t t = 0, s, n;
+    while (want > 0 && t < p->tracks && pm_bitmap_next_run(pending, t, want, &s, &n)) {
+        pm__store_prefetch(p->store[1 - target], n << p->shift, pm_track_off(p, s));
+        want -= n;
+        t = s + n;
+    }
+}
+
 void pm_job_error(pm_pair *p, int rc, uint64_t track)
 {
     pthread_mutex_lock(&p->mu);

@@ -153,6 +153,13 @@ int pm_job_copy_span(pm_pair *p, int target, uint64_t off, uint64_t len, unsigne
                      uint32_t retries, int kernel_ok);
 /* Copy one PENDING track now (its track lock held), for a hydrating read. */
 int pm_job_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf);
+/* Ask the source to start reading the job's first PENDING tracks (up to
+ * PM_JOB_PREFETCH_FIRST bytes of them, scattered or not), so their reads are
+ * under way while the copiers commit the job's start (branch sparse: an
+ * incremental job's scattered reads then cost almost nothing).  A hint;
+ * nothing when a rate limit is set.  Call with no lock held. */
+#define PM_JOB_PREFETCH_FIRST ((uint64_t)8 << 20)
+void pm_job_prefetch_first(pm_pair *p, int target);
 /* Pause the job on an error (the first one is kept) and commit it. */
 void pm_job_error(pm_pair *p, int rc, uint64_t track);
 /* Mirror tracks not part of a point-in-time image (see pm_pair_mirror_invalid). */

@@ -329,6 +329,8 @@ int pm_pair_establish(pm_pair *p, int incremental, const struct pm_copy_config *
     if (rc == 0)
         rc = pm_meta_commit(p->meta);
     pthread_rwlock_unlock(&p->cmd_lock);
+    if (rc == 0)
+        pm_job_prefetch_first(p, PM_MIRROR);   /* its first reads, during the commit */
     return rc;
 }
 
@@ -357,6 +359,8 @@ int pm_pair_restore(pm_pair *p, int incremental, int protect, const struct pm_co
     if (rc == 0 && pm_pair_state(p) != PM_STATE_RESTORING)
         rc = pm_meta_commit(p->meta);
     pthread_rwlock_unlock(&p->cmd_lock);
+    if (rc == 0)
+        pm_job_prefetch_first(p, PM_STANDARD);   /* its first reads, during the copiers' first commit */
     /* The restore's commit is made by the first copier before it copies
      * (copier.c), so the command returns in a time that does not grow with
      * the volume; host writes wait for it through write-intent. */
