@@ -103,9 +103,19 @@ static int all_zero(const unsigned char *b, uint64_t n)
     return n <= 16 || memcmp(b, b + 16, (size_t)(n - 16)) == 0;
 }
 
+/* Zero [off, off+len) of the target, unless the target says it already
+ * reads as zeroes there (a hole: two lseeks instead of a journalled
+ * fallocate; a sparse volume's restore is mostly this).  The caller holds
+ * the tracks' locks, so no host write lands in the range meanwhile. */
 static int zero_target(pm_pair *p, int target, uint64_t off, uint64_t len)
 {
-    int rc = pm_store_write_zeroes(p->store[target], len, off, PM_ZERO_PUNCH);
+    struct pm_extent e;
+    int rc = 0;
+    if (pm_store_extents(p->store[target], off, len, &e, 1) == 1 && e.kind != PM_EXTENT_DATA &&
+        e.offset == off && e.length >= len)
+        rc = 0;
+    else
+        rc = pm_store_write_zeroes(p->store[target], len, off, PM_ZERO_PUNCH);
     if (rc == 0)
         pm_count_add(&p->bytes_zeroed, len);
     return rc;
