@@ -246,3 +246,59 @@ def test_trim_while_established_keeps_both_sides_equal_and_sparse(tmp_path):
     assert pair.restore(incremental=True).wait(timeout=30)
     assert pair.read(3 * TRACK, TRACK) == DATA_TRACKS[3] * TRACK
     pair.close()
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A 16 MiB loop device over a file (root and a free loop device needed)."""
+    import shutil
+    losetup = shutil.which("losetup")
+    if os.geteuid() != 0 or losetup is None or not os.path.exists("/dev/loop-control"):
+        pytest.skip("needs root and loop devices (losetup, util-linux) to test block devices")
+    backing = tmp_path / "backing.img"
+    with open(backing, "wb") as f:
+        f.truncate(SIZE)
+    proc = subprocess.run([losetup, "-f", "--show", str(backing)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot attach a loop device here: {proc.stderr.strip()}")
+    dev = proc.stdout.strip()
+    try:
+        yield dev, backing
+    finally:
+        subprocess.run([losetup, "-d", dev], check=False)
+
+
+def test_block_devices_zero_without_writing_data(tmp_path, loop_device):
+    """A block device reports no holes: its zero tracks are found by reading
+    them, and zeroing a block device deallocates (loop: the backing file)."""
+    dev, backing = loop_device
+    with open(dev, "r+b") as f:                              # the device full of old data
+        f.write(b"\xee" * SIZE)
+        f.flush()
+        os.fsync(f.fileno())
+    assert allocated(backing) >= SIZE
+    mir = tmp_path / "mir.img"
+    pymirror.Volume.create(mir, SIZE).close()
+    pair = pymirror.Pair.create(tmp_path / "pair.meta", dev, mir)
+    pair.establish(assume_equal=True)
+    pair.split()
+    for t, byte in DATA_TRACKS.items():
+        pair.mirror_write(t * TRACK, byte * TRACK)
+    job = pair.restore()                                     # file -> block device
+    assert job.wait(timeout=60)
+    p = job.progress
+    assert p.bytes_written == len(DATA_TRACKS) * TRACK and p.bytes_zeroed == SIZE - p.bytes_written
+    assert pair.verify() == []
+    os.sync()
+    assert allocated(backing) <= (len(DATA_TRACKS) + 2) * TRACK      # zeroes reached the device as deallocation
+    pair.write(0, b"\x01" * TRACK)                           # the block device drifts; establish it back
+    job = pair.establish(incremental=True)                   # block device -> file: zeroes found by reading
+    assert job.wait(timeout=60) and pair.verify() == []
+    pair.split()
+    pair.write(5 * TRACK, bytes(TRACK))                      # explicit zeroes on the device: data, not a hole
+    job = pair.establish(incremental=True)
+    assert job.wait(timeout=60)
+    p = job.progress
+    assert p.bytes_read == TRACK and p.bytes_written == 0 and p.bytes_zeroed == TRACK
+    assert pair.verify() == []
+    pair.close()
