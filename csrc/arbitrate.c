@@ -227,22 +227,15 @@ int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
 /* Data source for a write: a caller buffer, or zeroes. */
 struct wsrc {
     const unsigned char *buf;   /* NULL for zeroes */
-    unsigned char *zero;        /* a zero buffer of zero_len bytes */
-    uint64_t zero_len;
+    unsigned zero_flags;        /* zeroes: PM_ZERO_PUNCH if they may be deallocated */
 };
 
 static int store_put(pm_store *s, const struct wsrc *src, uint64_t rel, uint64_t len, uint64_t off)
 {
     if (src->buf != NULL)
         return pm_store_write(s, src->buf + rel, len, off);
-    while (len > 0) {
-        uint64_t n = len < src->zero_len ? len : src->zero_len;
-        int rc = pm_store_write(s, src->zero, n, off);
-        if (rc)
-            return rc;
-        len -= n, off += n;
-    }
-    return 0;
+    /* the store zeroes (fallocate, BLKZEROOUT; zero buffers as its fallback) */
+    return pm_store_write_zeroes(s, len, off, src->zero_flags);
 }
 
 /* Write the part [off, off+len) of track t of the standard while restoring
@@ -452,7 +445,7 @@ static int do_write_entered(pm_pair *p, int side, const struct wsrc *src, uint64
 
 int pm_pair_write(pm_pair *p, int side, const void *buf, uint64_t len, uint64_t offset, unsigned flags)
 {
-    struct wsrc src = { buf, NULL, 0 };
+    struct wsrc src = { buf, 0 };
     if (buf == NULL && len > 0)
         return PM_FAIL(-EINVAL, "buf must not be NULL");
     return do_write(p, side, &src, len, offset, flags, __func__);
@@ -460,12 +453,8 @@ int pm_pair_write(pm_pair *p, int side, const void *buf, uint64_t len, uint64_t 
 
 int pm_pair_write_zeroes(pm_pair *p, int side, uint64_t len, uint64_t offset, unsigned flags)
 {
-    struct wsrc src = { NULL, NULL, len < (1u << 20) ? len : (1u << 20) };
-    if (len > 0 && (src.zero = calloc(1, (size_t)src.zero_len)) == NULL)
-        return PM_FAIL(-ENOMEM, "out of memory");
-    int rc = do_write(p, side, &src, len, offset, flags, __func__);
-    free(src.zero);
-    return rc;
+    struct wsrc src = { NULL, (flags & PM_IO_PUNCH) ? PM_ZERO_PUNCH : 0 };
+    return do_write(p, side, &src, len, offset, flags & ~(unsigned)PM_IO_PUNCH, __func__);
 }
 
 int pm_pair_flush(pm_pair *p, int side)

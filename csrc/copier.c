@@ -232,21 +232,38 @@ static int next_run(pm_pair *p, pm_bitmap *pending, uint64_t max_tracks, int *sl
            (c != 0 && pm_bitmap_next_run(pending, 0, max_tracks, s, n));
 }
 
-/* Start reading the source ahead of a copier's stream, `ahead` bytes past
- * the run it just claimed, so the device has the next reads queued while
- * this batch is written (the kernel's own readahead is per descriptor, and
- * the copiers share one).  *done is how far this copier has asked. */
+/* Start reading the source ahead of a copier's stream: the next PENDING
+ * tracks after the run it just claimed, `ahead` bytes of them, so the
+ * device has the next reads queued while this batch is written (the
+ * kernel's own readahead is per descriptor, and the copiers share one).
+ * During a full copy those tracks are simply the next `ahead` bytes; during
+ * an incremental one they are scattered, and asking for each PENDING run
+ * (not for the bytes that follow the run, which nobody will copy) puts many
+ * scattered reads in flight at once instead of one per copier (branch
+ * sparse, issue 13 item 7).  *done is how far this copier has asked. */
 static void prefetch(pm_pair *p, int target, uint64_t from, uint64_t ahead, uint64_t *done)
 {
     if (ahead == 0 || from >= p->size)
         return;
-    uint64_t to = from + ahead < p->size ? from + ahead : p->size;
-    if (*done < from || *done > to)
-        *done = from;                       /* a new stream */
-    if (to - *done < ahead / 2)
+    pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
+    uint64_t t = from >> p->shift, want = ahead >> p->shift ? ahead >> p->shift : 1;
+    uint64_t dt = *done >> p->shift;
+    if (*done < from || dt > p->tracks)
+        dt = t;                             /* a new stream */
+    uint64_t have = dt > t ? pm_bitmap_count_range(pending, t, dt - t) : 0;
+    if (dt > t && have >= want / 2)
         return;                             /* asked recently: ask in large pieces */
-    pm__store_prefetch(p->store[1 - target], to - *done, *done);
-    *done = to;
+    while (have < want && dt < p->tracks) {
+        uint64_t s, n;
+        if (!pm_bitmap_next_run(pending, dt, want - have, &s, &n)) {
+            dt = p->tracks;
+            break;
+        }
+        pm__store_prefetch(p->store[1 - target], n << p->shift, pm_track_off(p, s));
+        have += n;
+        dt = s + n;
+    }
+    *done = dt << p->shift;
 }
 
 static void *copier_main(void *arg)

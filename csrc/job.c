@@ -3,6 +3,7 @@
  * the source side to the target (with retries); clear a track's PENDING bit,
  * count it, and end the job when it was the last; the state a finished job
  * ends in; what a job's error does; how many mirror tracks are invalid.
+ * A span's holes and zero tracks are zeroed on the target, not copied.
  *
  * Layer 5: may call meta.c (4), tracklock.c (3), bitmap.c/store.c (1) and
  * the layer-0 helpers.  Called by the copier (copier.c), the host I/O
@@ -99,35 +100,143 @@ int pm_job_clear_pending(pm_pair *p, int side, uint64_t t, pm_atomic_u64 *counte
     return 1;
 }
 
-int pm_job_copy_span(pm_pair *p, int target, uint64_t off, uint64_t len, unsigned char *buf,
-                     uint32_t retries, int kernel_ok)
+/* ---- copying a span: data copied, holes and zeroes punched ----------------
+ *
+ * A span is copied extent by extent as the source describes itself
+ * (pm_store_extents: SEEK_DATA/SEEK_HOLE on files; "all data" for block
+ * devices, memory and stores without the call).  A hole or zero extent is
+ * not read: the target's range is zeroed with PM_ZERO_PUNCH (a punched hole
+ * on a file, a discard that guarantees zeroes or BLKZEROOUT on a block
+ * device), so holes stay holes and cost no data I/O.  A data extent is
+ * copied inside the kernel when allowed (its bytes never reach us, so
+ * zeroes written as data are copied as data), else read into the buffer,
+ * where each track's piece that reads as all zeroes is zeroed on the target
+ * instead of written.  Counters: bytes_read (read from the source),
+ * bytes_written (data written), bytes_zeroed (zeroed instead). */
+
+/* Whether n bytes at b are all zero: the first 16, then the buffer against
+ * itself shifted by 16 (memcmp runs at memory speed). */
+static int all_zero(const unsigned char *b, uint64_t n)
+{
+    uint64_t head = n < 16 ? n : 16;
+    for (uint64_t i = 0; i < head; i++)
+        if (b[i] != 0)
+            return 0;
+    return n <= 16 || memcmp(b, b + 16, (size_t)(n - 16)) == 0;
+}
+
+/* Zero [off, off+len) of the target, unless the target says it already
+ * reads as zeroes there (a hole: two lseeks instead of a journalled
+ * fallocate; a sparse volume's restore is mostly this).  The caller holds
+ * the tracks' locks, so no host write lands in the range meanwhile. */
+static int zero_target(pm_pair *p, int target, uint64_t off, uint64_t len)
+{
+    struct pm_extent e;
+    int rc = 0;
+    if (pm_store_extents(p->store[target], off, len, &e, 1) == 1 && e.kind != PM_EXTENT_DATA &&
+        e.offset == off && e.length >= len)
+        rc = 0;
+    else
+        rc = pm_store_write_zeroes(p->store[target], len, off, PM_ZERO_PUNCH);
+    if (rc == 0)
+        pm_count_add(&p->bytes_zeroed, len);
+    return rc;
+}
+
+/* [off, off+len) of data through b (which it fills with the bytes): runs
+ * of track pieces that read as zeroes are zeroed, the others written. */
+static int copy_buffered(pm_pair *p, int target, uint64_t off, uint64_t len, unsigned char *b)
+{
+    int rc = pm_store_read(p->store[1 - target], b, len, off);
+    if (rc < 0)
+        return rc;
+    pm_count_add(&p->bytes_read, len);
+    uint64_t pos = off, end = off + len;
+    while (pos < end) {
+        uint64_t run = pos;
+        int zero = -1;
+        while (run < end) {
+            uint64_t next = ((run >> p->shift) + 1) << p->shift;
+            uint64_t cend = next < end ? next : end;
+            int z = all_zero(b + (run - off), cend - run);
+            if (zero >= 0 && z != zero)
+                break;
+            zero = z;
+            run = cend;
+        }
+        if (zero) {
+            rc = zero_target(p, target, pos, run - pos);
+        } else {
+            rc = pm_store_write(p->store[target], b + (pos - off), run - pos, pos);
+            if (rc == 0)
+                pm_count_add(&p->bytes_written, run - pos);
+        }
+        if (rc < 0)
+            return rc;
+        pos = run;
+    }
+    return 0;
+}
+
+/* One attempt at [off, off+len).  fill: buf must hold the span's bytes
+ * afterwards (a hydrating read serves from it), so no kernel copy. */
+static int copy_span_once(pm_pair *p, int target, uint64_t off, uint64_t len, unsigned char *buf,
+                          int kernel_ok, int fill)
+{
+    pm_store *src = p->store[1 - target];
+    struct pm_extent ext[16];
+    uint64_t pos = off, end = off + len;
+    while (pos < end) {
+        int64_t n = pm_store_extents(src, pos, end - pos, ext, 16);
+        if (n <= 0) {                 /* the query failed: copy it as data (a read says why if it fails) */
+            ext[0] = (struct pm_extent){ pos, end - pos, PM_EXTENT_DATA, 0 };
+            n = 1;
+        }
+        for (int64_t i = 0; i < n && pos < end; i++) {
+            if (ext[i].offset != pos || ext[i].length == 0)
+                break;                /* not contiguous: ask again from pos */
+            uint64_t elen = ext[i].length < end - pos ? ext[i].length : end - pos;
+            int rc;
+            if (ext[i].kind != PM_EXTENT_DATA) {
+                rc = zero_target(p, target, pos, elen);
+                if (fill)
+                    memset(buf + (pos - off), 0, (size_t)elen);
+            } else {
+                rc = kernel_ok && !fill ? pm__store_copy_range(src, p->store[target], elen, pos) : PM__NO_KERNEL_COPY;
+                if (rc == 0) {
+                    pm_count_add(&p->bytes_read, elen);
+                    pm_count_add(&p->bytes_written, elen);
+                } else if (rc > 0) {
+                    rc = copy_buffered(p, target, pos, elen, buf + (pos - off));
+                }
+            }
+            if (rc < 0)
+                return rc;
+            pos += elen;
+        }
+    }
+    return 0;
+}
+
+static int copy_span(pm_pair *p, int target, uint64_t off, uint64_t len, unsigned char *buf,
+                     uint32_t retries, int kernel_ok, int fill)
 {
     int rc = 0;
     for (uint32_t attempt = 0; attempt < retries; attempt++) {
         if (attempt)
             pm_sleep(0.001 * (double)(1u << (attempt < 8 ? attempt : 8)));
-        /* Two file stores: the kernel copies, no byte crosses user space.
-         * The caller holds the tracks' locks either way (docs/copier.md). */
-        rc = kernel_ok ? pm__store_copy_range(p->store[1 - target], p->store[target], len, off)
-                       : PM__NO_KERNEL_COPY;
-        if (rc == 0) {
-            pm_count_add(&p->bytes_read, len);
-            pm_count_add(&p->bytes_written, len);
+        /* The caller holds the tracks' locks (docs/copier.md). */
+        rc = copy_span_once(p, target, off, len, buf, kernel_ok, fill);
+        if (rc == 0)
             return 0;
-        }
-        if (rc < 0)
-            continue;
-        rc = pm_store_read(p->store[1 - target], buf, len, off);
-        if (rc < 0)
-            continue;
-        pm_count_add(&p->bytes_read, len);
-        rc = pm_store_write(p->store[target], buf, len, off);
-        if (rc == 0) {
-            pm_count_add(&p->bytes_written, len);
-            return 0;
-        }
     }
     return rc;
+}
+
+int pm_job_copy_span(pm_pair *p, int target, uint64_t off, uint64_t len, unsigned char *buf,
+                     uint32_t retries, int kernel_ok)
+{
+    return copy_span(p, target, off, len, buf, retries, kernel_ok, 0);
 }
 
 int pm_job_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf)
@@ -139,10 +248,24 @@ int pm_job_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf)
     /* like a copier: the job's PENDING set is durable before a bit of it is cleared */
     int rc = pm_meta_changed_durable(p->meta);
     if (rc == 0)
-        rc = pm_job_copy_span(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries, 0);   /* the caller reads buf */
+        rc = copy_span(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries, 0, 1);   /* the caller reads buf */
     if (rc == 0)
         pm_job_clear_pending(p, target, t, &p->tracks_copied);
     return rc;
+}
+
+void pm_job_prefetch_first(pm_pair *p, int target)
+{
+    if (pm_load_relaxed(&p->rate) != 0)
+        return;                     /* a rate limit would not read them soon */
+    pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
+    uint64_t want = PM_JOB_PREFETCH_FIRST >> p->shift ? PM_JOB_PREFETCH_FIRST >> p->shift : 1;
+    uint64_t t = 0, s, n;
+    while (want > 0 && t < p->tracks && pm_bitmap_next_run(pending, t, want, &s, &n)) {
+        pm__store_prefetch(p->store[1 - target], n << p->shift, pm_track_off(p, s));
+        want -= n;
+        t = s + n;
+    }
 }
 
 void pm_job_error(pm_pair *p, int rc, uint64_t track)

@@ -108,6 +108,7 @@ struct pm_pair {
     /* counters: relaxed atomics, read without locks */
     pm_atomic_u64 tracks_total, tracks_copied, tracks_skipped, tracks_merged;
     pm_atomic_u64 reads_redirected, reads_hydrated, bytes_read, bytes_written;
+    pm_atomic_u64 bytes_zeroed;  /* branch sparse: zeroed on the target instead of copied */
 
     /* The I/O barrier (arbitrate.c): host writes/flushes in flight, and
      * holds.  A writer adds itself to io_inflight, then checks io_holds; a
@@ -157,13 +158,23 @@ void pm_job_finish(pm_pair *p);                   /* end it if no track is PENDI
  * was set, count it in *counter and end the job when it was the last.
  * Returns 1 if it was set. */
 int pm_job_clear_pending(pm_pair *p, int side, uint64_t t, pm_atomic_u64 *counter);
-/* Copy [off, off+len) from the source side to `target`, with retries. */
-/* kernel_ok: the caller does not need the bytes in buf afterwards, so two
- * file stores may copy inside the kernel (copy_file_range) */
+/* Copy [off, off+len) from the source side to `target`, with retries.
+ * Holes of the source (its extents) and tracks that read as all zeroes are
+ * zeroed on the target with PM_ZERO_PUNCH instead of written (job.c).
+ * buf (at least len bytes) is scratch: its contents afterwards are
+ * unspecified.  kernel_ok: two file stores may copy inside the kernel
+ * (copy_file_range). */
 int pm_job_copy_span(pm_pair *p, int target, uint64_t off, uint64_t len, unsigned char *buf,
                      uint32_t retries, int kernel_ok);
 /* Copy one PENDING track now (its track lock held), for a hydrating read. */
 int pm_job_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf);
+/* Ask the source to start reading the job's first PENDING tracks (up to
+ * PM_JOB_PREFETCH_FIRST bytes of them, scattered or not), so their reads are
+ * under way while the copiers commit the job's start (branch sparse: an
+ * incremental job's scattered reads then cost almost nothing).  A hint;
+ * nothing when a rate limit is set.  Call with no lock held. */
+#define PM_JOB_PREFETCH_FIRST ((uint64_t)8 << 20)
+void pm_job_prefetch_first(pm_pair *p, int target);
 /* Pause the job on an error (the first one is kept) and commit it. */
 void pm_job_error(pm_pair *p, int rc, uint64_t track);
 /* Mirror tracks not part of a point-in-time image (see pm_pair_mirror_invalid). */

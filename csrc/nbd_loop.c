@@ -489,11 +489,6 @@ static void pair_put(pm_nbd_conn *c)
     pthread_rwlock_unlock(&c->pair_lock);
 }
 
-static int mirror_writable_state(int state)
-{
-    return state == PM_STATE_SPLIT || state == PM_STATE_RESTORED;
-}
-
 static void do_read(pm_nbd_conn *c, struct worker *w, const struct req *r)
 {
     int structured = c->flags & PM_NBD_STRUCTURED;
@@ -613,83 +608,31 @@ static int do_streamed_write(pm_nbd_conn *c, struct worker *w, const struct req 
 
 /* ---- BLOCK_STATUS ---------------------------------------------------------- */
 
-static int track_pending(pm_pair *p, uint64_t t)
+/* Descriptors for one context from pm_pair_block_status (the one answer
+ * the Python loop packs too, pymirror/nbd/status.py): base:allocation gives
+ * HOLE|ZERO for holes and ZERO for zero extents; pymirror:pending gives 1
+ * for tracks not yet restored.  Nothing described: one extent, "data" or
+ * "local", over the whole request (the client may ask again). */
+static uint32_t context_descriptors(pm_pair *p, int side, int context, uint64_t off, uint64_t len,
+                                    unsigned char *out, uint32_t max, struct pm_extent *ext)
 {
-    return pm_bitmap_get(pm_table_flag(p->table[PM_STANDARD], PM_PENDING), t) > 0;
-}
-
-/* base:allocation for [off, off+len): the side's store's extents, except
- * that tracks PENDING on this side (their data is on the other side) are
- * reported as data.  May cover a prefix only (the client asks again). */
-static uint32_t allocation_descriptors(pm_pair *p, int side, uint64_t off, uint64_t len, unsigned char *out,
-                                       uint32_t max)
-{
-    pm_bitmap *pending = pm_table_flag(p->table[side], PM_PENDING);
-    uint64_t t0 = off >> p->shift, t1 = (off + len - 1) >> p->shift;
-    uint64_t t = t0;
-    while (t <= t1 && pm_bitmap_get(pending, t) <= 0)
-        t++;
-    if (t == t0) {                   /* starts inside a PENDING run: data up to its end */
-        while (t <= t1 && pm_bitmap_get(pending, t) > 0)
-            t++;
-        uint64_t end = t > t1 ? off + len : pm_track_off(p, t);
-        nbd_put32(out, (uint32_t)(end - off));
+    int64_t k = pm_pair_block_status(p, side, context, off, len, ext, max);
+    if (k <= 0) {
+        nbd_put32(out, (uint32_t)len);
         nbd_put32(out + 4, 0);
         return 1;
     }
-    if (t <= t1)
-        len = pm_track_off(p, t) - off;
-    struct pm_extent ext[64];
-    uint32_t n = 0;
-    uint64_t pos = off, end = off + len;
-    while (pos < end && n < max) {
-        int64_t k = pm_store_extents(p->store[side], pos, end - pos, ext, max - n < 64 ? max - n : 64);
-        if (k <= 0)
-            break;
-        for (int64_t i = 0; i < k && n < max; i++) {
-            uint64_t a = ext[i].offset < pos ? pos : ext[i].offset;
-            uint64_t b = ext[i].offset + ext[i].length;
-            if (b > end)
-                b = end;
-            if (a != pos || b <= a)
-                goto done;              /* not contiguous: stop at what is known */
-            uint32_t fl = ext[i].kind == PM_EXTENT_HOLE ? NBD_STATE_HOLE | NBD_STATE_ZERO
-                          : ext[i].kind == PM_EXTENT_ZERO ? NBD_STATE_ZERO : 0;
-            nbd_put32(out + 8 * n, (uint32_t)(b - a));
-            nbd_put32(out + 8 * n + 4, fl);
-            n++;
-            pos = b;
-        }
+    for (int64_t i = 0; i < k; i++) {
+        uint32_t fl;
+        if (context == PM_CONTEXT_ALLOCATION)
+            fl = ext[i].kind == PM_EXTENT_HOLE ? NBD_STATE_HOLE | NBD_STATE_ZERO
+                 : ext[i].kind == PM_EXTENT_ZERO ? NBD_STATE_ZERO : 0;
+        else
+            fl = ext[i].kind ? 1u : 0u;
+        nbd_put32(out + 8 * i, (uint32_t)ext[i].length);
+        nbd_put32(out + 8 * i + 4, fl);
     }
-done:
-    if (n == 0) {                    /* the store cannot tell: all data */
-        nbd_put32(out, (uint32_t)len);
-        nbd_put32(out + 4, 0);
-        n = 1;
-    }
-    return n;
-}
-
-/* pymirror:pending: runs of tracks PENDING on the standard (1) or not (0). */
-static uint32_t pending_descriptors(pm_pair *p, uint64_t off, uint64_t len, unsigned char *out, uint32_t max)
-{
-    uint64_t end = off + len, pos = off;
-    uint32_t n = 0;
-    while (pos < end && n < max) {
-        uint64_t t = pos >> p->shift;
-        int v = track_pending(p, t);
-        t++;
-        while (t < p->tracks && pm_track_off(p, t) < end && track_pending(p, t) == v)
-            t++;
-        uint64_t b = t >= p->tracks ? p->size : pm_track_off(p, t);
-        if (b > end)
-            b = end;
-        nbd_put32(out + 8 * n, (uint32_t)(b - pos));
-        nbd_put32(out + 8 * n + 4, (uint32_t)v);
-        n++;
-        pos = b;
-    }
-    return n;
+    return (uint32_t)k;
 }
 
 static void do_block_status(pm_nbd_conn *c, struct worker *w, const struct req *r)
@@ -699,7 +642,7 @@ static void do_block_status(pm_nbd_conn *c, struct worker *w, const struct req *
         return;
     }
     uint32_t max = (r->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : MAX_DESCRIPTORS;
-    size_t bytes = 2 * (24 + 8 * (size_t)max);
+    size_t bytes = 2 * (24 + 8 * (size_t)max) + sizeof(struct pm_extent) * (size_t)max;
     if (grow(w, bytes) < 0) {
         reply_error(c, r->cookie, NBD_ENOMEM, "no memory for a block status reply");
         return;
@@ -712,12 +655,13 @@ static void do_block_status(pm_nbd_conn *c, struct worker *w, const struct req *
     struct iovec iov[2];
     int n = 0;
     unsigned char *b = w->buf;
+    struct pm_extent *ext = (struct pm_extent *)(void *)(w->buf + 2 * (24 + 8 * (size_t)max));
     int64_t ids[2] = { c->ctx_alloc, c->ctx_pending };
     for (int k = 0; k < 2; k++) {
         if (ids[k] < 0)
             continue;
-        uint32_t d = k == 0 ? allocation_descriptors(p, c->side, r->offset, r->length, b + 24, max)
-                            : pending_descriptors(p, r->offset, r->length, b + 24, max);
+        uint32_t d = context_descriptors(p, c->side, k == 0 ? PM_CONTEXT_ALLOCATION : PM_CONTEXT_PENDING,
+                                         r->offset, r->length, b + 24, max, ext);
         chunk_header(b, 0, NBD_REPLY_TYPE_BLOCK_STATUS, r->cookie, 4 + 8 * d);
         nbd_put32(b + 20, (uint32_t)ids[k]);
         iov[n++] = (struct iovec){ b, 24 + 8 * (size_t)d };
@@ -786,26 +730,6 @@ static int execute(pm_nbd_conn *c, struct worker *w, const struct req *r)
     case NBD_CMD_BLOCK_STATUS:
         do_block_status(c, w, r);
         return 1;
-    case NBD_CMD_TRIM:
-        /* advisory: the bytes stay as they are (the protocol allows it); the
-         * mirror refuses it in a state where it may not be written */
-        if (c->side == PM_MIRROR) {
-            p = pair_get(c);
-            int state = p ? pm_pair_state(p) : -1;
-            if (p)
-                pair_put(c);
-            if (state < 0) {
-                reply_error(c, r->cookie, NBD_EPERM, "the pair is closed");
-                return 1;
-            }
-            if (!mirror_writable_state(state)) {
-                reply_error(c, r->cookie, NBD_EPERM, "the %s export may not be written while the pair is %s "
-                            "(the mirror is writable when split or restored)", c->name, pm_state_name(state));
-                return 1;
-            }
-        }
-        reply_ok(c, r->cookie);
-        return 1;
     }
     p = pair_get(c);
     if (p == NULL) {
@@ -818,9 +742,14 @@ static int execute(pm_nbd_conn *c, struct worker *w, const struct req *r)
         rc = pm_pair_write(p, c->side, w->buf, r->length, r->offset, fua);
         what = "write";
         break;
-    case NBD_CMD_WRITE_ZEROES:
-        rc = pm_pair_write_zeroes(p, c->side, r->length, r->offset, fua);
+    case NBD_CMD_WRITE_ZEROES:   /* deallocated unless NO_HOLE asks to keep the zeroes allocated */
+        rc = pm_pair_write_zeroes(p, c->side, r->length, r->offset,
+                                  fua | ((r->flags & NBD_CMD_FLAG_NO_HOLE) ? 0u : (unsigned)PM_IO_PUNCH));
         what = "write zeroes to";
+        break;
+    case NBD_CMD_TRIM:           /* zeroes, deallocated: a trimmed range never shows old bytes */
+        rc = pm_pair_write_zeroes(p, c->side, r->length, r->offset, fua | (unsigned)PM_IO_PUNCH);
+        what = "trim";
         break;
     default:
         rc = pm_pair_flush(p, c->side);

@@ -314,6 +314,7 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
     pm_store_relaxed(&p->tracks_compared, 0);
     pm_store_relaxed(&p->tracks_equal, 0);
     pm_store_relaxed(&p->compare_bytes, 0);
+    pm_store_relaxed(&p->bytes_zeroed, 0);
     pm_store_seqcst(&p->pending_left, n);
     pm_store_relaxed(&p->incremental, incremental);
     pm_store_relaxed(&p->protect, protect);
@@ -384,6 +385,8 @@ int pm_pair__establish(pm_pair *p, int incremental, const struct pm_copy_config 
     if (rc == 0)
         rc = pm_meta_commit(p->meta);
     pthread_rwlock_unlock(&p->cmd_lock);
+    if (rc == 0)
+        pm_job_prefetch_first(p, PM_MIRROR);   /* its first reads, during the commit */
     return rc;
 }
 
@@ -424,6 +427,8 @@ int pm_pair__restore(pm_pair *p, int incremental, int protect, const struct pm_c
     if (rc == 0 && pm_pair_state(p) != PM_STATE_RESTORING)
         rc = pm_meta_commit(p->meta);
     pthread_rwlock_unlock(&p->cmd_lock);
+    if (rc == 0)
+        pm_job_prefetch_first(p, PM_STANDARD);   /* its first reads, during the copiers' first commit */
     /* The restore's commit is made by the first copier before it copies
      * (copier.c), so the command returns in a time that does not grow with
      * the volume; host writes wait for it through write-intent. */
@@ -662,6 +667,7 @@ int pm_pair_progress(const pm_pair *cp, struct pm_progress *out)
     o->reads_hydrated = pm_load_relaxed(&p->reads_hydrated);
     o->bytes_read = pm_load_relaxed(&p->bytes_read);
     o->bytes_written = pm_load_relaxed(&p->bytes_written);
+    o->bytes_zeroed = pm_load_relaxed(&p->bytes_zeroed);
     o->changed_standard = pm_bitmap_count(p->table[PM_STANDARD]->flags[PM_CHANGED]);
     o->changed_mirror = pm_bitmap_count(p->table[PM_MIRROR]->flags[PM_CHANGED]);
     pm_meta_counters(p->meta, &o->commits, &o->syncs);

@@ -30,7 +30,12 @@ struct pm_store {
     int fd_buffered;       /* PM_STORE_DIRECT: a second, buffered descriptor
                               for I/O that is not 4 KiB-aligned (else -1) */
     int readonly;
+    int blockdev;          /* a block device: zeroes by BLKZEROOUT when fallocate cannot */
     pm_atomic_int no_kernel_copy;  /* copy_file_range failed with "not supported" once */
+    /* File stores: writes completed through the store, and how many of
+     * them the last successful flush covered; a flush with nothing new to
+     * cover skips its fdatasync (store.c, pm_store_flush). */
+    pm_atomic_u64 written, synced;
     uint64_t dev, ino;     /* identity of a file store (0 for memory) */
     unsigned char *mem;    /* memory store */
     pthread_mutex_t fault_lock;

@@ -148,6 +148,34 @@ def run_job_verb(t: "LocalTarget | RemoteTarget", kind: str, start: Callable[[],
         t.close()
 
 
+def dry_run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--dry-run and --json (the plan of the job: pymirror.plan)."""
+    fn = click.option("--json", "as_json", is_flag=True,
+                      help="With --dry-run: print the plan as one JSON object, with the track ranges.")(fn)
+    return click.option("--dry-run", is_flag=True,
+                        help="Print what the job would copy (tracks and bytes per side, holes and zeroes, "
+                             "estimated time) and change nothing.")(fn)
+
+
+def print_plan(obj: Ctx, pair: str, kind: str, incremental: bool, protect: bool, dry_run: bool,
+               as_json: bool) -> None:
+    from .plan import describe
+
+    if not dry_run:
+        fail("--json goes with --dry-run (the job itself prints progress, not JSON)")
+    t = open_target(obj, pair)
+    try:
+        plan = t.plan(kind, incremental=incremental, protect=protect)
+    finally:
+        t.close()
+    if as_json:
+        out(json.dumps(plan, sort_keys=True))
+    elif "group" in plan:
+        out("\n".join(describe(p, name) for name, p in plan["pairs"].items()))
+    else:
+        out(describe(plan))
+
+
 @cli.command()
 @click.argument("pair")
 @click.option("--incremental", is_flag=True, help="Copy only the tracks changed on either side since the split.")
@@ -158,19 +186,26 @@ def run_job_verb(t: "LocalTarget | RemoteTarget", kind: str, start: Callable[[],
                    "lost or not trusted).")
 @click.option("--trust", is_flag=True,
               help="Accept the changed-track tables although a volume was changed outside pymirror.")
+@dry_run_options
 @copy_options
 @job_options
 @serve_options
 @click.pass_obj
 def establish(obj: Ctx, pair: str, incremental: bool, assume_equal: bool, compare: bool, trust: bool,
-              rate: Optional[int],
-              copiers: Optional[int], batch_size: Optional[int], no_wait: bool,
+              dry_run: bool, as_json: bool,
+              rate: Optional[int], copiers: Optional[int], batch_size: Optional[int], no_wait: bool,
               socket_path: Optional[str], listen: Optional[str], allow_remote: bool) -> None:
     """Copy the standard to the mirror and keep them identical.  PAIR may be a group."""
     _check_compare(compare, incremental, assume_equal)
     copy = dict(rate=rate, copiers=copiers, batch_size=batch_size)
     if trust:
         copy["trust"] = True
+    if dry_run or as_json:
+        if assume_equal:
+            fail("--dry-run plans a copy; --assume-equal makes none")
+        if compare:
+            fail("--dry-run cannot plan a --compare job: what it copies is known only after comparing")
+        return print_plan(obj, pair, "establish", incremental, True, dry_run, as_json)
     t = open_target(obj, pair)
     run_job_verb(t, "establish", lambda: t.establish(incremental=incremental, assume_equal=assume_equal,
                                                      compare=compare, **copy),
@@ -212,12 +247,13 @@ def split(obj: Ctx, pair: str) -> None:
                    "are lost or not trusted).")
 @click.option("--trust", is_flag=True,
               help="Accept the changed-track tables although a volume was changed outside pymirror.")
+@dry_run_options
 @copy_options
 @job_options
 @serve_options
 @click.pass_obj
 def restore(obj: Ctx, pair: str, incremental: bool, protect: bool, read_policy: Optional[str], compare: bool,
-            trust: bool,
+            trust: bool, dry_run: bool, as_json: bool,
             rate: Optional[int], copiers: Optional[int], batch_size: Optional[int], no_wait: bool,
             socket_path: Optional[str], listen: Optional[str], allow_remote: bool) -> None:
     """Restore the standard from the mirror while the host keeps using it.
@@ -226,6 +262,10 @@ def restore(obj: Ctx, pair: str, incremental: bool, protect: bool, read_policy: 
     copy: dict[str, Any] = dict(rate=rate, copiers=copiers, batch_size=batch_size, read_policy=read_policy)
     if trust:
         copy["trust"] = True
+    if dry_run or as_json:
+        if compare:
+            fail("--dry-run cannot plan a --compare job: what it copies is known only after comparing")
+        return print_plan(obj, pair, "restore", incremental, protect, dry_run, as_json)
     t = open_target(obj, pair)
     run_job_verb(t, "restore", lambda: t.restore(incremental=incremental, protect=protect,
                                                  compare=compare, **copy),

@@ -48,6 +48,7 @@ class Progress:
     commits: int = 0
     syncs: int = 0
     mirror_invalid: int = 0   # mirror tracks not part of a point-in-time image (0: consistent)
+    bytes_zeroed: int = 0     # zeroed on the target (source holes and zero tracks), not copied
     # -- branch compare: a job that began by comparing the sides (establish/restore --compare)
     compare: bool = False         # the current/last job began by comparing
     comparing: bool = False       # its compare phase runs now (the copy starts after it)
@@ -65,8 +66,10 @@ class Progress:
 
     @property
     def rate(self) -> float:
-        """Bytes per second written by the job so far."""
-        return self.bytes_written / self.elapsed if self.elapsed > 0 else 0.0
+        """Bytes per second the job has brought up to date so far (data
+        written plus ranges zeroed instead of copied)."""
+        done = self.bytes_written + self.bytes_zeroed
+        return done / self.elapsed if self.elapsed > 0 else 0.0
 
     @property
     def eta(self) -> Optional[float]:
@@ -112,6 +115,7 @@ def read_progress(pair: "Pair") -> Progress:
         syncs=int(p.syncs),
         mirror_invalid=int(p.mirror_invalid),
         **_compare_fields(p),
+        bytes_zeroed=int(p.bytes_zeroed),
     )
 
 
@@ -163,6 +167,7 @@ class Job:
                 slice_ms = max(1, min(slice_ms, int(left * 1000)))
             try:
                 if self.pair._job_wait(slice_ms):
+                    self._ended()
                     return True
                 if deadline is None:
                     prog = self.progress
@@ -182,6 +187,15 @@ class Job:
                 raise errors.JobError(
                     f"the {self.kind} of {self.pair._name} stopped on track {prog.error_track}: "
                     f"{prog.error}; fix the cause, then resume") from None
+
+    def _ended(self) -> None:
+        """Keep the finished job's copy rate beside the metadata, for plans
+        (pymirror.plan); a failure to write it is not the job's."""
+        from .plan import record_rate
+        try:
+            record_rate(self.pair, self.progress, self.kind)
+        except errors.ClosedError:
+            pass
 
     def pause(self) -> None:
         """Pause the copy (host I/O goes on; ``resume`` continues it)."""

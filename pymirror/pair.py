@@ -14,7 +14,7 @@ import os
 import warnings
 import weakref
 from types import TracebackType
-from typing import Any, Callable, Iterator, Optional, Type, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Type, Union
 
 from . import errors
 from ._handle import Handle, destroy_keeping
@@ -23,6 +23,9 @@ from .config import CopyConfig
 from .job import Job, Progress, read_progress
 from .state import STATES, State
 from .volume import DEFAULT_TRACK_SIZE, Volume, check_io
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .plan import Plan
 
 PathLike = Union[str, "os.PathLike[str]"]
 __all__ = ["Pair", "State", "STATES", "peek", "track_counts"]
@@ -359,6 +362,18 @@ class Pair(Handle):
         self._config, self._job_kind = cfg, "establish"
         return Job(self, "establish")
 
+    def plan_establish(self, incremental: bool = False) -> "Plan":
+        """What :meth:`establish` would do now, changing nothing (see
+        :mod:`pymirror.plan`).  Raises what establish would raise for the state."""
+        from .plan import plan
+        return plan(self, "establish", incremental)
+
+    def plan_restore(self, incremental: bool = False, protect: bool = True) -> "Plan":
+        """What :meth:`restore` would do now, changing nothing (see
+        :mod:`pymirror.plan`).  Raises what restore would raise for the state."""
+        from .plan import plan
+        return plan(self, "restore", incremental, protect)
+
     def split(self) -> None:
         """Make the mirror an independent volume (instant).  Both sides start
         recording the tracks written from now on."""
@@ -418,10 +433,10 @@ class Pair(Handle):
         if rc < 0:
             raise_for(rc, self.meta_path, f"write {_SIDE[side]} of {self._name}")
 
-    def _write_zeroes(self, side: int, offset: int, length: int, fua: bool) -> None:
+    def _write_zeroes(self, side: int, offset: int, length: int, fua: bool, punch: bool = False) -> None:
         check_io(offset, length, self.size)
-        self._run(f"write zeroes to {_SIDE[side]} of", lib.pm_pair_write_zeroes, side, length, offset,
-                  lib.PM_IO_FUA if fua else 0)
+        flags = (lib.PM_IO_FUA if fua else 0) | (lib.PM_IO_PUNCH if punch else 0)
+        self._run(f"write zeroes to {_SIDE[side]} of", lib.pm_pair_write_zeroes, side, length, offset, flags)
 
     def _flush(self, side: int) -> None:
         self._run(f"flush {_SIDE[side]} of", lib.pm_pair_flush, side)
@@ -444,8 +459,21 @@ class Pair(Handle):
         this returns."""
         self._write(lib.PM_STANDARD, offset, data, fua)
 
-    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
-        self._write_zeroes(lib.PM_STANDARD, offset, length, fua)
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False, punch: bool = False) -> None:
+        """Zero a range of the standard, like a write of zeroes (marks
+        CHANGED, mirrored where writes are).  With ``punch`` the range may be
+        deallocated on every side it reaches (a hole in a file, a discard
+        that guarantees zeroes on a block device): NBD's TRIM and
+        WRITE_ZEROES without NO_HOLE."""
+        self._write_zeroes(lib.PM_STANDARD, offset, length, fua, punch)
+
+    def block_status(self, offset: int = 0, length: Optional[int] = None, *, context: str = "allocation",
+                     side: str = "standard") -> list[tuple[int, int, int]]:
+        """``(offset, length, kind)`` extents describing a range of a side
+        (see :func:`pymirror.blockstatus.block_status`)."""
+        from .blockstatus import block_status
+        return block_status(self, offset, self.size - offset if length is None else length,
+                            context=context, side=side)
 
     def flush(self) -> None:
         """Make every completed write, and the metadata covering it, durable."""
@@ -465,8 +493,8 @@ class Pair(Handle):
         """Write the mirror (only while split or restored)."""
         self._write(lib.PM_MIRROR, offset, data, fua)
 
-    def mirror_write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
-        self._write_zeroes(lib.PM_MIRROR, offset, length, fua)
+    def mirror_write_zeroes(self, offset: int, length: int, *, fua: bool = False, punch: bool = False) -> None:
+        self._write_zeroes(lib.PM_MIRROR, offset, length, fua, punch)
 
     def mirror_flush(self) -> None:
         self._flush(lib.PM_MIRROR)

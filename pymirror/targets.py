@@ -64,6 +64,11 @@ class LocalTarget:
     def resume(self, **copy: Any) -> None:
         self.pair.resume(config=self._config(**copy))
 
+    def plan(self, kind: str, incremental: bool = False, protect: bool = True) -> dict[str, Any]:
+        from .plan import plan
+
+        return plan(self.pair, kind, incremental, protect).as_dict()
+
     def pause(self) -> None:
         p = self.pair.progress
         if not p.running:
@@ -135,6 +140,9 @@ class RemoteTarget:
 
     def resume(self, **copy: Any) -> None:
         self.rp.resume(**_given(copy))
+
+    def plan(self, kind: str, incremental: bool = False, protect: bool = True) -> dict[str, Any]:
+        return dict(self.rp.plan(kind, incremental=incremental, protect=protect))
 
     def pause(self) -> None:
         self.rp.pause()

@@ -118,6 +118,7 @@ class RawClient:
             return err, cookie, (self.recv(read_len) if read_len and err == 0 else b"")
         assert magic == P.STRUCTURED_REPLY_MAGIC and self.structured, hex(magic)
         err, data, cookie = 0, bytearray(read_len), None
+        self.block_status: dict[int, list[tuple[int, int]]] = {}   # context id -> [(length, flags)]
         while True:
             flags, rtype, ck, length = struct.unpack(">HHQI", self.recv(16))
             assert cookie in (None, ck)
@@ -130,6 +131,10 @@ class RawClient:
             elif rtype & (1 << 15):
                 err, mlen = struct.unpack_from(">IH", payload)
                 self.message = payload[6:6 + mlen].decode()
+            elif rtype == P.REPLY_TYPE_BLOCK_STATUS:
+                (cid,) = struct.unpack_from(">I", payload)
+                self.block_status[cid] = [struct.unpack_from(">II", payload, 4 + 8 * i)
+                                          for i in range((length - 4) // 8)]
             else:
                 assert rtype == P.REPLY_TYPE_NONE and length == 0
             if flags & P.REPLY_FLAG_DONE:

@@ -135,11 +135,14 @@ def test_structured_replies_and_meta_contexts(served):
     query = struct.pack(">I", 0) + struct.pack(">I", 1) + struct.pack(">I", 15) + b"base:allocation"
     for opt in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
         c.option(opt, query)
-        assert c.opt_replies() == [(P.REP_ACK, b"")]                  # none offered; not an error
+        assert c.opt_replies() == [(P.REP_META_CONTEXT, struct.pack(">I", 1) + b"base:allocation"),
+                                   (P.REP_ACK, b"")]
         c.option(opt, query[:-3])
         assert c.opt_replies()[0][0] == P.REP_ERR_INVALID
     c.option(P.OPT_SET_META_CONTEXT, struct.pack(">I", 4) + b"nope" + struct.pack(">I", 0))
     assert c.opt_replies()[0][0] == P.REP_ERR_UNKNOWN
+    c.option(P.OPT_SET_META_CONTEXT, struct.pack(">II", 0, 0))        # no query: selects none
+    assert c.opt_replies() == [(P.REP_ACK, b"")]
     c.go("")
     c.request(P.CMD_READ, 100, 1000, cookie=3)
     assert c.reply(1000) == (0, 3, PATTERN[100:1100])
@@ -232,7 +235,8 @@ def test_read_write_flush_zeroes_trim(served, structured):
     assert c.reply()[0] == 0 and pair.read(2000, 100) == bytes(100)
     before = pair.read(0, 8192)
     c.request(P.CMD_TRIM, 0, 4096, flags=P.CMD_FLAG_FUA, cookie=4)
-    assert c.reply()[:2] == (0, 4) and pair.read(0, 8192) == before   # advisory: bytes unchanged
+    assert c.reply()[:2] == (0, 4)
+    assert pair.read(0, 8192) == bytes(4096) + before[4096:]         # trimmed bytes read as zeroes
     c.request(P.CMD_FLUSH, cookie=5)
     assert c.reply()[:2] == (0, 5)
     c.request(P.CMD_WRITE, 0, 0, cookie=6)                            # empty requests are fine

@@ -419,6 +419,8 @@ struct pm_progress {
     /* -- 0.3 fields, branch pace (issue 13) -- */
 
     /* -- 0.3 fields, branch sparse (issue 13) -- */
+    uint64_t bytes_zeroed;     /* bytes the job zeroed on the target (holes and zero tracks of the
+                                  source: punched, not copied); not in bytes_read/bytes_written */
 
     /* -- 0.3 fields, branch compare (issue 16) -- */
     int32_t compare;           /* the current/last job began by comparing the sides (--compare) */
@@ -552,6 +554,32 @@ int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg);
 /* ---- branch pace: latency-aware pacing, hot tracks first, exact rate (issue 13) ---- */
 
 /* ---- branch sparse: holes and zeros, block status, plans (issue 13) ---- */
+
+/* pm_pair_write_zeroes flag: the range may be deallocated (a hole punched
+ * in a file, a discard that guarantees zeroes or BLKZEROOUT on a block
+ * device), as NBD's TRIM and WRITE_ZEROES without NO_HOLE allow.  Without
+ * it the zeroes stay allocated.  Either way the tracks are marked CHANGED
+ * and, where the pair mirrors writes, the mirror is zeroed the same way. */
+enum pm_pair_zero_flags { PM_IO_PUNCH = 256 };
+
+/* What pm_pair_block_status describes:
+ *  PM_CONTEXT_ALLOCATION: what a read of the side returns, as the stores
+ *    report it: kind PM_EXTENT_DATA, PM_EXTENT_HOLE (reads as zeroes,
+ *    not allocated) or PM_EXTENT_ZERO (reads as zeroes).  During a restore
+ *    a PENDING track of the standard is described by the mirror's extents
+ *    (a read is served from there).
+ *  PM_CONTEXT_PENDING: kind 1 for tracks still PENDING on the side (not yet
+ *    restored or established: a read is served from the other side), 0 for
+ *    local ones. */
+enum pm_block_context { PM_CONTEXT_ALLOCATION = 0, PM_CONTEXT_PENDING = 1 };
+
+/* Describe [offset, offset+len) of a side from offset on as up to `max`
+ * consecutive extents (adjacent ones of one kind merged); returns how many
+ * (fewer than the range needs when max runs out: ask again from the end of
+ * the last).  PM_E_RANGE outside the volume, -EINVAL for a bad side,
+ * context or max 0.  Thread-safe; a snapshot (host I/O may change it). */
+int64_t pm_pair_block_status(pm_pair *p, int side, int context, uint64_t offset, uint64_t len,
+                             struct pm_extent *out, uint64_t max);
 
 /* ---- branch compare: comparing the two sides in C, compare-restore, adopt (issue 16) ---- */
 

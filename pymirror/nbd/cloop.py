@@ -83,8 +83,9 @@ def serve(conn: Any) -> bool:
             return False
         cc.ptr = out[0]
         pair.__dict__.setdefault("_closing_hooks", {})[key] = lambda: cc.call(lib.pm_nbd_conn_detach)
-    contexts = getattr(conn, "meta_context_ids", None)     # wired by the block-status handshake
-    if contexts:
+    # the meta contexts selected at handshake (SET_META_CONTEXT: id -> name)
+    contexts = {name: cid for cid, name in (getattr(conn, "meta_contexts", None) or {}).items()}
+    if contexts and conn.structured:
         check(lib.pm_nbd_conn_set_contexts(cc.ptr, contexts.get("base:allocation", -1),
                                            contexts.get("pymirror:pending", -1)))
     conn._cloop = cc

@@ -34,8 +34,10 @@ the client).
 
 Lock order: ``_recv_lock`` before ``_state``; ``_send_lock`` is taken alone.
 
-Commands: READ, WRITE (FUA), FLUSH, TRIM (an advisory no-op), WRITE_ZEROES
-(FUA, NO_HOLE), DISC.  A client that breaks the protocol (bad magic, a write
+Commands: READ, WRITE (FUA), FLUSH, TRIM and WRITE_ZEROES (FUA; both zero
+the range, with a hole punched unless WRITE_ZEROES has NO_HOLE: a trimmed
+range reads as zeroes on every side the write reaches), BLOCK_STATUS
+(REQ_ONE; the contexts selected at handshake, see status.py), DISC.  A client that breaks the protocol (bad magic, a write
 larger than 64 MiB, a truncated request) is dropped; nothing half-received
 is written or acknowledged; the server and the other connections go on.
 A request the pair's current state forbids gets an error reply (see
@@ -55,6 +57,7 @@ from . import protocol as P
 from . import tls
 from .exports import Export, PairEntry, errno_of
 from .handshake import Handshake
+from .status import block_status_chunks
 
 _Closed = P.Closed
 
@@ -66,6 +69,7 @@ _ALLOWED_FLAGS = {
     P.CMD_FLUSH: P.CMD_FLAG_FUA,
     P.CMD_TRIM: P.CMD_FLAG_FUA,
     P.CMD_WRITE_ZEROES: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE,
+    P.CMD_BLOCK_STATUS: P.CMD_FLAG_FUA | P.CMD_FLAG_REQ_ONE,
 }
 
 _SMALL = 64 << 10          # requests up to this size are not counted against max_inflight
@@ -110,6 +114,8 @@ class Connection(Handshake):
         self.export_name = ""                    # the name it asked for, canonical
         self.peer: dict[str, Any] = {}            # who connected (listener.peer_of)
         self.structured = False
+        self.meta_contexts: dict[int, str] = {}  # selected at handshake (SET_META_CONTEXT)
+        self.meta_export: Optional[bytes] = None
         self.done = threading.Event()
         self._recv_lock = threading.Lock()      # held by the leader (reads requests)
         self._send_lock = threading.Lock()      # serialises replies
@@ -494,6 +500,9 @@ class Connection(Handshake):
         if cmd == P.CMD_FLUSH:
             self._call(buf, cookie, False, ex.flush)
             return
+        if cmd == P.CMD_BLOCK_STATUS:
+            self._block_status(buf, cookie, flags, offset, length)
+            return
         # WRITE, WRITE_ZEROES, TRIM: they change the export
         if ex.readonly:
             self._error(buf, cookie, P.EPERM, f"the {ex.name} export is read-only")
@@ -504,16 +513,36 @@ class Connection(Handshake):
             self._call(buf, cookie, length > _SMALL, ex.write, offset, payload,
                        fua=bool(flags & P.CMD_FLAG_FUA))
         elif cmd == P.CMD_WRITE_ZEROES:
-            # NO_HOLE needs nothing: zeroes are always written, nothing is ever punched
+            # zeroes, deallocated unless NO_HOLE asks to keep them allocated
             self._call(buf, cookie, False, ex.write_zeroes, offset, length,
-                       fua=bool(flags & P.CMD_FLAG_FUA))
+                       fua=bool(flags & P.CMD_FLAG_FUA), punch=not flags & P.CMD_FLAG_NO_HOLE)
         elif ex.write_refusal is not None and (why := ex.write_refusal()) is not None:
             self._error(buf, cookie, P.EPERM, why)
         else:
-            # TRIM is advisory: the bytes stay as they were, which the protocol
-            # allows (a client may assume nothing about trimmed bytes).  Nothing
-            # was written, so FUA has nothing to make durable.
-            self._reply(buf, P.simple_reply(cookie, 0))
+            # TRIM zeroes and deallocates, like a write of zeroes: it marks
+            # CHANGED and reaches the mirror where writes do, so no side keeps
+            # old bytes that the other no longer has (established sides stay
+            # equal; a later incremental copy knows the range changed)
+            self._call(buf, cookie, False, ex.write_zeroes, offset, length,
+                       fua=bool(flags & P.CMD_FLAG_FUA), punch=True)
+
+    def _block_status(self, buf: Buffer, cookie: int, flags: int, offset: int, length: int) -> None:
+        ex = self.export
+        assert ex is not None
+        if not self.structured or not self.meta_contexts or ex.block_status is None:
+            self._error(buf, cookie, P.EINVAL, "block status needs structured replies and a metadata "
+                                               "context selected with NBD_OPT_SET_META_CONTEXT")
+        elif length == 0 or offset + length > ex.size:
+            self._error(buf, cookie, P.EINVAL, f"a block status of {length} bytes at {offset} is empty or "
+                                               f"ends beyond the end of the export ({ex.size} bytes)")
+        else:
+            try:
+                chunks = block_status_chunks(ex, self.meta_contexts, cookie, offset, length,
+                                             bool(flags & P.CMD_FLAG_REQ_ONE))
+            except Exception as exc:  # noqa: BLE001 - mapped to an NBD error
+                self._error(buf, cookie, errno_of(exc, False), str(exc))
+                return
+            self._reply(buf, chunks)
 
     def _timed(self, large: bool, fn: Callable[..., None], *args: Any, **kw: Any) -> None:
         """Call ``fn`` and note whether it waited: its time off the CPU went

@@ -29,6 +29,7 @@ State rules (fixed at handshake, checked again per request)
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import unicodedata
 from dataclasses import dataclass, field
@@ -74,6 +75,9 @@ class Export:
     flush: Callable[[], None]
     write_refusal: Optional[Callable[[], Optional[str]]] = None   # the mirror: why it may not be written now
     entry: Optional["PairEntry"] = field(default=None, repr=False)
+    # (offset, length, context, max_extents) -> [(offset, length, kind)] (pymirror.blockstatus)
+    block_status: Optional[Callable[[int, int, str, int], list[tuple[int, int, int]]]] = \
+        field(default=None, repr=False)
 
 
 class PairEntry:
@@ -97,7 +101,8 @@ class PairEntry:
         track = int(getattr(p, "track_size", 4096))
         what = "the standard volume" if self.legacy else f"pair {self.name}: the standard volume"
         return Export(self._names()[0], "standard", f"pymirror: {what}", self.readonly, p.size,
-                      _preferred(track), p.readinto, p.write, p.write_zeroes, p.flush, None, self)
+                      _preferred(track), p.readinto, p.write, p.write_zeroes, p.flush, None, self,
+                      _status(p, "standard"))
 
     def mirror(self) -> tuple[Optional[Export], str]:
         """The mirror export, or None and why it cannot be opened now."""
@@ -115,7 +120,15 @@ class PairEntry:
         track = int(getattr(p, "track_size", 4096))
         return Export(name, "mirror", f"pymirror: {what} ({state}, {'read-only' if ro else 'writable'})",
                       ro, p.size, _preferred(track), p.mirror_readinto, p.mirror_write,
-                      p.mirror_write_zeroes, p.mirror_flush, _mirror_writable(p, name), self), ""
+                      p.mirror_write_zeroes, p.mirror_flush, _mirror_writable(p, name), self,
+                      _status(p, "mirror")), ""
+
+
+def _status(pair: Any, side: str) -> Callable[[int, int, str, int], list[tuple[int, int, int]]]:
+    def status(offset: int, length: int, context: str, max_extents: int) -> list[tuple[int, int, int]]:
+        from ..blockstatus import block_status
+        return block_status(pair, offset, length, context=context, side=side, max_extents=max_extents)
+    return status
 
 
 def _preferred(track: int) -> int:
@@ -231,8 +244,7 @@ class Registry:
 
 
 def _renamed(ex: Export, name: str) -> Export:
-    return Export(name, ex.side, ex.description, ex.readonly, ex.size, ex.preferred, ex.readinto, ex.write,
-                  ex.write_zeroes, ex.flush, ex.write_refusal, ex.entry)
+    return dataclasses.replace(ex, name=name)
 
 
 def errno_of(exc: BaseException, write: bool) -> int:

@@ -5,8 +5,10 @@ Options answered: GO and INFO (INFO_EXPORT and INFO_BLOCK_SIZE always,
 INFO_NAME and INFO_DESCRIPTION when asked; an unknown or unavailable export
 gets NBD_REP_ERR_UNKNOWN with the reason, and the client may try another),
 EXPORT_NAME (an unknown export closes the connection: the protocol allows no
-other answer), LIST, STRUCTURED_REPLY, LIST/SET_META_CONTEXT (none
-offered), ABORT; anything else NBD_REP_ERR_UNSUP.  While the server shuts
+other answer), LIST, STRUCTURED_REPLY, LIST/SET_META_CONTEXT (the contexts
+of ``blockstatus.contexts_for``: ``base:allocation`` on every export,
+``pymirror:pending`` on a standard export), ABORT; anything else
+NBD_REP_ERR_UNSUP.  While the server shuts
 down every option but ABORT gets NBD_REP_ERR_SHUTDOWN.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Optional
 from . import protocol as P
 from . import tls
 from .exports import Export
+from .status import contexts_for
 
 SERVER_FLAGS = P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES
 CLIENT_FLAGS = P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES
@@ -41,6 +44,8 @@ class Handshake:
     server: Any
     structured: bool
     _stopping: bool
+    meta_contexts: dict[int, str]      # selected by SET_META_CONTEXT: id -> name
+    meta_export: Optional[bytes]       # ... for this export name
 
     def _send(self, data: Any) -> None:
         raise NotImplementedError
@@ -68,6 +73,8 @@ class Handshake:
             if tls.intercept(self, opt, data):        # STARTTLS, and TLS required (tls.py)
                 continue
             if opt == P.OPT_EXPORT_NAME:
+                if self.meta_export != bytes(data):
+                    self.meta_contexts = {}          # selected for another export
                 export: Optional[Export] = None if self._stopping else self.server._attach(self, data)[0]
                 if export is None:
                     raise P.Closed("unknown export")   # the protocol's only answer here
@@ -84,6 +91,8 @@ class Handshake:
             elif opt in (P.OPT_INFO, P.OPT_GO):
                 export = self._info(opt, data)
                 if export is not None and opt == P.OPT_GO:
+                    if self.meta_export is not None and self.meta_export != _go_name(data):
+                        self.meta_contexts = {}      # selected for another export
                     return export
             elif opt == P.OPT_STRUCTURED_REPLY:
                 if data:
@@ -106,8 +115,10 @@ class Handshake:
         self._opt(opt, P.REP_ACK)
 
     def _meta_context(self, opt: int, data: bytes) -> None:
-        """No metadata contexts are offered: a well-formed query gets an
-        empty answer (it is not an error to select none)."""
+        """LIST answers the contexts the export offers that match the
+        queries (all of them for no query; ``base:`` or ``pymirror:`` for a
+        namespace); SET selects those named exactly (none for no query),
+        replacing an earlier selection, for the export it names."""
         if not self.structured:
             self._opt(opt, P.REP_ERR_INVALID, b"negotiate structured replies first")
             return
@@ -116,10 +127,12 @@ class Handshake:
             name = data[4:4 + nlen]
             (count,) = struct.unpack_from(">I", data, 4 + nlen)
             pos = 8 + nlen
+            queries = []
             for _ in range(count):
                 (qlen,) = struct.unpack_from(">I", data, pos)
+                queries.append(bytes(data[pos + 4:pos + 4 + qlen]))
                 pos += 4 + qlen
-            if len(name) != nlen or pos != len(data):
+            if len(name) != nlen or pos != len(data) or any(len(q) > P.MAX_STRING for q in queries):
                 raise struct.error("lengths do not add up")
         except struct.error:
             self._opt(opt, P.REP_ERR_INVALID, b"malformed meta context request")
@@ -128,6 +141,23 @@ class Handshake:
         if export is None:
             self._opt(opt, P.REP_ERR_UNKNOWN, why.encode()[:P.MAX_STRING])
             return
+        offered = contexts_for(export)
+        if opt == P.OPT_SET_META_CONTEXT:
+            wanted = {q.decode("utf-8", "replace") for q in queries}
+            chosen = {cid: cname for cid, cname in offered.items() if cname in wanted}
+            self.meta_contexts = chosen
+            self.meta_export = bytes(name)
+        elif not queries:
+            chosen = dict(offered)
+        else:
+            chosen = {}
+            for q in queries:
+                text = q.decode("utf-8", "replace")
+                for cid, cname in offered.items():
+                    if cname == text or (text.endswith(":") and cname.startswith(text)):
+                        chosen[cid] = cname
+        for cid, cname in sorted(chosen.items()):
+            self._opt(opt, P.REP_META_CONTEXT, struct.pack(">I", cid) + cname.encode())
         self._opt(opt, P.REP_ACK)
 
     def _info(self, opt: int, data: bytes) -> Optional[Export]:
@@ -163,3 +193,8 @@ class Handshake:
         self._opt(opt, P.REP_INFO, struct.pack(">HIII", P.INFO_BLOCK_SIZE, 1, export.preferred, P.MAX_REQUEST))
         self._opt(opt, P.REP_ACK)
         return export
+
+
+def _go_name(data: bytes) -> bytes:
+    (nlen,) = struct.unpack_from(">I", data)
+    return bytes(data[4:4 + nlen])

@@ -222,6 +222,11 @@ class RemotePair:
         return self._x("restore", incremental=incremental, protect=protect, read_policy=read_policy,
                        rate=rate, copiers=copiers, batch_size=batch_size, wait=wait, trust=trust, **extra)
 
+    def plan(self, kind: str, incremental: bool = False, protect: bool = True) -> dict[str, Any]:
+        """What a restore or establish (``kind``) would do, changing nothing
+        (pymirror.plan; a group gives ``{"group": NAME, "pairs": {name: plan}}``)."""
+        return self.client._dict("plan", name=self.name, kind=kind, incremental=incremental, protect=protect)
+
     def resume(self, rate: Optional[int] = None, copiers: Optional[int] = None,
                batch_size: Optional[int] = None, wait: bool = False) -> Any:
         return self._x("resume", rate=rate, copiers=copiers, batch_size=batch_size, wait=wait)

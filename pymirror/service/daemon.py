@@ -634,6 +634,18 @@ class Daemon:
                 out[h.name] = query_dict(h.pair) if h.pair is not None else {"state": None, "error": h.error}
         return {"group": group, "pairs": out}
 
+    def verb_plan(self, name: str, kind: str, incremental: Optional[bool], protect: Optional[bool]) -> Any:
+        from ..plan import plan
+
+        if kind not in ("restore", "establish"):
+            raise InvalidArgument(f"plan: argument 'kind' must be 'restore' or 'establish', got {kind!r}")
+        group, helds = self.resolve(name)
+        out: dict[str, Any] = {}
+        for h in helds:
+            with h.lock:
+                out[h.name] = plan(h.need(), kind, bool(incremental), True if protect is None else protect).as_dict()
+        return out[helds[0].name] if group is None else {"group": group, "pairs": out}
+
     def verb_verify(self, name: str, wait: Optional[bool]) -> Any:
         group, helds = self.resolve(name)
         jobs: list[VerifyJob] = []

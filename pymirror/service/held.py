@@ -238,6 +238,8 @@ class HeldPair:
                           summary=("cancelled" if cancelled else
                                    f"{p.tracks_total} tracks, {p.bytes_written} bytes in {p.elapsed:.2f} s"))
                 self._expect_done = None
+                from ..plan import record_rate           # the rate a plan estimates from
+                record_rate(pair, p, kind)
             if progress and p.running and not p.paused:
                 t = time.monotonic()
                 if t - self._last_progress >= PROGRESS_INTERVAL * 0.9 and p.tracks_pending != self._last_pending:

@@ -24,6 +24,7 @@ VERBS: dict[str, dict[str, tuple[str, bool]]] = {
                 "read_policy": ("str", False), **COPY, "wait": ("bool", False), "compare": ("bool", False),
                 "trust": ("bool", False)},
     "resume": {**NAME, **COPY, "wait": ("bool", False)},
+    "plan": {**NAME, "kind": ("str", True), "incremental": ("bool", False), "protect": ("bool", False)},
     "pause": dict(NAME),
     "cancel": dict(NAME),
     "set-rate": {**NAME, "rate": ("size", True)},
