@@ -122,7 +122,7 @@ static int open_on_store(pm_store *st, int own, const char *label, pm_store *sta
                      label, (unsigned long long)h->volume_size, standard->path,
                      (unsigned long long)standard->size, mirror->path, (unsigned long long)mirror->size);
     /* format 1 recorded inode numbers; format 2 identities (pm_meta_trust_open) */
-    if (rc == 0 && !relocate && !(h->trust.flags & 1u) &&
+    if (rc == 0 && !relocate && !(h->trust.flags & 1u /* identities recorded */) &&
         ((h->std_ino && standard->ino != h->std_ino) || (h->mir_ino && mirror->ino != h->mir_ino)))
         rc = PM_FAIL(PM_E_FOREIGN, "%s: %s or %s is not the volume this pair was made with "
                      "(the file was replaced or the two were swapped)", label, standard->path, mirror->path);

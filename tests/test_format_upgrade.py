@@ -114,3 +114,25 @@ def test_a_newer_format_is_refused_with_a_clear_message(tmp_path: Path, slots: t
         assert "metadata format 3 is newer than this pymirror (reads up to 2): upgrade pymirror" in str(info.value)
     assert meta.read_bytes() == raw          # nothing written
     assert check_metadata(meta)["verdict"] == 2         # unusable by this pymirror
+
+
+def test_a_moved_format_1_pair_is_relocated_and_upgraded_at_once(tmp_path: Path) -> None:
+    import gzip
+
+    paths = {}
+    for part in ("meta", "std", "mir"):                      # as made: its paths name a folder long gone
+        paths[part] = tmp_path / f"split.{part}"
+        paths[part].write_bytes(gzip.decompress((format1.DATA / f"split.{part}.gz").read_bytes()))
+    with pytest.raises(FileNotFoundError) as info:
+        Pair.open(paths["meta"])
+    assert "--relocate" in str(info.value)
+    assert versions(paths["meta"]) == [1, 1]                 # a refused open writes nothing
+    with Pair.relocate(paths["meta"], paths["std"], paths["mir"]) as p:
+        assert p.state == "split" and track_counts(p) == EXPECTED["split"]["open"]["counts"]
+        assert "only the size was checked" in p.volume_trust("standard")["note"]
+    assert versions(paths["meta"]) == [2, 2]
+    assert peek(paths["meta"])["standard"] == str(paths["std"])
+    with Pair.open(paths["meta"]) as p:
+        p.restore(incremental=True, protect=True).wait()
+        assert p.verify() == []
+    assert sha(paths["std"]) == EXPECTED["split"]["after"]["standard_sha256"]

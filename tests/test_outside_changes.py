@@ -193,3 +193,58 @@ def test_the_daemon_refuses_and_trusts_the_same_way(tmp_path: Path) -> None:
             assert c.pair("a").query()["standard"]["trust"]["outside"] == "unchanged"
     finally:
         d.stop()
+
+
+# -- a model: which sides are "changed outside", through any sequence ---------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+OPS = st.lists(st.sampled_from(["dd-standard", "dd-mirror", "write", "reopen", "trust", "full",
+                                "incremental"]), min_size=1, max_size=12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops=OPS)
+def test_outside_changes_follow_a_plain_model(tmp_path_factory, ops) -> None:
+    """dd while the pair is closed marks that side at the next open; the mark
+    survives closes until trusted or a full job; incremental jobs are refused
+    exactly while a side is marked."""
+    tmp = tmp_path_factory.mktemp("model")
+    meta = split_pair(tmp)
+    marked: set[str] = set()          # the model: found and not yet resolved
+    pending: set[str] = set()         # dd'd while closed, found at the next open
+    p = Pair.open(meta)
+    try:
+        for op in ops:
+            if op.startswith("dd-"):
+                side = op[3:]
+                p.close()
+                dd(tmp / ("std.img" if side == "standard" else "mir.img"), 4096, os.urandom(16))
+                pending.add(side)
+                p = Pair.open(meta)
+                marked |= pending
+                pending.clear()
+            elif op == "write":
+                if p.state in ("split", "restored"):
+                    p.mirror_write(0, b"m")
+                p.write(TRACK, b"s")
+            elif op == "reopen":
+                p.close()
+                p = Pair.open(meta)
+            elif op == "trust":
+                p.trust()
+                marked.clear()
+            elif op == "full":
+                if p.state in ("split", "restored"):
+                    p.restore(incremental=False).wait()
+                    marked.clear()
+            elif op == "incremental" and p.state in ("split", "restored"):
+                if marked:
+                    with pytest.raises(ChangedOutsideError):
+                        p.restore(incremental=True)
+                else:
+                    p.restore(incremental=True).wait()
+            assert sorted(p.changed_outside) == sorted(marked), (op, ops)
+            if p.state == "established":
+                p.split()
+    finally:
+        p.close()

@@ -109,6 +109,10 @@ def make(d: Path) -> None:
     subprocess.run([sys.executable, "-c", child, str(d / "unclean.meta")], check=True, cwd="/")
 
     for state in format1.STATES:
+        with open(d / f"{state}.meta", "rb") as f:
+            if f.read(12)[8:12] != (1).to_bytes(4, "little"):
+                sys.exit("this pymirror writes a newer metadata format: the fixtures must stay format 1 "
+                         "(see README.md); nothing was replaced")
         for part in ("meta", "std", "mir"):
             with open(d / f"{state}.{part}", "rb") as src:
                 raw = src.read()
