@@ -292,9 +292,10 @@ static int run_pieces(struct nbd_store *s, struct nbd_handle *h, int op, unsigne
             f->inflight++;
             if (issue(h, op, buf ? buf + pos : NULL, n, off + pos, flags, f) == -1) {
                 f->inflight--;
-                rc = PM_FAIL(lib_error(EIO), "%s: %s of %llu bytes at %llu failed: %s", s->label, op_names[op],
-                             (unsigned long long)n, (unsigned long long)(off + pos), lib_message());
                 *broken = nbd.aio_is_dead(h) || nbd.aio_is_closed(h);
+                rc = PM_FAIL(*broken ? -ENOTCONN : lib_error(EIO), "%s: %s of %llu bytes at %llu failed: %s",
+                             s->label, op_names[op], (unsigned long long)n, (unsigned long long)(off + pos),
+                             lib_message());
                 break;
             }
             pos += n;
@@ -320,9 +321,14 @@ static int run_pieces(struct nbd_store *s, struct nbd_handle *h, int op, unsigne
             break;
         }
     }
+    /* the connection may have died inside a call that issued a request */
+    if (!*broken && (nbd.aio_is_dead(h) || nbd.aio_is_closed(h)))
+        *broken = 1;
     if (rc == 0 && f->error != 0)
-        rc = PM_FAIL(-f->error, "%s: the server failed a %s at %llu (%llu bytes): %s", s->label, op_names[op],
-                     (unsigned long long)off, (unsigned long long)len, strerror(f->error));
+        rc = *broken ? PM_FAIL(-f->error, "%s: the connection to the server broke during a %s at %llu: %s",
+                               s->label, op_names[op], (unsigned long long)off, strerror(f->error))
+                     : PM_FAIL(-f->error, "%s: the server failed a %s at %llu (%llu bytes): %s", s->label,
+                               op_names[op], (unsigned long long)off, (unsigned long long)len, strerror(f->error));
     return rc;
 }
 

@@ -225,6 +225,8 @@ class Pair(Handle):
 
     @staticmethod
     def _error_name(code: int) -> str:
+        if -4096 < code < 0:           # an errno (a remote store's "Connection refused"), not "system error"
+            return os.strerror(-code)
         return str(ffi.string(lib.pm_strerror(code)).decode())
 
     def _job_wait(self, timeout_ms: int) -> bool:
