@@ -138,7 +138,7 @@ def test_restore_between_nbd_exports_vs_nbdcopy(benchmark, tools, tmp_path, scal
         load = os.getloadavg()
         result = {"server": SERVER, "size_mib": size // MiB, "reps": reps, "mb_s": mbs, "ratio_vs_nbdcopy": ratio,
                   "best_setting": best, "best_ratio": ratio[best],
-                  "peak_rss_mib": {k: round(v, 1) for k, v in rss.items()},
+                  "child_peak_rss_mib": {k: round(v, 1) for k, v in rss.items()},
                   "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
                   "loadavg_1_5_15": [round(x, 2) for x in load]}
         tools.record(f"remote_restore_{SERVER}", result)
