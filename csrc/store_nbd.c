@@ -24,6 +24,7 @@
  * server acknowledged it.
  */
 #include <dlfcn.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,6 +66,7 @@ struct nbd_lib {
     int (*poll)(struct nbd_handle *, int);
     int (*aio_is_dead)(struct nbd_handle *);
     int (*aio_is_closed)(struct nbd_handle *);
+    int (*aio_get_fd)(struct nbd_handle *);
 };
 
 static struct nbd_lib nbd;
@@ -98,7 +100,7 @@ static int load_libnbd(void)
         SYM(create), SYM(close), SYM(get_error), SYM(get_errno), SYM(connect_uri), SYM(get_size),
         SYM(is_read_only), SYM(can_flush), SYM(can_zero), SYM(can_multi_conn), SYM(get_export_name),
         SYM(get_block_size), SYM(aio_pread), SYM(aio_pwrite), SYM(aio_zero), SYM(aio_flush), SYM(poll),
-        SYM(aio_is_dead), SYM(aio_is_closed),
+        SYM(aio_is_dead), SYM(aio_is_closed), SYM(aio_get_fd),
 #undef SYM
     };
     for (size_t i = 0; i < sizeof syms / sizeof syms[0]; i++) {
@@ -134,7 +136,8 @@ struct nbd_store {
     char *label;                   /* the URI as given, for messages */
     char *export_name;
     uint64_t size;
-    uint32_t qd, cap;              /* requests in flight per I/O; connections at most */
+    uint32_t qd, cap;              /* requests in flight per I/O; connections at most now */
+    uint32_t max_conns;            /* ... and when the server takes them all */
     uint32_t timeout_ms;           /* 0: wait for the server forever */
     uint64_t max_piece;            /* the server's largest request */
     int readonly, can_flush, can_zero;
@@ -179,14 +182,26 @@ static int connect_one(struct nbd_store *s, struct nbd_handle **out)
     return 0;
 }
 
-/* Borrow a connection: a free one, else a new one (up to the cap), else
- * wait for one.  A new connection that the server refuses while others are
- * open lowers the cap to those (a server that takes fewer clients). */
+/* An idle connection has nothing to read (NBD servers send only replies):
+ * readable means the server closed it, or died, while it was idle. */
+static int idle_alive(struct nbd_handle *h)
+{
+    int fd = nbd.aio_get_fd(h);
+    if (fd < 0)
+        return 0;
+    struct pollfd p = { .fd = fd, .events = POLLIN };
+    return poll(&p, 1, 0) == 0;
+}
+
+/* Borrow a connection: a free one (checked alive), else a new one (up to
+ * the cap), else wait for one.  A new connection that the server refuses
+ * while others are open lowers the cap to those (a server that takes fewer
+ * clients); a reconnect after every connection was lost raises it again. */
 static int borrow(struct nbd_store *s, struct conn **out)
 {
     pthread_mutex_lock(&s->mu);
     for (;;) {
-        struct conn *empty = NULL;
+        struct conn *pick = NULL, *empty = NULL;
         uint32_t open = 0;
         for (uint32_t i = 0; i < s->cap; i++) {
             struct conn *c = &s->conns[i];
@@ -194,37 +209,49 @@ static int borrow(struct nbd_store *s, struct conn **out)
                 open++;
             if (c->busy)
                 continue;
-            if (c->h != NULL) {
-                c->busy = 1;
-                pthread_mutex_unlock(&s->mu);
-                *out = c;
-                return 0;
-            }
-            if (empty == NULL)
+            if (c->h != NULL && pick == NULL)
+                pick = c;
+            else if (c->h == NULL && empty == NULL)
                 empty = c;
         }
-        if (empty != NULL) {
-            empty->busy = 1;
-            pthread_mutex_unlock(&s->mu);
-            struct nbd_handle *h = NULL;
-            int rc = connect_one(s, &h);
-            pthread_mutex_lock(&s->mu);
-            if (rc == 0) {
-                empty->h = h;
-                pthread_mutex_unlock(&s->mu);
-                *out = empty;
-                return 0;
-            }
-            empty->busy = 0;
-            if (open == 0) {               /* the server is not there: fail this I/O */
-                pthread_cond_broadcast(&s->cv);
-                pthread_mutex_unlock(&s->mu);
-                return rc;
-            }
-            s->cap = open;                 /* it takes no more clients: share those */
+        if (pick == NULL)
+            pick = empty;
+        if (pick == NULL) {
+            pthread_cond_wait(&s->cv, &s->mu);
             continue;
         }
-        pthread_cond_wait(&s->cv, &s->mu);
+        pick->busy = 1;
+        struct nbd_handle *stale = pick->h;
+        pthread_mutex_unlock(&s->mu);
+        if (stale != NULL && idle_alive(stale)) {
+            *out = pick;
+            return 0;
+        }
+        if (stale != NULL) {               /* closed by the server while idle: connect again */
+            nbd.close(stale);
+            pthread_mutex_lock(&s->mu);
+            pick->h = NULL;
+            open--;
+            pthread_mutex_unlock(&s->mu);
+        }
+        struct nbd_handle *h = NULL;
+        int rc = connect_one(s, &h);
+        pthread_mutex_lock(&s->mu);
+        if (rc == 0) {
+            pick->h = h;
+            if (open == 0)
+                s->cap = s->max_conns;
+            pthread_mutex_unlock(&s->mu);
+            *out = pick;
+            return 0;
+        }
+        pick->busy = 0;
+        pthread_cond_broadcast(&s->cv);
+        if (open == 0 || stale != NULL) {  /* the server is not there: fail this I/O */
+            pthread_mutex_unlock(&s->mu);
+            return rc;
+        }
+        s->cap = open;                     /* it takes no more clients: share those */
     }
 }
 
@@ -489,7 +516,7 @@ int pm_store_open_nbd(const char *uri, unsigned flags, pm_store **out)
     }
     s->can_flush = nbd.can_flush(h) == 1;
     s->can_zero = nbd.can_zero(h) == 1;
-    s->cap = nbd.can_multi_conn(h) == 1 ? (uint32_t)conns : 1;
+    s->max_conns = s->cap = nbd.can_multi_conn(h) == 1 ? (uint32_t)conns : 1;
     int64_t maxb = nbd.get_block_size(h, NBD_SIZE_MAXIMUM);
     s->max_piece = maxb >= 4096 && maxb < (32 << 20) ? (uint64_t)maxb & ~(uint64_t)4095 : (32u << 20);
     char *name = nbd.get_export_name(h);
