@@ -50,7 +50,8 @@ struct nbd_lib {
     void (*close)(struct nbd_handle *);
     const char *(*get_error)(void);
     int (*get_errno)(void);
-    int (*connect_uri)(struct nbd_handle *, const char *);
+    int (*aio_connect_uri)(struct nbd_handle *, const char *);
+    int (*aio_is_ready)(struct nbd_handle *);
     int64_t (*get_size)(struct nbd_handle *);
     int (*is_read_only)(struct nbd_handle *);
     int (*can_flush)(struct nbd_handle *);
@@ -97,7 +98,8 @@ static int load_libnbd(void)
     }
     struct { const char *sym; void **slot; } syms[] = {
 #define SYM(f) { "nbd_" #f, (void **)&nbd.f }
-        SYM(create), SYM(close), SYM(get_error), SYM(get_errno), SYM(connect_uri), SYM(get_size),
+        SYM(create), SYM(close), SYM(get_error), SYM(get_errno), SYM(aio_connect_uri), SYM(aio_is_ready),
+        SYM(get_size),
         SYM(is_read_only), SYM(can_flush), SYM(can_zero), SYM(can_multi_conn), SYM(get_export_name),
         SYM(get_block_size), SYM(aio_pread), SYM(aio_pwrite), SYM(aio_zero), SYM(aio_flush), SYM(poll),
         SYM(aio_is_dead), SYM(aio_is_closed), SYM(aio_get_fd),
@@ -123,6 +125,7 @@ static int load_libnbd(void)
 #define MAX_QD 64
 #define MIN_PIECE (64u << 10)      /* smaller pieces cost more round trips than they save */
 #define POLL_SLICE_MS 1000
+#define EXTRA_CONN_TIMEOUT_MS 2000u
 
 enum { DEFAULT_QD = 8, DEFAULT_CONNS = 4, DEFAULT_TIMEOUT_S = 30 };
 
@@ -159,21 +162,34 @@ static const char *lib_message(void)
     return m ? m : "unknown libnbd error";
 }
 
-/* A new connection for this store; checks that it is the same export. */
-static int connect_one(struct nbd_store *s, struct nbd_handle **out)
+/* A new connection for this store, its handshake given timeout_ms (0:
+ * forever): a server that takes no more clients leaves a connection
+ * hanging in the handshake (qemu-nbd -e N), and that must not hang an I/O.
+ * Checks that it is the same export. */
+static int connect_one(struct nbd_store *s, uint32_t timeout_ms, struct nbd_handle **out)
 {
     struct nbd_handle *h = nbd.create();
     if (h == NULL)
         return PM_FAIL(lib_error(ENOMEM), "%s: %s", s->label, lib_message());
-    if (nbd.connect_uri(h, s->uri) == -1) {
-        int rc = PM_FAIL(lib_error(ECONNREFUSED), "%s: cannot connect: %s", s->label, lib_message());
+    double t0 = pm_now();
+    int rc = 0;
+    if (nbd.aio_connect_uri(h, s->uri) == -1)
+        rc = PM_FAIL(lib_error(ECONNREFUSED), "%s: cannot connect: %s", s->label, lib_message());
+    while (rc == 0 && nbd.aio_is_ready(h) != 1) {
+        if (nbd.aio_is_dead(h) == 1 || nbd.aio_is_closed(h) == 1 || nbd.poll(h, 100) == -1)
+            rc = PM_FAIL(lib_error(ECONNREFUSED), "%s: cannot connect: %s", s->label, lib_message());
+        else if (timeout_ms && (pm_now() - t0) * 1000 >= timeout_ms)
+            rc = PM_FAIL(-ETIMEDOUT, "%s: the server did not complete the handshake within %.1f s", s->label,
+                         timeout_ms / 1000.0);
+    }
+    if (rc < 0) {
         nbd.close(h);
         return rc;
     }
     int64_t size = nbd.get_size(h);
     if (size < 0 || (s->size && (uint64_t)size != s->size)) {
-        int rc = size < 0 ? PM_FAIL(lib_error(EIO), "%s: %s", s->label, lib_message())
-                          : PM_FAIL(PM_E_GEOMETRY, "%s: the export is now %lld bytes, it was %llu", s->label,
+        rc = size < 0 ? PM_FAIL(lib_error(EIO), "%s: %s", s->label, lib_message())
+                     : PM_FAIL(PM_E_GEOMETRY, "%s: the export is now %lld bytes, it was %llu", s->label,
                                     (long long)size, (unsigned long long)s->size);
         nbd.close(h);
         return rc;
@@ -235,7 +251,8 @@ static int borrow(struct nbd_store *s, struct conn **out)
             pthread_mutex_unlock(&s->mu);
         }
         struct nbd_handle *h = NULL;
-        int rc = connect_one(s, &h);
+        /* an extra connection gets a short handshake: see connect_one */
+        int rc = connect_one(s, open ? EXTRA_CONN_TIMEOUT_MS : s->timeout_ms, &h);
         pthread_mutex_lock(&s->mu);
         if (rc == 0) {
             pick->h = h;
@@ -498,7 +515,7 @@ int pm_store_open_nbd(const char *uri, unsigned flags, pm_store **out)
     s->timeout_ms = (uint32_t)timeout * 1000u;
     s->cap = 1;
     struct nbd_handle *h = NULL;
-    if ((rc = connect_one(s, &h)) < 0) {
+    if ((rc = connect_one(s, s->timeout_ms, &h)) < 0) {
         free_store(s);
         return rc;
     }

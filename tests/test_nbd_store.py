@@ -352,3 +352,36 @@ def test_cli_pair_and_query_with_uris(tmp_path, qnbd):
                check=False)
     assert "needs ?socket=PATH" in one_line_error(proc, 2)
     assert not (tmp_path / "q.meta").exists()
+
+
+def test_a_server_taking_fewer_clients_than_conns_is_shared(tmp_path):
+    """qemu-nbd -e 2 offers multi-conn but leaves a third client hanging in
+    the handshake: the store gives up on that one after a short wait and
+    shares the two it has."""
+    require_remote()
+    img = tmp_path / "e2.img"
+    img.write_bytes(b"\0" * SIZE)
+    b = ServerBacking(lambda p, s: ["qemu-nbd", "-k", str(s), "-f", "raw", "-t", "-e", "2", str(p)], "qemu-nbd",
+                      img, tmp_path / "e2.sock")
+    try:
+        with pymirror.Volume.open(b.uri + "&conns=4") as v:
+            failures: list[int] = []
+
+            def worker(k: int) -> None:
+                for i in range(10):
+                    data = bytes([k * 16 + i]) * (256 << 10)
+                    v.write(k << 20, data)
+                    if v.read(k << 20, len(data)) != data:
+                        failures.append(k)
+
+            t0 = time.monotonic()
+            threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            assert not any(t.is_alive() for t in threads), "an I/O hung on a connection the server never took"
+            assert not failures
+            assert time.monotonic() - t0 < 30
+    finally:
+        b.close()
