@@ -103,6 +103,8 @@ def parse(value: "str | os.PathLike[str]") -> VolumeURI:
     """Parse a volume name: a path, or a URI of a known scheme.  A name
     whose prefix before ``:`` is not a known scheme is a path (file names
     may hold colons); ``xyz://...`` of an unknown scheme is an error."""
+    if isinstance(value, bytes):
+        return _file(os.fsdecode(value), os.fsdecode(value))
     if not isinstance(value, str):
         if not isinstance(value, os.PathLike):
             raise TypeError(f"a volume is named by a path or a URI string, got {type(value).__name__}")
