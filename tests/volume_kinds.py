@@ -1,8 +1,9 @@
 """The kinds of volume the pair tests run over, in one registry.
 
 A kind makes a volume of a given size and hands back its name (a path or a
-URI that :meth:`pymirror.Volume.open` takes), and can stop and start the
-server behind it (for fault tests).  Adding a kind is one entry in
+URI that :meth:`pymirror.Volume.open` takes) and the ``Volume.kind`` it
+opens as, and can stop and start the server behind it (for fault tests).
+A maker skips (fails under CI) when its tools are missing.  Adding a kind is one entry in
 :data:`KINDS` (a function ``(tmp_path, role, size) -> Backing``); the pair
 kinds of :data:`PAIR_KINDS` follow from it: each kind with itself, each
 remote kind with a local file on either side, and remote kinds with one
@@ -29,6 +30,7 @@ class Backing:
     for a remote kind, the server process serving it."""
 
     remote = False
+    volume_kind = "file"      # what pymirror.Volume.kind says for it
 
     def __init__(self, uri: str, path: Path) -> None:
         self.uri = uri
@@ -74,6 +76,7 @@ class ServerBacking(Backing):
     """A file exported on a unix socket by a server we run in the foreground."""
 
     remote = True
+    volume_kind = "nbd"
 
     def __init__(self, argv: Callable[[Path, Path], list[str]], tool: str, path: Path, sock: Path) -> None:
         super().__init__(f"nbd+unix:///?socket={sock}", path)
