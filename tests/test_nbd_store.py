@@ -385,3 +385,37 @@ def test_a_server_taking_fewer_clients_than_conns_is_shared(tmp_path):
             assert time.monotonic() - t0 < 30
     finally:
         b.close()
+
+
+def test_tcp_uri_with_an_export_name(tmp_path):
+    require_remote()
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    img = tmp_path / "tcp.img"
+    img.write_bytes(b"\0" * SIZE)
+    proc = subprocess.Popen(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", f"file={img}"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        uri = f"nbd://127.0.0.1:{port}/disk1?qd=2"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                v = pymirror.Volume.open(uri)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "nbdkit did not listen"
+                time.sleep(0.05)
+        with v:
+            assert v.path == uri and v.size == SIZE
+            v.write(SIZE - 3, b"end")
+            assert v.read(SIZE - 3, 3) == b"end"
+            buf = pymirror._native.ffi.new("char[300]")
+            with v._call as p:
+                assert pymirror._native.lib.pm_store_identity(p, buf, 300) == 0
+            assert pymirror._native.ffi.string(buf).decode() == f"nbd:disk1:{SIZE}@127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
