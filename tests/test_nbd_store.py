@@ -459,3 +459,38 @@ def test_sigkill_mid_restore_then_reopen_and_resume(tmp_path, kinds):
     finally:
         std.close()
         mir.close()
+
+
+# -- a property: pymirror's parameters against a plain model ----------------------
+from hypothesis import given, strategies as st  # noqa: E402
+
+_param = st.tuples(st.sampled_from(["qd", "conns", "timeout", "tls", "x"]),
+                   st.one_of(st.integers(-5, 100000).map(str), st.sampled_from(["", "abc", "1x", "08"])))
+
+
+@given(st.lists(_param, max_size=5))
+def test_nbd_parameters_accepted_exactly_when_the_model_says(params):
+    query = "&".join(f"{k}={v}" for k, v in params)
+    text = "nbd+unix:///disk?socket=/run/s.sock" + ("&" + query if query else "")
+    # the model: each of pymirror's keys at most once, a whole number in its range
+    ok, seen = True, set()
+    for key, value in params:
+        if key in uri_mod.NBD_PARAMS:
+            lo, hi = uri_mod.NBD_PARAMS[key]
+            if key in seen or not value.isdigit() or not lo <= int(value) <= hi:
+                ok = False
+            seen.add(key)
+    if ok:
+        assert uri_mod.parse(text).text == text
+    else:
+        with pytest.raises(uri_mod.VolumeURIError):
+            uri_mod.parse(text)
+    # the C parser (store_uri.c) agrees: a bad parameter fails before any
+    # connection is tried; a good one gets as far as connecting (no server)
+    from pymirror._native import ffi, lib
+
+    out = ffi.new("pm_store **")
+    rc = lib.pm_store_open_nbd(text.replace("/run/s.sock", "/nonexistent/pm.sock").encode(), 0, out)
+    msg = ffi.string(lib.pm_last_error()).decode()
+    assert rc < 0 and out[0] == ffi.NULL
+    assert ("cannot connect" in msg) == ok, msg
