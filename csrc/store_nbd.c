@@ -41,9 +41,18 @@ typedef struct {
     void *user_data;
     void (*free)(void *user_data);
 } nbd_completion_callback;
+typedef struct {
+    int (*callback)(void *user_data, const char *metacontext, uint64_t offset, uint32_t *entries,
+                    size_t nr_entries, int *error);
+    void *user_data;
+    void (*free)(void *user_data);
+} nbd_extent_callback;
 
 #define NBD_CMD_FLAG_NO_HOLE 2u
 #define NBD_SIZE_MAXIMUM 2
+#define NBD_STATE_HOLE 1u
+#define NBD_STATE_ZERO 2u
+#define BASE_ALLOCATION "base:allocation"
 
 struct nbd_lib {
     struct nbd_handle *(*create)(void);
@@ -68,6 +77,10 @@ struct nbd_lib {
     int (*aio_is_dead)(struct nbd_handle *);
     int (*aio_is_closed)(struct nbd_handle *);
     int (*aio_get_fd)(struct nbd_handle *);
+    int (*add_meta_context)(struct nbd_handle *, const char *);
+    int (*can_meta_context)(struct nbd_handle *, const char *);
+    int64_t (*aio_block_status)(struct nbd_handle *, uint64_t, uint64_t, nbd_extent_callback,
+                                nbd_completion_callback, uint32_t);
 };
 
 static struct nbd_lib nbd;
@@ -103,6 +116,7 @@ static int load_libnbd(void)
         SYM(is_read_only), SYM(can_flush), SYM(can_zero), SYM(can_multi_conn), SYM(get_export_name),
         SYM(get_block_size), SYM(aio_pread), SYM(aio_pwrite), SYM(aio_zero), SYM(aio_flush), SYM(poll),
         SYM(aio_is_dead), SYM(aio_is_closed), SYM(aio_get_fd),
+        SYM(add_meta_context), SYM(can_meta_context), SYM(aio_block_status),
 #undef SYM
     };
     for (size_t i = 0; i < sizeof syms / sizeof syms[0]; i++) {
@@ -143,7 +157,7 @@ struct nbd_store {
     uint32_t max_conns;            /* ... and when the server takes them all */
     uint32_t timeout_ms;           /* 0: wait for the server forever */
     uint64_t max_piece;            /* the server's largest request */
-    int readonly, can_flush, can_zero;
+    int readonly, can_flush, can_zero, can_extents;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     struct conn conns[MAX_CONNS];
@@ -173,6 +187,7 @@ static int connect_one(struct nbd_store *s, uint32_t timeout_ms, struct nbd_hand
         return PM_FAIL(lib_error(ENOMEM), "%s: %s", s->label, lib_message());
     double t0 = pm_now();
     int rc = 0;
+    (void)nbd.add_meta_context(h, BASE_ALLOCATION);   /* holes and zeroes, if the server tells them */
     if (nbd.aio_connect_uri(h, s->uri) == -1)
         rc = PM_FAIL(lib_error(ECONNREFUSED), "%s: cannot connect: %s", s->label, lib_message());
     while (rc == 0 && nbd.aio_is_ready(h) != 1) {
@@ -291,13 +306,50 @@ static void give_back(struct nbd_store *s, struct conn *c, int broken)
 
 /* ---- one I/O as several requests in flight ------------------------------- */
 
-enum { OP_READ, OP_WRITE, OP_ZERO, OP_FLUSH };
-static const char *const op_names[] = { "read", "write", "write of zeroes", "flush" };
+enum { OP_READ, OP_WRITE, OP_ZERO, OP_FLUSH, OP_EXTENTS };
+static const char *const op_names[] = { "read", "write", "write of zeroes", "flush", "block status query" };
+
+/* Extents being gathered (OP_EXTENTS). */
+struct ext_out {
+    struct pm_extent *out;
+    uint64_t max, n, end;
+};
 
 struct flight {
     uint32_t inflight;
     int error;                     /* the first failed request's errno, or 0 */
+    struct ext_out *ext;
 };
+
+/* base:allocation entries (length, flags) from `offset`.  A hole that is not
+ * also flagged zero may read as anything (NBD): it counts as data. */
+static int got_extents(void *user, const char *context, uint64_t offset, uint32_t *entries, size_t nr,
+                       int *error)
+{
+    struct ext_out *e = user;
+    if (strcmp(context, BASE_ALLOCATION) != 0)
+        return 0;
+    uint64_t pos = offset;
+    for (size_t i = 0; i + 1 < nr && pos < e->end; i += 2) {
+        uint64_t len = entries[i];
+        if (len == 0)
+            break;
+        if (len > e->end - pos)
+            len = e->end - pos;
+        uint32_t fl = entries[i + 1];
+        uint32_t kind = !(fl & NBD_STATE_ZERO) ? PM_EXTENT_DATA : (fl & NBD_STATE_HOLE) ? PM_EXTENT_HOLE
+                                                                                        : PM_EXTENT_ZERO;
+        struct pm_extent *last = e->n ? &e->out[e->n - 1] : NULL;
+        if (last && last->kind == kind && last->offset + last->length == pos)
+            last->length += len;
+        else if (e->n < e->max)
+            e->out[e->n++] = (struct pm_extent){ pos, len, kind, 0 };
+        else
+            break;
+        pos += len;
+    }
+    return 0;
+}
 
 static int piece_done(void *user, int *error)
 {
@@ -316,6 +368,10 @@ static int64_t issue(struct nbd_handle *h, int op, unsigned char *buf, uint64_t 
     case OP_READ: return nbd.aio_pread(h, buf, (size_t)len, off, cb, 0);
     case OP_WRITE: return nbd.aio_pwrite(h, buf, (size_t)len, off, cb, 0);
     case OP_ZERO: return nbd.aio_zero(h, len, off, cb, flags);
+    case OP_EXTENTS: {
+        nbd_extent_callback ecb = { .callback = got_extents, .user_data = f->ext, .free = NULL };
+        return nbd.aio_block_status(h, len, off, ecb, cb, 0);
+    }
     default: return nbd.aio_flush(h, cb, 0);
     }
 }
@@ -376,7 +432,8 @@ static int run_pieces(struct nbd_store *s, struct nbd_handle *h, int op, unsigne
     return rc;
 }
 
-static int do_io(struct nbd_store *s, int op, void *buf, uint64_t len, uint64_t off, uint32_t flags)
+static int do_io(struct nbd_store *s, int op, void *buf, uint64_t len, uint64_t off, uint32_t flags,
+                 struct ext_out *ext)
 {
     struct conn *c = NULL;
     int rc = borrow(s, &c);
@@ -385,6 +442,8 @@ static int do_io(struct nbd_store *s, int op, void *buf, uint64_t len, uint64_t 
     uint64_t piece;
     if (op == OP_ZERO) {
         piece = (uint64_t)1 << 30;         /* no data moves: big requests */
+    } else if (op == OP_EXTENTS) {
+        len = piece = len < ((uint64_t)1 << 30) ? len : (uint64_t)1 << 30;   /* one query: a prefix is enough */
     } else {
         piece = (len + s->qd - 1) / s->qd;
         piece = (piece + 4095) & ~(uint64_t)4095;
@@ -393,7 +452,7 @@ static int do_io(struct nbd_store *s, int op, void *buf, uint64_t len, uint64_t 
         if (piece > s->max_piece)
             piece = s->max_piece;
     }
-    struct flight f = { 0, 0 };
+    struct flight f = { 0, 0, ext };
     int broken = 0;
     rc = run_pieces(s, c->h, op, buf, len, off, flags, piece, &f, &broken);
     give_back(s, c, broken);               /* a broken handle closes here, f still alive */
@@ -402,12 +461,12 @@ static int do_io(struct nbd_store *s, int op, void *buf, uint64_t len, uint64_t 
 
 static int nbd_read(void *ctx, void *buf, uint64_t len, uint64_t off)
 {
-    return do_io(ctx, OP_READ, buf, len, off, 0);
+    return do_io(ctx, OP_READ, buf, len, off, 0, NULL);
 }
 
 static int nbd_write(void *ctx, const void *buf, uint64_t len, uint64_t off)
 {
-    return do_io(ctx, OP_WRITE, (void *)buf, len, off, 0);
+    return do_io(ctx, OP_WRITE, (void *)buf, len, off, 0, NULL);
 }
 
 static int nbd_flush(void *ctx)
@@ -415,7 +474,7 @@ static int nbd_flush(void *ctx)
     struct nbd_store *s = ctx;
     if (s->readonly || !s->can_flush)
         return 0;       /* a server without flush offers no more durability than its replies */
-    return do_io(s, OP_FLUSH, NULL, 0, 0, 0);
+    return do_io(s, OP_FLUSH, NULL, 0, 0, 0, NULL);
 }
 
 static int nbd_write_zeroes(void *ctx, uint64_t len, uint64_t off, unsigned flags)
@@ -423,7 +482,19 @@ static int nbd_write_zeroes(void *ctx, uint64_t len, uint64_t off, unsigned flag
     struct nbd_store *s = ctx;
     if (!s->can_zero)
         return -EOPNOTSUPP;
-    return do_io(s, OP_ZERO, NULL, len, off, (flags & PM_ZERO_PUNCH) ? 0 : NBD_CMD_FLAG_NO_HOLE);
+    return do_io(s, OP_ZERO, NULL, len, off, (flags & PM_ZERO_PUNCH) ? 0 : NBD_CMD_FLAG_NO_HOLE, NULL);
+}
+
+/* Holes and zeroes from NBD_CMD_BLOCK_STATUS (base:allocation), when the
+ * server offers it; else the caller counts everything as data. */
+static int64_t nbd_extents(void *ctx, uint64_t off, uint64_t len, struct pm_extent *out, uint64_t max)
+{
+    struct nbd_store *s = ctx;
+    if (!s->can_extents)
+        return -EOPNOTSUPP;
+    struct ext_out e = { out, max, 0, off + len };
+    int rc = do_io(s, OP_EXTENTS, NULL, len, off, 0, &e);
+    return rc < 0 ? rc : (int64_t)e.n;
 }
 
 static int nbd_identity(void *ctx, char *buf, size_t len)
@@ -475,7 +546,7 @@ static void nbd_store_close(void *ctx)
 static const struct pm_store_ops nbd_ops = {
     .size = sizeof(struct pm_store_ops),
     .read = nbd_read, .write = nbd_write, .flush = nbd_flush, .close = nbd_store_close,
-    .write_zeroes = nbd_write_zeroes, .identity = nbd_identity,
+    .write_zeroes = nbd_write_zeroes, .extents = nbd_extents, .identity = nbd_identity,
 };
 
 /* ---- opening ------------------------------------------------------------- */
@@ -533,6 +604,7 @@ int pm_store_open_nbd(const char *uri, unsigned flags, pm_store **out)
     }
     s->can_flush = nbd.can_flush(h) == 1;
     s->can_zero = nbd.can_zero(h) == 1;
+    s->can_extents = nbd.can_meta_context(h, BASE_ALLOCATION) == 1;
     s->max_conns = s->cap = nbd.can_multi_conn(h) == 1 ? (uint32_t)conns : 1;
     int64_t maxb = nbd.get_block_size(h, NBD_SIZE_MAXIMUM);
     s->max_piece = maxb >= 4096 && maxb < (32 << 20) ? (uint64_t)maxb & ~(uint64_t)4095 : (32u << 20);

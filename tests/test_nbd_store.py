@@ -494,3 +494,35 @@ def test_nbd_parameters_accepted_exactly_when_the_model_says(params):
     msg = ffi.string(lib.pm_last_error()).decode()
     assert rc < 0 and out[0] == ffi.NULL
     assert ("cannot connect" in msg) == ok, msg
+
+
+def _extents(v: pymirror.Volume, off: int, length: int) -> list[tuple[int, int, int]]:
+    from pymirror._native import ffi, lib
+
+    out = ffi.new("struct pm_extent[]", 64)
+    with v._call as p:
+        n = lib.pm_store_extents(p, off, length, out, 64)
+    assert n > 0, ffi.string(lib.pm_last_error())
+    return [(int(out[i].offset), int(out[i].length), int(out[i].kind)) for i in range(n)]
+
+
+@pytest.mark.parametrize("server", ["nbdkit", "qemu-nbd"])
+def test_extents_come_from_block_status(tmp_path, server):
+    """Holes and zeroes of the export (NBD_CMD_BLOCK_STATUS, base:allocation),
+    consecutive from the start of the range, clipped to it."""
+    require_remote()
+    b = KINDS[server](tmp_path, "ext", SIZE)           # a sparse file: all hole
+    try:
+        with pymirror.Volume.open(b.uri) as v:
+            v.write(1 << 20, rand(3, 128 << 10))
+            v.flush()
+            ext = _extents(v, 0, SIZE)
+            assert ext[0][0] == 0 and sum(e[1] for e in ext) == SIZE
+            assert all(a[0] + a[1] == b_[0] for a, b_ in zip(ext, ext[1:]))       # consecutive
+            data = [e for e in ext if e[2] == 0]
+            assert any(e[0] <= 1 << 20 and e[0] + e[1] >= (1 << 20) + (128 << 10) for e in data)
+            assert ext[0][2] in (1, 2) and ext[-1][2] in (1, 2)                     # hole or zero around it
+            part = _extents(v, (1 << 20) + 4096, 8192)
+            assert part == [((1 << 20) + 4096, 8192, 0)]
+    finally:
+        b.close()
