@@ -180,7 +180,21 @@ static const char *lib_message(void)
  * forever): a server that takes no more clients leaves a connection
  * hanging in the handshake (qemu-nbd -e N), and that must not hang an I/O.
  * Checks that it is the same export. */
+static int connect_once(struct nbd_store *s, uint32_t timeout_ms, struct nbd_handle **out);
+
 static int connect_one(struct nbd_store *s, uint32_t timeout_ms, struct nbd_handle **out)
+{
+    /* a server that has just been resumed or restarted may reset the first
+     * connection it sees in the handshake: one more try after a moment */
+    int rc = connect_once(s, timeout_ms, out);
+    if (rc == -ECONNRESET || rc == -EPIPE) {
+        pm_sleep(0.1);
+        rc = connect_once(s, timeout_ms, out);
+    }
+    return rc;
+}
+
+static int connect_once(struct nbd_store *s, uint32_t timeout_ms, struct nbd_handle **out)
 {
     struct nbd_handle *h = nbd.create();
     if (h == NULL)

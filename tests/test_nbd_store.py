@@ -1,14 +1,12 @@
-"""The NBD store (csrc/store_nbd.c) and volume URIs (pymirror/uri.py): URI
-forms and their errors, libnbd loaded at run time (no link-time dependency,
-a one-line error naming libnbd0 when it is missing), requests split and in
-flight, server errors, a dropped or silent server and the reconnect after
-it, and a restore that survives the NBD server being killed and restarted
-while a host writes."""
+"""The NBD store (csrc/store_nbd.c): libnbd loaded at run time (no link-time
+dependency, a one-line error naming libnbd0 when it is missing), requests
+split and in flight, threads on several connections, identity, read-only
+exports, server errors, a dropped or silent server and the reconnect after
+it, a server taking fewer clients, TCP URIs, extents from block status."""
 from __future__ import annotations
 
 import errno
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -21,8 +19,7 @@ import numpy as np
 import pytest
 
 import pymirror
-import pymirror.uri as uri_mod
-from pymirror import CopyConfig, errors
+from pymirror import errors
 
 sys.path.insert(0, str(Path(__file__).parent))   # tests/ has no __init__.py
 from cli_util import one_line_error, run  # noqa: E402
@@ -51,66 +48,6 @@ def nbdkit(tmp_path):
     b = KINDS["nbdkit"](tmp_path, "vol", SIZE)
     yield b
     b.close()
-
-
-# -- URIs ------------------------------------------------------------------------
-@pytest.mark.parametrize("text, kind, canonical", [
-    ("/a/b.img", "file", "/a/b.img"),
-    ("file:/a/b.img", "file", "/a/b.img"),
-    ("file:///a/b%20c.img", "file", "/a/b c.img"),
-    ("file://localhost/a/b.img", "file", "/a/b.img"),
-    ("/a/odd:name.img", "file", "/a/odd:name.img"),
-    ("nbd://example.com/disk", "nbd", "nbd://example.com/disk"),
-    ("nbd://example.com:10809/disk?qd=16&conns=2", "nbd", "nbd://example.com:10809/disk?qd=16&conns=2"),
-    ("nbd+unix:///disk?socket=/run/x.sock", "nbd", "nbd+unix:///disk?socket=/run/x.sock"),
-    ("nbds+unix:///?socket=/run/x.sock&timeout=0", "nbd", "nbds+unix:///?socket=/run/x.sock&timeout=0"),
-    ("rbd:pool/image", "rbd", "rbd:pool/image"),
-    ("rbd:pool/image@snap?conf=/etc/ceph/ceph.conf&id=admin", "rbd",
-     "rbd:pool/image@snap?conf=/etc/ceph/ceph.conf&id=admin"),
-])
-def test_uri_forms(text, kind, canonical):
-    u = uri_mod.parse(text)
-    assert (u.kind, u.text) == (kind, canonical)
-    assert u.remote == (kind != "file")
-
-
-def test_relative_paths_become_absolute(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert uri_mod.parse("v.img").text == str(tmp_path / "v.img")
-    assert uri_mod.parse("file:v.img").text == str(tmp_path / "v.img")
-    assert uri_mod.parse(Path("v.img")).path == str(tmp_path / "v.img")
-
-
-@pytest.mark.parametrize("text, message", [
-    ("nbd+unix:///disk", "needs ?socket=PATH"),
-    ("nbd+unix://host/disk?socket=/x", "has no host"),
-    ("nbd:///disk", "needs a host"),
-    ("nbd://h:99999/disk", "port"),
-    ("nbd://h/disk?qd=0", "qd=0 must be a whole number from 1 to 64"),
-    ("nbd://h/disk?qd=abc", "qd=abc"),
-    ("nbd://h/disk?conns=17", "conns=17"),
-    ("nbd://h/disk?qd=2&qd=3", "qd= is given twice"),
-    ("rbd:pool", "rbd:POOL/IMAGE"),
-    ("rbd:pool/", "rbd:POOL/IMAGE"),
-    ("ftp://h/x", "unknown volume scheme 'ftp'"),
-    ("file://otherhost/x", "local file"),
-    ("", "empty"),
-])
-def test_bad_uris_are_one_clear_error(text, message):
-    with pytest.raises(uri_mod.VolumeURIError, match=message.replace("?", r"\?")):
-        uri_mod.parse(text)
-
-
-def test_rbd_without_its_module_is_a_clear_error():
-    if (PKG / "volume_rbd.py").exists():
-        pytest.skip("this build has RBD volumes")
-    with pytest.raises(errors.MissingLibraryError, match="volume_rbd"):
-        pymirror.Volume.open("rbd:pool/image")
-
-
-def test_an_nbd_export_cannot_be_created():
-    with pytest.raises(uri_mod.VolumeURIError, match="server makes it"):
-        pymirror.Volume.create("nbd://localhost/x", 1 << 20)
 
 
 # -- the library: loaded at run time ------------------------------------------------
@@ -240,10 +177,12 @@ def test_a_dropped_server_fails_io_and_the_next_io_reconnects(qnbd):
         assert v.read(4096, 5) == b"after"
 
 
-def test_a_silent_server_times_out_and_the_next_io_reconnects(nbdkit):
-    with pymirror.Volume.open(nbdkit.uri + "&timeout=1") as v:
+def test_a_silent_server_times_out_and_the_next_io_reconnects(qnbd):
+    # qemu-nbd: nbdkit 1.32 can abort (an assertion in raw_send_socket) when a
+    # client closes the connection while a reply is pending, as this test does
+    with pymirror.Volume.open(qnbd.uri + "&timeout=1") as v:
         v.write(0, b"x")
-        nbdkit.proc.send_signal(signal.SIGSTOP)
+        qnbd.proc.send_signal(signal.SIGSTOP)
         try:
             t = time.monotonic()
             with pytest.raises(OSError) as e:
@@ -251,107 +190,8 @@ def test_a_silent_server_times_out_and_the_next_io_reconnects(nbdkit):
             assert e.value.errno == errno.ETIMEDOUT and "did not answer" in str(e.value)
             assert time.monotonic() - t < 10
         finally:
-            nbdkit.proc.send_signal(signal.SIGCONT)
+            qnbd.proc.send_signal(signal.SIGCONT)
         assert v.read(0, 1) == b"x"
-
-
-# -- a restore across a server restart ---------------------------------------------
-@pytest.mark.parametrize("killed", ["mirror", "standard"])
-def test_restore_survives_the_nbd_server_killed_and_restarted(tmp_path, killed):
-    """qemu-nbd (on a file) under one side is killed mid-restore while a host
-    writes: the job pauses with the error and the track; after the restart,
-    resume ends it, the mirror is untouched and every acknowledged write is
-    there (bytes of a write that failed are unknown, unless written again)."""
-    require_remote()
-    kinds = {"standard": "file", "mirror": "file"}
-    kinds[killed] = "qemu-nbd"
-    std = KINDS[kinds["standard"]](tmp_path, "std", SIZE)
-    mir = KINDS[kinds["mirror"]](tmp_path, "mir", SIZE)
-    server = std if killed == "standard" else mir
-    stop = threading.Event()
-    w = threading.Thread(target=lambda: writer())
-    pair = pymirror.Pair.create(tmp_path / "p.meta", std.uri, mir.uri, track_size=TRACK,
-                                config=CopyConfig(retries=2))
-    try:
-        pair.write(0, rand(1, SIZE))
-        assert pair.establish().wait(timeout=60)
-        pair.split()
-        pair.write(0, rand(2, SIZE))
-        mirror = pair.mirror_read(0, SIZE)
-        expect = np.frombuffer(pair.read(0, SIZE), dtype=np.uint8).copy()
-        known = np.ones(SIZE, dtype=bool)
-        expect[:] = np.frombuffer(mirror, dtype=np.uint8)      # what the restore will make of it
-        acked = failed = 0
-
-        def writer() -> None:
-            nonlocal acked, failed
-            rng = np.random.default_rng(7)
-            while not stop.is_set():
-                if rng.random() < 0.2:                         # a whole track, or a piece of one
-                    off, n = int(rng.integers(0, SIZE // TRACK)) * TRACK, TRACK
-                else:
-                    off = int(rng.integers(0, SIZE - 5000))
-                    n = int(rng.integers(1, 5000))
-                data = rng.integers(0, 256, n, dtype=np.uint8)
-                try:
-                    pair.write(off, data.tobytes())
-                except OSError:
-                    known[off:off + n] = False
-                    failed += 1
-                else:
-                    expect[off:off + n] = data
-                    known[off:off + n] = True
-                    acked += 1
-                time.sleep(0.01)
-
-        job = pair.restore(protect=True, config=CopyConfig(rate=2 << 20, retries=2))
-        w.start()
-        time.sleep(0.5)
-        server.stop(signal.SIGKILL)
-        with pytest.raises(errors.JobError, match="stopped on track"):
-            job.wait(timeout=60)
-        p = pair.progress
-        assert p.paused and p.error_track is not None
-        assert p.error in ("Connection refused", "Transport endpoint is not connected"), p.error
-        assert p.tracks_pending > 0
-        time.sleep(0.2)                                    # the host goes on writing against a dead server
-        server.start()
-        job = pair.resume(CopyConfig(rate=0, retries=2))
-        assert job.wait(timeout=60)
-        time.sleep(0.1)
-        stop.set()
-        w.join()
-        assert acked > 20 and failed >= 0
-        assert pair.state == "restored"
-        assert pair.mirror_read(0, SIZE) == mirror                              # invariant 1
-        got = np.frombuffer(pair.read(0, SIZE), dtype=np.uint8)
-        bad = np.flatnonzero((got != expect) & known)
-        assert bad.size == 0, f"{bad.size} acknowledged bytes lost, first at {bad[0]}"  # invariant 3
-    finally:
-        stop.set()
-        if w.ident is not None:
-            w.join()
-        pair.close()
-        std.close()
-        mir.close()
-
-
-# -- the command line ------------------------------------------------------------------
-def test_cli_pair_and_query_with_uris(tmp_path, qnbd):
-    (tmp_path / "std.img").write_bytes(b"\0" * SIZE)
-    run("pair", tmp_path / "p.meta", "--standard", tmp_path / "std.img", "--mirror", qnbd.uri)
-    q = json.loads(run("query", tmp_path / "p.meta", "--json").stdout)
-    assert q["mirror"]["path"] == qnbd.uri and q["mirror"]["kind"] == "nbd"
-    assert q["mirror"]["detects_outside_changes"] is False
-    assert q["standard"]["kind"] == "file" and q["standard"]["detects_outside_changes"] is True
-    text = run("query", tmp_path / "p.meta").stdout
-    assert "writes made to it outside pymirror cannot be detected" in text
-    run("establish", tmp_path / "p.meta")
-    assert json.loads(run("query", tmp_path / "p.meta", "--json").stdout)["state"] == "established"
-    proc = run("pair", tmp_path / "q.meta", "--standard", tmp_path / "std.img", "--mirror", "nbd+unix:///x",
-               check=False)
-    assert "needs ?socket=PATH" in one_line_error(proc, 2)
-    assert not (tmp_path / "q.meta").exists()
 
 
 def test_a_server_taking_fewer_clients_than_conns_is_shared(tmp_path):
@@ -419,81 +259,6 @@ def test_tcp_uri_with_an_export_name(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-
-
-@pytest.mark.parametrize("kinds", [("file", "qemu-nbd"), ("nbdkit", "qemu-nbd")], ids=lambda k: "+".join(k))
-def test_sigkill_mid_restore_then_reopen_and_resume(tmp_path, kinds):
-    """pymirror killed (SIGKILL) in the middle of a restore onto or from NBD
-    volumes: the pair reopens by its URIs with the restore paused, and
-    resume makes the standard exactly the mirror (invariants 2 and 7)."""
-    require_remote()
-    std = KINDS[kinds[0]](tmp_path, "std", SIZE)
-    mir = KINDS[kinds[1]](tmp_path, "mir", SIZE)
-    meta = tmp_path / "p.meta"
-    try:
-        with pymirror.Pair.create(meta, std.uri, mir.uri, track_size=TRACK) as pair:
-            pair.write(0, rand(1, SIZE))
-            assert pair.establish().wait(timeout=60)
-            pair.split()
-            pair.write(0, rand(2, SIZE))
-            mirror = pair.mirror_read(0, SIZE)
-        code = ("import sys, time, pymirror\n"
-                "p = pymirror.Pair.open(sys.argv[1])\n"
-                "p.restore(config=pymirror.CopyConfig(rate=1 << 20))\n"
-                "print('started', flush=True)\n"
-                "time.sleep(60)\n")
-        child = subprocess.Popen([sys.executable, "-c", code, str(meta)], stdout=subprocess.PIPE, text=True,
-                                 cwd=tmp_path)
-        assert child.stdout is not None and child.stdout.readline().strip() == "started"
-        time.sleep(1.0)
-        child.kill()
-        child.wait()
-        with pymirror.Pair.open(meta) as pair:
-            assert pair.state == "restoring"
-            p = pair.progress
-            assert p.running and p.paused and 0 < p.tracks_pending <= SIZE // TRACK
-            assert pair.read(0, SIZE) == mirror                  # reads see the final image at once
-            assert pair.resume().wait(timeout=60)
-            assert pair.state == "restored"
-            assert pair.read(0, SIZE) == mirror and pair.mirror_read(0, SIZE) == mirror
-    finally:
-        std.close()
-        mir.close()
-
-
-# -- a property: pymirror's parameters against a plain model ----------------------
-from hypothesis import given, strategies as st  # noqa: E402
-
-_param = st.tuples(st.sampled_from(["qd", "conns", "timeout", "tls", "x"]),
-                   st.one_of(st.integers(-5, 100000).map(str), st.sampled_from(["", "abc", "1x", "08"])))
-
-
-@given(st.lists(_param, max_size=5))
-def test_nbd_parameters_accepted_exactly_when_the_model_says(params):
-    query = "&".join(f"{k}={v}" for k, v in params)
-    text = "nbd+unix:///disk?socket=/run/s.sock" + ("&" + query if query else "")
-    # the model: each of pymirror's keys at most once, a whole number in its range
-    ok, seen = True, set()
-    for key, value in params:
-        if key in uri_mod.NBD_PARAMS:
-            lo, hi = uri_mod.NBD_PARAMS[key]
-            if key in seen or not value.isdigit() or not lo <= int(value) <= hi:
-                ok = False
-            seen.add(key)
-    if ok:
-        assert uri_mod.parse(text).text == text
-    else:
-        with pytest.raises(uri_mod.VolumeURIError):
-            uri_mod.parse(text)
-    # the C parser (store_uri.c) agrees: a bad parameter fails before any
-    # connection is tried; a good one gets as far as connecting (no server)
-    from pymirror._native import ffi, lib
-
-    out = ffi.new("pm_store **")
-    rc = lib.pm_store_open_nbd(text.replace("/run/s.sock", "/nonexistent/pm.sock").encode(), 0, out)
-    msg = ffi.string(lib.pm_last_error()).decode()
-    assert rc < 0 and out[0] == ffi.NULL
-    assert ("cannot connect" in msg) == ok, msg
 
 
 def _extents(v: pymirror.Volume, off: int, length: int) -> list[tuple[int, int, int]]:
