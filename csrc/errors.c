@@ -69,6 +69,12 @@ const char *pm_strerror(int code)
         case EISDIR: return "Is a directory";
         case EAGAIN: return "Resource temporarily unavailable";
         case EBUSY: return "Device or resource busy";
+        /* remote stores (NBD, RBD) */
+        case ECONNREFUSED: return "Connection refused";
+        case ENOTCONN: return "Transport endpoint is not connected";
+        case ETIMEDOUT: return "Connection timed out";
+        case ECONNRESET: return "Connection reset by peer";
+        case EPIPE: return "Broken pipe";
         default: return "system error";
         }
     }

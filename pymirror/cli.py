@@ -273,8 +273,10 @@ def create(path: str, size: int, track_size: Optional[int]) -> None:
 
 @cli.command("pair")
 @click.argument("meta", type=click.Path(dir_okay=False))
-@click.option("--standard", type=click.Path(dir_okay=False), required=True, help="The host's volume.")
-@click.option("--mirror", type=click.Path(dir_okay=False), required=True, help="The mirror volume (same size).")
+@click.option("--standard", required=True, metavar="PATH|URI",
+              help="The host's volume: a path, or a URI (nbd://HOST/EXPORT, nbd+unix:///EXPORT?socket=PATH, "
+                   "rbd:POOL/IMAGE; see docs/volumes.md).")
+@click.option("--mirror", required=True, metavar="PATH|URI", help="The mirror volume (same size), a path or a URI.")
 @click.option("--track-size", type=SIZE, default=None, help="Track size (default 64K, or the config file's).")
 @click.option("--adopt", is_flag=True,
               help="Two volumes that already hold data: compare them and start split, with the tracks "
@@ -305,8 +307,11 @@ def pair_cmd(obj: Ctx, meta: str, standard: str, mirror: str, track_size: Option
         return
     if os.path.exists(meta):
         raise errors.MirrorError(f"{meta}: already exists; pymirror pair never overwrites metadata")
+    from .uri import parse
+
     for role, path in (("standard", standard), ("mirror", mirror)):
-        if not os.path.exists(path):
+        u = parse(path)
+        if u.kind == "file" and not os.path.exists(u.path or path):
             raise errors.MirrorError(f"{role} volume {path}: no such file (make one with 'pymirror create')")
     ts = track_size or obj.settings.track_size
     if adopt:

@@ -391,6 +391,8 @@ def print_query(label: str, info: dict[str, Any]) -> None:
         s = info[side]
         out(f"{side:<9} {s['path']}: {s['pending']} tracks pending, {s['changed']} changed")
         print_trust(s.get("trust"))
+        if s.get("detects_outside_changes") is False and s.get("kind") in ("nbd", "rbd"):
+            out(f"          (an {s['kind'].upper()} volume: writes made to it outside pymirror cannot be detected)")
     if info.get("detached"):
         from .detach import describe as describe_detach
         out(f"          {describe_detach(info['detached'], label)}")
