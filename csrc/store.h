@@ -59,6 +59,10 @@ void pm__store_prefetch(pm_store *s, uint64_t len, uint64_t off);
  * now, without waiting (file stores; a no-op for others).  Durability still
  * comes only from pm_store_flush. */
 void pm__store_write_behind(pm_store *s, uint64_t len, uint64_t off);
+/* pm__store_write_wait: write [off, off+len) back and wait until it is on
+ * the device (file stores; a no-op for others): bounds the dirty pages a
+ * copy leaves behind.  Not a durability point either. */
+void pm__store_write_wait(pm_store *s, uint64_t len, uint64_t off);
 /* The pid holding a flock on the file (dev, ino), or 0 if not found. */
 int pm__lock_holder(uint64_t dev, uint64_t ino);
 
