@@ -7,7 +7,8 @@
  * equals the mirror overlaid with each thread's writes and the mirror is
  * unchanged (protected restores, both read policies); an unprotected
  * restore ends with both sides equal to the model.  The restores run with 2
- * copiers and with 16 copiers of one-track batches.  Established, then
+ * copiers and with 16 copiers of one-track batches, in both orders (hot
+ * tracks first, ascending).  Established, then
  * syncing: threads write overlapping ranges with different bytes at once;
  * both sides must end identical (invariant 6).
  *
@@ -241,15 +242,20 @@ int main(void)
     memcpy(expect, mirror_img, SIZE);
 
     /* rounds 2 and 3: many copiers with one-track batches, so stripes are
-     * small and cut often (copier.c), against the same writers */
-    for (int round = 0; round < 4; round++) {
+     * small and cut often (copier.c), against the same writers; rounds 4-7
+     * the same in ascending order (0-3 take hot tracks first: the writers'
+     * merges and the redirected reads mark them) */
+    pm_copy_config_init(&c, sizeof c);
+    uint64_t hot_tracks[2] = { 0, 0 };
+    for (int round = 0; round < 8; round++) {
         int policy = round % 2;
+        c.order = round < 4 ? PM_ORDER_HOT : PM_ORDER_ASCENDING;
         pthread_barrier_init(&barrier, NULL, NTH + 1);
         pthread_t t[NTH];
         for (int i = 0; i < NTH; i++)
             pthread_create(&t[i], NULL, writer, (void *)(intptr_t)i);
-        c.copiers = round < 2 ? 2 : 16;
-        c.batch_bytes = round < 2 ? 4 * TS : TS;
+        c.copiers = round % 4 < 2 ? 2 : 16;
+        c.batch_bytes = round % 4 < 2 ? 4 * TS : TS;
         c.rate_bytes = 4u << 20;          /* slow enough that the writers overlap the copy */
         c.read_policy = policy;
         CHECK_EQ(pm_pair_restore(pair, 0, 1, &c), 0);
@@ -259,6 +265,9 @@ int main(void)
         pm_pair_set_rate(pair, 0);
         CHECK_EQ(pm_pair_wait(pair, -1), 0);
         pthread_barrier_destroy(&barrier);
+        struct pm_progress pr = { .size = sizeof pr };
+        CHECK_EQ(pm_pair_progress(pair, &pr), 0);
+        hot_tracks[c.order] += pr.tracks_hot;
         CHECK_EQ(failures, 0);
         CHECK_EQ(pm_pair_state(pair), PM_STATE_RESTORED);
         unsigned char *got = malloc(SIZE);
@@ -269,6 +278,9 @@ int main(void)
         free(got);
         memcpy(expect, mirror_img, SIZE);               /* the next full restore starts over */
     }
+
+    CHECK(hot_tracks[PM_ORDER_HOT] > 0);          /* the order changed ... */
+    CHECK_EQ(hot_tracks[PM_ORDER_ASCENDING], 0);   /* ... only when asked */
 
     /* An unprotected restore: the same writers, every write mirrored; it
      * ends established with both sides equal to the model. */
