@@ -48,6 +48,22 @@ class Progress:
     commits: int = 0
     syncs: int = 0
     mirror_invalid: int = 0   # mirror tracks not part of a point-in-time image (0: consistent)
+    # Pacing and hot order (issue 13; docs/arbitration.md "Pacing"): host I/O
+    # on the standard as the arbitration timed it in the last window the
+    # pacing judged, in seconds (None: no samples), the idle baselines, the
+    # rate the pacing allows now (0: full speed), tracks taken first as hot.
+    host_read_p50: Optional[float] = None
+    host_read_p99: Optional[float] = None
+    host_write_p50: Optional[float] = None
+    host_write_p99: Optional[float] = None
+    host_flush_p50: Optional[float] = None
+    host_flush_p99: Optional[float] = None
+    idle_read_p99: Optional[float] = None
+    idle_write_p99: Optional[float] = None
+    idle_flush_p99: Optional[float] = None
+    pace_rate: int = 0
+    tracks_hot: int = 0
+    pace_quiet: int = 0
 
     @property
     def tracks_done(self) -> int:
@@ -105,7 +121,15 @@ def read_progress(pair: "Pair") -> Progress:
         commits=int(p.commits),
         syncs=int(p.syncs),
         mirror_invalid=int(p.mirror_invalid),
+        **{k: (int(getattr(p, k + "_ns")) / 1e9 or None) for k in _LATENCIES},
+        pace_rate=int(p.pace_rate),
+        tracks_hot=int(p.tracks_hot),
+        pace_quiet=int(p.pace_quiet),
     )
+
+
+_LATENCIES = ("host_read_p50", "host_read_p99", "host_write_p50", "host_write_p99", "host_flush_p50",
+              "host_flush_p99", "idle_read_p99", "idle_write_p99", "idle_flush_p99")
 
 
 class Job:

@@ -206,22 +206,29 @@ class RemotePair:
         return self.client.execute(verb, name=self.name, **kw)
 
     def establish(self, incremental: bool = False, assume_equal: bool = False, rate: Optional[int] = None,
-                  copiers: Optional[int] = None, batch_size: Optional[int] = None, wait: bool = False) -> Any:
+                  copiers: Optional[int] = None, batch_size: Optional[int] = None, wait: bool = False,
+                  pace: Optional[str] = None, host_latency_target: Optional[str] = None,
+                  order: Optional[str] = None) -> Any:
         return self._x("establish", incremental=incremental, assume_equal=assume_equal, rate=rate,
-                       copiers=copiers, batch_size=batch_size, wait=wait)
+                       copiers=copiers, batch_size=batch_size, wait=wait, pace=pace,
+                       host_latency_target=host_latency_target, order=order)
 
     def split(self) -> Any:
         return self._x("split")
 
     def restore(self, incremental: bool = False, protect: bool = True, read_policy: Optional[str] = None,
                 rate: Optional[int] = None, copiers: Optional[int] = None, batch_size: Optional[int] = None,
-                wait: bool = False) -> Any:
+                wait: bool = False, pace: Optional[str] = None, host_latency_target: Optional[str] = None,
+                order: Optional[str] = None) -> Any:
         return self._x("restore", incremental=incremental, protect=protect, read_policy=read_policy,
-                       rate=rate, copiers=copiers, batch_size=batch_size, wait=wait)
+                       rate=rate, copiers=copiers, batch_size=batch_size, wait=wait, pace=pace,
+                       host_latency_target=host_latency_target, order=order)
 
     def resume(self, rate: Optional[int] = None, copiers: Optional[int] = None,
-               batch_size: Optional[int] = None, wait: bool = False) -> Any:
-        return self._x("resume", rate=rate, copiers=copiers, batch_size=batch_size, wait=wait)
+               batch_size: Optional[int] = None, wait: bool = False, pace: Optional[str] = None,
+               host_latency_target: Optional[str] = None, order: Optional[str] = None) -> Any:
+        return self._x("resume", rate=rate, copiers=copiers, batch_size=batch_size, wait=wait, pace=pace,
+                       host_latency_target=host_latency_target, order=order)
 
     def pause(self) -> Any:
         return self._x("pause")
