@@ -44,6 +44,13 @@
 
 #include "layout.h"
 
+/* Write-behind: a copier waits until the run it copied this many runs ago
+ * is on the device, so the copy leaves at most this many batches dirty per
+ * copier (docs/copier.md). */
+#ifndef PM_WB_WINDOWS
+#define PM_WB_WINDOWS 1
+#endif
+
 /* How far a copier asks the kernel to read ahead of its stream, in batches. */
 #ifndef PM_PREFETCH_BATCHES
 #define PM_PREFETCH_BATCHES 2
@@ -445,10 +452,12 @@ static void *copier_main(void *arg)
     struct walker w;
     walker_start(p, &w);
     uint64_t prefetched = 0;
-    /* write-behind in windows: the window before last must be on the
-     * device before this copier goes on (docs/copier.md, bounded dirty data) */
+    /* write-behind in windows: the run copied PM_WB_WINDOWS runs ago must be
+     * on the device before this copier goes on (docs/copier.md, bounded
+     * dirty data) */
     int wb_target = -1;
-    uint64_t wb_off = 0, wb_len = 0;
+    uint64_t wb_off[PM_WB_WINDOWS] = { 0 }, wb_len[PM_WB_WINDOWS] = { 0 }, wb_n = 0;
+    int wb_depth = getenv("PM_TMP_WB_DEPTH") ? atoi(getenv("PM_TMP_WB_DEPTH")) : PM_WB_WINDOWS;   /* TMP */
     for (;;) {
         pthread_mutex_lock(&p->mu);
         while (!pm_load_relaxed(&p->stop) && p->job_active && (p->paused_req || p->error))
@@ -533,9 +542,14 @@ static void *copier_main(void *arg)
         resv_release(p, &w);
         batch_released(p);
         pm_meta_copied(p->meta, k);
-        if (wb_target == target && wb_len)
-            pm__store_write_wait(p->store[target], wb_len, wb_off);
-        wb_target = target, wb_off = off, wb_len = len;
+        if (wb_target != target)
+            wb_n = 0, wb_target = target;
+        unsigned slot = (unsigned)(wb_n % PM_WB_WINDOWS);
+        if (wb_depth > 0 && wb_n >= (uint64_t)wb_depth) {
+            unsigned old = (unsigned)((wb_n - (uint64_t)wb_depth) % PM_WB_WINDOWS);
+            pm__store_write_wait(p->store[target], wb_len[old], wb_off[old]);
+        }
+        wb_off[slot] = off, wb_len[slot] = len, wb_n++;
     }
     free(buf);
     return NULL;
