@@ -33,7 +33,10 @@
 #define BASE_GOOD_SAMPLES 200.0      /* ... and trusted with this many */
 #define BASE_HALF_LIFE_S 30.0
 #define IDLE_HOST_S 0.2              /* no host I/O for this long: full speed */
-#define QUIET_S 0.05                 /* a quiet window: settle, then idle samples */
+#define QUIET_SETTLE_S 0.01         /* a quiet window: settle, then idle samples ... */
+#define QUIET_MIN_S 0.04             /* ... for at least this long, */
+#define QUIET_MAX_S 0.2              /* at most this long, */
+#define QUIET_SAMPLES 16.0           /* time for about this many samples at the host's rate */
 #define PROBE_YOUNG_S 0.5            /* quiet windows while the baseline is young ... */
 #define PROBE_OLD_S 4.0              /* ... and once it is trusted (1.25 % of the time) */
 #define HEADROOM 0.75                /* below this ratio to the target, speed up */
@@ -163,7 +166,6 @@ static double min_rate(const struct pm_pacer *c)
 static void decide(struct pm_pacer *c, double now)
 {
     double worst = 0;
-    int young = 0, unknown = 0;
     for (int k = 0; k < PM_LAT_CLASSES; k++) {
         uint64_t n = sum_u64(c->acc[k]);
         c->p50_ns[k] = pm_lat_quantile_u64(c->acc[k], 0.50);
@@ -174,28 +176,18 @@ static void decide(struct pm_pacer *c, double now)
             continue;
         uint64_t target = c->target_ns;
         if (target == 0) {
-            if (c->base99_ns[k] == 0) {
-                unknown = 1;       /* a class the host uses with no baseline yet */
-                continue;
-            }
+            if (c->base99_ns[k] == 0)
+                continue;          /* no baseline yet: maybe_probe asks for one */
             target = (uint64_t)(c->factor * (double)c->base99_ns[k]);
         }
         if (target < MIN_TARGET_NS)
             target = MIN_TARGET_NS;
-        if (c->target_ns == 0 && nb < BASE_GOOD_SAMPLES)
-            young = 1;
         double r = (double)c->p99_ns[k] / (double)target;
         if (r > worst)
             worst = r;
     }
     c->ratio = worst;
     c->windows++;
-    /* quiet windows: when a class has no baseline, often while it is young */
-    if (c->target_ns == 0 && (unknown || now >= c->next_probe)) {
-        c->quiet_until = now + QUIET_S;
-        c->next_probe = now + ((unknown || young) ? PROBE_YOUNG_S : PROBE_OLD_S);
-        c->probes++;
-    }
     double thr = c->acc_dt > 0 ? (double)c->acc_bytes / c->acc_dt : 0;
     if (c->rate == 0 && thr > c->full_rate)
         c->full_rate = thr;             /* what the copy does unthrottled, with this host load */
@@ -229,6 +221,32 @@ static double half_pow(double x)
     return r * (1 - y + y * y / 2 - y * y * y / 6 + y * y * y * y / 24 - y * y * y * y * y / 120);
 }
 
+/* Ask for a quiet window (the copy holds still, the host's samples are
+ * idle ones) when the host does I/O in a class with no baseline, while
+ * the baseline is young, and now and then once it is trusted.  The window
+ * lasts long enough for about QUIET_SAMPLES samples at the host's rate. */
+static void maybe_probe(struct pm_pacer *c, const struct pm_pace_in *in, uint64_t host)
+{
+    if (c->target_ns != 0 || host == 0 || in->dt <= 0 || in->now < c->next_probe ||
+        (c->quiet_until > 0 && in->now < c->quiet_until))
+        return;
+    double iops = (double)host / in->dt;
+    c->iops = c->iops > 0 ? 0.7 * c->iops + 0.3 * iops : iops;
+    int young = 0;
+    for (int k = 0; k < PM_LAT_CLASSES; k++) {
+        uint64_t n = 0;
+        for (int b = 0; b < PM_LAT_BUCKETS; b++)
+            n += in->win[k][b];
+        if (n > 0 && sum_f(c->base[k]) < BASE_GOOD_SAMPLES)
+            young = 1;
+    }
+    double len = QUIET_SAMPLES / c->iops;
+    len = len < QUIET_MIN_S ? QUIET_MIN_S : (len > QUIET_MAX_S ? QUIET_MAX_S : len);
+    c->quiet_until = in->now + QUIET_SETTLE_S + len;
+    c->next_probe = c->quiet_until + (young ? PROBE_YOUNG_S : PROBE_OLD_S);
+    c->probes++;
+}
+
 void pm_pace_update(struct pm_pacer *c, const struct pm_pace_in *in)
 {
     double decay = in->dt > 0 ? half_pow(in->dt / BASE_HALF_LIFE_S) : 1.0;
@@ -250,6 +268,7 @@ void pm_pace_update(struct pm_pacer *c, const struct pm_pace_in *in)
             c->quiet_until = 0;
         return;
     }
+    maybe_probe(c, in, host);
     c->acc_dt += in->dt;
     c->acc_bytes += in->copy_bytes;
     uint64_t n = 0;

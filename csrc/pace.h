@@ -55,6 +55,7 @@ struct pm_pacer {
     double rate;                /* bytes/s the copy may go, 0 = full speed */
     double full_rate;           /* highest throughput seen at full speed (bytes/s) */
     double next_probe;          /* when to ask for the next quiet window */
+    double iops;                /* host samples per second (a moving average) */
     double quiet_until;         /* the copy holds still until then (0: no quiet window) */
     /* what the last decided window saw (for progress) */
     uint64_t p50_ns[PM_LAT_CLASSES], p99_ns[PM_LAT_CLASSES], base99_ns[PM_LAT_CLASSES];

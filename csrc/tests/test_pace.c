@@ -200,6 +200,16 @@ static void converges(void)
     CHECK(worst < 2.0);
     CHECK_EQ(m.c.probes, 0);                                    /* no baseline needed */
 
+    /* a slow host (100 I/O per second): longer quiet windows gather its
+     * baseline, and the copy is still throttled to meet the target */
+    sim_init(&m, 2.0, 0, 24.0);
+    m.host_iops = 100;
+    run(&m, 1200, 400, &lo, &hi, &worst);
+    printf("k=24, 2x, 100 IOPS: rate %.0f..%.0f MiB/s, worst ratio %.2f, %llu probes\n", lo / 1048576,
+           hi / 1048576, worst, (unsigned long long)m.c.probes);
+    CHECK(m.c.base99_ns[PM_LAT_READ] > 0);
+    CHECK(hi < FULL && lo > 0.05 * FULL);
+
     /* restart keeps the baseline, forgets the rate */
     sim_init(&m, 2.0, 0, 24.0);
     run(&m, 200, 1, &lo, &hi, &worst);
