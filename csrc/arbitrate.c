@@ -222,6 +222,7 @@ int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
 
 /* Data source for a write: a caller buffer, or zeroes. */
 struct wsrc {
+    int *merged;                /* set to 1 when a PENDING track was merged (pacing: its own class) */
     const unsigned char *buf;   /* NULL for zeroes */
     unsigned char *zero;        /* a zero buffer of zero_len bytes */
     uint64_t zero_len;
@@ -271,6 +272,7 @@ static int write_restoring_track(pm_pair *p, uint64_t t, const struct wsrc *src,
             pm_count_add(&p->bytes_read, tlen);
             pm_count_add(&p->bytes_written, tlen);
             pm_job_clear_pending(p, PM_STANDARD, t, &p->tracks_merged);
+            *src->merged = 1;
             /* A merge is the host's slowest write: the tracks after it are
              * likely next (a writer moving on), so they are copied first. */
             if (t + 1 < p->tracks && pm_load_relaxed(&p->order) == PM_ORDER_HOT && pm_bitmap_get(pending, t + 1) == 1)
@@ -341,11 +343,16 @@ static int do_write(pm_pair *p, int side, const struct wsrc *src, uint64_t len, 
     if (rc || len == 0)
         return rc;
     uint64_t t0 = pm_lat_now_ns();
+    int merged = 0;
+    struct wsrc mine = *src;
+    mine.merged = &merged;
     io_enter(p);
-    rc = do_write_entered(p, side, src, len, offset, flags, func);
+    rc = do_write_entered(p, side, &mine, len, offset, flags, func);
     io_exit(p);
+    /* a merging write costs a read of the source's track whatever the copy
+     * does: its own class, with its own baseline from quiet windows */
     if (side == PM_STANDARD && rc == 0)
-        pm_lat_host(&p->lat, PM_LAT_WRITE, t0);
+        pm_lat_host(&p->lat, merged ? PM_LAT_MERGE : PM_LAT_WRITE, t0);
     return rc;
 }
 
@@ -403,7 +410,7 @@ static int do_write_entered(pm_pair *p, int side, const struct wsrc *src, uint64
 
 int pm_pair_write(pm_pair *p, int side, const void *buf, uint64_t len, uint64_t offset, unsigned flags)
 {
-    struct wsrc src = { buf, NULL, 0 };
+    struct wsrc src = { NULL, buf, NULL, 0 };
     if (buf == NULL && len > 0)
         return PM_FAIL(-EINVAL, "buf must not be NULL");
     return do_write(p, side, &src, len, offset, flags, __func__);
@@ -411,7 +418,7 @@ int pm_pair_write(pm_pair *p, int side, const void *buf, uint64_t len, uint64_t 
 
 int pm_pair_write_zeroes(pm_pair *p, int side, uint64_t len, uint64_t offset, unsigned flags)
 {
-    struct wsrc src = { NULL, NULL, len < (1u << 20) ? len : (1u << 20) };
+    struct wsrc src = { NULL, NULL, NULL, len < (1u << 20) ? len : (1u << 20) };
     if (len > 0 && (src.zero = calloc(1, (size_t)src.zero_len)) == NULL)
         return PM_FAIL(-ENOMEM, "out of memory");
     int rc = do_write(p, side, &src, len, offset, flags, __func__);

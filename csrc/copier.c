@@ -457,7 +457,6 @@ static void *copier_main(void *arg)
      * dirty data) */
     int wb_target = -1;
     uint64_t wb_off[PM_WB_WINDOWS] = { 0 }, wb_len[PM_WB_WINDOWS] = { 0 }, wb_n = 0;
-    int wb_depth = getenv("PM_TMP_WB_DEPTH") ? atoi(getenv("PM_TMP_WB_DEPTH")) : PM_WB_WINDOWS;   /* TMP */
     for (;;) {
         pthread_mutex_lock(&p->mu);
         while (!pm_load_relaxed(&p->stop) && p->job_active && (p->paused_req || p->error))
@@ -545,8 +544,8 @@ static void *copier_main(void *arg)
         if (wb_target != target)
             wb_n = 0, wb_target = target;
         unsigned slot = (unsigned)(wb_n % PM_WB_WINDOWS);
-        if (wb_depth > 0 && wb_n >= (uint64_t)wb_depth) {
-            unsigned old = (unsigned)((wb_n - (uint64_t)wb_depth) % PM_WB_WINDOWS);
+        if (wb_n >= PM_WB_WINDOWS) {
+            unsigned old = (unsigned)((wb_n - PM_WB_WINDOWS) % PM_WB_WINDOWS);
             pm__store_write_wait(p->store[target], wb_len[old], wb_off[old]);
         }
         wb_off[slot] = off, wb_len[slot] = len, wb_n++;

@@ -6,8 +6,10 @@
 
 #include "internal.h"
 
-/* Latency classes of host I/O on the standard. */
-enum { PM_LAT_READ = 0, PM_LAT_WRITE = 1, PM_LAT_FLUSH = 2, PM_LAT_CLASSES = 3 };
+/* Latency classes of host I/O on the standard (a write that merged a
+ * PENDING track is a class of its own: it reads the source's track
+ * whatever the copy does). */
+enum { PM_LAT_READ = 0, PM_LAT_WRITE = 1, PM_LAT_FLUSH = 2, PM_LAT_MERGE = 3, PM_LAT_CLASSES = 4 };
 
 /* Histogram buckets: four per power of two of nanoseconds (19 % wide),
  * from 1 ns to 2^40 ns (18 minutes). */

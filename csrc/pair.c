@@ -631,6 +631,9 @@ int pm_pair_progress(const pm_pair *cp, struct pm_progress *out)
     o->idle_read_p99_ns = c->base99_ns[PM_LAT_READ];
     o->idle_write_p99_ns = c->base99_ns[PM_LAT_WRITE];
     o->idle_flush_p99_ns = c->base99_ns[PM_LAT_FLUSH];
+    o->host_merge_p50_ns = c->p50_ns[PM_LAT_MERGE];
+    o->host_merge_p99_ns = c->p99_ns[PM_LAT_MERGE];
+    o->idle_merge_p99_ns = c->base99_ns[PM_LAT_MERGE];
     pthread_mutex_unlock(&p->pace_mu);
     o->pace_rate = o->running ? pm_load_relaxed(&p->pace_rate) : 0;
     o->tracks_hot = pm_load_relaxed(&p->tracks_hot);

@@ -61,6 +61,9 @@ class Progress:
     idle_read_p99: Optional[float] = None
     idle_write_p99: Optional[float] = None
     idle_flush_p99: Optional[float] = None
+    host_merge_p50: Optional[float] = None     # host writes that merged a not-yet-restored track
+    host_merge_p99: Optional[float] = None
+    idle_merge_p99: Optional[float] = None
     pace_rate: int = 0
     tracks_hot: int = 0
     pace_quiet: int = 0
@@ -129,7 +132,8 @@ def read_progress(pair: "Pair") -> Progress:
 
 
 _LATENCIES = ("host_read_p50", "host_read_p99", "host_write_p50", "host_write_p99", "host_flush_p50",
-              "host_flush_p99", "idle_read_p99", "idle_write_p99", "idle_flush_p99")
+              "host_flush_p99", "idle_read_p99", "idle_write_p99", "idle_flush_p99", "host_merge_p50",
+              "host_merge_p99", "idle_merge_p99")
 
 
 class Job:

@@ -60,7 +60,7 @@ def pace_text(p: "Union[Progress, Snapshot]") -> str:
     """Host latency seen during the job, the idle baseline, the paced rate
     and the hot tracks taken first ("" when there is nothing to say)."""
     parts = []
-    for kind in ("read", "write", "flush"):
+    for kind in ("read", "write", "merge", "flush"):
         p99 = _get(p, f"host_{kind}_p99", None)
         if p99:
             idle = _get(p, f"idle_{kind}_p99", None)
@@ -71,7 +71,7 @@ def pace_text(p: "Union[Progress, Snapshot]") -> str:
         parts.append(f"paced to {rate / MiB:.1f} MiB/s")
     if _get(p, "tracks_hot", 0):
         parts.append(f"{_get(p, 'tracks_hot')} hot tracks first")
-    return "host " + ", ".join(parts) if parts and parts[0][0] in "rwf" else ", ".join(parts)
+    return "host " + ", ".join(parts) if parts and parts[0][0] in "rwmf" else ", ".join(parts)
 
 
 def follow(job: Job, label: str, stream: Optional[IO[str]] = None,

@@ -420,6 +420,8 @@ struct pm_progress {
     uint64_t host_flush_p50_ns, host_flush_p99_ns;
     /* The idle baselines (p99 of host I/O while the copy was quiet; 0 = not known yet). */
     uint64_t idle_read_p99_ns, idle_write_p99_ns, idle_flush_p99_ns;
+    /* Host writes that merged a PENDING track (they read the source's track): p50 / p99, idle p99. */
+    uint64_t host_merge_p50_ns, host_merge_p99_ns, idle_merge_p99_ns;
     uint64_t pace_rate;        /* bytes/s the pacing lets the copy go now; 0 = full speed (or pacing off) */
     uint64_t tracks_hot;       /* tracks the copier took first because the host used them */
     uint64_t pace_quiet;       /* quiet windows the pacing took to learn the baseline */

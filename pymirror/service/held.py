@@ -116,7 +116,8 @@ class VerifyJob:
 
 
 PACE_FIELDS = ("host_read_p50", "host_read_p99", "host_write_p50", "host_write_p99", "host_flush_p50",
-               "host_flush_p99", "idle_read_p99", "idle_write_p99", "idle_flush_p99", "pace_rate", "tracks_hot")
+               "host_flush_p99", "idle_read_p99", "idle_write_p99", "idle_flush_p99", "host_merge_p50", "host_merge_p99",
+               "idle_merge_p99", "pace_rate", "tracks_hot")
 
 
 class HeldPair:
