@@ -51,6 +51,14 @@
 #define PM_WB_WINDOWS 1
 #endif
 
+/* A hot track's run: the track and at most a few after it.  A host's
+ * working set is scattered; a full batch from each hot track would copy
+ * mostly cold tracks before the next hot one (measured: 5 % of the tracks
+ * hot, batch-long hot runs copied 80 % of the volume first). */
+#ifndef PM_HOT_RUN_BYTES
+#define PM_HOT_RUN_BYTES (256u << 10)
+#endif
+
 /* How far a copier asks the kernel to read ahead of its stream, in batches. */
 #ifndef PM_PREFETCH_BATCHES
 #define PM_PREFETCH_BATCHES 2
@@ -285,11 +293,13 @@ static void resv_release(pm_pair *p, const struct walker *w)
  * the run from it.  The heat queue is bounded, and a mark is a hint. */
 static int hot_run(pm_pair *p, pm_bitmap *pending, uint64_t max_tracks, int slot, uint64_t *s, uint64_t *n)
 {
-    uint64_t t;
+    uint64_t t, hot_max = (PM_HOT_RUN_BYTES >> p->shift) ? (PM_HOT_RUN_BYTES >> p->shift) : 1;
+    if (hot_max > max_tracks)
+        hot_max = max_tracks;
     for (int tries = 0; tries < 64 && pm_heat_pop(&p->heat, &t); tries++) {
         if (t >= p->tracks || pm_bitmap_get(pending, t) != 1)
             continue;                       /* copied meanwhile */
-        if (!pm_bitmap_next_run(pending, t, max_tracks, s, n) || *s != t)
+        if (!pm_bitmap_next_run(pending, t, hot_max, s, n) || *s != t)
             continue;
         if (resv_conflict(p, slot, *s, n) == 0)
             return 1;
