@@ -13,7 +13,7 @@
  *   4 meta.c                  the metadata format and commit protocol
  *   3 tracklock.c, state.c    per-track locks | state names
  *   2 table.c, store_volatile.c
- *   1 bitmap.c, store.c
+ *   1 bitmap.c, store.c, pace.c, heat.c
  *   0 errors.c, crc32c.c, clock.c
  *
  * Lock order (outer first): the I/O barrier (host writes and flushes pass
