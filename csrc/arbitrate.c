@@ -3,7 +3,13 @@
  * the I/O barrier of consistency groups.
  *
  * Layer 6 (with copier.c): may call job.c (5), meta.c (4), tracklock.c/
- * state.c (3), bitmap.c/store.c (1) and the layer-0 helpers; never copier.c.
+ * state.c (3), bitmap.c/store.c/pace.c/heat.c (1) and the layer-0 helpers;
+ * never copier.c.
+ *
+ * Pacing and hot order (issue 13): every host read, write and flush of the
+ * standard is timed, entry to return, into pace.c's histograms (the
+ * latency the host sees, track-lock waits included); a redirected read
+ * marks its first track hot, a merge the track after it (heat.c).
  *
  * A host I/O locks every track it touches (tracklock.c), in ascending
  * order, waiting when a track is held; a copier only try-locks.
@@ -189,8 +195,11 @@ static int read_restoring(pm_pair *p, unsigned char *buf, uint64_t len, uint64_t
         uint64_t run_end = stop >= p->tracks ? p->size : pm_track_off(p, stop);
         uint64_t n = (run_end < end ? run_end : end) - off;
         rc = pm_store_read(p->store[is_pending ? PM_MIRROR : PM_STANDARD], buf, n, off);
-        if (rc == 0 && is_pending)
+        if (rc == 0 && is_pending) {
             pm_count_add(&p->reads_redirected, stop - t);
+            if (pm_load_relaxed(&p->order) == PM_ORDER_HOT)
+                pm_heat_mark(&p->heat, t);   /* the copier takes the run from t first */
+        }
         buf += n, off += n;
     }
     free(tbuf);
@@ -202,6 +211,7 @@ int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
     int rc = check_io(p, side, len, offset, __func__);
     if (rc || len == 0)
         return rc;
+    uint64_t t0 = pm_lat_now_ns();      /* host latency as the arbitration sees it (pace.c) */
     pthread_rwlock_rdlock(&p->cmd_lock);
     int state = pm_pair_state(p);
     if (side == PM_MIRROR) {
@@ -219,6 +229,8 @@ int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
         rc = pm_store_read(p->store[PM_STANDARD], buf, len, offset);
     }
     pthread_rwlock_unlock(&p->cmd_lock);
+    if (side == PM_STANDARD && rc == 0)
+        pm_lat_host(&p->lat, PM_LAT_READ, t0);
     return rc;
 }
 
@@ -226,6 +238,7 @@ int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
 
 /* Data source for a write: a caller buffer, or zeroes. */
 struct wsrc {
+    int *merged;                /* set to 1 when a PENDING track was merged (pacing: its own class) */
     const unsigned char *buf;   /* NULL for zeroes */
     unsigned zero_flags;        /* zeroes: PM_ZERO_PUNCH if they may be deallocated */
 };
@@ -268,6 +281,11 @@ static int write_restoring_track(pm_pair *p, uint64_t t, const struct wsrc *src,
             pm_count_add(&p->bytes_read, tlen);
             pm_count_add(&p->bytes_written, tlen);
             pm_job_clear_pending(p, PM_STANDARD, t, &p->tracks_merged);
+            *src->merged = 1;
+            /* A merge is the host's slowest write: the tracks after it are
+             * likely next (a writer moving on), so they are copied first. */
+            if (t + 1 < p->tracks && pm_load_relaxed(&p->order) == PM_ORDER_HOT && pm_bitmap_get(pending, t + 1) == 1)
+                pm_heat_mark(&p->heat, t + 1);
         }
     }
     if (rc)   /* a failing standard: the host gets the error, the job pauses on it */
@@ -386,9 +404,17 @@ static int do_write(pm_pair *p, int side, const struct wsrc *src, uint64_t len, 
     int rc = check_io(p, side, len, offset, func);
     if (rc || len == 0)
         return rc;
+    uint64_t t0 = pm_lat_now_ns();
+    int merged = 0;
+    struct wsrc mine = *src;
+    mine.merged = &merged;
     io_enter(p);
-    rc = do_write_entered(p, side, src, len, offset, flags, func);
+    rc = do_write_entered(p, side, &mine, len, offset, flags, func);
     io_exit(p);
+    /* a merging write costs a read of the source's track whatever the copy
+     * does: its own class, with its own baseline from quiet windows */
+    if (side == PM_STANDARD && rc == 0)
+        pm_lat_host(&p->lat, merged ? PM_LAT_MERGE : PM_LAT_WRITE, t0);
     return rc;
 }
 
@@ -445,7 +471,7 @@ static int do_write_entered(pm_pair *p, int side, const struct wsrc *src, uint64
 
 int pm_pair_write(pm_pair *p, int side, const void *buf, uint64_t len, uint64_t offset, unsigned flags)
 {
-    struct wsrc src = { buf, 0 };
+    struct wsrc src = { NULL, buf, 0 };
     if (buf == NULL && len > 0)
         return PM_FAIL(-EINVAL, "buf must not be NULL");
     return do_write(p, side, &src, len, offset, flags, __func__);
@@ -453,7 +479,7 @@ int pm_pair_write(pm_pair *p, int side, const void *buf, uint64_t len, uint64_t 
 
 int pm_pair_write_zeroes(pm_pair *p, int side, uint64_t len, uint64_t offset, unsigned flags)
 {
-    struct wsrc src = { NULL, (flags & PM_IO_PUNCH) ? PM_ZERO_PUNCH : 0 };
+    struct wsrc src = { NULL, NULL, (flags & PM_IO_PUNCH) ? PM_ZERO_PUNCH : 0 };
     return do_write(p, side, &src, len, offset, flags & ~(unsigned)PM_IO_PUNCH, __func__);
 }
 
@@ -461,9 +487,12 @@ int pm_pair_flush(pm_pair *p, int side)
 {
     if (side != PM_STANDARD && side != PM_MIRROR)
         return PM_FAIL(-EINVAL, "side must be PM_STANDARD or PM_MIRROR, got %d", side);
+    uint64_t t0 = pm_lat_now_ns();
     io_enter(p);
     unsigned mask = side == PM_MIRROR ? 2u : is_mirrored(p, pm_pair_state(p)) ? 3u : 1u;
     int rc = make_durable(p, mask);
     io_exit(p);
+    if (side == PM_STANDARD && rc == 0)
+        pm_lat_host(&p->lat, PM_LAT_FLUSH, t0);
     return rc;
 }

@@ -3,7 +3,17 @@
  * the rate limit, sleeping when nothing is claimable.
  *
  * Layer 6 (with arbitrate.c): may call job.c (5), meta.c (4), tracklock.c
- * (3), bitmap.c (1) and the layer-0 helpers; never arbitrate.c.
+ * (3), bitmap.c/store.c/pace.c/heat.c (1) and the layer-0 helpers; never
+ * arbitrate.c.
+ *
+ * Issue 13: the run a copier chooses is reserved for it (resv[]) before it
+ * pays the rate, so copiers never pay twice for one run and the rate is
+ * exact with any number of them; with order hot, tracks the host used
+ * while PENDING (heat.c) come first; the pacing controller (pace.c) is
+ * ticked from here and sets a rate (and smaller runs) below the user's
+ * cap, and asks for short quiet windows to learn the host's idle latency;
+ * write-behind waits for the window before last, so the copy's dirty
+ * pages stay bounded (two batches per copier).
  *
  * Each copier thread loops: take the next run of PENDING tracks on the
  * target (at most batch_bytes) from its own stripe, a contiguous range of
@@ -34,50 +44,93 @@
 
 #include "layout.h"
 
+/* Write-behind: a copier waits until the run it copied this many runs ago
+ * is on the device, so the copy leaves at most this many batches dirty per
+ * copier (docs/copier.md). */
+#ifndef PM_WB_WINDOWS
+#define PM_WB_WINDOWS 1
+#endif
+
+/* A hot track's run: the track and at most a few after it.  A host's
+ * working set is scattered; a full batch from each hot track would copy
+ * mostly cold tracks before the next hot one (measured: 5 % of the tracks
+ * hot, batch-long hot runs copied 80 % of the volume first). */
+#ifndef PM_HOT_RUN_BYTES
+#define PM_HOT_RUN_BYTES (256u << 10)
+#endif
+
 /* How far a copier asks the kernel to read ahead of its stream, in batches. */
 #ifndef PM_PREFETCH_BATCHES
 #define PM_PREFETCH_BATCHES 2
 #endif
 
-/* Wait until the rate limit allows `bytes` more: the time a batch costs is
- * paid before it is copied, so a low rate never begins with a burst.  The
- * wait sleeps on the job's condition variable, so pause, stop and a new rate
- * (pm_pair_set_rate broadcasts) end it at once.  Returns 0 to go on, or 1
- * if the job was paused or stopped meanwhile (the payment is then cancelled). */
-static int rate_wait(pm_pair *p, uint64_t bytes)
+/* The rate the copy may go now: the user's cap and the pacing's rate,
+ * whichever is lower (0 = no limit). */
+static uint64_t effective_rate(pm_pair *p)
 {
-    uint64_t rate = pm_load_relaxed(&p->rate);
+    uint64_t cap = pm_load_relaxed(&p->rate);
+    uint64_t pace = pm_load_relaxed(&p->pace_on) ? pm_load_relaxed(&p->pace_rate) : 0;
+    if (cap == 0)
+        return pace;
+    return pace == 0 || cap < pace ? cap : pace;
+}
+
+/* Sleep on the job's condition variable until `until` (pm_now seconds),
+ * the job stops or pauses (returns 1), or, with cap != UINT64_MAX, the
+ * user's rate changes from `cap` (pm_pair_set_rate broadcasts; returns 2). */
+static int job_sleep(pm_pair *p, double until, uint64_t cap)
+{
+    int why = 0;
+    struct timespec deadline = pm_deadline(until);
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        if (pm_load_relaxed(&p->stop) || !pm_load_relaxed(&p->run) || !p->job_active) {
+            why = 1;
+            break;
+        }
+        if (cap != UINT64_MAX && pm_load_relaxed(&p->rate) != cap) {
+            why = 2;
+            break;
+        }
+        if (pm_now() >= until)
+            break;
+        pthread_cond_timedwait(&p->cond, &p->mu, &deadline);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return why;
+}
+
+/* Wait until the rate allows `bytes` more: the time a run costs is paid
+ * before it is claimed, so a low rate never begins with a burst and no
+ * track is held while the limit sleeps.  The run is this copier's alone
+ * (reserved by next_run), so copiers never pay twice for one run: the
+ * rate is exact with any number of copiers.  *paid is the rate paid at
+ * (0: none).  Returns 0 to go on, or 1 if the job was paused or stopped
+ * meanwhile (the payment is then cancelled). */
+static int rate_wait(pm_pair *p, uint64_t bytes, uint64_t *paid)
+{
+    *paid = 0;
+    uint64_t rate = effective_rate(p);
     if (rate == 0)
         return 0;
+    uint64_t cap = pm_load_relaxed(&p->rate);
     pthread_mutex_lock(&p->rate_mu);
     double now = pm_now();
     double start = p->rate_next > now ? p->rate_next : now;
     double until = start + (double)bytes / (double)rate;
     p->rate_next = until;
     pthread_mutex_unlock(&p->rate_mu);
+    *paid = rate;
     if (until <= now)
         return 0;
-    int stopped = 0;
-    struct timespec deadline = pm_deadline(until);
-    pthread_mutex_lock(&p->mu);
-    for (;;) {
-        if (pm_load_relaxed(&p->stop) || !pm_load_relaxed(&p->run) || !p->job_active) {
-            stopped = 1;
-            break;
-        }
-        if (pm_load_relaxed(&p->rate) != rate)
-            break;                /* a new rate: go on at once, paying the new one from now */
-        if (pm_now() >= until)
-            break;
-        pthread_cond_timedwait(&p->cond, &p->mu, &deadline);
-    }
-    pthread_mutex_unlock(&p->mu);
-    if (stopped || pm_load_relaxed(&p->rate) != rate) {
+    int why = job_sleep(p, until, cap);
+    if (why) {
         pthread_mutex_lock(&p->rate_mu);
-        p->rate_next = 0;         /* the batch was not paid in full: no debt */
+        p->rate_next = 0;         /* the run was not paid in full: no debt */
         pthread_mutex_unlock(&p->rate_mu);
+        *paid = 0;                /* a new cap: go on at once, paying the new one from now */
     }
-    return stopped;
+    return why == 1;
 }
 
 /* Nothing can be claimed now: every PENDING track left is held by another
@@ -115,10 +168,9 @@ static void batch_released(pm_pair *p)
     }
 }
 
-/* Give back the rate credit of bytes paid for but not copied. */
-static void rate_refund(pm_pair *p, uint64_t bytes)
+/* Give back the rate credit of bytes paid for (at `rate`) but not copied. */
+static void rate_refund(pm_pair *p, uint64_t rate, uint64_t bytes)
 {
-    uint64_t rate = pm_load_relaxed(&p->rate);
     if (rate == 0 || bytes == 0)
         return;
     pthread_mutex_lock(&p->rate_mu);
@@ -149,87 +201,171 @@ static void copy_run(pm_pair *p, int target, uint64_t s, uint64_t k, unsigned ch
     }
 }
 
-/* ---- stripes ---------------------------------------------------------- */
+/* ---- choosing a run: hot tracks, stripes, the shared cursor ----------------
+ *
+ * All under stripe_mu.  Each copier records the run it chose in resv[slot]
+ * until its batch is done; no copier chooses a run that overlaps another's
+ * (it skips past it, or stops its run before it), so a run is paid for by
+ * one copier only. */
+
+/* Another copier's run overlapping [s, s + *n): returns the end of one
+ * that covers s (the caller looks past it), else 0, with *n trimmed so
+ * the run stops before any that begins inside it. */
+static uint64_t resv_conflict(pm_pair *p, int slot, uint64_t s, uint64_t *n)
+{
+    for (int j = 0; j < p->nstripes; j++) {
+        const struct pm_resv *r = &p->resv[j];
+        if (j == slot || r->e <= r->s)
+            continue;
+        if (r->s <= s && s < r->e)
+            return r->e;
+        if (s < r->s && r->s < s + *n)
+            *n = r->s - s;
+    }
+    return 0;
+}
 
 /* Give this copier a stripe: the tracks no copier has taken yet, else the
  * upper half of the largest stripe left (cut at a multiple of `align`
  * tracks), if that is at least two batches.  Returns 1 with [*cur, *end),
- * or 0: the copier then scans the whole table from the shared cursor. */
-static int stripe_take(pm_pair *p, int *slot, uint64_t align, uint64_t *cur, uint64_t *end)
+ * or 0: the copier then scans the whole table from the shared cursor.
+ * stripe_mu held; the slot was given when the copier started. */
+static int stripe_take_locked(pm_pair *p, int slot, uint64_t align, uint64_t *cur, uint64_t *end)
+{
+    struct pm_stripe *me = &p->stripes[slot];
+    me->cur = me->end = 0;             /* nobody cuts an exhausted stripe */
+    if (p->stripe_free < p->tracks) {
+        me->cur = p->stripe_free;
+        me->end = p->tracks;
+        p->stripe_free = p->tracks;
+    } else {
+        int best = -1;
+        uint64_t most = 0;
+        for (int j = 0; j < p->nstripes; j++) {
+            uint64_t left = p->stripes[j].end - p->stripes[j].cur;
+            if (j != slot && left > most)
+                best = j, most = left;
+        }
+        if (best >= 0 && most >= 2 * align) {
+            struct pm_stripe *v = &p->stripes[best];
+            uint64_t mid = v->cur + most / 2;
+            if (mid / align * align > v->cur)
+                mid = mid / align * align;
+            me->cur = mid;
+            me->end = v->end;
+            v->end = mid;
+        }
+    }
+    *cur = me->cur;
+    *end = me->end;
+    return me->end > me->cur;
+}
+
+/* A copier's view of where it copies. */
+struct walker {
+    int slot;               /* its index in stripes[] and resv[] */
+    int striped;            /* 1 while it has a stripe */
+    uint64_t cur, end;      /* its stripe, as it last saw it */
+    int from;               /* where the last run came from: FROM_* */
+};
+enum { FROM_HOT, FROM_STRIPE, FROM_SHARED };
+
+static void walker_start(pm_pair *p, struct walker *w)
 {
     pthread_mutex_lock(&p->stripe_mu);
-    if (*slot < 0 && p->nstripes < PM_MAX_COPIERS)
-        *slot = p->nstripes++;
+    w->slot = p->nstripes < PM_MAX_COPIERS ? p->nstripes++ : PM_MAX_COPIERS - 1;
+    p->resv[w->slot].s = p->resv[w->slot].e = 0;
+    p->stripes[w->slot].cur = p->stripes[w->slot].end = 0;
+    pthread_mutex_unlock(&p->stripe_mu);
+    w->striped = 1;
+    w->cur = w->end = 0;
+}
+
+/* The run is done (copied, or given up): others may take its tracks. */
+static void resv_release(pm_pair *p, const struct walker *w)
+{
+    pthread_mutex_lock(&p->stripe_mu);
+    p->resv[w->slot].s = p->resv[w->slot].e = 0;
+    pthread_mutex_unlock(&p->stripe_mu);
+}
+
+/* A hot track (heat.c) still PENDING and not in another copier's run:
+ * the run from it.  The heat queue is bounded, and a mark is a hint. */
+static int hot_run(pm_pair *p, pm_bitmap *pending, uint64_t max_tracks, int slot, uint64_t *s, uint64_t *n)
+{
+    uint64_t t, hot_max = (PM_HOT_RUN_BYTES >> p->shift) ? (PM_HOT_RUN_BYTES >> p->shift) : 1;
+    if (hot_max > max_tracks)
+        hot_max = max_tracks;
+    for (int tries = 0; tries < 64 && pm_heat_pop(&p->heat, &t); tries++) {
+        if (t >= p->tracks || pm_bitmap_get(pending, t) != 1)
+            continue;                       /* copied meanwhile */
+        if (!pm_bitmap_next_run(pending, t, hot_max, s, n) || *s != t)
+            continue;
+        if (resv_conflict(p, slot, *s, n) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* The next run to claim, reserved for this copier: a hot track's (order
+ * hot), else from its stripe while it lasts (taking a new one when it runs
+ * out), else from anywhere (the shared cursor: tracks skipped because host
+ * I/O held them, and the last few batches).  Returns 1 with [*s, *s+*n),
+ * or 0 if no PENDING track is free to choose. */
+static int next_run(pm_pair *p, pm_bitmap *pending, uint64_t max_tracks, int hot, struct walker *w,
+                    uint64_t *s, uint64_t *n)
+{
     int got = 0;
-    if (*slot >= 0) {
-        struct pm_stripe *me = &p->stripes[*slot];
-        me->cur = me->end = 0;             /* nobody cuts an exhausted stripe */
-        if (p->stripe_free < p->tracks) {
-            me->cur = p->stripe_free;
-            me->end = p->tracks;
-            p->stripe_free = p->tracks;
-        } else {
-            int best = -1;
-            uint64_t most = 0;
-            for (int j = 0; j < p->nstripes; j++) {
-                uint64_t left = p->stripes[j].end - p->stripes[j].cur;
-                if (j != *slot && left > most)
-                    best = j, most = left;
+    pthread_mutex_lock(&p->stripe_mu);
+    if (hot && hot_run(p, pending, max_tracks, w->slot, s, n)) {
+        w->from = FROM_HOT;
+        got = 1;
+    }
+    while (!got && w->striped) {
+        struct pm_stripe *me = &p->stripes[w->slot];
+        if (w->cur < me->end && pm_bitmap_next_run(pending, w->cur, max_tracks, s, n) && *s < me->end) {
+            if (*n > me->end - *s)
+                *n = me->end - *s;    /* another copier cut the stripe */
+            uint64_t past = resv_conflict(p, w->slot, *s, n);
+            if (past) {
+                w->cur = past;
+                continue;
             }
-            if (best >= 0 && most >= 2 * align) {
-                struct pm_stripe *v = &p->stripes[best];
-                uint64_t mid = v->cur + most / 2;
-                if (mid / align * align > v->cur)
-                    mid = mid / align * align;
-                me->cur = mid;
-                me->end = v->end;
-                v->end = mid;
-            }
+            me->cur = *s + *n;        /* a cut never falls inside the run */
+            w->cur = *s + *n;
+            w->from = FROM_STRIPE;
+            got = 1;
+            break;
         }
-        got = me->end > me->cur;
-        *cur = me->cur;
-        *end = me->end;
+        w->striped = stripe_take_locked(p, w->slot, max_tracks, &w->cur, &w->end);
+    }
+    if (!got) {
+        uint64_t c = pm_load_relaxed(&p->cursor);
+        int wrapped = c == 0;
+        for (;;) {
+            if (c >= p->tracks || !pm_bitmap_next_run(pending, c, max_tracks, s, n)) {
+                if (wrapped)
+                    break;
+                wrapped = 1, c = 0;
+                continue;
+            }
+            uint64_t past = resv_conflict(p, w->slot, *s, n);
+            if (past) {
+                c = past;
+                continue;
+            }
+            pm_store_relaxed(&p->cursor, *s + *n < p->tracks ? *s + *n : 0);
+            w->from = FROM_SHARED;
+            got = 1;
+            break;
+        }
+    }
+    if (got) {
+        p->resv[w->slot].s = *s;
+        p->resv[w->slot].e = *s + *n;
     }
     pthread_mutex_unlock(&p->stripe_mu);
     return got;
-}
-
-/* Reserve [s, s+*n) of this copier's stripe before claiming its tracks:
- * trims *n to the stripe's end (another copier may have cut it) and moves
- * the stripe's cursor past the run, so a cut never falls inside it.
- * Returns 0 if s is past the end: the stripe is used up. */
-static int stripe_reserve(pm_pair *p, int slot, uint64_t s, uint64_t *n)
-{
-    pthread_mutex_lock(&p->stripe_mu);
-    struct pm_stripe *me = &p->stripes[slot];
-    int ok = s < me->end;
-    if (ok) {
-        if (*n > me->end - s)
-            *n = me->end - s;
-        me->cur = s + *n;
-    }
-    pthread_mutex_unlock(&p->stripe_mu);
-    return ok;
-}
-
-/* The next run to claim: from this copier's stripe while it lasts (taking
- * a new one when it runs out), else from anywhere (the shared cursor):
- * tracks skipped because host I/O held them, and the last few batches.
- * Returns 1 with [*s, *s+*n), or 0 if no track is PENDING. */
-static int next_run(pm_pair *p, pm_bitmap *pending, uint64_t max_tracks, int *slot, int *striped,
-                    uint64_t *cur, uint64_t *end, uint64_t *s, uint64_t *n)
-{
-    while (*striped) {
-        if (*cur < *end && pm_bitmap_next_run(pending, *cur, max_tracks, s, n) &&
-            stripe_reserve(p, *slot, *s, n)) {
-            *cur = *s + *n;
-            return 1;
-        }
-        *striped = stripe_take(p, slot, max_tracks, cur, end);
-    }
-    uint64_t c = pm_load_relaxed(&p->cursor);
-    return pm_bitmap_next_run(pending, c, max_tracks, s, n) ||
-           (c != 0 && pm_bitmap_next_run(pending, 0, max_tracks, s, n));
 }
 
 /* Start reading the source ahead of a copier's stream: the next PENDING
@@ -266,6 +402,55 @@ static void prefetch(pm_pair *p, int target, uint64_t from, uint64_t ahead, uint
     *done = dt << p->shift;
 }
 
+/* ---- pacing ------------------------------------------------------------ */
+
+void pm_job_pace_reset_locked(pm_pair *p)
+{
+    int on = p->cfg.pace == PM_PACE_AUTO;
+    uint32_t milli = p->cfg.latency_factor_milli ? p->cfg.latency_factor_milli : 2000;
+    pthread_mutex_lock(&p->pace_mu);       /* order: mu, then pace_mu */
+    pm_pace_restart(&p->pacer, milli / 1000.0, p->cfg.latency_target_ns);
+    p->pace_tick_t = 0;
+    pthread_mutex_unlock(&p->pace_mu);
+    pm_store_relaxed(&p->pace_rate, 0);
+    pm_store_relaxed(&p->quiet_until_ns, 0);
+    pm_store_relaxed(&p->pace_on, on);
+    pm_store_relaxed(&p->order, p->cfg.order);
+    pm_heat_reset(&p->heat);
+}
+
+/* Run the controller (pace.c) at most every 50 ms, from whichever copier
+ * comes by first; publish its rate and any quiet window it asks for. */
+#define PACE_TICK_S 0.05
+static void pace_tick(pm_pair *p)
+{
+    if (!pm_load_relaxed(&p->pace_on) || pthread_mutex_trylock(&p->pace_mu) != 0)
+        return;
+    double now = pm_now();
+    if (now - p->pace_tick_t >= PACE_TICK_S) {
+        double quiet_before = p->pacer.quiet_until;
+        p->pace_tick_t = now;
+        pm_pace_tick(&p->pacer, &p->lat, &p->pace_snap, &p->pace_in, now, pm_load_relaxed(&p->bytes_written));
+        pm_store_relaxed(&p->pace_rate, (uint64_t)p->pacer.rate);
+        if (p->pacer.quiet_until > now && p->pacer.quiet_until != quiet_before) {
+            pm_store_relaxed(&p->quiet_until_ns, (uint64_t)(p->pacer.quiet_until * 1e9));
+            pm_count_add(&p->pace_quiet, 1);
+        }
+    }
+    pthread_mutex_unlock(&p->pace_mu);
+}
+
+/* The largest run under pacing: about 25 ms of copy at the paced rate, so
+ * a paced copy holds tracks and the device in small pieces. */
+static uint64_t paced_tracks(pm_pair *p, uint64_t max_tracks)
+{
+    uint64_t pr = pm_load_relaxed(&p->pace_on) ? pm_load_relaxed(&p->pace_rate) : 0;
+    if (pr == 0)
+        return max_tracks;
+    uint64_t t = (pr / 40) >> p->shift;
+    return t < 1 ? 1 : (t < max_tracks ? t : max_tracks);
+}
+
 static void *copier_main(void *arg)
 {
     pm_pair *p = arg;
@@ -282,17 +467,23 @@ static void *copier_main(void *arg)
     int rc = pm_meta_changed_durable(p->meta);
     if (rc < 0)
         pm_job_error(p, rc, 0);
-    /* The kernel copy and write-behind won while the job fit in the page
-     * cache's dirty budget (2 GiB of 24); at 8 GiB, writeback throttled
-     * them and buffered I/O left to the kernel's writeback was faster
-     * (docs/copier.md).  A job larger than 1/8 of memory takes that path. */
+    /* The kernel copy won while the job fit in the page cache's dirty
+     * budget (2 GiB of 24); at 8 GiB, writeback throttled it and buffered
+     * I/O was faster (docs/copier.md).  A job larger than 1/8 of memory
+     * copies through the buffer. */
     uint64_t job_bytes = pm_load_relaxed(&p->tracks_total) << p->shift;
     long pages = sysconf(_SC_PHYS_PAGES), page_size = sysconf(_SC_PAGESIZE);
     int small_job = pages > 0 && page_size > 0 && job_bytes <= (uint64_t)pages * (uint64_t)page_size / 8;
     unsigned misses = 0;
     double backoff = 0.0005;
-    int slot = -1, striped = 1;
-    uint64_t scur = 0, send = 0, prefetched = 0;
+    struct walker w;
+    walker_start(p, &w);
+    uint64_t prefetched = 0;
+    /* write-behind in windows: the run copied PM_WB_WINDOWS runs ago must be
+     * on the device before this copier goes on (docs/copier.md, bounded
+     * dirty data) */
+    int wb_target = -1;
+    uint64_t wb_off[PM_WB_WINDOWS] = { 0 }, wb_len[PM_WB_WINDOWS] = { 0 }, wb_n = 0;
     for (;;) {
         pthread_mutex_lock(&p->mu);
         while (!pm_load_relaxed(&p->stop) && p->job_active && (p->paused_req || p->error))
@@ -303,16 +494,23 @@ static void *copier_main(void *arg)
         if (max_tracks > batch_bytes >> p->shift)
             max_tracks = batch_bytes >> p->shift;   /* never more than this thread's buffer */
         uint32_t retries = p->cfg.retries;
-        uint64_t ahead = pm_load_relaxed(&p->rate) ? 0 : (uint64_t)p->cfg.batch_bytes * PM_PREFETCH_BATCHES;
+        int hot = p->cfg.order == PM_ORDER_HOT && target == PM_STANDARD;
         pthread_mutex_unlock(&p->mu);
         if (!active)
             break;
 
+        pace_tick(p);
+        uint64_t quiet = pm_load_relaxed(&p->quiet_until_ns);
+        if (quiet && pm_lat_now_ns() < quiet) {
+            job_sleep(p, (double)quiet / 1e9, UINT64_MAX);   /* a quiet window: the baseline */
+            continue;
+        }
+        max_tracks = paced_tracks(p, max_tracks);
+        uint64_t ahead = effective_rate(p) ? 0 : (uint64_t)batch_bytes * PM_PREFETCH_BATCHES;
         pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
         uint64_t seen = pm_load_seqcst(&p->batches);
         uint64_t s, n;
-        int from_stripe = striped;
-        if (!next_run(p, pending, max_tracks, &slot, &striped, &scur, &send, &s, &n)) {
+        if (!next_run(p, pending, max_tracks, hot, &w, &s, &n)) {
             if (pm_load_seqcst(&p->pending_left) == 0) {
                 pm_job_finish(p);
                 break;
@@ -320,11 +518,13 @@ static void *copier_main(void *arg)
             wait_for_work(p, seen, &backoff);   /* the last tracks are held by others */
             continue;
         }
-        from_stripe = from_stripe && striped;
         /* Pay for the run before claiming it, so no track is held while
          * the rate limit sleeps; what is not claimed is refunded. */
-        if (rate_wait(p, n << p->shift))
+        uint64_t paid;
+        if (rate_wait(p, n << p->shift, &paid)) {
+            resv_release(p, &w);
             continue;
+        }
         uint64_t k = 0;
         while (k < n && pm_track_trylock(p, s + k)) {
             if (pm_bitmap_get(pending, s + k) != 1) {
@@ -333,13 +533,14 @@ static void *copier_main(void *arg)
             }
             k++;
         }
-        rate_refund(p, (n - k) << p->shift);
+        rate_refund(p, paid, (n - k) << p->shift);
         if (k == 0) {
             /* held by host I/O or another copier: look further on, and
              * sleep once a pass finds nothing to claim */
-            if (from_stripe)
-                scur = s + 1;
-            else
+            resv_release(p, &w);
+            if (w.from == FROM_STRIPE)
+                w.cur = s + 1;
+            else if (w.from == FROM_SHARED)
                 pm_store_relaxed(&p->cursor, s + 1 < p->tracks ? s + 1 : 0);
             if (++misses >= 16) {
                 misses = 0;
@@ -349,18 +550,32 @@ static void *copier_main(void *arg)
         }
         misses = 0;
         backoff = 0.0005;
-        if (from_stripe)
-            scur = s + k;   /* tracks of the run not claimed: the shared scan finds them */
-        else
+        if (w.from == FROM_STRIPE)
+            w.cur = s + k;   /* tracks of the run not claimed: the shared scan finds them */
+        else if (w.from == FROM_SHARED)
             pm_store_relaxed(&p->cursor, s + k < p->tracks ? s + k : 0);
-        prefetch(p, target, pm_track_off(p, s + k), ahead, &prefetched);
+        else
+            pm_count_add(&p->tracks_hot, k);
+        if (w.from != FROM_HOT)
+            prefetch(p, target, pm_track_off(p, s + k), ahead, &prefetched);
+        pm_lat_copy_begin(&p->lat);
         copy_run(p, target, s, k, buf, retries, small_job);
-        if (small_job)
-            pm__store_write_behind(p->store[target], (k << p->shift), pm_track_off(p, s));
+        uint64_t off = pm_track_off(p, s), len = (s + k >= p->tracks ? p->size : pm_track_off(p, s + k)) - off;
+        pm__store_write_behind(p->store[target], len, off);
+        pm_lat_copy_end(&p->lat);
         for (uint64_t t = s; t < s + k; t++)
             pm_track_unlock(p, t);
+        resv_release(p, &w);
         batch_released(p);
         pm_meta_copied(p->meta, k);
+        if (wb_target != target)
+            wb_n = 0, wb_target = target;
+        unsigned slot = (unsigned)(wb_n % PM_WB_WINDOWS);
+        if (wb_n >= PM_WB_WINDOWS) {
+            unsigned old = (unsigned)((wb_n - PM_WB_WINDOWS) % PM_WB_WINDOWS);
+            pm__store_write_wait(p->store[target], wb_len[old], wb_off[old]);
+        }
+        wb_off[slot] = off, wb_len[slot] = len, wb_n++;
     }
     free(buf);
     return NULL;
@@ -373,6 +588,7 @@ int pm_job_start_threads_locked(pm_pair *p)
         pthread_mutex_lock(&p->stripe_mu);
         p->nstripes = 0;
         p->stripe_free = 0;
+        memset(p->resv, 0, sizeof p->resv);
         pthread_mutex_unlock(&p->stripe_mu);
     }
     uint32_t want = p->cfg.copiers;

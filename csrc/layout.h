@@ -13,7 +13,7 @@
  *   4 meta.c                  the metadata format and commit protocol
  *   3 tracklock.c, state.c    per-track locks | state names
  *   2 table.c, store_volatile.c, store_nbd.c
- *   1 bitmap.c, store.c, store_uri.c
+ *   1 bitmap.c, store.c, store_uri.c, pace.c, heat.c
  *   0 errors.c, crc32c.c, clock.c
  *
  * Lock order (outer first): the I/O barrier (host writes and flushes pass
@@ -30,8 +30,10 @@
 #include <pthread.h>
 #include <time.h>
 
+#include "heat.h"
 #include "internal.h"
 #include "meta.h"
+#include "pace.h"
 #include "store.h"
 
 #define PM_MAX_COPIERS 64
@@ -85,6 +87,10 @@ struct pm_pair {
     int nstripes;                /* slots handed out */
     uint64_t stripe_free;        /* tracks [stripe_free, tracks) are in no stripe yet */
     struct pm_stripe { uint64_t cur, end; } stripes[PM_MAX_COPIERS];
+    /* The run each copier has chosen and not yet finished, [s, e) (e == s:
+     * none), under stripe_mu: a copier never picks (and pays the rate for)
+     * a run another copier holds or is about to claim. */
+    struct pm_resv { uint64_t s, e; } resv[PM_MAX_COPIERS];
     pm_atomic_u64 pending_left;  /* PENDING bits set on the target */
     /* Mirror tracks that are not part of a point-in-time image, outside
      * SYNCING (while syncing the live count of PENDING(mirror) is used):
@@ -104,6 +110,24 @@ struct pm_pair {
     pthread_mutex_t rate_mu;
     pm_atomic_u64 rate;
     double rate_next;            /* earliest time the next batch may start */
+
+    /* Pacing (pace.c): host latency recorded by arbitrate.c; the controller
+     * ticked by the copiers under pace_mu; its decisions published in
+     * relaxed atomics the copiers read per batch. */
+    struct pm_lat lat;
+    pthread_mutex_t pace_mu;
+    struct pm_pacer pacer;
+    struct pm_pace_snap pace_snap;
+    struct pm_pace_in pace_in;       /* scratch for a tick */
+    double pace_tick_t;              /* when the controller last ran (under pace_mu) */
+    pm_atomic_int pace_on;           /* cfg.pace == PM_PACE_AUTO for the current job */
+    pm_atomic_u64 pace_rate;         /* bytes/s the pacing allows, 0 = full speed */
+    pm_atomic_u64 quiet_until_ns;    /* copiers claim nothing before this (a quiet window) */
+    pm_atomic_u64 pace_quiet;        /* quiet windows taken */
+    /* Hot tracks first (heat.c): marked by arbitrate.c, taken by copier.c. */
+    struct pm_heat heat;
+    pm_atomic_int order;             /* cfg.order, for arbitrate.c (relaxed: a hint) */
+    pm_atomic_u64 tracks_hot;
 
     /* counters: relaxed atomics, read without locks */
     pm_atomic_u64 tracks_total, tracks_copied, tracks_skipped, tracks_merged;
@@ -147,6 +171,7 @@ static inline uint32_t pm_track_len(const pm_pair *p, uint64_t t)
 }
 
 /* the copier threads (copier.c) */
+void pm_job_pace_reset_locked(pm_pair *p);     /* a job's pacing and heat start afresh (mu held) */
 int pm_job_start_threads_locked(pm_pair *p);   /* mu held */
 void pm_job_join_threads(pm_pair *p);          /* mu not held */
 

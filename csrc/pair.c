@@ -40,6 +40,10 @@ static void config_defaults(struct pm_copy_config *cfg)
     cfg->rate_bytes = 0;
     cfg->retries = 3;
     cfg->read_policy = PM_READ_REDIRECT;
+    cfg->pace = PM_PACE_AUTO;
+    cfg->order = PM_ORDER_HOT;
+    cfg->latency_factor_milli = 2000;
+    cfg->latency_target_ns = 0;
 }
 
 int pm_copy_config_init(struct pm_copy_config *cfg, size_t size)
@@ -105,6 +109,21 @@ static int check_config(const pm_pair *p, struct pm_copy_config *c, const char *
         return pm_fail(func, -EINVAL, "retries must be 1 to 100, got %u", c->retries);
     if (c->read_policy != PM_READ_REDIRECT && c->read_policy != PM_READ_HYDRATE)
         return pm_fail(func, -EINVAL, "unknown read policy %d", c->read_policy);
+    if (c->pace != PM_PACE_AUTO && c->pace != PM_PACE_OFF)
+        return pm_fail(func, -EINVAL, "pace must be PM_PACE_AUTO (0) or PM_PACE_OFF (1), got %d", c->pace);
+    if (c->order != PM_ORDER_HOT && c->order != PM_ORDER_ASCENDING)
+        return pm_fail(func, -EINVAL, "order must be PM_ORDER_HOT (0) or PM_ORDER_ASCENDING (1), got %d",
+                       c->order);
+    if (c->latency_factor_milli == 0)
+        c->latency_factor_milli = 2000;
+    if (c->latency_factor_milli < 1000 || c->latency_factor_milli > 1000000)
+        return pm_fail(func, -EINVAL, "the host latency target factor must be 1x to 1000x, got %u/1000",
+                       c->latency_factor_milli);
+    if (c->latency_target_ns > 60000000000ull)
+        return pm_fail(func, -EINVAL, "the host latency target must be at most 60 s, got %llu ns",
+                       (unsigned long long)c->latency_target_ns);
+    if (c->reserved0 != 0)
+        return pm_fail(func, -EINVAL, "reserved0 must be 0");
     return 0;
 }
 
@@ -182,6 +201,9 @@ int pm_pair_create(pm_store *standard, pm_store *mirror, uint32_t track_size, pm
     pthread_mutex_init(&p->stripe_mu, NULL);
     pthread_mutex_init(&p->io_mu, NULL);
     pthread_cond_init(&p->io_cond, NULL);
+    pthread_mutex_init(&p->pace_mu, NULL);
+    pm_pace_init(&p->pacer, 2.0, 0);
+    pm_heat_init(&p->heat);
     pm_tracklock_init(p);
     pm_copy_config_default(&p->cfg);
     resolve_config(p, &p->cfg);        /* what a reopened job resumes with */
@@ -232,6 +254,8 @@ void pm_pair_destroy(pm_pair *p)
     pm_tracklock_destroy(p);
     pthread_mutex_destroy(&p->rate_mu);
     pthread_mutex_destroy(&p->stripe_mu);
+    pthread_mutex_destroy(&p->pace_mu);
+    pm_heat_destroy(&p->heat);
     pthread_cond_destroy(&p->io_cond);
     pthread_mutex_destroy(&p->io_mu);
     pthread_cond_destroy(&p->cond);
@@ -308,6 +332,9 @@ static int begin_job(pm_pair *p, int target, int incremental, int protect, int n
     pm_store_relaxed(&p->tracks_merged, 0);
     pm_store_relaxed(&p->reads_redirected, 0);
     pm_store_relaxed(&p->reads_hydrated, 0);
+    pm_store_relaxed(&p->tracks_hot, 0);
+    pm_store_relaxed(&p->pace_quiet, 0);
+    pm_job_pace_reset_locked(p);
     pm_store_relaxed(&p->bytes_read, 0);
     pm_store_relaxed(&p->bytes_written, 0);
     pm_store_relaxed(&p->compare, compare_main != NULL);
@@ -629,9 +656,13 @@ int pm_pair_configure(pm_pair *p, const struct pm_copy_config *in)
     if (rc)
         return rc;
     pthread_mutex_lock(&p->mu);
+    int repace = cfg->pace != p->cfg.pace || cfg->latency_factor_milli != p->cfg.latency_factor_milli ||
+                 cfg->latency_target_ns != p->cfg.latency_target_ns || cfg->order != p->cfg.order;
     p->cfg = *cfg;
     pm_store_relaxed(&p->rate, cfg->rate_bytes);
     pm_store_relaxed(&p->read_policy, cfg->read_policy);
+    if (repace)
+        pm_job_pace_reset_locked(p);
     pthread_cond_broadcast(&p->cond);   /* a copier sleeping on the old rate */
     pthread_mutex_unlock(&p->mu);
     return 0;
@@ -679,6 +710,24 @@ int pm_pair_progress(const pm_pair *cp, struct pm_progress *out)
     o->tracks_compared = pm_load_relaxed(&p->tracks_compared);
     o->tracks_equal = pm_load_relaxed(&p->tracks_equal);
     o->compare_bytes = pm_load_relaxed(&p->compare_bytes);
+    pthread_mutex_lock(&p->pace_mu);
+    const struct pm_pacer *c = &p->pacer;
+    o->host_read_p50_ns = c->p50_ns[PM_LAT_READ];
+    o->host_read_p99_ns = c->p99_ns[PM_LAT_READ];
+    o->host_write_p50_ns = c->p50_ns[PM_LAT_WRITE];
+    o->host_write_p99_ns = c->p99_ns[PM_LAT_WRITE];
+    o->host_flush_p50_ns = c->p50_ns[PM_LAT_FLUSH];
+    o->host_flush_p99_ns = c->p99_ns[PM_LAT_FLUSH];
+    o->idle_read_p99_ns = c->base99_ns[PM_LAT_READ];
+    o->idle_write_p99_ns = c->base99_ns[PM_LAT_WRITE];
+    o->idle_flush_p99_ns = c->base99_ns[PM_LAT_FLUSH];
+    o->host_merge_p50_ns = c->p50_ns[PM_LAT_MERGE];
+    o->host_merge_p99_ns = c->p99_ns[PM_LAT_MERGE];
+    o->idle_merge_p99_ns = c->base99_ns[PM_LAT_MERGE];
+    pthread_mutex_unlock(&p->pace_mu);
+    o->pace_rate = o->running ? pm_load_relaxed(&p->pace_rate) : 0;
+    o->tracks_hot = pm_load_relaxed(&p->tracks_hot);
+    o->pace_quiet = pm_load_relaxed(&p->pace_quiet);
     /* as much as the caller's struct holds; a newer caller's extra fields read 0 */
     size_t n = size < sizeof full ? size : sizeof full;
     full.size = (uint32_t)n;

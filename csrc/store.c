@@ -237,6 +237,16 @@ void pm__store_write_behind(pm_store *s, uint64_t len, uint64_t off)
     (void)sync_file_range(s->fd, (off_t)off, (off_t)len, SYNC_FILE_RANGE_WRITE);
 }
 
+void pm__store_write_wait(pm_store *s, uint64_t len, uint64_t off)
+{
+    if (s->ops != &file_ops || s->fd_buffered >= 0 || off >= s->size)
+        return;
+    /* start what is not started yet and wait until the range is on the
+     * device: the copier's dirty pages stay bounded (docs/copier.md) */
+    (void)sync_file_range(s->fd, (off_t)off, (off_t)len,
+                          SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+}
+
 int pm__store_copy_range(pm_store *src, pm_store *dst, uint64_t len, uint64_t off)
 {
     /* relaxed: a stale 0 only costs one more failing attempt */

@@ -74,6 +74,10 @@ void pm__store_write_behind(pm_store *s, uint64_t len, uint64_t off);
 int pm__file_identity(int fd, char *buf, size_t len);
 int pm__identity_stable(const char *id);
 int pm__file_change_stamp(int fd, char *buf, size_t len);
+/* pm__store_write_wait: write [off, off+len) back and wait until it is on
+ * the device (file stores; a no-op for others): bounds the dirty pages a
+ * copy leaves behind.  Not a durability point either. */
+void pm__store_write_wait(pm_store *s, uint64_t len, uint64_t off);
 /* The pid holding a flock on the file (dev, ino), or 0 if not found. */
 int pm__lock_holder(uint64_t dev, uint64_t ino);
 

@@ -160,6 +160,14 @@ def copy_options(f: F) -> F:
         click.option("--rate", type=SIZE, default=None, help="Copy rate limit in bytes per second (8M = 8 MiB/s; 0 = none)."),
         click.option("--copiers", type=click.IntRange(1, 64), default=None, help="Copier threads (default: auto, 2 for files)."),
         click.option("--batch-size", type=SIZE, default=None, help="Largest copy I/O (default: auto, 4M)."),
+        click.option("--pace", type=click.Choice(["auto", "off"]), default=None,
+                     help="auto (default): keep host latency within --host-latency-target while using the "
+                          "bandwidth left; off: full speed (--rate caps both)."),
+        click.option("--host-latency-target", default=None, metavar="TARGET",
+                     help="Host p99 latency the pacing keeps: a factor of the idle latency (2x, the default) "
+                          "or a time (5ms)."),
+        click.option("--order", type=click.Choice(["hot", "ascending"]), default=None,
+                     help="hot (default): tracks the host uses are copied first; ascending: volume order."),
     ]
     for o in reversed(opts):
         f = o(f)

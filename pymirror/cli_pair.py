@@ -48,6 +48,20 @@ def open_target(obj: Ctx, arg: str) -> "LocalTarget | RemoteTarget":
 
 
 
+def pace_options(pace: Optional[str], host_latency_target: Optional[str], order: Optional[str]) -> dict[str, Any]:
+    """--pace, --host-latency-target, --order as copy settings; a bad target
+    is the user's mistake, reported before anything is opened."""
+    if host_latency_target is not None:
+        from .pace import normalize_latency_target
+
+        try:
+            host_latency_target = normalize_latency_target(host_latency_target)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--host-latency-target") from None
+    return {k: v for k, v in (("pace", pace), ("host_latency_target", host_latency_target), ("order", order))
+            if v is not None}
+
+
 # -- following a job ------------------------------------------------------------
 def _snapshot(t: Any) -> Optional[dict[str, Any]]:
     q = t.query()
@@ -193,11 +207,13 @@ def print_plan(obj: Ctx, pair: str, kind: str, incremental: bool, protect: bool,
 @click.pass_obj
 def establish(obj: Ctx, pair: str, incremental: bool, assume_equal: bool, compare: bool, trust: bool,
               dry_run: bool, as_json: bool,
-              rate: Optional[int], copiers: Optional[int], batch_size: Optional[int], no_wait: bool,
+              rate: Optional[int], copiers: Optional[int], batch_size: Optional[int], pace: Optional[str],
+              host_latency_target: Optional[str], order: Optional[str], no_wait: bool,
               socket_path: Optional[str], listen: Optional[str], allow_remote: bool) -> None:
     """Copy the standard to the mirror and keep them identical.  PAIR may be a group."""
     _check_compare(compare, incremental, assume_equal)
-    copy = dict(rate=rate, copiers=copiers, batch_size=batch_size)
+    copy: dict[str, Any] = dict(rate=rate, copiers=copiers, batch_size=batch_size,
+                                **pace_options(pace, host_latency_target, order))
     if trust:
         copy["trust"] = True
     if dry_run or as_json:
@@ -254,12 +270,16 @@ def split(obj: Ctx, pair: str) -> None:
 @click.pass_obj
 def restore(obj: Ctx, pair: str, incremental: bool, protect: bool, read_policy: Optional[str], compare: bool,
             trust: bool, dry_run: bool, as_json: bool,
-            rate: Optional[int], copiers: Optional[int], batch_size: Optional[int], no_wait: bool,
+            rate: Optional[int], copiers: Optional[int], batch_size: Optional[int], pace: Optional[str],
+            host_latency_target: Optional[str], order: Optional[str], no_wait: bool,
             socket_path: Optional[str], listen: Optional[str], allow_remote: bool) -> None:
     """Restore the standard from the mirror while the host keeps using it.
-    PAIR may be a group: every pair starts its restore at one instant."""
+    PAIR may be a group: every pair starts its restore at one instant.
+    By default the copy paces itself to keep the host's latency within
+    --host-latency-target and copies the tracks the host uses first."""
     _check_compare(compare, incremental)
-    copy: dict[str, Any] = dict(rate=rate, copiers=copiers, batch_size=batch_size, read_policy=read_policy)
+    copy: dict[str, Any] = dict(rate=rate, copiers=copiers, batch_size=batch_size, read_policy=read_policy,
+                                **pace_options(pace, host_latency_target, order))
     if trust:
         copy["trust"] = True
     if dry_run or as_json:
@@ -279,8 +299,10 @@ def restore(obj: Ctx, pair: str, incremental: bool, protect: bool, read_policy: 
 @serve_options
 @click.pass_obj
 def resume(obj: Ctx, pair: str, rate: Optional[int], copiers: Optional[int], batch_size: Optional[int],
+           pace: Optional[str], host_latency_target: Optional[str], order: Optional[str],
            no_wait: bool, socket_path: Optional[str], listen: Optional[str], allow_remote: bool) -> None:
     """Continue an establish or restore that was interrupted or paused."""
+    more = pace_options(pace, host_latency_target, order)
     t = open_target(obj, pair)
     try:
         q = t.query()
@@ -290,7 +312,7 @@ def resume(obj: Ctx, pair: str, rate: Optional[int], copiers: Optional[int], bat
         raise
 
     def start() -> None:
-        t.resume(rate=rate, copiers=copiers, batch_size=batch_size)
+        t.resume(rate=rate, copiers=copiers, batch_size=batch_size, **more)
         note(f"resuming the {kind} of {pair}")
     run_job_verb(t, kind, start, no_wait, socket_path, listen, allow_remote)
 

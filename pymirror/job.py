@@ -55,6 +55,25 @@ class Progress:
     tracks_compared: int = 0      # tracks compared so far
     tracks_equal: int = 0         # tracks found equal: not copied
     compare_bytes: int = 0        # bytes the compare read from both sides
+    # Pacing and hot order (issue 13; docs/arbitration.md "Pacing"): host I/O
+    # on the standard as the arbitration timed it in the last window the
+    # pacing judged, in seconds (None: no samples), the idle baselines, the
+    # rate the pacing allows now (0: full speed), tracks taken first as hot.
+    host_read_p50: Optional[float] = None
+    host_read_p99: Optional[float] = None
+    host_write_p50: Optional[float] = None
+    host_write_p99: Optional[float] = None
+    host_flush_p50: Optional[float] = None
+    host_flush_p99: Optional[float] = None
+    idle_read_p99: Optional[float] = None
+    idle_write_p99: Optional[float] = None
+    idle_flush_p99: Optional[float] = None
+    host_merge_p50: Optional[float] = None     # host writes that merged a not-yet-restored track
+    host_merge_p99: Optional[float] = None
+    idle_merge_p99: Optional[float] = None
+    pace_rate: int = 0
+    tracks_hot: int = 0
+    pace_quiet: int = 0
 
     @property
     def tracks_done(self) -> int:
@@ -116,6 +135,10 @@ def read_progress(pair: "Pair") -> Progress:
         mirror_invalid=int(p.mirror_invalid),
         **_compare_fields(p),
         bytes_zeroed=int(p.bytes_zeroed),
+        **{k: (int(getattr(p, k + "_ns")) / 1e9 or None) for k in _LATENCIES},
+        pace_rate=int(p.pace_rate),
+        tracks_hot=int(p.tracks_hot),
+        pace_quiet=int(p.pace_quiet),
     )
 
 
@@ -124,6 +147,11 @@ def _compare_fields(p: Any) -> dict[str, Any]:
     return {"compare": bool(p.compare), "comparing": bool(p.comparing),
             "tracks_compared": int(p.tracks_compared), "tracks_equal": int(p.tracks_equal),
             "compare_bytes": int(p.compare_bytes)}
+
+
+_LATENCIES = ("host_read_p50", "host_read_p99", "host_write_p50", "host_write_p99", "host_flush_p50",
+              "host_flush_p99", "idle_read_p99", "idle_write_p99", "idle_flush_p99", "host_merge_p50",
+              "host_merge_p99", "idle_merge_p99")
 
 
 class Job:

@@ -37,13 +37,25 @@ _SIDE = {lib.PM_STANDARD: "the standard", lib.PM_MIRROR: "the mirror"}
 
 def _c_config(cfg: CopyConfig, track_size: int) -> Any:
     c = ffi.new("struct pm_copy_config *")
-    lib.pm_copy_config_default(c)
+    lib.pm_copy_config_init(c, ffi.sizeof("struct pm_copy_config"))
     c.copiers = cfg.copiers
     c.batch_bytes = max(track_size, cfg.batch_size // track_size * track_size) if cfg.batch_size else 0
     c.rate_bytes = cfg.rate
     c.retries = cfg.retries
     c.read_policy = lib.PM_READ_HYDRATE if cfg.read_policy == "hydrate" else lib.PM_READ_REDIRECT
+    _pace_fields(c, cfg)
     return c
+
+
+def _pace_fields(c: Any, cfg: CopyConfig) -> None:
+    """The 0.3 fields (pymirror.pace): pacing, order, host latency target."""
+    from .pace import parse_latency_target
+
+    c.pace = lib.PM_PACE_OFF if cfg.pace == "off" else lib.PM_PACE_AUTO
+    c.order = lib.PM_ORDER_ASCENDING if cfg.order == "ascending" else lib.PM_ORDER_HOT
+    milli, ns = parse_latency_target(cfg.host_latency_target)
+    c.latency_factor_milli = milli or 2000
+    c.latency_target_ns = ns
 
 
 def _as_volume(v: "PathLike | Volume", track_size: int, role: str) -> tuple[Volume, bool]:

@@ -46,10 +46,37 @@ def describe(p: "Union[Progress, Snapshot]") -> str:
         extra.append(f"{_get(p, 'reads_redirected')} reads redirected")
     if _get(p, "reads_hydrated"):
         extra.append(f"{_get(p, 'reads_hydrated')} reads hydrated")
+    pace = pace_text(p)
+    if pace:
+        extra.append(pace)
     if _get(p, "paused", False):
         error = _get(p, "error", None)
         extra.append("PAUSED" + (f" on error at track {_get(p, 'error_track', None)}: {error}" if error else ""))
     return line + (f" [{', '.join(extra)}]" if extra else "")
+
+
+def _ms(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} us"
+
+
+def pace_text(p: "Union[Progress, Snapshot]") -> str:
+    """Host latency seen during the job, the idle baseline, the paced rate
+    and the hot tracks taken first ("" when there is nothing to say)."""
+    parts = []
+    for kind in ("read", "write", "merge", "flush"):
+        p99 = _get(p, f"host_{kind}_p99", None)
+        if p99:
+            idle = _get(p, f"idle_{kind}_p99", None)
+            parts.append(f"{kind} p50/p99 {_ms(_get(p, f'host_{kind}_p50', None))}/{_ms(p99)}"
+                         + (f" (idle p99 {_ms(idle)})" if idle else ""))
+    rate = _get(p, "pace_rate", 0)
+    if rate:
+        parts.append(f"paced to {rate / MiB:.1f} MiB/s")
+    if _get(p, "tracks_hot", 0):
+        parts.append(f"{_get(p, 'tracks_hot')} hot tracks first")
+    return "host " + ", ".join(parts) if parts and parts[0][0] in "rwmf" else ", ".join(parts)
 
 
 def follow(job: Job, label: str, stream: Optional[IO[str]] = None,

@@ -22,8 +22,11 @@ query_dict keys:
   (running or paused) a dict with ``kind`` (``"establish"``/``"restore"``),
   ``tracks_total``, ``tracks_pending``, ``tracks_done``, ``paused``, ``error``,
   ``error_track``, ``rate`` (bytes/s so far), ``rate_limit`` (bytes/s, 0 =
-  none), ``eta`` (seconds or None), ``fraction`` and the other counters of
-  :class:`pymirror.Progress`;
+  none), ``eta`` (seconds or None), ``fraction``, the pacing settings
+  ``pace``/``host_latency_target``/``order``, the host latency seen
+  (``host_read_p50``, ``host_read_p99``, ... in seconds, None when no
+  samples), ``pace_rate`` (bytes/s the pacing allows, 0 = full speed),
+  ``tracks_hot`` and the other counters of :class:`pymirror.Progress`;
 - ``last_job``: the counters of the copy that finished last (same shape as
   ``job``), or None; kept so a script can see what a completed job did.
 - ``standard`` / ``mirror`` also hold ``trust``: what opening the pair found
@@ -58,6 +61,10 @@ def job_dict(pair: "Pair", progress: Any = None) -> dict[str, Any]:
     d = p.as_dict()
     d["kind"] = getattr(pair, "_job_kind", "restore" if p.state == "restoring" else "establish")
     d["rate_limit"] = int(pair.config.rate)
+    cfg = pair.config
+    d["pace"] = getattr(cfg, "pace", "off")
+    d["host_latency_target"] = getattr(cfg, "host_latency_target", None)
+    d["order"] = getattr(cfg, "order", "ascending")
     return d
 
 

@@ -32,9 +32,12 @@ class LocalTarget:
         self.pair = Pair.open(os.path.realpath(meta), config=settings.copy)
 
     def _config(self, rate: Optional[int] = None, copiers: Optional[int] = None,
-                batch_size: Optional[int] = None, read_policy: Optional[str] = None) -> CopyConfig:
+                batch_size: Optional[int] = None, read_policy: Optional[str] = None,
+                pace: Optional[str] = None, host_latency_target: Optional[str] = None,
+                order: Optional[str] = None) -> CopyConfig:
         return self.settings.copy.replace(rate=rate, copiers=copiers, batch_size=batch_size,
-                                          read_policy=read_policy)
+                                          read_policy=read_policy, pace=pace,
+                                          host_latency_target=host_latency_target, order=order)
 
     # -- answers ----------------------------------------------------------------
     def query(self) -> dict[str, Any]:

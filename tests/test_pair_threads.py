@@ -58,8 +58,9 @@ def split_pair(tmp_path):
     pair.close()
 
 
+@pytest.mark.parametrize("order", ["hot", "ascending"])
 @pytest.mark.parametrize("policy", ["redirect", "hydrate"])
-def test_restore_under_concurrent_writers_and_readers(split_pair, policy):
+def test_restore_under_concurrent_writers_and_readers(split_pair, policy, order):
     pair = split_pair
     mirror_hash = digest(pair.mirror_readinto, SIZE)
     nseg = SIZE // SEG
@@ -92,7 +93,7 @@ def test_restore_under_concurrent_writers_and_readers(split_pair, policy):
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(THREADS)]
     for t in threads:
         t.start()
-    job = pair.restore(protect=True, config=CopyConfig(copiers=2, rate=64 << 20, read_policy=policy))
+    job = pair.restore(protect=True, config=CopyConfig(copiers=2, rate=64 << 20, read_policy=policy, order=order))
     barrier.wait()
     for t in threads:
         t.join()
@@ -110,6 +111,8 @@ def test_restore_under_concurrent_writers_and_readers(split_pair, policy):
     assert got == bytes(expect)
     p = pair.progress
     assert p.tracks_copied + p.tracks_skipped + p.tracks_merged >= p.tracks_total
+    if order == "ascending":
+        assert p.tracks_hot == 0          # hot-first only when asked
 
 
 def test_established_concurrent_overlapping_writers_keep_sides_equal(tmp_path):

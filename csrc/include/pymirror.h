@@ -380,6 +380,12 @@ struct pm_copy_config {
     uint32_t retries;       /* attempts per failed track copy before the job pauses (default 3) */
     int32_t read_policy;    /* enum pm_read_policy */
     /* -- 0.3 fields, branch pace (issue 13) -- */
+    int32_t pace;           /* enum pm_pace: PM_PACE_AUTO (0, the default) or PM_PACE_OFF */
+    int32_t order;          /* enum pm_order: PM_ORDER_HOT (0, the default) or PM_ORDER_ASCENDING */
+    uint32_t latency_factor_milli;  /* host p99 target as a multiple of its idle baseline, in
+                               thousandths, 1000 to 1000000; 0 (the default) = 2000 (2x) */
+    uint32_t reserved0;     /* 0 */
+    uint64_t latency_target_ns;     /* host p99 target as a time (ns, up to 60 s); 0 = the factor */
 
 };
 
@@ -417,6 +423,18 @@ struct pm_progress {
     uint64_t syncs;            /* data and metadata syncs those commits made */
     uint64_t mirror_invalid;   /* mirror tracks not part of a point-in-time image (0: consistent) */
     /* -- 0.3 fields, branch pace (issue 13) -- */
+    /* Host I/O on the standard during the job, as the arbitration times it
+     * (the last window the pacing judged; 0 = no samples): p50 / p99 in ns. */
+    uint64_t host_read_p50_ns, host_read_p99_ns;
+    uint64_t host_write_p50_ns, host_write_p99_ns;
+    uint64_t host_flush_p50_ns, host_flush_p99_ns;
+    /* The idle baselines (p99 of host I/O while the copy was quiet; 0 = not known yet). */
+    uint64_t idle_read_p99_ns, idle_write_p99_ns, idle_flush_p99_ns;
+    /* Host writes that merged a PENDING track (they read the source's track): p50 / p99, idle p99. */
+    uint64_t host_merge_p50_ns, host_merge_p99_ns, idle_merge_p99_ns;
+    uint64_t pace_rate;        /* bytes/s the pacing lets the copy go now; 0 = full speed (or pacing off) */
+    uint64_t tracks_hot;       /* tracks the copier took first because the host used them */
+    uint64_t pace_quiet;       /* quiet windows the pacing took to learn the baseline */
 
     /* -- 0.3 fields, branch sparse (issue 13) -- */
     uint64_t bytes_zeroed;     /* bytes the job zeroed on the target (holes and zero tracks of the
@@ -552,6 +570,9 @@ int pm_pair_commit(pm_pair *p);
 int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg);
 
 /* ---- branch pace: latency-aware pacing, hot tracks first, exact rate (issue 13) ---- */
+
+enum pm_pace { PM_PACE_AUTO = 0, PM_PACE_OFF = 1 };
+enum pm_order { PM_ORDER_HOT = 0, PM_ORDER_ASCENDING = 1 };
 
 /* ---- branch sparse: holes and zeros, block status, plans (issue 13) ---- */
 

@@ -924,7 +924,27 @@ static void abi_growth(void)
     CHECK_EQ(pm_pair_establish(p, 0, &c), 0);
     CHECK_EQ(pm_pair_wait(p, -1), 0);
     pm_copy_config_default(&c);
-    CHECK_EQ(c.size, sizeof c);                             /* 0.2's size is today's */
+    CHECK_EQ(c.size, 32);                                   /* 0.2's size (0.3 grew it: branch pace) */
+    CHECK(sizeof c > 32);
+    /* 0.3 fields: pacing, order, latency target */
+    CHECK_EQ(pm_copy_config_init(&c, sizeof c), 0);
+    CHECK_EQ(c.pace, PM_PACE_AUTO);
+    CHECK_EQ(c.order, PM_ORDER_HOT);
+    CHECK_EQ(c.latency_factor_milli, 2000);
+    CHECK_EQ(c.latency_target_ns, 0);
+    c.pace = 2;
+    CHECK_EQ(pm_pair_configure(p, &c), -EINVAL);
+    CHECK(strstr(pm_last_error(), "pace") != NULL);
+    c.pace = PM_PACE_OFF, c.order = 7;
+    CHECK_EQ(pm_pair_configure(p, &c), -EINVAL);
+    CHECK(strstr(pm_last_error(), "order") != NULL);
+    c.order = PM_ORDER_ASCENDING, c.latency_factor_milli = 500;
+    CHECK_EQ(pm_pair_configure(p, &c), -EINVAL);
+    CHECK(strstr(pm_last_error(), "factor") != NULL);
+    c.latency_factor_milli = 0, c.latency_target_ns = 61000000000ull;
+    CHECK_EQ(pm_pair_configure(p, &c), -EINVAL);
+    c.latency_target_ns = 5000000;
+    CHECK_EQ(pm_pair_configure(p, &c), 0);
     /* progress into a shorter struct: nothing written past its size */
     struct { struct pm_progress pr; uint64_t guard; } out;
     memset(&out, 0x77, sizeof out);

@@ -11,6 +11,9 @@ configuration file, and explicit arguments.  The file is TOML with one
     rate = "0"            # bytes per second, 0 = unlimited
     read_policy = "redirect"   # or "hydrate"
     retries = 3
+    pace = "auto"              # or "off": latency-aware pacing (docs/arbitration.md)
+    host_latency_target = "2x" # a factor of the idle latency, or a time ("5ms")
+    order = "hot"              # or "ascending": tracks the host uses first
 
 It is found by the first of: ``--config PATH`` (CLI) or ``config_path``
 (API), the environment variable ``PYMIRROR_CONFIG``, then
@@ -50,7 +53,12 @@ class CopyConfig:
     docs/copier.md.  rate: bytes per second, 0 for no limit.  retries:
     attempts per failing track before the job pauses.  read_policy:
     ``"redirect"`` serves a read of a not-yet-restored track from the
-    source; ``"hydrate"`` copies the track first.
+    source; ``"hydrate"`` copies the track first.  pace: ``"auto"`` keeps
+    the host's p99 latency within ``host_latency_target`` (a factor of its
+    idle latency, ``"2x"``, or a time, ``"5ms"``) while using the bandwidth
+    left; ``"off"`` copies at full speed (``rate`` caps both).  order:
+    ``"hot"`` copies tracks the host uses first, ``"ascending"`` in order.
+    See :mod:`pymirror.pace`.
     """
 
     copiers: int = 0
@@ -58,8 +66,19 @@ class CopyConfig:
     rate: int = 0
     retries: int = 3
     read_policy: str = "redirect"
+    pace: str = "auto"
+    host_latency_target: str = "2x"
+    order: str = "hot"
 
     def __post_init__(self) -> None:
+        from ..pace import ORDERS, PACES, check_choice, normalize_latency_target
+
+        try:
+            check_choice("pace", self.pace, PACES)
+            check_choice("order", self.order, ORDERS)
+            object.__setattr__(self, "host_latency_target", normalize_latency_target(self.host_latency_target))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if not 0 <= self.copiers <= 64:
             raise ConfigError(f"copiers must be between 1 and 64 (0 = auto), got {self.copiers}")
         if self.batch_size != 0 and not 4096 <= self.batch_size <= 256 << 20:
@@ -113,7 +132,8 @@ def find_config(explicit: "str | os.PathLike[str] | None" = None) -> "Path | Non
     return path if path.is_file() else None
 
 
-_KEYS = {"track_size", "copiers", "batch_size", "rate", "retries", "read_policy"}
+_KEYS = {"track_size", "copiers", "batch_size", "rate", "retries", "read_policy", "pace",
+         "host_latency_target", "order"}
 
 
 def _auto(name: str, value: Any, convert: Any) -> int:
@@ -142,6 +162,9 @@ def settings_from_mapping(data: Mapping[str, Any], source: "str | None" = None) 
             rate=parse_size(data.get("rate", 0), "rate"),
             retries=int(data.get("retries", 3)),
             read_policy=str(data.get("read_policy", "redirect")),
+            pace=str(data.get("pace", "auto")),
+            host_latency_target=data.get("host_latency_target", "2x"),
+            order=str(data.get("order", "hot")),
         )
         return Settings(
             track_size=parse_size(data.get("track_size", 64 << 10), "track_size"),

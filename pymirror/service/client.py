@@ -207,20 +207,25 @@ class RemotePair:
 
     def establish(self, incremental: bool = False, assume_equal: bool = False, rate: Optional[int] = None,
                   copiers: Optional[int] = None, batch_size: Optional[int] = None, wait: bool = False,
-                  compare: bool = False, trust: Optional[bool] = None) -> Any:
+                  compare: bool = False, trust: Optional[bool] = None, pace: Optional[str] = None,
+                  host_latency_target: Optional[str] = None, order: Optional[str] = None) -> Any:
         extra = {"compare": True} if compare else {}
         return self._x("establish", incremental=incremental, assume_equal=assume_equal, rate=rate,
-                       copiers=copiers, batch_size=batch_size, wait=wait, trust=trust, **extra)
+                       copiers=copiers, batch_size=batch_size, wait=wait, trust=trust, pace=pace,
+                       host_latency_target=host_latency_target, order=order, **extra)
 
     def split(self) -> Any:
         return self._x("split")
 
     def restore(self, incremental: bool = False, protect: bool = True, read_policy: Optional[str] = None,
                 rate: Optional[int] = None, copiers: Optional[int] = None, batch_size: Optional[int] = None,
-                wait: bool = False, compare: bool = False, trust: Optional[bool] = None) -> Any:
+                wait: bool = False, compare: bool = False, trust: Optional[bool] = None,
+                pace: Optional[str] = None, host_latency_target: Optional[str] = None,
+                order: Optional[str] = None) -> Any:
         extra = {"compare": True} if compare else {}
         return self._x("restore", incremental=incremental, protect=protect, read_policy=read_policy,
-                       rate=rate, copiers=copiers, batch_size=batch_size, wait=wait, trust=trust, **extra)
+                       rate=rate, copiers=copiers, batch_size=batch_size, wait=wait, trust=trust, pace=pace,
+                       host_latency_target=host_latency_target, order=order, **extra)
 
     def plan(self, kind: str, incremental: bool = False, protect: bool = True) -> dict[str, Any]:
         """What a restore or establish (``kind``) would do, changing nothing
@@ -228,8 +233,10 @@ class RemotePair:
         return self.client._dict("plan", name=self.name, kind=kind, incremental=incremental, protect=protect)
 
     def resume(self, rate: Optional[int] = None, copiers: Optional[int] = None,
-               batch_size: Optional[int] = None, wait: bool = False) -> Any:
-        return self._x("resume", rate=rate, copiers=copiers, batch_size=batch_size, wait=wait)
+               batch_size: Optional[int] = None, wait: bool = False, pace: Optional[str] = None,
+               host_latency_target: Optional[str] = None, order: Optional[str] = None) -> Any:
+        return self._x("resume", rate=rate, copiers=copiers, batch_size=batch_size, wait=wait, pace=pace,
+                       host_latency_target=host_latency_target, order=order)
 
     def pause(self) -> Any:
         return self._x("pause")

@@ -31,7 +31,7 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 from .. import errors
-from ..config import CopyConfig
+from ..config import ConfigError, CopyConfig
 from ..report import query_dict
 from . import barrier, verbs
 from .control import ControlServer, client_alive
@@ -42,7 +42,7 @@ from .protocol import DaemonError, InvalidArgument, NoSuchPair, greeting
 from .state import StateFile
 
 log = logging.getLogger("pymirror.daemon")
-COPY_KEYS = ("rate", "copiers", "batch_size", "read_policy")   # a pair's copy settings, remembered
+COPY_KEYS = ("rate", "copiers", "batch_size", "read_policy", "pace", "host_latency_target", "order")   # a pair's copy settings, remembered
 
 
 def _version() -> str:
@@ -413,7 +413,10 @@ class Daemon:
     # job verbs ----------------------------------------------------------------
     def _cfg(self, pair: Any, **changes: Any) -> CopyConfig:
         base: CopyConfig = pair.config
-        return base.replace(**changes)
+        try:
+            return base.replace(**changes)
+        except ConfigError as exc:     # e.g. pace "fast": the caller's mistake, nothing changed
+            raise InvalidArgument(str(exc)) from None
 
     def _locked(self, helds: list[HeldPair]) -> Any:
         """Take the command locks of several pairs, in name order."""
@@ -469,7 +472,8 @@ class Daemon:
 
     def verb_establish(self, name: str, incremental: Optional[bool], assume_equal: Optional[bool],
                        rate: Optional[int], copiers: Optional[int], batch_size: Optional[int],
-                       wait: Optional[bool], compare: Optional[bool] = None, trust: Optional[bool] = None) -> Any:
+                       wait: Optional[bool], compare: Optional[bool] = None, trust: Optional[bool] = None,
+                       **pace: Any) -> Any:
         group, helds = self.resolve(name)
         with self._locked(helds):
             self._no_verify(helds, "establish")
@@ -477,7 +481,7 @@ class Daemon:
             if group is None:
                 pair = helds[0].need()
                 pair.establish(incremental=bool(incremental), assume_equal=bool(assume_equal),
-                               config=self._cfg(pair, rate=rate, copiers=copiers, batch_size=batch_size),
+                               config=self._cfg(pair, rate=rate, copiers=copiers, batch_size=batch_size, **pace),
                                compare=bool(compare))
                 extra = None
             else:
@@ -487,7 +491,8 @@ class Daemon:
                     raise InvalidArgument("compare is for one pair, not a group: establish each pair "
                                           "with compare")
                 for h in helds:
-                    h.need()._configure(self._cfg(h.pair, rate=rate, copiers=copiers, batch_size=batch_size))
+                    h.need()._configure(self._cfg(h.pair, rate=rate, copiers=copiers, batch_size=batch_size,
+                                                  **pace))
                 extra = {"held_seconds": self._group_call("establish", helds, incremental=bool(incremental))}
             for h in helds:
                 h.paused_by_request = False
@@ -498,7 +503,7 @@ class Daemon:
     def verb_restore(self, name: str, incremental: Optional[bool], protect: Optional[bool],
                      read_policy: Optional[str], rate: Optional[int], copiers: Optional[int],
                      batch_size: Optional[int], wait: Optional[bool], compare: Optional[bool] = None,
-                     trust: Optional[bool] = None) -> Any:
+                     trust: Optional[bool] = None, **pace: Any) -> Any:
         group, helds = self.resolve(name)
         protect = True if protect is None else protect
         with self._locked(helds):
@@ -508,7 +513,7 @@ class Daemon:
                 pair = helds[0].need()
                 pair.restore(incremental=bool(incremental), protect=protect,
                              config=self._cfg(pair, rate=rate, copiers=copiers, batch_size=batch_size,
-                                              read_policy=read_policy), compare=bool(compare))
+                                              read_policy=read_policy, **pace), compare=bool(compare))
                 extra = None
             else:
                 if compare:
@@ -516,7 +521,7 @@ class Daemon:
                                           "with compare")
                 for h in helds:
                     h.need()._configure(self._cfg(h.pair, rate=rate, copiers=copiers, batch_size=batch_size,
-                                                  read_policy=read_policy))
+                                                  read_policy=read_policy, **pace))
                 extra = {"held_seconds": self._group_call("restore", helds, incremental=bool(incremental),
                                                           protect=protect)}
             for h in helds:
@@ -545,7 +550,7 @@ class Daemon:
         return self.verb_query(name) if not extra else dict(self.verb_query(name), **extra)
 
     def verb_resume(self, name: str, rate: Optional[int], copiers: Optional[int], batch_size: Optional[int],
-                    wait: Optional[bool]) -> Any:
+                    wait: Optional[bool], **pace: Any) -> Any:
         group, helds = self.resolve(name)
         with self._locked(helds):
             for h in helds:
@@ -554,7 +559,8 @@ class Daemon:
                     if group is None:
                         raise errors.StateError(f"{h.name} is {pair.state}; there is no copy to resume")
                     continue
-                changes = {k: v for k, v in (("rate", rate), ("copiers", copiers), ("batch_size", batch_size))
+                changes = {k: v for k, v in (("rate", rate), ("copiers", copiers), ("batch_size", batch_size),
+                                             *pace.items())
                            if v is not None}
                 pair.resume(config=self._cfg(pair, **changes) if changes else None)
                 h.paused_by_request = False

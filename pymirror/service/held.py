@@ -120,6 +120,11 @@ class VerifyJob:
             self.finished.set()
 
 
+PACE_FIELDS = ("host_read_p50", "host_read_p99", "host_write_p50", "host_write_p99", "host_flush_p50",
+               "host_flush_p99", "idle_read_p99", "idle_write_p99", "idle_flush_p99", "host_merge_p50", "host_merge_p99",
+               "idle_merge_p99", "pace_rate", "tracks_hot")
+
+
 class HeldPair:
     def __init__(self, name: str, meta: str, hub: EventHub) -> None:
         self.name = name
@@ -249,4 +254,6 @@ class HeldPair:
                               tracks_pending=p.tracks_pending, tracks_done=p.tracks_done,
                               fraction=round(p.fraction, 6), rate=round(p.rate),
                               eta=None if eta is None else round(eta, 1),
-                              bytes_written=p.bytes_written)
+                              bytes_written=p.bytes_written,
+                              # pacing and hot order (issue 13): what `watch` shows
+                              **{k: getattr(p, k, None) for k in PACE_FIELDS})

@@ -11,7 +11,9 @@ from typing import Any
 
 from .protocol import CommandNotFound, InvalidArgument
 
-COPY = {"rate": ("size", False), "copiers": ("int", False), "batch_size": ("size", False)}
+COPY = {"rate": ("size", False), "copiers": ("int", False), "batch_size": ("size", False),
+        # pacing and order (issue 13, pymirror/pace.py)
+        "pace": ("str", False), "host_latency_target": ("str", False), "order": ("str", False)}
 NAME = {"name": ("str", True)}
 
 VERBS: dict[str, dict[str, tuple[str, bool]]] = {
