@@ -178,8 +178,11 @@ class Pair(Handle):
         mir_path = os.fsdecode(ffi.string(info.mirror_path))
         owned: list[Volume] = []
         try:
+            from .uri import parse as _parse_volume
+
             for role, path in (("standard", std_path), ("mirror", mir_path)):
-                if not os.path.lexists(path):
+                u = _parse_volume(path)     # a remote volume (nbd:, rbd:) is checked by opening it
+                if u.kind == "file" and not os.path.lexists(u.path or path):
                     import errno as _errno
                     raise errors.VolumeMissingError(
                         _errno.ENOENT, f"open pair {meta_path}: its {role} volume {path} does not exist; if the "
