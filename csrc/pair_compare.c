@@ -144,6 +144,12 @@ static int phase_batch(void *ctx, uint64_t first, uint64_t n, const unsigned cha
         pm_job_error(p, rc, first);
         return 1;
     }
+    /* counted before the decisions: the last one may end the job, and a
+     * waiter then reads these */
+    pm_count_add(&p->tracks_compared, n);
+    struct pm_compare_progress pr = { sizeof pr, 0, 0, 0, 0, 0, 0, 0 };
+    if (pm_compare_progress(cp->ctl, &pr) == 0)
+        pm_store_relaxed(&p->compare_bytes, pr.bytes_read);
     pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
     pm_bitmap *chg_std = p->table[PM_STANDARD]->flags[PM_CHANGED];
     pm_bitmap *chg_mir = p->table[PM_MIRROR]->flags[PM_CHANGED];
@@ -157,10 +163,6 @@ static int phase_batch(void *ctx, uint64_t first, uint64_t n, const unsigned cha
             cleared += (uint64_t)pm_job_clear_pending(p, target, t, &p->tracks_equal);
         pm_track_unlock(p, t);
     }
-    pm_count_add(&p->tracks_compared, n);
-    struct pm_compare_progress pr = { sizeof pr, 0, 0, 0, 0, 0, 0, 0 };
-    if (pm_compare_progress(cp->ctl, &pr) == 0)
-        pm_store_relaxed(&p->compare_bytes, pr.bytes_read);
     if (cleared)
         pm_meta_copied(p->meta, cleared);   /* a commit about every second, as copiers do */
     return 0;

@@ -438,6 +438,8 @@ def verify(obj: Ctx, pair: str, as_json: bool, limit: int) -> None:
     terminal).  Exit 0 equal, 1 they differ, 2 an error."""
     t = open_target(obj, pair)
     try:
+        from .cli_compare import verify_here, verify_remote
+
         info = verify_remote(obj, t) if isinstance(t, RemoteTarget) else verify_here(t)
     finally:
         t.close()
@@ -452,86 +454,6 @@ def verify(obj: Ctx, pair: str, as_json: bool, limit: int) -> None:
                 shown = ", ".join(map(str, diff[:limit])) + (" ..." if len(diff) > limit else "")
                 out(f"{name}: {len(diff)} of {one['tracks']} tracks differ: {shown}")
     sys.exit(EXIT_OK if info["equal"] else EXIT_NO)
-
-
-def verify_here(t: LocalTarget) -> dict[str, Any]:
-    """Verify a pair opened here, following the C comparison with the same
-    display as a copy job (stderr); Ctrl-C cancels it."""
-    from .compare import Comparison
-    from .progress import follow_snapshots
-    from .report import check_settled, verify_result
-
-    pair = t.pair
-    check_settled(pair, t.label)
-    comp = Comparison(pair).start()
-    try:
-        follow_snapshots(lambda s: DONE if comp.wait(s) else TIMEOUT, lambda: compare_snapshot(comp),
-                         f"verify {t.label}")
-    except BaseException:
-        comp.cancel()
-        comp.wait()
-        raise
-    return verify_result(pair, comp.result())
-
-
-def verify_remote(obj: Ctx, t: RemoteTarget) -> dict[str, Any]:
-    """Verify through the daemon (its online verify, in C), showing the
-    progress it reports in ``status`` (read on a second connection) while
-    the verb waits on the first.  Ctrl-C stops following; the daemon's
-    verify goes on and keeps its result (``status``: last_verify)."""
-    import threading
-
-    from .progress import follow_snapshots
-
-    result: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            result["info"] = t.verify()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            result["exc"] = exc
-
-    poller = connect_or_none(obj.control)
-    th = threading.Thread(target=work, name="verify", daemon=True)
-    th.start()
-
-    def wait(seconds: float) -> str:
-        th.join(seconds)
-        return TIMEOUT if th.is_alive() else DONE
-
-    def snapshot() -> Optional[dict[str, Any]]:
-        if poller is None:
-            return None
-        try:
-            pairs = poller.status(t.name).get("pairs") or []
-        except Exception:  # noqa: BLE001 - progress is best effort (a group has no one entry)
-            return None
-        v = pairs[0].get("verify") if len(pairs) == 1 else None
-        if not v:
-            return None
-        total, done = int(v["tracks_total"]), int(v["tracks_done"])
-        return {"tracks_total": total, "tracks_done": done, "tracks_pending": total - done,
-                "fraction": done / total if total else 1.0, "rate": None, "eta": None}
-
-    try:
-        follow_snapshots(wait, snapshot, f"verify {t.label}")
-    finally:
-        if poller is not None:
-            poller.close()
-    th.join()
-    if "exc" in result:
-        raise result["exc"]
-    info: dict[str, Any] = result["info"]
-    return info
-
-
-def compare_snapshot(comp: Any) -> dict[str, Any]:
-    """A comparison's progress in the shape progress.describe() shows."""
-    p = comp.progress()
-    left = p.tracks_total - p.tracks_done
-    per_track = p.bytes_read / p.tracks_done if p.tracks_done else 0
-    eta = left * per_track / p.rate if p.rate > 0 else None
-    return {**p.as_dict(), "tracks_pending": left, "eta": eta, "elapsed": p.elapsed}
 
 
 @cli.command()
