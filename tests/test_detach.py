@@ -377,7 +377,8 @@ def test_daemon_keeps_the_copy_error_across_a_restart_then_logs_the_detach(tmp_p
         cli_util.wait_until(lambda: "DETACHED" in daemon.output(), what="the detach to be logged")
         q = json.loads(pm("query", meta, "--json").stdout)
         assert q["state"] == "detached" and q["detached"]["errno"] == "ENOSPC"
-        assert "DETACHED" in pm("status").stdout or "detached" in pm("status").stdout
+        status = pm("status").stdout
+        assert "p: detached" in status and "DETACHED" in status and "track 60" in status
         subprocess.run(["mount", "-o", "remount,size=16m", str(small_tmpfs)], check=True)
         pm("establish", "--incremental", meta)
         assert pm("verify", meta).returncode == 0
