@@ -158,10 +158,12 @@ void pm_job_error(pm_pair *p, int rc, uint64_t track)
     pthread_mutex_unlock(&p->mu);
     if (first) {
         /* the metadata header records the error, so a reopened pair still
-         * says why it stopped; best effort: a failing volume may fail the
-         * commit too.  Callers may hold track locks: tracks -> metadata -> mu. */
+         * says why it stopped: a commit that syncs no data volume (the
+         * failing one may fail its sync too, as a loop device over a full
+         * filesystem does).  Callers may hold track locks: tracks ->
+         * metadata -> mu. */
         pm_meta_dirty(p->meta);
-        pm_meta_commit(p->meta);
+        pm_meta_commit_records(p->meta);
     }
 }
 
