@@ -21,6 +21,8 @@
 
 #include "layout.h"
 
+static int detach(pm_pair *p, int rc, uint64_t track, int unsynced, int ended_job);
+
 int pm_job_done_state(int target, int protect)
 {
     if (target == PM_MIRROR)
@@ -69,6 +71,7 @@ void pm_job_finish(pm_pair *p)
 {
     pthread_mutex_lock(&p->mu);
     int ended = p->job_active && pm_load_seqcst(&p->pending_left) == 0;
+    int target = p->target;
     if (ended) {
         pm_job_end_locked(p);
         p->finishing = 1;       /* waiters wait for the commit below */
@@ -76,6 +79,13 @@ void pm_job_finish(pm_pair *p)
     pthread_mutex_unlock(&p->mu);
     if (!ended)
         return;
+    /* An establish's copies must be durable on the mirror before the pair
+     * is recorded established; a mirror that fails that sync detaches
+     * (fsync reports a writeback error only once, so the commit below
+     * would not see it again) and the pair is recorded detached. */
+    int rc = target == PM_MIRROR ? pm_store_flush(p->store[PM_MIRROR]) : 0;
+    if (rc)
+        detach(p, rc, UINT64_MAX, 1, 1);
     /* Data before state: the copied tracks are made durable by this commit
      * (meta.c flushes both stores before writing the tables). */
     pm_meta_commit(p->meta);
@@ -281,10 +291,12 @@ void pm_job_error(pm_pair *p, int rc, uint64_t track)
     pthread_mutex_unlock(&p->mu);
     if (first) {
         /* the metadata header records the error, so a reopened pair still
-         * says why it stopped; best effort: a failing volume may fail the
-         * commit too.  Callers may hold track locks: tracks -> metadata -> mu. */
+         * says why it stopped: a commit that syncs no data volume (the
+         * failing one may fail its sync too, as a loop device over a full
+         * filesystem does).  Callers may hold track locks: tracks ->
+         * metadata -> mu. */
         pm_meta_dirty(p->meta);
-        pm_meta_commit(p->meta);
+        pm_meta_commit_records(p->meta);
     }
 }
 
@@ -325,6 +337,15 @@ void pm_job_reopen(pm_pair *p, int state, int error, int64_t error_track)
  * cannot fail it. */
 int pm_job_detach(pm_pair *p, int rc, uint64_t track)
 {
+    return detach(p, rc, track, 0, 0);
+}
+
+/* unsynced: the mirror failed a sync, so nothing written to it since its
+ * last good sync can be trusted (fsync reports a writeback error once).
+ * ended_job: the establish that just ended (pm_job_finish) is the one the
+ * detach ends, for pm_pair_wait. */
+static int detach(pm_pair *p, int rc, uint64_t track, int unsynced, int ended_job)
+{
     pm_meta_lock(p->meta);          /* no commit sees half of it */
     pthread_mutex_lock(&p->mu);
     int state = pm_pair_state(p);
@@ -344,6 +365,8 @@ int pm_job_detach(pm_pair *p, int rc, uint64_t track)
         p->detached_job = 1;
         pm_store_seqcst(&p->run, 0);
     }
+    if (ended_job)
+        p->detached_job = 1;
     p->detach_error = rc;
     p->detach_track = (int64_t)track;
     struct timespec ts;
@@ -359,9 +382,11 @@ int pm_job_detach(pm_pair *p, int rc, uint64_t track)
         pm_bitmap_union(chg_mir, pending);
         pm_bitmap_zero(pending);
         pm_store_seqcst(&p->pending_left, 0);
-        if (pm_store_flush(p->store[PM_MIRROR]) != 0)
-            pm_bitmap_fill(chg_mir);
+        if (!unsynced && pm_store_flush(p->store[PM_MIRROR]) != 0)
+            unsynced = 1;
     }
+    if (unsynced)
+        pm_bitmap_fill(chg_mir);
     pm_meta_dirty(p->meta);
     pm_meta_unlock(p->meta);
     pm_meta_commit(p->meta);        /* best effort: a close commits again */

@@ -857,6 +857,16 @@ int pm_meta_flush_commit(struct pm_meta *m)
     return pm_meta_changed_durable(m);
 }
 
+int pm_meta_commit_records(struct pm_meta *m)
+{
+    if (m == NULL || m->store == NULL)
+        return 0;
+    pthread_mutex_lock(&m->lock);
+    int rc = commit_locked(m, 0, 0);
+    pthread_mutex_unlock(&m->lock);
+    return rc;
+}
+
 /* ---- branch metatrust: identities, outside changes, upgrade, check -------
  *
  * Format 2 records, in every slot after the paths: each volume's identity

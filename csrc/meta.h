@@ -119,6 +119,11 @@ void pm_meta_std_cleared(struct pm_meta *m);
  * if a PENDING bit of the standard was cleared since the last full commit, else only the
  * write-intent not yet durable (usually nothing). */
 int pm_meta_flush_commit(struct pm_meta *m);
+/* Commit the header's records (the job's error, the detach record) and the
+ * CHANGED tables now, without syncing the data volumes (an intent commit,
+ * even when nothing was noted): a failing volume cannot keep its failure
+ * from being recorded. */
+int pm_meta_commit_records(struct pm_meta *m);
 
 /* ---- branch metatrust: identities, outside changes, upgrade, relocate ---- */
 /* At open, after pm_meta_load: check the volumes' identities against the

@@ -145,6 +145,9 @@ def print_status(st: Any) -> None:
         if job:
             why = " (paused by request)" if job.get("paused") and p.get("paused_by_request") else ""
             out(f"  {job.get('kind', 'copy')}: {describe(job)}{why}")
+        if p.get("detached"):
+            from .detach import describe as describe_detach
+            out(f"  {describe_detach(p['detached'], p.get('name') or 'PAIR')}")
         if p.get("verify"):
             v = p["verify"]
             out(f"  verify: {v.get('tracks_done')}/{v.get('tracks_total')} tracks compared")

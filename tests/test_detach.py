@@ -377,9 +377,46 @@ def test_daemon_keeps_the_copy_error_across_a_restart_then_logs_the_detach(tmp_p
         cli_util.wait_until(lambda: "DETACHED" in daemon.output(), what="the detach to be logged")
         q = json.loads(pm("query", meta, "--json").stdout)
         assert q["state"] == "detached" and q["detached"]["errno"] == "ENOSPC"
-        assert "DETACHED" in pm("status").stdout or "detached" in pm("status").stdout
+        status = pm("status").stdout
+        assert "p: detached" in status and "DETACHED" in status and "track 60" in status
         subprocess.run(["mount", "-o", "remount,size=16m", str(small_tmpfs)], check=True)
         pm("establish", "--incremental", meta)
         assert pm("verify", meta).returncode == 0
     finally:
         assert daemon.stop() == 0, daemon.output()
+
+
+def test_a_mirror_that_fails_its_sync_detaches_at_the_end_of_the_establish(tmp_path, small_tmpfs):
+    """The mirror is a loop device over a file on a full filesystem: its
+    writes land in the page cache and fail only at writeback, so only a sync
+    reports them -- once.  The establish must not end ``established`` on
+    copies that never reached the mirror: the sync at its end fails and the
+    pair detaches, every track counted as changed; it is recorded, survives a
+    reopen, and once there is room an incremental establish repairs it."""
+    if subprocess.run(["losetup", "-f"], capture_output=True).returncode != 0:
+        pytest.skip("no loop devices here")
+    back = small_tmpfs / "back.img"
+    with open(back, "wb") as fh:
+        fh.truncate(SIZE)
+    loop = subprocess.run(["losetup", "-f", "--show", str(back)], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    try:
+        std = tmp_path / "std.img"
+        pymirror.Volume.create(std, SIZE).close()
+        pair = pymirror.Pair.create(tmp_path / "p.meta", std, loop)
+        pair.write(0, pattern(5))
+        with pytest.raises(errors.DetachedError):
+            pair.establish().wait()
+        assert pair.state == "detached" and pair.detached["track"] is None
+        assert pair.mirror_invalid == NTRACKS           # nothing on it can be trusted
+        pair.write(3 * TRACK, b"k" * 100, fua=True)     # the host goes on
+        pair.close()
+        pair = pymirror.Pair.open(tmp_path / "p.meta")
+        assert pair.state == "detached" and pair.detached["errno"] is not None
+        subprocess.run(["mount", "-o", "remount,size=16m", str(small_tmpfs)], check=True)
+        pair.establish(incremental=True).wait()
+        assert pair.state == "established"
+        assert_equal_sides(pair)
+        pair.close()
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)

@@ -26,7 +26,7 @@
  * established (detach), flushes and FUA writes while established (the
  * FUA-light path), the same after a clean close and reopen.
  *
- *   ./test_crash                 200 crash points (CI; PM_CRASH_POINTS overrides)
+ *   ./test_crash                 200 crash points (CI; 70 under a sanitizer; PM_CRASH_POINTS overrides)
  *   ./test_crash 10000           10000 points (the first argument)
  *   ./test_crash 1000 5001       1000 points from seed 5001 (to run in chunks)
  *   PM_CRASH_SEED=136 PM_CRASH_POINTS=1000 ./test_crash   one seed, many times
@@ -354,7 +354,12 @@ out:
 int main(int argc, char **argv)
 {
     const char *env = getenv("PM_CRASH_POINTS"), *only = getenv("PM_CRASH_SEED");
-    long n = argc > 1 ? atol(argv[1]) : env ? atol(env) : 200;
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+    const long default_points = 70;      /* ten per scenario: sanitizers run them 10-20x slower */
+#else
+    const long default_points = 200;
+#endif
+    long n = argc > 1 ? atol(argv[1]) : env ? atol(env) : default_points;
     long first = argc > 2 ? atol(argv[2]) : 1;
     for (long i = 0; i < n; i++) {
         long k = only ? atol(only) : first + i;              /* PM_CRASH_SEED: repeat one seed */

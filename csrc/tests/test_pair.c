@@ -968,6 +968,75 @@ static void abi_growth(void)
     pm_store_destroy(b);
 }
 
+/* A mirror whose flush fails too (a loop device over a full filesystem,
+ * a dying disk): its own write errors pause the job, and the paused job's
+ * error is still recorded in the metadata -- the commit that records it does
+ * not sync the failing volume -- so a reopened pair still says why. */
+struct flaky { pm_store *mem; int fail_flush; };
+static int flaky_read(void *ctx, void *buf, uint64_t len, uint64_t off)
+{
+    return pm_store_read(((struct flaky *)ctx)->mem, buf, len, off);
+}
+static int flaky_write(void *ctx, const void *buf, uint64_t len, uint64_t off)
+{
+    return pm_store_write(((struct flaky *)ctx)->mem, buf, len, off);
+}
+static int flaky_flush(void *ctx) { return ((struct flaky *)ctx)->fail_flush ? -EIO : 0; }
+static void flaky_close(void *ctx) { (void)ctx; }
+
+static void error_recorded_when_the_mirror_cannot_sync(void)
+{
+    struct flaky fm = { NULL, 0 };
+    pm_store *a, *b, *meta;
+    CHECK_EQ(pm_store_create_memory(SIZE, &a), 0);
+    CHECK_EQ(pm_store_create_memory(SIZE, &fm.mem), 0);
+    struct pm_store_ops ops = { .size = sizeof ops, .read = flaky_read, .write = flaky_write,
+                                .flush = flaky_flush, .close = flaky_close };
+    CHECK_EQ(pm_store_create_ops(&ops, &fm, SIZE, "flaky mirror", PM_STORE_NOLOCK, &b), 0);
+    CHECK_EQ(pm_store_create_memory(pm_meta_size(SIZE, TS), &meta), 0);
+    pm_pair *p;
+    CHECK_EQ(pm_pair_create_meta_store(meta, a, b, TS, &p), 0);
+    struct pm_copy_config c;
+    pm_copy_config_default(&c);
+    c.retries = 1;
+    CHECK_EQ(pm_store_inject_fault(b, PM_FAULT_WRITE, 5 * TS, TS, -EIO, -1), 0);
+    CHECK_EQ(pm_pair_establish(p, 0, &c), 0);
+    fm.fail_flush = 1;                         /* from now on the mirror cannot sync either */
+    CHECK_EQ(pm_pair_wait(p, -1), PM_E_JOB);
+    pm_pair_destroy(p);                       /* its closing commit syncs the mirror: fails */
+    CHECK_EQ(pm_pair_open_meta_store(meta, a, b, &p), 0);
+    struct pm_progress pr = { .size = sizeof pr };
+    CHECK_EQ(pm_pair_progress(p, &pr), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_SYNCING);
+    CHECK_EQ(pr.error, -EIO);                  /* still there after the "restart" */
+    CHECK_EQ(pr.error_track, 5);
+    /* a host write then detaches it; the record is committed although the
+     * mirror cannot sync, and survives too */
+    char buf[TS];
+    memset(buf, 7, TS);
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, buf, TS, 5 * TS, PM_IO_FUA), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_DETACHED);
+    CHECK_EQ(pm_pair_flush(p, PM_STANDARD), 0);
+    pm_pair_destroy(p);
+    CHECK_EQ(pm_pair_open_meta_store(meta, a, b, &p), 0);
+    CHECK_EQ(pm_pair_state(p), PM_STATE_DETACHED);
+    struct pm_detach_info di;
+    CHECK_EQ(pm_pair_detach_info(p, &di), 0);
+    CHECK_EQ(di.error, -EIO);
+    CHECK_EQ(di.track, 5);
+    fm.fail_flush = 0;
+    CHECK_EQ(pm_store_clear_faults(b), 0);
+    CHECK_EQ(pm_pair_establish(p, 1, &c), 0);
+    CHECK_EQ(pm_pair_wait(p, -1), 0);
+    uint64_t diff[2], nxt;
+    CHECK_EQ(pm_pair_verify(p, 0, diff, 2, &nxt), 0);
+    pm_pair_destroy(p);
+    pm_store_destroy(meta);
+    pm_store_destroy(b);
+    pm_store_destroy(fm.mem);
+    pm_store_destroy(a);
+}
+
 int main(void)
 {
     state_machine();
@@ -986,5 +1055,6 @@ int main(void)
     write_intent_after_crash();
     cancel_and_job_errors();
     abi_growth();
+    error_recorded_when_the_mirror_cannot_sync();
     return CHECK_DONE("test_pair");
 }

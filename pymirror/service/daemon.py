@@ -723,7 +723,8 @@ class Daemon:
             pair = h.pair
             q = query_dict(pair) if pair is not None else None
         if pair is not None and q is not None:
-            out.update(state=q["state"], size=q["size"], mirror_invalid=q["mirror_invalid"], job=q["job"])
+            out.update(state=q["state"], size=q["size"], mirror_invalid=q["mirror_invalid"], job=q["job"],
+                       detached=q.get("detached"))
             out["clients"] = self.clients(h.name)
         else:
             out.update(state=None, job=None, clients=0)
