@@ -302,3 +302,47 @@ def test_block_devices_zero_without_writing_data(tmp_path, loop_device):
     assert p.bytes_read == TRACK and p.bytes_written == 0 and p.bytes_zeroed == TRACK
     assert pair.verify() == []
     pair.close()
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+MODEL_TRACK = 4096
+MODEL_TRACKS = 70          # more than one 64-bit word of the table
+
+
+def model_extents(pending: list[bool], offset: int, length: int) -> list[tuple[int, int, int]]:
+    """The pending context by hand: byte runs of equal PENDING value, clipped."""
+    out: list[tuple[int, int, int]] = []
+    for pos in range(offset, offset + length):
+        kind = int(pending[pos // MODEL_TRACK])
+        if out and out[-1][2] == kind:
+            out[-1] = (out[-1][0], out[-1][1] + 1, kind)
+        else:
+            out.append((pos, 1, kind))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(written=st.sets(st.integers(0, MODEL_TRACKS - 1)), data=st.data())
+def test_pending_block_status_matches_a_model(written, data):
+    size = MODEL_TRACK * MODEL_TRACKS - 1000             # a short last track
+    pair = pymirror.Pair.memory(size, MODEL_TRACK)
+    pair.establish(assume_equal=True)
+    pair.split()
+    job = pair.restore(config=CopyConfig(rate=1))         # nothing is copied meanwhile
+    for t in written:                                     # whole-track writes: local at once
+        n = min(MODEL_TRACK, size - t * MODEL_TRACK)
+        pair.write(t * MODEL_TRACK, b"w" * n)
+    pending = [t not in written for t in range(MODEL_TRACKS)]
+    offset = data.draw(st.integers(0, size - 1))
+    length = data.draw(st.integers(0, size - offset))
+    got = pair.block_status(offset, length, context="pending")
+    assert got == model_extents(pending, offset, length)
+    cap = data.draw(st.integers(1, 4))
+    from pymirror.blockstatus import block_status
+    assert block_status(pair, offset, length, context="pending", max_extents=cap) == got[:cap]
+    job.set_rate(0)
+    assert job.wait(timeout=30)
+    assert pair.block_status(offset, length, context="pending") == ([(offset, length, 0)] if length else [])
+    pair.close()
