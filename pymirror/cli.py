@@ -226,8 +226,6 @@ def start_server(pair: Any, socket_path: Optional[str], listen: Optional[str], a
         server = NBDServer(pair, host=host, port=port, allow_remote=allow_remote, **tls)
     else:
         server = NBDServer(pair, socket_path=socket_path, **tls)
-    if server.tls_warning:
-        note(server.tls_warning)
     server.start()
     note(f"serving {pair.meta_path or 'pair'} over NBD at {server.uri}")
     return server

@@ -4,11 +4,13 @@ refused with the client's own error; ``require`` refusing a plain client;
 ``on`` serving both; GnuTLS loaded at run time only."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -252,3 +254,33 @@ def test_gnutls_is_loaded_at_run_time_only(tmp_path, pki):
     assert out.returncode != 0
     assert "MissingLibraryError" in out.stderr and "libgnutls30" in out.stderr
     assert issubclass(errors.MissingLibraryError, Exception)
+
+
+def test_the_serve_command_with_tls(tmp_path, pki):
+    """`pymirror serve --tls=require --tls-psk FILE` end to end; a bad
+    setting is a one-line error with exit status 2."""
+    need("nbdinfo")
+    env = dict(os.environ)
+    run = functools.partial(subprocess.run, capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=60)
+    pm = [sys.executable, "-m", "pymirror"]
+    for name in ("std.img", "mir.img"):
+        assert run(pm + ["create", name, "--size", "8M"]).returncode == 0
+    assert run(pm + ["pair", "pair.meta", "--standard", "std.img", "--mirror", "mir.img"]).returncode == 0
+    bad = run(pm + ["serve", "pair.meta", "--socket", "s.sock", "--tls-psk", str(pki / "alicepsk" / "keys.psk")])
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--tls=on" in bad.stderr
+    sock = tmp_path / "s.sock"
+    proc = subprocess.Popen(pm + ["serve", "pair.meta", "--socket", str(sock), "--tls=require",
+                                 "--tls-psk", str(pki / "alicepsk" / "keys.psk")], cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.05)
+        ok = run(["nbdinfo", "--size", f"nbds+unix://alice@/?socket={sock}&tls-psk-file={pki / 'alicepsk' / 'keys.psk'}"])
+        assert ok.returncode == 0 and ok.stdout.strip() == str(8 << 20), ok.stderr
+        plain = run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"])
+        assert plain.returncode != 0 and "requires TLS" in plain.stderr
+    finally:
+        proc.terminate()
+        proc.wait(30)
