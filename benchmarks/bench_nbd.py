@@ -190,7 +190,7 @@ def fio_iops(uri, qd, runtime):
 
 
 def test_nbd_against_peers(benchmark, servers, tools):
-    run_against_peers(benchmark, servers, tools, "nbd_vs_peers", cold=True)
+    run_against_peers(benchmark, servers, tools, "nbd_c_vs_peers", cold=True)
 
 
 def test_nbd_tls_against_peers(benchmark, tls_servers, tools):
