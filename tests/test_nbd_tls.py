@@ -284,3 +284,30 @@ def test_the_serve_command_with_tls(tmp_path, pki):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_the_daemon_exports_every_pair_over_tls(tmp_path, pki):
+    """`pymirror daemon --tls=require --tls-certs DIR`: every pair's exports over TLS."""
+    need("nbdinfo")
+    run = functools.partial(subprocess.run, capture_output=True, text=True, cwd=str(tmp_path), timeout=60)
+    pm = [sys.executable, "-m", "pymirror"]
+    for name in ("std.img", "mir.img"):
+        assert run(pm + ["create", name, "--size", "8M"]).returncode == 0
+    assert run(pm + ["pair", "vol.meta", "--standard", "std.img", "--mirror", "mir.img"]).returncode == 0
+    sock = tmp_path / "nbd.sock"
+    proc = subprocess.Popen(pm + ["daemon", "--control", str(tmp_path / "ctl.sock"), "--state-dir",
+                                 str(tmp_path / "state"), "--socket", str(sock), "--tls=require",
+                                 "--tls-certs", str(pki / "certs"), str(tmp_path / "vol.meta")],
+                            cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        ok = run(["nbdinfo", "--size", f"nbds+unix:///vol?socket={sock}&tls-certificates={pki / 'client'}"])
+        assert ok.returncode == 0 and ok.stdout.strip() == str(8 << 20), ok.stderr
+        plain = run(["nbdinfo", "--size", f"nbd+unix:///vol?socket={sock}"])
+        assert plain.returncode != 0 and "requires TLS" in plain.stderr
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0
