@@ -15,6 +15,8 @@ same machine:
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import json
 import os
 import shutil
@@ -29,7 +31,9 @@ import pytest
 import pymirror
 
 MiB = 1 << 20
-NAMES = ("pymirror", "qemu-nbd", "nbdkit")
+# pymirror: the C request loop (the default); pymirror-py: the Python loop
+# (PYMIRROR_NBD_ENGINE=python), the same code otherwise
+NAMES = ("pymirror", "pymirror-py", "qemu-nbd", "nbdkit")
 
 
 def need(tool):
@@ -46,23 +50,35 @@ def cpu_seconds(pid):
 class Servers:
     """One server of each kind; each serves its own copy of the same bytes."""
 
-    def __init__(self, d, size):
+    def __init__(self, d, size, tls=None):
         self.d = d
         self.size = size
+        self.tls = tls                     # (server dir, client dir) of x509 certificates, or None
+        self.names = NAMES if tls is None else ("pymirror", "qemu-nbd", "nbdkit")
         self.procs = {}
-        self.sock = {n: str(d / f"{n}.sock") for n in NAMES}
-        self.files = {"pymirror": [d / "std.img", d / "mir.img"], "qemu-nbd": [d / "qemu.img"],
-                      "nbdkit": [d / "nbdkit.img"]}
+        self.sock = {n: str(d / f"{n}.sock") for n in self.names}
+        self.files = {"pymirror": [d / "std.img", d / "mir.img"], "pymirror-py": [d / "std2.img", d / "mir2.img"],
+                      "qemu-nbd": [d / "qemu.img"], "nbdkit": [d / "nbdkit.img"]}
 
     def start(self):
         d = self.d
-        self.procs["pymirror"] = subprocess.Popen(
-            [sys.executable, "-m", "pymirror", "serve", str(d / "pair.meta"), "--socket", self.sock["pymirror"]],
-            cwd=str(d), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tls_pm, tls_qemu, tls_kit = [], [], []
+        if self.tls:
+            tls_pm = ["--tls=require", f"--tls-certs={self.tls[0]}"]
+            tls_qemu = ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={self.tls[0]},verify-peer=off",
+                        "--tls-creds", "tls0"]
+            tls_kit = ["--tls=require", f"--tls-certificates={self.tls[0]}"]
+        for name, meta, env in (("pymirror", "pair.meta", "c"), ("pymirror-py", "pair2.meta", "python")):
+            if name in self.names:
+                self.procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "pymirror", "serve", str(d / meta), "--socket", self.sock[name]] + tls_pm,
+                    cwd=str(d), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    env=dict(os.environ, PYMIRROR_NBD_ENGINE=env))
         self.procs["qemu-nbd"] = subprocess.Popen(
-            [need("qemu-nbd"), "-k", self.sock["qemu-nbd"], "-f", "raw", "-t", "-e", "16", str(d / "qemu.img")])
+            [need("qemu-nbd"), "-k", self.sock["qemu-nbd"], "-f", "raw", "-t", "-e", "16"] + tls_qemu
+            + [str(d / "qemu.img")])
         self.procs["nbdkit"] = subprocess.Popen(
-            [need("nbdkit"), "-f", "-U", self.sock["nbdkit"], "file", f"file={d / 'nbdkit.img'}"])
+            [need("nbdkit"), "-f", "-U", self.sock["nbdkit"]] + tls_kit + ["file", f"file={d / 'nbdkit.img'}"])
         t0 = time.monotonic()
         for s in self.sock.values():
             while not os.path.exists(s):
@@ -71,6 +87,8 @@ class Servers:
                 time.sleep(0.05)
 
     def uri(self, name):
+        if self.tls:
+            return f"nbds+unix:///?socket={self.sock[name]}&tls-certificates={self.tls[1]}"
         return f"nbd+unix:///?socket={self.sock[name]}"
 
     def hot(self, name):
@@ -93,19 +111,65 @@ class Servers:
             p.wait(timeout=60)
 
 
-@pytest.fixture
-def servers(tmp_path, benchmark):
-    size = (64 if benchmark.disabled else int(os.environ.get("PM_BENCH_MIB", "1024"))) * MiB
+def make_files(d, size, names=("std.img", "mir.img", "std2.img", "mir2.img", "qemu.img", "nbdkit.img")):
     rng = np.random.default_rng(0)
-    with open(tmp_path / "src.bin", "wb") as fh:
+    with open(d / "src.bin", "wb") as fh:
         for _ in range(size // (8 * MiB)):
             fh.write(rng.integers(0, 256, 8 * MiB, dtype=np.uint8).tobytes())
-    for name in ("std.img", "mir.img", "qemu.img", "nbdkit.img"):
-        shutil.copyfile(tmp_path / "src.bin", tmp_path / name)
-    with pymirror.Pair.create(tmp_path / "pair.meta", tmp_path / "std.img", tmp_path / "mir.img") as p:
+    for name in names:
+        shutil.copyfile(d / "src.bin", d / name)
+
+
+def make_pair(meta, std, mir):
+    with pymirror.Pair.create(meta, std, mir) as p:
         p.establish(assume_equal=True)       # both sides hold src.bin already
         p.split()
+
+
+def bench_size(benchmark):
+    return (64 if benchmark.disabled else int(os.environ.get("PM_BENCH_MIB", "1024"))) * MiB
+
+
+@pytest.fixture
+def servers(tmp_path, benchmark):
+    size = bench_size(benchmark)
+    make_files(tmp_path, size)
+    make_pair(tmp_path / "pair.meta", tmp_path / "std.img", tmp_path / "mir.img")
+    make_pair(tmp_path / "pair2.meta", tmp_path / "std2.img", tmp_path / "mir2.img")
     s = Servers(tmp_path, size)
+    s.start()
+    yield s
+    s.stop()
+
+
+def make_certs(d):
+    """A CA and a server certificate for localhost (certtool, Debian gnutls-bin):
+    (the servers' directory, the clients' directory)."""
+    need("certtool")
+    srv, cli = d / "certs", d / "client"
+    srv.mkdir()
+    cli.mkdir()
+    (d / "ca.info").write_text("cn = bench CA\nca\ncert_signing_key\nexpiration_days = 3\n")
+    (d / "srv.info").write_text("cn = localhost\ndns_name = localhost\ntls_www_server\nencryption_key\n"
+                                "signing_key\nexpiration_days = 3\n")
+    run = functools.partial(subprocess.run, check=True, capture_output=True)
+    run(["certtool", "--generate-privkey", "--outfile", str(d / "ca-key.pem")])
+    run(["certtool", "--generate-self-signed", "--load-privkey", str(d / "ca-key.pem"), "--template",
+         str(d / "ca.info"), "--outfile", str(srv / "ca-cert.pem")])
+    run(["certtool", "--generate-privkey", "--outfile", str(srv / "server-key.pem")])
+    run(["certtool", "--generate-certificate", "--load-ca-certificate", str(srv / "ca-cert.pem"),
+         "--load-ca-privkey", str(d / "ca-key.pem"), "--load-privkey", str(srv / "server-key.pem"),
+         "--template", str(d / "srv.info"), "--outfile", str(srv / "server-cert.pem")])
+    shutil.copy(srv / "ca-cert.pem", cli / "ca-cert.pem")
+    return srv, cli
+
+
+@pytest.fixture
+def tls_servers(tmp_path, benchmark):
+    size = bench_size(benchmark)
+    make_files(tmp_path, size, ("std.img", "mir.img", "qemu.img", "nbdkit.img"))
+    make_pair(tmp_path / "pair.meta", tmp_path / "std.img", tmp_path / "mir.img")
+    s = Servers(tmp_path, size, tls=make_certs(tmp_path))
     s.start()
     yield s
     s.stop()
@@ -126,35 +190,117 @@ def fio_iops(uri, qd, runtime):
 
 
 def test_nbd_against_peers(benchmark, servers, tools):
+    run_against_peers(benchmark, servers, tools, "nbd_c_vs_peers", cold=True)
+
+
+def test_nbd_tls_against_peers(benchmark, tls_servers, tools):
+    """Sequential read and write with TLS (x509) on all three: pymirror
+    --tls=require, qemu-nbd --tls-creds, nbdkit --tls=require (fio's nbd
+    engine cannot be given certificates, so no random-read figures)."""
+    run_against_peers(benchmark, tls_servers, tools, "nbd_tls_vs_peers", cold=False)
+
+
+def run_against_peers(benchmark, servers, tools, record_as, cold):
     reps = 1 if benchmark.disabled else int(os.environ.get("PM_BENCH_REPS", "3"))
     runtime = 1 if benchmark.disabled else int(os.environ.get("PM_BENCH_SECONDS", "4"))
     src = str(servers.d / "src.bin")
     keys = ("write_first", "write", "read", "qd1", "qd32", "cpu_us_qd32", "cold_qd1", "cold_qd32")
-    res = {n: {k: [] for k in keys} for n in NAMES}
+    names = servers.names
+    res = {n: {k: [] for k in keys} for n in names}
     for rep in range(reps):
-        for n in NAMES:
+        for n in names:
             uri, r = servers.uri(n), res[n]
             r["write_first" if rep == 0 else "write"].append(
                 servers.size / timed([need("nbdcopy"), "--flush", src, uri]) / 1e6)
             servers.hot(n)
             r["read"].append(servers.size / timed([need("nbdcopy"), uri, "null:"]) / 1e6)
+            if servers.tls:
+                continue       # fio's nbd engine refuses a URI naming certificate files (libnbd's rule)
             r["qd1"].append(fio_iops(uri, 1, runtime)[0])
             cpu0 = cpu_seconds(servers.procs[n].pid)
             iops, ios = fio_iops(uri, 32, runtime)
             r["qd32"].append(iops)
             r["cpu_us_qd32"].append((cpu_seconds(servers.procs[n].pid) - cpu0) / ios * 1e6)
-            for qd in (1, 32):
+            for qd in (1, 32) if cold else ():
                 servers.cold(n)
                 r[f"cold_qd{qd}"].append(fio_iops(uri, qd, runtime)[0])
     benchmark.pedantic(lambda: timed([need("nbdcopy"), servers.uri("pymirror"), "null:"]), rounds=1, iterations=1)
     med = {n: {k: round(statistics.median(v), 1 if k.startswith("cpu") else None) for k, v in r.items() if v}
            for n, r in res.items()}
     ratios = {}
-    for peer in NAMES[1:]:
+    for peer in names[1:]:
         for k in med["pymirror"]:
             if k in med[peer] and med[peer][k]:
                 ratios[f"{k}_vs_{peer}"] = round(med["pymirror"][k] / med[peer][k], 2)
-    tools.record("nbd_vs_peers", {
+    tools.record(record_as, {
         "size_mib": servers.size // MiB, "reps": reps, "fio_seconds": runtime, "medians": med, "ratios": ratios,
         "all": {n: {k: [round(x, 1) for x in v] for k, v in r.items() if v} for n, r in res.items()},
-        "units": "MB/s for read/write, IOPS for qd*, µs of server CPU per request for cpu_us_qd32"})
+        "units": "MB/s for read/write, IOPS for qd*, µs of server CPU per request for cpu_us_qd32",
+        "load_average": os.getloadavg()})
+
+
+FOUR_PAIRS = """
+import sys, signal, threading
+import pymirror
+from pymirror.nbd import NBDServer
+server = NBDServer(socket_path=sys.argv[1])
+pairs = [pymirror.Pair.open(m) for m in sys.argv[2:]]
+for i, p in enumerate(pairs):
+    server.add_pair(f"p{i}", p)
+server.start()
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: stop.set())
+stop.wait()
+server.shutdown()
+"""
+
+
+def test_nbd_four_pairs_one_process(benchmark, tmp_path, tools):
+    """Four pairs exported from one pymirror process, four clients at once,
+    against four nbdkit processes: aggregate sequential read (four nbdcopy)
+    and 4 KiB random reads at qd 32 (four fio), hot."""
+    size = bench_size(benchmark) // 4
+    reps = 1 if benchmark.disabled else int(os.environ.get("PM_BENCH_REPS", "3"))
+    runtime = 1 if benchmark.disabled else int(os.environ.get("PM_BENCH_SECONDS", "4"))
+    d = tmp_path
+    names = [f"{k}{i}.img" for i in range(4) for k in ("std", "mir", "kit")]
+    make_files(d, size, names)
+    metas = []
+    for i in range(4):
+        make_pair(d / f"p{i}.meta", d / f"std{i}.img", d / f"mir{i}.img")
+        metas.append(str(d / f"p{i}.meta"))
+    procs = {"pymirror": [subprocess.Popen([sys.executable, "-c", FOUR_PAIRS, str(d / "pm.sock")] + metas, cwd=str(d))]}
+    procs["nbdkit"] = [subprocess.Popen([need("nbdkit"), "-f", "-U", str(d / f"kit{i}.sock"), "file",
+                                         f"file={d / f'kit{i}.img'}"]) for i in range(4)]
+    uris = {"pymirror": [f"nbd+unix:///p{i}?socket={d / 'pm.sock'}" for i in range(4)],
+            "nbdkit": [f"nbd+unix:///?socket={d / f'kit{i}.sock'}" for i in range(4)]}
+    try:
+        t0 = time.monotonic()
+        for s in [d / "pm.sock"] + [d / f"kit{i}.sock" for i in range(4)]:
+            while not os.path.exists(s):
+                assert time.monotonic() - t0 < 60, s
+                time.sleep(0.05)
+        for i in range(4):
+            for k in ("std", "mir", "kit"):
+                subprocess.run(["cat", str(d / f"{k}{i}.img")], stdout=subprocess.DEVNULL, check=True)
+        res = {n: {"read": [], "qd32": []} for n in procs}
+        for _ in range(reps):
+            for n in procs:
+                t = time.perf_counter()
+                ps = [subprocess.Popen([need("nbdcopy"), u, "null:"]) for u in uris[n]]
+                assert all(p.wait(600) == 0 for p in ps)
+                res[n]["read"].append(4 * size / (time.perf_counter() - t) / 1e6)
+                with concurrent.futures.ThreadPoolExecutor(4) as ex:
+                    res[n]["qd32"].append(sum(i for i, _ in ex.map(lambda u: fio_iops(u, 32, runtime), uris[n])))
+    finally:
+        for ps in procs.values():
+            for p in ps:
+                p.terminate()
+                p.wait(60)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    med = {n: {k: round(statistics.median(v)) for k, v in r.items()} for n, r in res.items()}
+    tools.record("nbd_four_pairs", {
+        "size_mib_each": size // MiB, "reps": reps, "fio_seconds": runtime, "medians": med,
+        "ratios": {k: round(med["pymirror"][k] / med["nbdkit"][k], 2) for k in med["nbdkit"]},
+        "all": {n: {k: [round(x) for x in v] for k, v in r.items()} for n, r in res.items()},
+        "load_average": os.getloadavg(), "units": "aggregate MB/s (read), aggregate IOPS (qd32)"})

@@ -6,6 +6,7 @@
  * The floors of csrc/, top to bottom (docs/layers.md; each .c file's first
  * comment names its layer, and csrc/tools/layers.py checks that every call
  * goes downwards):
+ *   9 nbd_loop.c              the NBD transmission phase (calls pm_pair_*)
  *   8 pair_open.c             pairs from a metadata file: create, open, recover
  *   7 pair.c                  construction, the state machine, commands
  *   6 copier.c, arbitrate.c   the background copy | host I/O against it
@@ -13,7 +14,7 @@
  *   4 meta.c                  the metadata format and commit protocol
  *   3 tracklock.c, state.c    per-track locks | state names
  *   2 table.c, store_volatile.c, store_nbd.c
- *   1 bitmap.c, store.c, store_uri.c, pace.c, heat.c
+ *   1 bitmap.c, store.c, store_uri.c, pace.c, heat.c, nbd_tls.c
  *   0 errors.c, crc32c.c, clock.c
  *
  * Lock order (outer first): the I/O barrier (host writes and flushes pass

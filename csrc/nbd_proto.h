@@ -2,7 +2,7 @@
  * nbd_proto.h - the NBD protocol's numbers for the C request loop
  * (nbd_loop.c), from the protocol specification (NetworkBlockDevice/nbd,
  * doc/proto.md).  pymirror/nbd/protocol.py holds the same numbers for the
- * Python handshake; tests/test_nbd_cloop.py checks that the two agree.
+ * Python handshake; the raw-protocol tests run on both loops.
  */
 #ifndef PM_NBD_PROTO_H
 #define PM_NBD_PROTO_H

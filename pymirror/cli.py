@@ -174,6 +174,18 @@ def copy_options(f: F) -> F:
     return f
 
 
+def _keep_tls(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    ctx.meta[param.name or ""] = value
+    return value
+
+
+def _tls_options() -> dict[str, Any]:
+    ctx = click.get_current_context(silent=True)
+    meta = ctx.meta if ctx is not None else {}
+    return dict(tls=meta.get("nbd_tls") or "off", tls_certs=meta.get("nbd_tls_certs"),
+                tls_psk=meta.get("nbd_tls_psk"))
+
+
 def serve_options(f: F) -> F:
     opts = [
         click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=None,
@@ -181,6 +193,14 @@ def serve_options(f: F) -> F:
         click.option("--listen", default=None, metavar="HOST:PORT",
                      help="Export over NBD on TCP (loopback unless --allow-remote)."),
         click.option("--allow-remote", is_flag=True, help="Allow --listen on a non-loopback address."),
+        # TLS (pymirror/nbd/tls.py): kept in the context, not passed to each command
+        click.option("--tls", "nbd_tls", type=click.Choice(["off", "on", "require"]), default="off",
+                     expose_value=False, callback=_keep_tls, help="TLS for the NBD export (STARTTLS)."),
+        click.option("--tls-certs", "nbd_tls_certs", type=click.Path(file_okay=False), default=None,
+                     expose_value=False, callback=_keep_tls,
+                     help="x509: a directory with ca-cert.pem, server-cert.pem, server-key.pem."),
+        click.option("--tls-psk", "nbd_tls_psk", type=click.Path(dir_okay=False), default=None,
+                     expose_value=False, callback=_keep_tls, help="PSK: a psktool key file."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -208,11 +228,12 @@ def start_server(pair: Any, socket_path: Optional[str], listen: Optional[str], a
         raise ValueError("give --socket or --listen, not both")
     from .nbd.server import NBDServer
 
+    tls = _tls_options()
     if listen is not None:
         host, port = parse_listen(listen)
-        server = NBDServer(pair, host=host, port=port, allow_remote=allow_remote)
+        server = NBDServer(pair, host=host, port=port, allow_remote=allow_remote, **tls)
     else:
-        server = NBDServer(pair, socket_path=socket_path)
+        server = NBDServer(pair, socket_path=socket_path, **tls)
     server.start()
     note(f"serving {pair.meta_path or 'pair'} over NBD at {server.uri}")
     return server

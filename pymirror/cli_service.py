@@ -53,10 +53,15 @@ def _status_pairs(status: Any) -> list[dict[str, Any]]:
 @click.option("--socket-group", default=None, metavar="GROUP",
               help="Group owning the NBD socket (its members may connect; default: yours).")
 @click.option("--allow-remote", is_flag=True, help="Allow --listen on a non-loopback address.")
+@click.option("--tls", "nbd_tls", type=click.Choice(["off", "on", "require"]), default="off",
+              help="TLS for the NBD exports (STARTTLS; docs/nbd.md).")
+@click.option("--tls-certs", type=click.Path(file_okay=False), default=None,
+              help="x509: a directory with ca-cert.pem, server-cert.pem, server-key.pem.")
+@click.option("--tls-psk", type=click.Path(dir_okay=False), default=None, help="PSK: a psktool key file.")
 @click.pass_obj
 def daemon(obj: Ctx, metas: tuple[str, ...], daemon_control: Optional[str], state_dir: Optional[str],
            socket_path: Optional[str], listen: Optional[str], socket_group: Optional[str],
-           allow_remote: bool) -> None:
+           allow_remote: bool, nbd_tls: str, tls_certs: Optional[str], tls_psk: Optional[str]) -> None:
     """Run the service in the foreground: hold pairs (these META files plus
     those remembered in the state dir), take commands on the control socket,
     export each pair over NBD (NAME: the standard, NAME/mirror: the mirror).
@@ -66,7 +71,8 @@ def daemon(obj: Ctx, metas: tuple[str, ...], daemon_control: Optional[str], stat
     address = parse_listen(listen) if listen is not None else None
     rv = run(metas=[os.path.realpath(m) for m in metas], control=daemon_control or obj.control,
              state_dir=state_dir, socket_path=socket_path, listen=address, allow_remote=allow_remote,
-             socket_group=socket_group, config=obj.settings.copy)
+             socket_group=socket_group, config=obj.settings.copy,
+             nbd_tls=dict(tls=nbd_tls, tls_certs=tls_certs, tls_psk=tls_psk))
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 

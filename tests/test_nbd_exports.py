@@ -16,6 +16,8 @@ import pymirror
 from pymirror.nbd import NBDServer, check_pair_name
 from pymirror.nbd import protocol as P
 
+pytestmark = pytest.mark.usefixtures("nbd_engine")     # each test on the C and the Python loop
+
 _spec = importlib.util.spec_from_file_location("nbd_util", Path(__file__).with_name("nbd_util.py"))
 nbd_util = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("nbd_util", nbd_util)

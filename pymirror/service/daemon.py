@@ -80,8 +80,10 @@ class Daemon:
     def __init__(self, control: Optional[str] = None, state_dir: Optional[str] = None,
                  socket_path: Optional[str] = None, listen: Optional[tuple[str, int]] = None,
                  allow_remote: bool = False, config: Optional[CopyConfig] = None,
-                 socket_mode: int = 0o660, socket_group: Optional[str] = None) -> None:
+                 socket_mode: int = 0o660, socket_group: Optional[str] = None,
+                 nbd_tls: Optional[dict[str, Any]] = None) -> None:
         self.control_path = default_control(control)
+        self.nbd_tls = dict(nbd_tls or {})     # tls, tls_certs, tls_psk for every NBD server (nbd/tls.py)
         self.state = StateFile(default_state(state_dir))
         self.socket_path = os.path.abspath(socket_path) if socket_path else None
         self.listen = listen
@@ -146,7 +148,7 @@ class Daemon:
         if self.listen is not None:
             kinds.append(dict(host=self.listen[0], port=self.listen[1], allow_remote=self.allow_remote))
         for kw in kinds:
-            server = NBDServer(None, on_event=self._nbd_event, **kw)
+            server = NBDServer(None, on_event=self._nbd_event, **kw, **self.nbd_tls)
             server.start()
             self.servers.append(server)
             log.info("NBD exports at %s", server.uri)
@@ -805,7 +807,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 def run(control: Optional[str] = None, state_dir: Optional[str] = None, socket_path: Optional[str] = None,
         listen: "Optional[str | tuple[str, int]]" = None, allow_remote: bool = False,
         metas: Iterable[str] = (), config: Optional[CopyConfig] = None, socket_mode: int = 0o660,
-        socket_group: Optional[str] = None, log_level: int = logging.INFO) -> int:
+        socket_group: Optional[str] = None, log_level: int = logging.INFO,
+        nbd_tls: Optional[dict[str, Any]] = None) -> int:
     """Run the daemon in the foreground until SIGTERM or SIGINT; returns 0
     after every pair is committed and closed.  Raises
     :class:`~pymirror.service.protocol.DaemonError` (a MirrorError) with a
@@ -813,7 +816,8 @@ def run(control: Optional[str] = None, state_dir: Optional[str] = None, socket_p
     setup_logging(log_level)
     if isinstance(listen, str):
         listen = parse_listen(listen)
-    daemon = Daemon(control, state_dir, socket_path, listen, allow_remote, config, socket_mode, socket_group)
+    daemon = Daemon(control, state_dir, socket_path, listen, allow_remote, config, socket_mode, socket_group,
+                    nbd_tls)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

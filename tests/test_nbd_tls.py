@@ -1,0 +1,313 @@
+"""TLS on the NBD export (pymirror/nbd/tls.py, csrc/nbd_tls.c): x509 and
+PSK with qemu-img, nbdcopy, nbdinfo and libnbd; a wrong CA and a wrong key
+refused with the client's own error; ``require`` refusing a plain client;
+``on`` serving both; GnuTLS loaded at run time only."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import pymirror
+from pymirror import errors
+from pymirror.nbd import NBDServer
+from pymirror.nbd import protocol as P
+from pymirror.nbd import tls as T
+
+_spec = importlib.util.spec_from_file_location("nbd_util", Path(__file__).with_name("nbd_util.py"))
+nbd_util = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("nbd_util", nbd_util)
+_spec.loader.exec_module(nbd_util)
+RawClient = nbd_util.RawClient
+need = nbd_util.need
+nbd_util.CLIENTS.setdefault("certtool", "gnutls-bin")
+nbd_util.CLIENTS.setdefault("psktool", "gnutls-bin")
+
+SIZE = 8 << 20
+TRACK = 64 << 10
+
+
+def _run(*args, **kw):
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, **kw)
+
+
+def _ca(d: Path, name: str) -> tuple[Path, Path]:
+    d.mkdir(parents=True, exist_ok=True)
+    key, cert = d / "ca-key.pem", d / "ca-cert.pem"
+    (d / "ca.info").write_text(f"cn = {name}\nca\ncert_signing_key\nexpiration_days = 30\n")
+    assert _run("certtool", "--generate-privkey", "--outfile", str(key)).returncode == 0
+    assert _run("certtool", "--generate-self-signed", "--load-privkey", str(key), "--template",
+                str(d / "ca.info"), "--outfile", str(cert)).returncode == 0
+    return key, cert
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """certs/ (the server's directory), client/ (its CA only), wrong/ (another
+    CA's), alice.psk, wrong.psk (alice with another key)."""
+    need("certtool")
+    need("psktool")
+    root = tmp_path_factory.mktemp("pki")
+    ca_key, ca_cert = _ca(root / "ca", "pymirror test CA")
+    _, other_cert = _ca(root / "otherca", "another CA")
+    certs = root / "certs"
+    certs.mkdir()
+    shutil.copy(ca_cert, certs / "ca-cert.pem")
+    (root / "server.info").write_text("organization = pymirror tests\ncn = localhost\ndns_name = localhost\n"
+                                      "ip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\n"
+                                      "expiration_days = 30\n")
+    assert _run("certtool", "--generate-privkey", "--outfile", str(certs / "server-key.pem")).returncode == 0
+    assert _run("certtool", "--generate-certificate", "--load-ca-certificate", str(ca_cert), "--load-ca-privkey",
+                str(ca_key), "--load-privkey", str(certs / "server-key.pem"), "--template",
+                str(root / "server.info"), "--outfile", str(certs / "server-cert.pem")).returncode == 0
+    for name, src in (("client", ca_cert), ("wrong", other_cert)):
+        (root / name).mkdir()
+        shutil.copy(src, root / name / "ca-cert.pem")
+    for name in ("alice", "wrong"):
+        (root / f"{name}psk").mkdir()
+        assert _run("psktool", "-u", "alice", "-p", str(root / f"{name}psk" / "keys.psk")).returncode == 0
+    return root
+
+
+@pytest.fixture
+def pair():
+    p = pymirror.Pair.memory(SIZE, TRACK)
+    p.write(0, b"over TLS" + bytes(4088))
+    yield p
+    p.close()
+
+
+def served(pair, tmp_path, pki, kind, mode="require"):
+    kw = dict(tls_certs=str(pki / "certs")) if kind == "x509" else dict(tls_psk=str(pki / "alicepsk" / "keys.psk"))
+    return NBDServer(pair, socket_path=str(tmp_path / "s"), tls=mode, **kw).start()
+
+
+def uri(server, pki, kind, who="client"):
+    base = f"nbds+unix:///?socket={server.socket_path}"
+    if kind == "x509":
+        return base + f"&tls-certificates={pki / who}"
+    return f"nbds+unix://alice@/?socket={server.socket_path}&tls-psk-file={pki / (who + 'psk') / 'keys.psk'}"
+
+
+@pytest.mark.parametrize("kind", ["x509", "psk"])
+def test_nbdinfo_nbdcopy_and_libnbd_over_tls(pair, tmp_path, pki, kind):
+    need("nbdinfo")
+    need("nbdcopy")
+    server = served(pair, tmp_path, pki, kind)
+    try:
+        u = uri(server, pki, kind, "client" if kind == "x509" else "alice")
+        out = _run("nbdinfo", u)
+        assert out.returncode == 0, out.stderr
+        assert "with TLS" in out.stdout and "export-size: 8388608" in out.stdout
+        data = os.urandom(SIZE)
+        (tmp_path / "in.img").write_bytes(data)
+        assert _run("nbdcopy", str(tmp_path / "in.img"), u).returncode == 0
+        got = _run("nbdcopy", u, str(tmp_path / "out.img"))
+        assert got.returncode == 0, got.stderr
+        assert (tmp_path / "out.img").read_bytes() == data == pair.read(0, SIZE)
+        nbd = nbd_util.libnbd()
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        if kind == "x509":
+            h.set_tls_certificates(str(pki / "client"))
+        else:
+            h.set_tls_psk_file(str(pki / "alicepsk" / "keys.psk"))
+            h.set_tls_username("alice")
+        h.connect_unix(server.socket_path)
+        assert h.get_tls_negotiated() and h.get_structured_replies_negotiated()
+        h.pwrite(b"libnbd", 12345, nbd.CMD_FLAG_FUA)
+        assert h.pread(6, 12345) == b"libnbd"
+        big = os.urandom(5 << 20)                           # streamed in pieces, through TLS
+        h.pwrite(big, 1 << 20)
+        assert h.pread(len(big), 1 << 20) == big
+        h.shutdown()
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["x509", "psk"])
+def test_qemu_img_over_tls(pair, tmp_path, pki, kind):
+    need("qemu-img")
+    server = served(pair, tmp_path, pki, kind)
+    try:
+        if kind == "x509":
+            obj = f"tls-creds-x509,id=tls0,endpoint=client,dir={pki / 'client'}"
+        else:
+            obj = f"tls-creds-psk,id=tls0,endpoint=client,dir={pki / 'alicepsk'},username=alice"
+        img = f"driver=nbd,server.type=unix,server.path={server.socket_path},tls-creds=tls0"
+        if kind == "x509":
+            img += ",tls-hostname=localhost"                   # a unix socket names no host
+        out = _run("qemu-img", "convert", "--object", obj, "--image-opts", img, "-O", "raw",
+                   str(tmp_path / "copy.img"))
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / "copy.img").read_bytes() == pair.read(0, SIZE)
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["x509", "psk"])
+def test_a_wrong_ca_or_key_is_refused(pair, tmp_path, pki, kind):
+    need("nbdinfo")
+    if kind == "psk":
+        server = served(pair, tmp_path, pki, kind)
+        wrong, right = uri(server, pki, kind, "wrong"), uri(server, pki, kind, "alice")
+    else:
+        # over TCP, where libnbd checks the certificate (on a unix socket it
+        # has no host name to check against and takes any certificate)
+        server = NBDServer(pair, port=0, tls="require", tls_certs=str(pki / "certs")).start()
+        base = f"nbds://localhost:{server.port}/?tls-certificates="
+        wrong, right = base + str(pki / "wrong"), base + str(pki / "client")
+    try:
+        out = _run("nbdinfo", "--size", wrong)
+        assert out.returncode != 0
+        assert ("certificate" in out.stderr.lower() if kind == "x509" else "gnutls_handshake" in out.stderr), \
+            out.stderr
+        if kind == "x509" and shutil.which("qemu-img"):
+            q = _run("qemu-img", "info", "--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={pki / 'wrong'}",
+                     "--image-opts", f"driver=nbd,server.type=inet,server.host=localhost,"
+                     f"server.port={server.port},tls-creds=tls0")
+            assert q.returncode != 0 and "certificate" in q.stderr.lower(), q.stderr
+        assert pair.read(0, 8) == b"over TLS"
+        # the server goes on: a right client still gets in
+        ok = _run("nbdinfo", "--size", right)
+        assert ok.returncode == 0 and ok.stdout.strip() == str(SIZE), ok.stderr
+    finally:
+        server.shutdown()
+
+
+def test_require_refuses_a_plain_client_and_on_serves_both(pair, tmp_path, pki):
+    need("nbdinfo")
+    server = served(pair, tmp_path, pki, "x509", "require")
+    try:
+        out = _run("nbdinfo", "--size", f"nbd+unix:///?socket={server.socket_path}")
+        assert out.returncode != 0 and "requires TLS" in out.stderr, out.stderr
+        c = RawClient(server.socket_path)
+        c.greet()
+        for opt in (P.OPT_LIST, P.OPT_STRUCTURED_REPLY, P.OPT_GO):
+            c.option(opt, RawClient.info_request("") if opt == P.OPT_GO else b"")
+            rtype, text = c.opt_replies()[-1]
+            assert rtype == T.REP_ERR_TLS_REQD and b"STARTTLS" in text
+        c.option(P.OPT_STARTTLS, b"junk")                  # malformed: refused, still plain
+        assert c.opt_replies()[-1][0] == P.REP_ERR_INVALID
+        c.option(P.OPT_EXPORT_NAME, b"")                   # cannot be refused: the connection closes
+        assert c.closed()
+    finally:
+        server.shutdown()
+    server = served(pair, tmp_path, pki, "x509", "on")
+    try:
+        plain = _run("nbdinfo", "--size", f"nbd+unix:///?socket={server.socket_path}")
+        secure = _run("nbdinfo", uri(server, pki, "x509"))
+        assert plain.returncode == 0 and plain.stdout.strip() == str(SIZE)
+        assert secure.returncode == 0 and "with TLS" in secure.stdout
+    finally:
+        server.shutdown()
+    # off: STARTTLS is not offered
+    with NBDServer(pair, socket_path=str(tmp_path / "s")) as server:
+        c = RawClient(server.socket_path)
+        c.greet()
+        c.option(P.OPT_STARTTLS)
+        assert c.opt_replies()[-1][0] == P.REP_ERR_UNSUP
+
+
+def test_bad_tls_settings_fail_at_once(pair, tmp_path, pki):
+    s = str(tmp_path / "s")
+    with pytest.raises(ValueError, match="needs either --tls-certs"):
+        NBDServer(pair, socket_path=s, tls="on")
+    with pytest.raises(ValueError, match="need --tls=on"):
+        NBDServer(pair, socket_path=s, tls_certs=str(pki / "certs"))
+    with pytest.raises(ValueError, match="one of off, on, require"):
+        NBDServer(pair, socket_path=s, tls="yes", tls_certs=str(pki / "certs"))
+    with pytest.raises(OSError, match="server certificate"):
+        NBDServer(pair, socket_path=s, tls="on", tls_certs=str(pki / "client"))      # no server-cert.pem
+    (tmp_path / "bad.psk").write_text("alice:nothex\n")
+    with pytest.raises(OSError, match="not a psktool line"):
+        NBDServer(pair, socket_path=s, tls="on", tls_psk=str(tmp_path / "bad.psk"))
+    warned = NBDServer(pair, host="0.0.0.0", port=0, allow_remote=True)
+    assert warned.tls_warning and "without TLS" in warned.tls_warning
+    assert NBDServer(pair, host="0.0.0.0", port=0, allow_remote=True, tls="require",
+                     tls_certs=str(pki / "certs")).tls_warning is None
+
+
+def test_gnutls_is_loaded_at_run_time_only(tmp_path, pki):
+    """No link-time dependency; a missing library is a one-line
+    MissingLibraryError naming the Debian package."""
+    lib_dir = Path(pymirror.__file__).parent / "lib"
+    libs = list(lib_dir.glob("libpymirror.so.*")) + list(Path(pymirror.__file__).parent.glob("_core*.so"))
+    assert libs
+    if shutil.which("readelf"):
+        for so in libs:
+            needed = _run("readelf", "-d", str(so)).stdout
+            assert "gnutls" not in needed, so
+    code = ("import pymirror\nfrom pymirror.nbd import NBDServer\n"
+            f"NBDServer(pymirror.Pair.memory(1 << 20, 65536), socket_path={str(tmp_path / 's')!r}, "
+            f"tls='on', tls_certs={str(pki / 'certs')!r})\n")
+    env = dict(os.environ, PYMIRROR_GNUTLS="libgnutls-does-not-exist.so.30")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(tmp_path),
+                         timeout=60)
+    assert out.returncode != 0
+    assert "MissingLibraryError" in out.stderr and "libgnutls30" in out.stderr
+    assert issubclass(errors.MissingLibraryError, Exception)
+
+
+def test_the_serve_command_with_tls(tmp_path, pki):
+    """`pymirror serve --tls=require --tls-psk FILE` end to end; a bad
+    setting is a one-line error with exit status 2."""
+    need("nbdinfo")
+    env = dict(os.environ)
+    run = functools.partial(subprocess.run, capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=60)
+    pm = [sys.executable, "-m", "pymirror"]
+    for name in ("std.img", "mir.img"):
+        assert run(pm + ["create", name, "--size", "8M"]).returncode == 0
+    assert run(pm + ["pair", "pair.meta", "--standard", "std.img", "--mirror", "mir.img"]).returncode == 0
+    bad = run(pm + ["serve", "pair.meta", "--socket", "s.sock", "--tls-psk", str(pki / "alicepsk" / "keys.psk")])
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--tls=on" in bad.stderr
+    sock = tmp_path / "s.sock"
+    proc = subprocess.Popen(pm + ["serve", "pair.meta", "--socket", str(sock), "--tls=require",
+                                 "--tls-psk", str(pki / "alicepsk" / "keys.psk")], cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.05)
+        ok = run(["nbdinfo", "--size", f"nbds+unix://alice@/?socket={sock}&tls-psk-file={pki / 'alicepsk' / 'keys.psk'}"])
+        assert ok.returncode == 0 and ok.stdout.strip() == str(8 << 20), ok.stderr
+        plain = run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"])
+        assert plain.returncode != 0 and "requires TLS" in plain.stderr
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_the_daemon_exports_every_pair_over_tls(tmp_path, pki):
+    """`pymirror daemon --tls=require --tls-certs DIR`: every pair's exports over TLS."""
+    need("nbdinfo")
+    run = functools.partial(subprocess.run, capture_output=True, text=True, cwd=str(tmp_path), timeout=60)
+    pm = [sys.executable, "-m", "pymirror"]
+    for name in ("std.img", "mir.img"):
+        assert run(pm + ["create", name, "--size", "8M"]).returncode == 0
+    assert run(pm + ["pair", "vol.meta", "--standard", "std.img", "--mirror", "mir.img"]).returncode == 0
+    sock = tmp_path / "nbd.sock"
+    proc = subprocess.Popen(pm + ["daemon", "--control", str(tmp_path / "ctl.sock"), "--state-dir",
+                                 str(tmp_path / "state"), "--socket", str(sock), "--tls=require",
+                                 "--tls-certs", str(pki / "certs"), str(tmp_path / "vol.meta")],
+                            cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        ok = run(["nbdinfo", "--size", f"nbds+unix:///vol?socket={sock}&tls-certificates={pki / 'client'}"])
+        assert ok.returncode == 0 and ok.stdout.strip() == str(8 << 20), ok.stderr
+        plain = run(["nbdinfo", "--size", f"nbd+unix:///vol?socket={sock}"])
+        assert plain.returncode != 0 and "requires TLS" in plain.stderr
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0
