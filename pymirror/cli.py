@@ -249,6 +249,11 @@ def create(path: str, size: int, track_size: Optional[int]) -> None:
     if track_size is not None:
         raise click.BadParameter("a volume image records no track size; the pair does: "
                                  "give --track-size to 'pymirror pair'", param_hint="'--track-size'")
+    if path.startswith("rbd:"):   # an RBD image (branch rbd, issue 14)
+        from .volume_rbd import create_image
+        u = create_image(path, size)
+        out(f"created {u.short}: {format_size(size)} RBD image")
+        return
     if os.path.exists(path):
         raise errors.MirrorError(f"{path}: already exists; pymirror create never overwrites")
     with Volume.create(path, size) as v:
@@ -268,7 +273,7 @@ def pair_cmd(obj: Ctx, meta: str, standard: str, mirror: str, track_size: Option
     if os.path.exists(meta):
         raise errors.MirrorError(f"{meta}: already exists; pymirror pair never overwrites metadata")
     for role, path in (("standard", standard), ("mirror", mirror)):
-        if not os.path.exists(path):
+        if not path.startswith("rbd:") and not os.path.exists(path):
             raise errors.MirrorError(f"{role} volume {path}: no such file (make one with 'pymirror create')")
     with Pair.create(meta, standard, mirror, track_size=track_size or obj.settings.track_size) as p:
         out(f"created pair {meta}: {standard} + {mirror}, {format_size(p.size)}, "

@@ -66,7 +66,11 @@ class Volume(Handle):
     @classmethod
     def open(cls, path: "str | os.PathLike[str]", *, readonly: bool = False,
              track_size: int = DEFAULT_TRACK_SIZE) -> "Volume":
-        """Open an existing image file or block device."""
+        """Open an existing image file or block device (or an RBD image:
+        ``rbd:POOL/IMAGE...``, see :mod:`pymirror.volume_rbd`)."""
+        if isinstance(path, str) and path.startswith("rbd:"):   # branch rbd's hook (issue 14)
+            from .volume_rbd import open_rbd
+            return open_rbd(path, readonly=readonly, track_size=track_size)
         _check_track_size(track_size)
         out = ffi.new("pm_store **")
         flags = lib.PM_STORE_READONLY if readonly else 0
