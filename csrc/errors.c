@@ -69,6 +69,11 @@ const char *pm_strerror(int code)
         case EISDIR: return "Is a directory";
         case EAGAIN: return "Resource temporarily unavailable";
         case EBUSY: return "Device or resource busy";
+        /* remote stores (RBD): a stalled OSD, a client cut off */
+        case ETIMEDOUT: return "Connection timed out";
+        case ESHUTDOWN: return "Cannot send after transport endpoint shutdown";
+        case ENOTCONN: return "Transport endpoint is not connected";
+        case ECONNRESET: return "Connection reset by peer";
         default: return "system error";
         }
     }

@@ -230,6 +230,34 @@ if pytest is not None:
         finally:
             cluster.stop()
 
+    class RbdImages:
+        """Images of one test: ``new(size)`` creates one and returns its
+        URI (with the cluster's conf and a short timeout); all are removed
+        when the test ends."""
+
+        def __init__(self, cluster: CephCluster) -> None:
+            self.cluster = cluster
+            self.names: list[str] = []
+
+        def new(self, size: int, prefix: str = "img", **query: Any) -> str:
+            name = self.cluster.create_image(size, prefix)
+            self.names.append(name)
+            return self.cluster.uri(name, **query)
+
+        def remove_all(self) -> None:
+            for n in self.names:
+                self.cluster.remove_image(n)
+
+    @pytest.fixture
+    def rbd_images(ceph_cluster: CephCluster) -> Iterator[RbdImages]:
+        imgs = RbdImages(ceph_cluster)
+        try:
+            yield imgs
+        finally:
+            if ceph_cluster.osd is not None:
+                ceph_cluster.resume_osd()   # a fault test that failed midway
+            imgs.remove_all()
+
 
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in ("up", "down"):
