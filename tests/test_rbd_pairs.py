@@ -302,3 +302,4 @@ def test_cli_create_pair_establish_restore(ceph_cluster, rbd_images, tmp_path):
     assert std.read_bytes()[:9000] == b"host data" * 1000
     p = run_cli(["query", meta], env)
     assert p.returncode == 0 and "rbd:rbd/" in p.stdout, p.stdout + p.stderr
+    assert "outside pymirror cannot be detected" in p.stdout
