@@ -21,6 +21,7 @@ object (RAM), so a test stalls it instead of restarting it.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -175,6 +176,21 @@ class CephCluster:
     def resume_osd(self) -> None:
         assert self.osd is not None
         os.kill(self.osd.pid, signal.SIGCONT)
+
+    def blocklist_watchers(self, image: str) -> list[str]:
+        """Cut off every client that has ``image`` open for writing (its
+        header watch), as Ceph fences a client it has given up on; returns
+        the addresses blocklisted."""
+        info = json.loads(self.rbd("info", "--format", "json", image))
+        asoks = sorted((self.root / "run").glob("ceph-osd.0.*.asok"))
+        if not asoks:
+            raise CephError("the OSD's admin socket is missing")
+        watchers = json.loads(self.run("ceph", "--admin-daemon", str(asoks[-1]), "dump_watchers").stdout)
+        addrs = sorted({f"{w['entity_addr_t']['addr']}/{w['entity_addr_t']['nonce']}" for w in watchers
+                        if w.get("object") == f"rbd_header.{info['id']}"})
+        for a in addrs:
+            self.run("ceph", "osd", "blocklist", "add", a)
+        return addrs
 
     # -- images -------------------------------------------------------------
     def new_image_name(self, prefix: str = "img") -> str:
