@@ -35,6 +35,9 @@
  * old client instance first (best effort: a fenced client cannot land a
  * late write), then builds a new cluster handle, I/O context and image.
  * I/O holds conn_lock shared; the reconnect holds it exclusive.
+ *
+ * Volumes of one process in the same cluster share one cluster handle
+ * ("connections, shared" below).
  */
 #include <dlfcn.h>
 #include <pthread.h>
@@ -164,7 +167,7 @@ int pm_rbd_available(void)
 
 struct rbd_vol {
     pthread_rwlock_t conn_lock;   /* I/O: shared; reconnect and close: exclusive */
-    rados_t cluster;
+    struct rbd_conn *conn;        /* shared with the process's other volumes of the same cluster */
     rados_ioctx_t io;
     rbd_image_t image;
     pm_atomic_int broken;         /* the next I/O reconnects first */
@@ -224,6 +227,118 @@ static int cluster_connect(const struct rbd_vol *v, rados_t *out, const char *fu
     return 0;
 }
 
+/* ---- connections, shared ------------------------------------------------
+ *
+ * Volumes of one process that name the same cluster the same way (conf,
+ * client id, cluster name, timeout) share one cluster handle: one
+ * connection set-up, one set of librados threads, for the standard and the
+ * mirror of a pair in one cluster.  A handle found unusable is marked dead
+ * (no new user gets it) and fenced once; it is shut down when its last
+ * volume lets it go.  conns_lock guards the list and the counts. */
+struct rbd_conn {
+    struct rbd_conn *next;
+    char *key;
+    rados_t cluster;
+    int refs;
+    int dead;
+    pm_atomic_int fenced;
+};
+
+static pthread_mutex_t conns_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct rbd_conn *conns;
+
+static char *conn_key(const struct rbd_vol *v)
+{
+    size_t n = 64 + strlen(v->conf ? v->conf : "") + strlen(v->id ? v->id : "") +
+               strlen(v->cluster_name ? v->cluster_name : "");
+    char *k = malloc(n);
+    if (k != NULL)
+        snprintf(k, n, "%s\n%s\n%s\n%u", v->conf ? v->conf : "", v->id ? v->id : "",
+                 v->cluster_name ? v->cluster_name : "", v->timeout);
+    return k;
+}
+
+static int conn_get(const struct rbd_vol *v, struct rbd_conn **out, const char *func)
+{
+    char *key = conn_key(v);
+    if (key == NULL)
+        return pm_fail(func, -ENOMEM, "out of memory");
+    pthread_mutex_lock(&conns_lock);
+    for (struct rbd_conn *c = conns; c != NULL; c = c->next) {
+        if (!c->dead && strcmp(c->key, key) == 0) {
+            c->refs++;
+            pthread_mutex_unlock(&conns_lock);
+            free(key);
+            *out = c;
+            return 0;
+        }
+    }
+    pthread_mutex_unlock(&conns_lock);
+    /* connect outside the lock (it may take the whole mount timeout); two
+     * threads racing here make two handles, which is harmless */
+    struct rbd_conn *c = calloc(1, sizeof *c);
+    if (c == NULL) {
+        free(key);
+        return pm_fail(func, -ENOMEM, "out of memory");
+    }
+    int rc = cluster_connect(v, &c->cluster, func);
+    if (rc < 0) {
+        free(key);
+        free(c);
+        return rc;
+    }
+    c->key = key;
+    c->refs = 1;
+    pthread_mutex_lock(&conns_lock);
+    c->next = conns;
+    conns = c;
+    pthread_mutex_unlock(&conns_lock);
+    *out = c;
+    return 0;
+}
+
+static void conn_put(struct rbd_conn *c)
+{
+    pthread_mutex_lock(&conns_lock);
+    int last = --c->refs == 0;
+    if (last) {
+        for (struct rbd_conn **pp = &conns; *pp != NULL; pp = &(*pp)->next) {
+            if (*pp == c) {
+                *pp = c->next;
+                break;
+            }
+        }
+    }
+    pthread_mutex_unlock(&conns_lock);
+    if (last) {
+        R.shutdown(c->cluster);
+        free(c->key);
+        free(c);
+    }
+}
+
+/* The handle is unusable (blocklisted, disconnected): no new user gets it,
+ * and the cluster is asked once to fence it, so that none of its requests
+ * still queued somewhere can land after a new client's (best effort). */
+static void conn_kill(struct rbd_conn *c)
+{
+    pthread_mutex_lock(&conns_lock);
+    c->dead = 1;
+    pthread_mutex_unlock(&conns_lock);
+    /* relaxed: the exchange itself makes exactly one caller fence it */
+    if (atomic_exchange_explicit(&c->fenced, 1, memory_order_relaxed) || R.getaddrs == NULL ||
+        R.blocklist_add == NULL)
+        return;
+    char *addr = NULL;
+    if (R.getaddrs(c->cluster, &addr) == 0 && addr != NULL) {
+        char *copy = strdup(addr);
+        if (copy != NULL) {
+            (void)R.blocklist_add(c->cluster, copy, 3600);
+            free(copy);
+        }
+    }
+}
+
 static int pool_open(const struct rbd_vol *v, rados_t c, rados_ioctx_t *out, const char *func)
 {
     int rc = R.ioctx_create(c, v->pool, out);
@@ -233,30 +348,31 @@ static int pool_open(const struct rbd_vol *v, rados_t c, rados_ioctx_t *out, con
     return 0;
 }
 
-/* Connect, open the pool and the image; on success v holds all three. */
+/* Connect (or share a connection), open the pool and the image; on
+ * success v holds all three. */
 static int vol_connect(struct rbd_vol *v, const char *func)
 {
-    rados_t c;
+    struct rbd_conn *c = NULL;
     rados_ioctx_t io;
     rbd_image_t img;
-    int rc = cluster_connect(v, &c, func);
+    int rc = conn_get(v, &c, func);
     if (rc < 0)
         return rc;
-    if ((rc = pool_open(v, c, &io, func)) < 0) {
-        R.shutdown(c);
+    if ((rc = pool_open(v, c->cluster, &io, func)) < 0) {
+        conn_put(c);
         return rc;
     }
     rc = v->readonly ? R.open_read_only(io, v->image_name, &img, v->snap) : R.open(io, v->image_name, &img, NULL);
     if (rc < 0) {
         R.ioctx_destroy(io);
-        R.shutdown(c);
+        conn_put(c);
         if (rc == -ENOENT)
             return pm_fail(func, rc, "%s: no image %s%s%s in the pool %s (make one with 'pymirror create')",
                            v->name, v->image_name, v->snap ? " or no snapshot " : "", v->snap ? v->snap : "",
                            v->pool);
         return pm_fail(func, rc, "%s: cannot open the image: %s", v->name, strerror(-rc));
     }
-    v->cluster = c, v->io = io, v->image = img;
+    v->conn = c, v->io = io, v->image = img;
     return 0;
 }
 
@@ -266,9 +382,10 @@ static void vol_disconnect(struct rbd_vol *v)
         R.close(v->image);
     if (v->io)
         R.ioctx_destroy(v->io);
-    if (v->cluster)
-        R.shutdown(v->cluster);
-    v->image = v->io = v->cluster = NULL;
+    if (v->conn)
+        conn_put(v->conn);
+    v->image = v->io = NULL;
+    v->conn = NULL;
 }
 
 /* Errors after which this client instance cannot be used again. */
@@ -277,20 +394,12 @@ static int is_connection_error(int rc)
     return rc == -ESHUTDOWN || rc == -ENOTCONN || rc == -EBADF || rc == -ECONNRESET;
 }
 
-/* Replace the client: fence the old instance (so none of its requests can
- * land late), then connect anew.  Called with conn_lock held exclusive. */
+/* Replace the client: fence the old instance, then connect anew.  Called
+ * with conn_lock held exclusive. */
 static int reconnect_locked(struct rbd_vol *v, const char *func)
 {
-    if (v->cluster != NULL && R.getaddrs != NULL && R.blocklist_add != NULL) {
-        char *addr = NULL;
-        if (R.getaddrs(v->cluster, &addr) == 0 && addr != NULL) {
-            char *copy = strdup(addr);
-            if (copy != NULL) {
-                (void)R.blocklist_add(v->cluster, copy, 3600);   /* best effort */
-                free(copy);
-            }
-        }
-    }
+    if (v->conn != NULL)
+        conn_kill(v->conn);
     vol_disconnect(v);
     int rc = vol_connect(v, func);
     if (rc == 0)
