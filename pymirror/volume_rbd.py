@@ -29,7 +29,7 @@ from . import errors
 from ._native import check, ffi, lib
 from .volume import DEFAULT_TRACK_SIZE, Volume, _check_track_size
 
-__all__ = ["RbdURI", "parse", "is_rbd", "open_rbd", "create_image", "available"]
+__all__ = ["RbdURI", "parse", "is_rbd", "open_rbd", "create_image", "create_rbd", "available"]
 
 SCHEME = "rbd:"
 QUERY_KEYS = ("conf", "id", "cluster", "qd", "timeout")
@@ -161,3 +161,11 @@ def create_image(uri: "str | RbdURI", size: int) -> RbdURI:
                                   f"pymirror create never overwrites")
     check(rc, None, f"create volume {u.short}")
     return u
+
+
+def create_rbd(uri: "str | RbdURI", size: int, *, track_size: int = DEFAULT_TRACK_SIZE) -> Volume:
+    """Create an RBD image of ``size`` bytes and open it (``Volume.create``'s
+    path for ``rbd:`` URIs)."""
+    _check_track_size(track_size)
+    u = create_image(uri, size)
+    return open_rbd(u, track_size=track_size)

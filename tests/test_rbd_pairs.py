@@ -303,3 +303,15 @@ def test_cli_create_pair_establish_restore(ceph_cluster, rbd_images, tmp_path):
     p = run_cli(["query", meta], env)
     assert p.returncode == 0 and "rbd:rbd/" in p.stdout, p.stdout + p.stderr
     assert "outside pymirror cannot be detected" in p.stdout
+
+
+def test_create_rbd_returns_the_new_image_open(ceph_cluster, rbd_images):
+    from pymirror.volume_rbd import create_rbd
+    name = ceph_cluster.new_image_name("new")
+    rbd_images.names.append(name)
+    with create_rbd(ceph_cluster.uri(name), 3 << 20, track_size=4096) as v:
+        assert v.size == 3 << 20 and v.track_size == 4096
+        assert v.read(0, 4096) == bytes(4096)
+        v.write(4096, b"x")
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        create_rbd(ceph_cluster.uri(name), 3 << 20)
