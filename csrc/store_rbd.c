@@ -408,12 +408,18 @@ static int reconnect_locked(struct rbd_vol *v, const char *func)
 }
 
 /* Take conn_lock shared with a usable connection (reconnecting first when
- * it was broken).  0, or an error with the lock not held. */
+ * it was broken).  0, or an error with the lock not held.  v->image is
+ * read only under the lock; a failed reconnect is tried again by the next
+ * I/O. */
 static int io_begin(struct rbd_vol *v, const char *func)
 {
-    /* relaxed: the flag is only a hint; the reconnect re-checks it under
-     * the exclusive lock */
-    while (atomic_load_explicit(&v->broken, memory_order_relaxed) || v->image == NULL) {
+    for (;;) {
+        pthread_rwlock_rdlock(&v->conn_lock);
+        /* relaxed: the flag is a hint; the reconnect re-checks it under
+         * the exclusive lock */
+        if (!atomic_load_explicit(&v->broken, memory_order_relaxed) && v->image != NULL)
+            return 0;
+        pthread_rwlock_unlock(&v->conn_lock);
         pthread_rwlock_wrlock(&v->conn_lock);
         int rc = 0;
         if (atomic_load_explicit(&v->broken, memory_order_relaxed) || v->image == NULL)
@@ -422,12 +428,6 @@ static int io_begin(struct rbd_vol *v, const char *func)
         if (rc < 0)
             return rc;
     }
-    pthread_rwlock_rdlock(&v->conn_lock);
-    if (v->image == NULL) {   /* a concurrent reconnect failed */
-        pthread_rwlock_unlock(&v->conn_lock);
-        return pm_fail(func, -ENOTCONN, "%s: not connected to the Ceph cluster", v->name);
-    }
-    return 0;
 }
 
 static int io_end(struct rbd_vol *v, int rc)
