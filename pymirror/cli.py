@@ -242,9 +242,8 @@ def cli(ctx: click.Context, debug: bool, config_path: Optional[str], control: Op
 @click.option("--size", type=VOLUME_SIZE, required=True, help="Volume size, e.g. 1G.")
 @click.option("--track-size", "track_size", type=SIZE, default=None, hidden=True)
 def create(path: str, size: int, track_size: Optional[int]) -> None:
-    """Create a sparse volume image file (all zeros), or an RBD image
-    (PATH rbd:POOL/IMAGE[?conf=...], docs/volumes_rbd.md).  The track size
-    is the pair's: give it to 'pymirror pair'."""
+    """Create a sparse volume image file (all zeros).  The track size is the
+    pair's: give it to 'pymirror pair'."""
     from .volume import Volume
 
     if track_size is not None:
