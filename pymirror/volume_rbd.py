@@ -137,7 +137,7 @@ def open_rbd(uri: "str | RbdURI", *, readonly: bool = False,
     reopens with."""
     _check_track_size(track_size)
     u = parse(uri) if isinstance(uri, str) else uri
-    name = str(u)
+    name = uri if isinstance(uri, str) else str(u)   # recorded as given
     cfg, keep = _c_config(u)
     out = ffi.new("pm_store **")
     flags = lib.PM_STORE_READONLY if readonly else 0
