@@ -22,7 +22,8 @@
  *
  * Stalls.  librbd waits for an unavailable OSD forever by default.  The
  * store sets rados_osd_op_timeout, rados_mon_op_timeout and
- * client_mount_timeout (the `timeout` of the config, 30 s unless given),
+ * client_mount_timeout (the `timeout` of the config; without it, what
+ * ceph.conf sets, or 30 s where that would be "forever"),
  * so a stalled OSD fails the request with -ETIMEDOUT: the copier retries,
  * then pauses the job with the error and its track.
  *
@@ -61,6 +62,7 @@ static struct {
     int (*conf_read_file)(rados_t, const char *);
     int (*conf_parse_env)(rados_t, const char *);
     int (*conf_set)(rados_t, const char *, const char *);
+    int (*conf_get)(rados_t, const char *, char *, size_t);
     int (*connect)(rados_t);
     void (*shutdown)(rados_t);
     int (*ioctx_create)(rados_t, const char *, rados_ioctx_t *);
@@ -123,6 +125,7 @@ static void load(void)
     R.conf_read_file = (int (*)(rados_t, const char *))sym(hr, "rados_conf_read_file", 1);
     R.conf_parse_env = (int (*)(rados_t, const char *))sym(hr, "rados_conf_parse_env", 1);
     R.conf_set = (int (*)(rados_t, const char *, const char *))sym(hr, "rados_conf_set", 1);
+    R.conf_get = (int (*)(rados_t, const char *, char *, size_t))sym(hr, "rados_conf_get", 1);
     R.connect = (int (*)(rados_t))sym(hr, "rados_connect", 1);
     R.shutdown = (void (*)(rados_t))sym(hr, "rados_shutdown", 1);
     R.ioctx_create = (int (*)(rados_t, const char *, rados_ioctx_t *))sym(hr, "rados_ioctx_create", 1);
@@ -173,6 +176,7 @@ struct rbd_vol {
     pm_atomic_int broken;         /* the next I/O reconnects first */
     char *pool, *image_name, *snap, *conf, *id, *cluster_name, *name;
     uint32_t qd, timeout;
+    int timeout_given;            /* by the config (the URI): it wins over ceph.conf */
     int readonly;
     char ident[256];
 };
@@ -211,9 +215,23 @@ static int cluster_connect(const struct rbd_vol *v, rados_t *out, const char *fu
                        strerror(-rc));
     }
     (void)R.conf_parse_env(c, NULL);     /* CEPH_ARGS, as the ceph tools read it */
+    /* The timeouts: the config's (the URI's) when given; else what ceph.conf
+     * or CEPH_ARGS set, except "wait forever" (0) and the library's default
+     * mount timeout (300 s), which become the default (30 s). */
+    static const char *const opts[] = { "rados_osd_op_timeout", "rados_mon_op_timeout", "client_mount_timeout" };
     snprintf(t, sizeof t, "%u", v->timeout);
-    if ((rc = R.conf_set(c, "rados_osd_op_timeout", t)) < 0 || (rc = R.conf_set(c, "rados_mon_op_timeout", t)) < 0 ||
-        (rc = R.conf_set(c, "client_mount_timeout", t)) < 0 || (rc = R.conf_set(c, "rbd_cache", "false")) < 0) {
+    for (size_t i = 0; i < sizeof opts / sizeof opts[0] && rc >= 0; i++) {
+        char cur[64] = "";
+        if (!v->timeout_given && R.conf_get(c, opts[i], cur, sizeof cur) == 0) {
+            double secs = strtod(cur, NULL);
+            if (secs > 0 && !(i == 2 && secs == 300))
+                continue;
+        }
+        rc = R.conf_set(c, opts[i], t);
+    }
+    if (rc >= 0)
+        rc = R.conf_set(c, "rbd_cache", "false");
+    if (rc < 0) {
         R.shutdown(c);
         return pm_fail(func, rc, "%s: cannot set the Ceph client's timeouts: %s", v->name, strerror(-rc));
     }
@@ -583,6 +601,7 @@ static int vol_new(const struct pm_rbd_config *cfg, const char *name, int readon
     }
     v->qd = cfg->qd ? cfg->qd : RBD_QD_DEFAULT;
     v->timeout = cfg->timeout ? cfg->timeout : RBD_TIMEOUT_DEFAULT;
+    v->timeout_given = cfg->timeout != 0;
     v->readonly = readonly || v->snap != NULL;
     *out = v;
     return 0;

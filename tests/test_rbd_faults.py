@@ -208,3 +208,22 @@ def test_blocklisted_mid_restore_reconnects_and_completes(ceph_cluster, rbd_imag
         assert pair.progress.tracks_pending == 0
         now = ceph_cluster.blocklist_watchers(std_name)
         assert now and not set(now) & set(cut), "the standard did not reconnect as a new client"
+
+
+def test_without_a_uri_timeout_the_one_in_ceph_conf_holds(ceph_cluster, rbd_images, tmp_path):
+    uri = rbd_images.new(1 << 20, "cto")
+    conf = tmp_path / "ceph.conf"
+    conf.write_text(ceph_cluster.conf.read_text() + "rados osd op timeout = 2\n")   # in [client]
+    plain = uri.split("?", 1)[0] + f"?conf={conf}"
+    with pymirror.Volume.open(plain) as v:
+        v.write(0, b"x" * 4096)
+        ceph_cluster.stall_osd()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                v.write(0, b"y" * 4096)
+            assert time.monotonic() - t0 < 8
+        finally:
+            ceph_cluster.resume_osd()
+        v.write(0, b"z" * 4096)
+        assert v.read(0, 1) == b"z"
