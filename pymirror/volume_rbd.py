@@ -10,7 +10,7 @@ URI (docs/volumes.md)::
 - ``qd``: requests kept in flight inside one read or write (1 to 256,
   default 8): a copier's batch is cut into that many librbd aio requests.
 - ``timeout``: seconds before a stalled OSD or monitor fails a request
-  instead of hanging (1 to 86400, default 30): the copy then pauses with the
+  instead of hanging (1 to 86400; default: what ceph.conf sets, else 30): the copy then pauses with the
   error, and ``resume`` goes on once the cluster answers again.
 - ``@SNAP`` opens a snapshot, read-only.
 
