@@ -69,11 +69,13 @@ const char *pm_strerror(int code)
         case EISDIR: return "Is a directory";
         case EAGAIN: return "Resource temporarily unavailable";
         case EBUSY: return "Device or resource busy";
-        /* remote stores (RBD): a stalled OSD, a client cut off */
-        case ETIMEDOUT: return "Connection timed out";
-        case ESHUTDOWN: return "Cannot send after transport endpoint shutdown";
+        /* remote stores (NBD, RBD) */
+        case ECONNREFUSED: return "Connection refused";
         case ENOTCONN: return "Transport endpoint is not connected";
+        case ETIMEDOUT: return "Connection timed out";
         case ECONNRESET: return "Connection reset by peer";
+        case EPIPE: return "Broken pipe";
+        case ESHUTDOWN: return "Cannot send after transport endpoint shutdown";   /* an RBD client blocklisted */
         default: return "system error";
         }
     }

@@ -12,8 +12,8 @@
  *   5 job.c                   copy a span, clear PENDING, end the job
  *   4 meta.c                  the metadata format and commit protocol
  *   3 tracklock.c, state.c    per-track locks | state names
- *   2 table.c, store_volatile.c, store_rbd.c
- *   1 bitmap.c, store.c
+ *   2 table.c, store_volatile.c, store_nbd.c, store_rbd.c
+ *   1 bitmap.c, store.c, store_uri.c
  *   0 errors.c, crc32c.c, clock.c
  *
  * Lock order (outer first): the I/O barrier (host writes and flushes pass

@@ -262,8 +262,10 @@ def create(path: str, size: int, track_size: Optional[int]) -> None:
 
 @cli.command("pair")
 @click.argument("meta", type=click.Path(dir_okay=False))
-@click.option("--standard", type=click.Path(dir_okay=False), required=True, help="The host's volume.")
-@click.option("--mirror", type=click.Path(dir_okay=False), required=True, help="The mirror volume (same size).")
+@click.option("--standard", required=True, metavar="PATH|URI",
+              help="The host's volume: a path, or a URI (nbd://HOST/EXPORT, nbd+unix:///EXPORT?socket=PATH, "
+                   "rbd:POOL/IMAGE; see docs/volumes.md).")
+@click.option("--mirror", required=True, metavar="PATH|URI", help="The mirror volume (same size), a path or a URI.")
 @click.option("--track-size", type=SIZE, default=None, help="Track size (default 64K, or the config file's).")
 @click.pass_obj
 def pair_cmd(obj: Ctx, meta: str, standard: str, mirror: str, track_size: Optional[int]) -> None:
@@ -272,8 +274,11 @@ def pair_cmd(obj: Ctx, meta: str, standard: str, mirror: str, track_size: Option
 
     if os.path.exists(meta):
         raise errors.MirrorError(f"{meta}: already exists; pymirror pair never overwrites metadata")
+    from .uri import parse
+
     for role, path in (("standard", standard), ("mirror", mirror)):
-        if not path.startswith("rbd:") and not os.path.exists(path):
+        u = parse(path)
+        if u.kind == "file" and not os.path.exists(u.path or path):
             raise errors.MirrorError(f"{role} volume {path}: no such file (make one with 'pymirror create')")
     with Pair.create(meta, standard, mirror, track_size=track_size or obj.settings.track_size) as p:
         out(f"created pair {meta}: {standard} + {mirror}, {format_size(p.size)}, "

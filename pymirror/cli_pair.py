@@ -300,8 +300,8 @@ def print_query(label: str, info: dict[str, Any]) -> None:
     for side in ("standard", "mirror"):
         s = info[side]
         out(f"{side:<9} {s['path']}: {s['pending']} tracks pending, {s['changed']} changed")
-        if str(s["path"]).startswith("rbd:"):   # branch rbd (issue 14): remote volumes
-            out("          changes made to this RBD image outside pymirror cannot be detected")
+        if s.get("detects_outside_changes") is False and s.get("kind") in ("nbd", "rbd"):
+            out(f"          (an {s['kind'].upper()} volume: writes made to it outside pymirror cannot be detected)")
     if info.get("mirror_invalid"):
         out(f"          the mirror is INCONSISTENT: {info['mirror_invalid']} tracks are not part of a "
             f"point-in-time image; establish again before restoring from it")

@@ -47,7 +47,7 @@ def _as_volume(v: "PathLike | Volume", track_size: int, role: str) -> tuple[Volu
     if isinstance(v, Volume):
         return v, False
     if not isinstance(v, (str, os.PathLike)):
-        raise TypeError(f"{role} must be a path or a Volume, got {type(v).__name__}")
+        raise TypeError(f"{role} must be a path, a volume URI or a Volume, got {type(v).__name__}")
     return Volume.open(v, track_size=track_size), True
 
 
@@ -116,8 +116,10 @@ class Pair(Handle):
                config: Optional[CopyConfig] = None) -> "Pair":
         """A new pair in state ``"new"``.  ``meta`` is the metadata file to
         create (it must not exist), or None for a pair kept only in memory.
-        ``standard`` and ``mirror`` are paths or :class:`Volume` objects of the
-        same size.  The track size defaults to the standard Volume's (64 KiB
+        ``standard`` and ``mirror`` are paths, volume URIs (``nbd://...``,
+        ``nbd+unix:///EXPORT?socket=...``, ``rbd:POOL/IMAGE``; see
+        docs/volumes.md) or :class:`Volume` objects of the same size; the
+        metadata records each path or URI, and :meth:`open` reopens by it.  The track size defaults to the standard Volume's (64 KiB
         for a path)."""
         if track_size is None:
             track_size = standard.track_size if isinstance(standard, Volume) else DEFAULT_TRACK_SIZE
@@ -129,7 +131,7 @@ class Pair(Handle):
             mir, own = _as_volume(mirror, track_size, "mirror")
             if own:
                 owned.append(mir)
-            if std.path is not None and mir.path is not None and \
+            if std.kind == mir.kind == "file" and std.path is not None and mir.path is not None and \
                     os.path.realpath(std.path) == os.path.realpath(mir.path):
                 raise errors.GeometryError(f"the standard and the mirror are the same file: {std.path}")
             if meta is None:
@@ -223,6 +225,8 @@ class Pair(Handle):
 
     @staticmethod
     def _error_name(code: int) -> str:
+        if -4096 < code < 0:           # an errno (a remote store's "Connection refused"), not "system error"
+            return os.strerror(-code)
         return str(ffi.string(lib.pm_strerror(code)).decode())
 
     def _job_wait(self, timeout_ms: int) -> bool:

@@ -9,7 +9,10 @@ query_dict keys:
 - ``meta``: the metadata path (None for a pair kept in memory);
 - ``state``: one of ``new syncing established split restoring restored``;
 - ``size``, ``track_size``, ``tracks``: the geometry;
-- ``standard`` / ``mirror``: ``{"path", "pending", "changed"}`` (track counts);
+- ``standard`` / ``mirror``: ``{"path", "pending", "changed"}`` (track counts),
+  ``kind`` (``file``, ``memory``, ``nbd``, ``rbd``) and
+  ``detects_outside_changes`` (False for remote volumes: nothing can see a
+  write made to them behind pymirror's back; docs/volumes.md);
 - ``mirror_invalid``: mirror tracks that are not part of a point-in-time
   image (0 = the mirror is consistent), and ``mirror_consistent`` (bool);
 - ``job``: None when no copy exists; while an establish or restore exists
@@ -52,6 +55,13 @@ def job_dict(pair: "Pair", progress: Any = None) -> dict[str, Any]:
     return d
 
 
+def _volume_kind(volume: Any) -> dict[str, Any]:
+    """``kind`` (file, memory, nbd, rbd) and ``detects_outside_changes``:
+    whether pymirror can tell the volume was written behind its back."""
+    kind = getattr(volume, "kind", "file")
+    return {"kind": kind, "detects_outside_changes": bool(getattr(volume, "detects_outside_changes", True))}
+
+
 def query_dict(pair: "Pair") -> dict[str, Any]:
     """State, geometry, track counts, consistency and progress of ``pair``."""
     from .pair import track_counts
@@ -67,8 +77,8 @@ def query_dict(pair: "Pair") -> dict[str, Any]:
         "size": pair.size,
         "track_size": pair.track_size,
         "tracks": pair.tracks,
-        "standard": {"path": pair.standard.path, **counts["standard"]},
-        "mirror": {"path": pair.mirror.path, **counts["mirror"]},
+        "standard": {"path": pair.standard.path, **counts["standard"], **_volume_kind(pair.standard)},
+        "mirror": {"path": pair.mirror.path, **counts["mirror"], **_volume_kind(pair.mirror)},
         "mirror_invalid": invalid,
         "mirror_consistent": invalid == 0,
         "job": job,

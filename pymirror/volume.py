@@ -49,34 +49,41 @@ class Volume(Handle):
         self.path = path
         self.track_size = _check_track_size(track_size)
         self.size: int = lib.pm_store_size(ptr)
+        #: "file", "memory", "nbd" or "rbd" (pymirror/uri.py)
+        self.kind = "file" if path is not None else "memory"
+
+    @property
+    def detects_outside_changes(self) -> bool:
+        """Whether pymirror can tell that this volume was written behind its
+        back (files: size and times; NBD and RBD volumes: no)."""
+        from .uri import OUTSIDE_CHANGES
+
+        return OUTSIDE_CHANGES.get(self.kind, False)
 
     # -- constructors -------------------------------------------------------
     @classmethod
     def create(cls, path: "str | os.PathLike[str]", size: int,
                track_size: int = DEFAULT_TRACK_SIZE) -> "Volume":
-        """Create a new sparse image file of ``size`` bytes (it must not exist)."""
+        """Create a new volume of ``size`` bytes: a sparse image file (it must
+        not exist), or an RBD image for an ``rbd:`` URI (docs/volumes.md)."""
+        from .uri import create_volume
+
         _check_track_size(track_size)
         if not isinstance(size, int) or size <= 0:
             raise errors.GeometryError(f"volume size must be a positive number of bytes, got {size!r}")
-        out = ffi.new("pm_store **")
-        path = os.path.abspath(path)   # a pair records its volumes' paths: make them absolute
-        check(lib.pm_store_open_file(fspath(path), lib.PM_STORE_CREATE, size, out), path, f"create volume {path}")
-        return cls(ffi.gc(out[0], lib.pm_store_destroy), path, track_size)
+        # a pair records its volumes' paths: create_volume makes them absolute
+        return create_volume(path, size, track_size=track_size)
 
     @classmethod
     def open(cls, path: "str | os.PathLike[str]", *, readonly: bool = False,
              track_size: int = DEFAULT_TRACK_SIZE) -> "Volume":
-        """Open an existing image file or block device (or an RBD image:
-        ``rbd:POOL/IMAGE...``, see :mod:`pymirror.volume_rbd`)."""
-        if isinstance(path, str) and path.startswith("rbd:"):   # branch rbd's hook (issue 14)
-            from .volume_rbd import open_rbd
-            return open_rbd(path, readonly=readonly, track_size=track_size)
+        """Open an existing volume: a path (image file or block device), or a
+        URI (``file:``, ``nbd://``, ``nbd+unix://``, ``rbd:``; see
+        :mod:`pymirror.uri` and docs/volumes.md)."""
+        from .uri import open_volume
+
         _check_track_size(track_size)
-        out = ffi.new("pm_store **")
-        flags = lib.PM_STORE_READONLY if readonly else 0
-        path = os.path.abspath(path)
-        check(lib.pm_store_open_file(fspath(path), flags, 0, out), path, f"open volume {path}")
-        return cls(ffi.gc(out[0], lib.pm_store_destroy), path, track_size)
+        return open_volume(path, readonly=readonly, track_size=track_size)
 
     @classmethod
     def memory(cls, size: int, track_size: int = DEFAULT_TRACK_SIZE) -> "Volume":

@@ -143,7 +143,9 @@ def open_rbd(uri: "str | RbdURI", *, readonly: bool = False,
     flags = lib.PM_STORE_READONLY if readonly else 0
     check(lib.pm_store_open_rbd(cfg, name.encode(), flags, out), None, f"open volume {u.short}")
     del keep
-    return Volume(ffi.gc(out[0], lib.pm_store_destroy), name, track_size)
+    vol = Volume(ffi.gc(out[0], lib.pm_store_destroy), name, track_size)
+    vol.kind = "rbd"
+    return vol
 
 
 def create_image(uri: "str | RbdURI", size: int) -> RbdURI:

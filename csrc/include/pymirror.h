@@ -545,6 +545,23 @@ int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg);
 
 /* ---- branch nbdstore: NBD volumes over libnbd, loaded at run time (issue 14) ---- */
 
+/* A volume on an NBD server (docs/volumes.md), through libnbd, which is
+ * loaded at run time: PM_E_NOLIB, naming the Debian package libnbd0, when
+ * it is missing.  uri: libnbd's forms, nbd://HOST[:PORT]/EXPORT,
+ * nbd+unix:///EXPORT?socket=PATH (nbds:// with TLS), plus pymirror's own
+ * query parameters, which libnbd does not see:
+ *   qd=N       requests in flight per I/O, 1 to 64 (default 8): a large
+ *              read or write is split into up to N concurrent requests
+ *   conns=N    connections at most, 1 to 16 (default 4), used only when the
+ *              server advertises multi-conn (else 1)
+ *   timeout=S  seconds of silence from the server before an I/O fails and
+ *              the connection is dropped, 0 = wait forever (default 30)
+ * flags: PM_STORE_READONLY, PM_STORE_NOLOCK (NBD has no lock: the store
+ * takes none).  The store's path is uri as given; its identity is
+ * "nbd:EXPORT:SIZE@SERVER".  A connection that breaks is closed and the
+ * next I/O connects again. */
+int pm_store_open_nbd(const char *uri, unsigned flags, pm_store **out);
+
 /* ---- branch rbd: RBD volumes over librbd, loaded at run time (issue 14) ---- */
 
 /* An RBD image in a Ceph cluster (docs/volumes.md).  librbd and librados

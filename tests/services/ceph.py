@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 POOL = "rbd"
+#: the session's cluster while the ceph_cluster fixture holds it (for the
+#: volume kinds of tests/volume_kinds.py, which get no fixtures)
+SESSION: "Optional[CephCluster]" = None
 PACKAGES = "ceph-mon ceph-osd ceph-common"
 TOOLS = ("ceph-mon", "ceph-osd", "monmaptool", "ceph", "rbd")
 
@@ -246,9 +249,12 @@ if pytest is not None:
                 pytest.fail(f"{reason} (CI does not allow skipping the RBD tests)", pytrace=False)
             pytest.skip(reason)
         cluster.started_in = time.monotonic() - started   # type: ignore[attr-defined]
+        global SESSION
+        SESSION = cluster
         try:
             yield cluster
         finally:
+            SESSION = None
             cluster.stop()
 
     class RbdImages:
