@@ -218,5 +218,6 @@ def test_rbd_full_restore_vs_rbd_cp(cluster, benchmark, tools, tmp_path):
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     # the floor is 0.9 x `rbd cp` (target >= 1.0): reported, not asserted (a loaded
     # machine moves single reps by 2x; benchmarks/README.md has the figures and the load)
-    print(f"\nfloor 0.9 x rbd cp: whole command {'met' if result['ratio_rbd_cp'] >= 0.9 else 'NOT met'}, "
-          f"in process {'met' if result['ratio_rbd_cp_in_process'] >= 0.9 else 'NOT met'}")
+    if not quick:   # at 32 MiB the interpreter's start-up is most of the command's time
+        print(f"\nfloor 0.9 x rbd cp: whole command {'met' if result['ratio_rbd_cp'] >= 0.9 else 'NOT met'}, "
+              f"in process {'met' if result['ratio_rbd_cp_in_process'] >= 0.9 else 'NOT met'}")
