@@ -84,6 +84,8 @@ static struct {
     ssize_t (*aio_get_return_value)(rbd_completion_t);
     void (*aio_release)(rbd_completion_t);
     int (*flush)(rbd_image_t);
+    int (*diff_iterate2)(rbd_image_t, const char *, uint64_t, uint64_t, uint8_t, uint8_t,
+                         int (*)(uint64_t, size_t, int, void *), void *);   /* optional */
 } R;
 
 static pthread_once_t load_once = PTHREAD_ONCE_INIT;
@@ -149,6 +151,8 @@ static void load(void)
     R.aio_get_return_value = (ssize_t (*)(rbd_completion_t))sym(hb, "rbd_aio_get_return_value", 1);
     R.aio_release = (void (*)(rbd_completion_t))sym(hb, "rbd_aio_release", 1);
     R.flush = (int (*)(rbd_image_t))sym(hb, "rbd_flush", 1);
+    R.diff_iterate2 = (int (*)(rbd_image_t, const char *, uint64_t, uint64_t, uint8_t, uint8_t,
+                               int (*)(uint64_t, size_t, int, void *), void *))sym(hb, "rbd_diff_iterate2", 0);
     /* the libraries stay loaded for the life of the process: librados's
      * threads and atexit handlers must not lose their code */
 }
@@ -540,6 +544,72 @@ static int rbd_flush_op(void *ctx)
     return io_end(v, rc);
 }
 
+/* Extents: librbd's allocated extents (rbd_diff_iterate2 from the image's
+ * creation, parent data included) are data; what lies between them was never
+ * written, or was discarded, and reads as zeroes: a hole. */
+struct extent_acc {
+    struct pm_extent *out;
+    uint64_t max, n, cur, end;
+    int full;          /* out is full: the walk may go on, the answer may not */
+};
+
+#define EXTENTS_FULL (-ECANCELED)   /* the callback's "out is full": not an error */
+
+static int extent_add(struct extent_acc *a, uint64_t off, uint64_t end, uint32_t kind)
+{
+    if (a->n > 0 && a->out[a->n - 1].kind == kind && a->out[a->n - 1].offset + a->out[a->n - 1].length == off) {
+        a->out[a->n - 1].length += end - off;
+        return 0;
+    }
+    if (a->n == a->max) {
+        a->full = 1;
+        return EXTENTS_FULL;
+    }
+    a->out[a->n++] = (struct pm_extent){ off, end - off, kind, 0 };
+    return 0;
+}
+
+static int extent_cb(uint64_t off, size_t len, int exists, void *arg)
+{
+    struct extent_acc *a = arg;
+    if (a->full)
+        return EXTENTS_FULL;
+    uint64_t end = off + len > a->end ? a->end : off + len;
+    if (off < a->cur)
+        off = a->cur;
+    if (!exists || off >= end)
+        return 0;    /* not allocated: part of the hole before the next extent */
+    int rc = 0;
+    if (off > a->cur && (rc = extent_add(a, a->cur, off, PM_EXTENT_HOLE)) < 0)
+        return rc;
+    a->cur = off;
+    if ((rc = extent_add(a, off, end, PM_EXTENT_DATA)) < 0)
+        return rc;
+    a->cur = end;
+    return 0;
+}
+
+static int64_t rbd_extents(void *ctx, uint64_t off, uint64_t len, struct pm_extent *out, uint64_t max)
+{
+    struct rbd_vol *v = ctx;
+    if (R.diff_iterate2 == NULL)
+        return -EOPNOTSUPP;   /* all data */
+    int rc = io_begin(v, "rbd_extents");
+    if (rc < 0)
+        return rc;
+    struct extent_acc a = { out, max, 0, off, off + len, 0 };
+    rc = R.diff_iterate2(v->image, NULL, off, len, 1, 0, extent_cb, &a);
+    int full = a.full;
+    rc = io_end(v, full && rc == EXTENTS_FULL ? 0 : rc);
+    if (rc < 0)
+        return pm_fail("rbd_extents", rc, "%s: the allocation query failed: %s", v->name, strerror(-rc));
+    /* what follows the last allocated extent is a hole; when out was full,
+     * the extents end where the walk stopped (the caller asks again) */
+    if (!full && a.cur < a.end)
+        (void)extent_add(&a, a.cur, a.end, PM_EXTENT_HOLE);
+    return (int64_t)a.n;
+}
+
 static int rbd_identity(void *ctx, char *buf, size_t len)
 {
     struct rbd_vol *v = ctx;
@@ -559,7 +629,7 @@ static void rbd_close_op(void *ctx)
 static const struct pm_store_ops rbd_ops = {
     .size = sizeof(struct pm_store_ops),
     .read = rbd_read, .write = rbd_write, .flush = rbd_flush_op, .close = rbd_close_op,
-    .write_zeroes = rbd_write_zeroes, .identity = rbd_identity,
+    .write_zeroes = rbd_write_zeroes, .extents = rbd_extents, .identity = rbd_identity,
 };
 
 /* ---- the public calls ---------------------------------------------------- */

@@ -315,3 +315,41 @@ def test_create_rbd_returns_the_new_image_open(ceph_cluster, rbd_images):
         v.write(4096, b"x")
     with pytest.raises(FileExistsError, match="never overwrites"):
         create_rbd(ceph_cluster.uri(name), 3 << 20)
+
+
+def _extents(vol, offset: int, length: int, max_: int) -> list[tuple[int, int, int]]:
+    from pymirror._native import check, ffi, lib
+    out = ffi.new("struct pm_extent[]", max_)
+    with vol._call as p:
+        n = check(lib.pm_store_extents(p, offset, length, out, max_))
+    return [(int(out[i].offset), int(out[i].length), int(out[i].kind)) for i in range(n)]
+
+
+def test_extents_are_the_allocated_ranges(rbd_images):
+    """Written ranges are data, the rest holes that read as zeroes; the
+    extents are consecutive from the offset, and a short ``max`` gives a
+    prefix of the same answer."""
+    from pymirror._native import lib
+    size = 16 << 20
+    uri = rbd_images.new(size, "ext")
+    writes = [(100, 5000), (5 << 20, 70000), ((9 << 20) - 1000, 3000), (size - 4096, 4096)]
+    with open_rbd(uri) as v:
+        for off, n in writes:
+            v.write(off, b"\x01" * n)
+        for start, length in ((0, size), (3 << 20, 8 << 20), (5 << 20, 4096)):
+            ext = _extents(v, start, length, 64)
+            assert ext and ext[0][0] == start
+            assert sum(e[1] for e in ext) == length
+            for a, b in zip(ext, ext[1:]):
+                assert a[0] + a[1] == b[0] and a[2] != b[2]
+            for off, n in writes:                       # every written byte is in a data extent
+                for byte in (off, off + n - 1):
+                    if start <= byte < start + length:
+                        kind = next(e[2] for e in ext if e[0] <= byte < e[0] + e[1])
+                        assert kind == lib.PM_EXTENT_DATA, (byte, ext)
+            for off, n, kind in ext:                    # holes read as zeroes
+                if kind == lib.PM_EXTENT_HOLE:
+                    assert v.read(off, min(n, 1 << 20)) == bytes(min(n, 1 << 20))
+            for m in range(1, len(ext)):
+                assert _extents(v, start, length, m) == ext[:m]
+        assert any(k == lib.PM_EXTENT_HOLE for _, _, k in _extents(v, 0, size, 64))
