@@ -75,6 +75,7 @@ const char *pm_strerror(int code)
         case ETIMEDOUT: return "Connection timed out";
         case ECONNRESET: return "Connection reset by peer";
         case EPIPE: return "Broken pipe";
+        case ESHUTDOWN: return "Cannot send after transport endpoint shutdown";   /* an RBD client blocklisted */
         default: return "system error";
         }
     }

@@ -13,7 +13,7 @@
  *   5 job.c                   copy a span, clear PENDING, end the job
  *   4 meta.c                  the metadata format and commit protocol
  *   3 tracklock.c, state.c    per-track locks | state names
- *   2 table.c, store_volatile.c, store_nbd.c
+ *   2 table.c, store_volatile.c, store_nbd.c, store_rbd.c
  *   1 bitmap.c, store.c, store_uri.c, pace.c, heat.c, nbd_tls.c
  *   0 errors.c, crc32c.c, clock.c
  *

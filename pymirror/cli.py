@@ -294,6 +294,11 @@ def create(path: str, size: int, track_size: Optional[int]) -> None:
     if track_size is not None:
         raise click.BadParameter("a volume image records no track size; the pair does: "
                                  "give --track-size to 'pymirror pair'", param_hint="'--track-size'")
+    if path.startswith("rbd:"):   # an RBD image (branch rbd, issue 14)
+        from .volume_rbd import create_image
+        u = create_image(path, size)
+        out(f"created {u.short}: {format_size(size)} RBD image")
+        return
     if os.path.exists(path):
         raise errors.MirrorError(f"{path}: already exists; pymirror create never overwrites")
     with Volume.create(path, size) as v:

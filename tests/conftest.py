@@ -22,3 +22,17 @@ def nbd_engine(request, monkeypatch):
     ``pytestmark = pytest.mark.usefixtures("nbd_engine")``."""
     monkeypatch.setenv("PYMIRROR_NBD_ENGINE", request.param)
     return request.param
+
+
+# The one-node Ceph cluster of the RBD tests (tests/services/ceph.py): a
+# session fixture, started on first use.  Loaded by path (no tests/__init__.py).
+import importlib.util as _ilu
+import sys as _sys
+from pathlib import Path as _Path
+
+_spec = _ilu.spec_from_file_location("pymirror_test_ceph", _Path(__file__).with_name("services") / "ceph.py")
+_ceph = _ilu.module_from_spec(_spec)
+_sys.modules.setdefault("pymirror_test_ceph", _ceph)
+_spec.loader.exec_module(_ceph)
+ceph_cluster = _ceph.ceph_cluster
+rbd_images = _ceph.rbd_images

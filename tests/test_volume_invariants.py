@@ -25,7 +25,7 @@ import pymirror.uri
 from pymirror import CopyConfig
 
 sys.path.insert(0, str(Path(__file__).parent))   # tests/ has no __init__.py
-from volume_kinds import PAIR_KINDS, Volumes, pair_id
+from volume_kinds import PAIR_KINDS, Volumes, kind_fixtures, pair_id
 
 TRACK = 64 << 10
 SIZE = 4 << 20
@@ -34,6 +34,8 @@ TRACKS = SIZE // TRACK
 
 @pytest.fixture(params=PAIR_KINDS, ids=pair_id)
 def vols(request, tmp_path):
+    for name in kind_fixtures(request.param):      # the Ceph cluster for rbd
+        request.getfixturevalue(name)
     v = Volumes(tmp_path, request.param, SIZE)
     yield v
     v.close()

@@ -127,12 +127,57 @@ def nbdkit_kind(tmp_path: Path, role: str, size: int) -> Backing:
                          tmp_path / f"{role}.nbdkit.sock")
 
 
-#: name -> maker.  Branch rbd adds its kinds here.
+class RbdBacking(Backing):
+    """An image in the session's one-node Ceph cluster (tests/services/ceph.py).
+    ``stop`` stalls the OSD (SIGSTOP: a killed memstore OSD would come back
+    empty), ``start`` lets it go on; ``close`` removes the image."""
+
+    remote = True
+    volume_kind = "rbd"
+
+    def __init__(self, cluster, name: str) -> None:
+        super().__init__(cluster.uri(name), None)   # type: ignore[arg-type]  (no file under it)
+        self.cluster, self.name = cluster, name
+
+    def stop(self, sig: int = signal.SIGSTOP) -> None:
+        self.cluster.stall_osd()
+
+    def start(self) -> None:
+        self.cluster.resume_osd()
+
+    def close(self) -> None:
+        self.cluster.resume_osd()
+        self.cluster.remove_image(self.name)
+
+
+def rbd_kind(tmp_path: Path, role: str, size: int) -> Backing:
+    import sys
+
+    ceph = sys.modules.get("pymirror_test_ceph")        # loaded by tests/conftest.py
+    cluster = getattr(ceph, "SESSION", None)
+    if cluster is None:
+        raise RuntimeError("the rbd kind needs the session's Ceph cluster: request the ceph_cluster fixture first "
+                           "(kinds name the fixtures they need in .fixtures)")
+    return RbdBacking(cluster, cluster.create_image(size, role))
+
+
+rbd_kind.fixtures = ("ceph_cluster",)   # type: ignore[attr-defined]  (skips, or fails under CI, without Ceph)
+
+
+#: name -> maker.  A maker may name the fixtures it needs in ``.fixtures``
+#: (the tests request them first).  rbd comes before the NBD kinds, so the
+#: remote-with-remote pairs are an RBD standard with an NBD mirror.
 KINDS: dict[str, Callable[[Path, str, int], Backing]] = {
     "file": file_kind,
+    "rbd": rbd_kind,
     "qemu-nbd": qemu_nbd_kind,
     "nbdkit": nbdkit_kind,
 }
+
+
+def kind_fixtures(kinds: tuple[str, str]) -> list[str]:
+    """The fixtures the two kinds of a pair need (request them first)."""
+    return [f for k in dict.fromkeys(kinds) for f in getattr(KINDS[k], "fixtures", ())]
 
 
 def pair_kinds(kinds: dict[str, Callable[..., Backing]]) -> list[tuple[str, str]]:
@@ -186,4 +231,4 @@ def require_remote() -> None:
         pytest.skip(msg)
 
 
-__all__ = ["Backing", "KINDS", "PAIR_KINDS", "Volumes", "pair_id", "pair_kinds", "require_remote"]
+__all__ = ["Backing", "KINDS", "PAIR_KINDS", "Volumes", "kind_fixtures", "pair_id", "pair_kinds", "require_remote"]

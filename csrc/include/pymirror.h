@@ -788,6 +788,35 @@ int pm_store_open_nbd(const char *uri, unsigned flags, pm_store **out);
 
 /* ---- branch rbd: RBD volumes over librbd, loaded at run time (issue 14) ---- */
 
+/* An RBD image in a Ceph cluster (docs/volumes.md).  librbd and librados
+ * are loaded at run time: without them every call below fails with
+ * PM_E_NOLIB, its message naming the Debian package (librbd1).  Strings
+ * are copied; NULL or "" means "not given". */
+struct pm_rbd_config {
+    uint32_t size;             /* sizeof(struct pm_rbd_config), or 0 */
+    uint32_t qd;               /* requests in flight inside one read or write, 1 to 256; 0: 8 */
+    const char *pool;          /* required */
+    const char *image;         /* required */
+    const char *snap;          /* a snapshot of the image: opened read-only */
+    const char *conf;          /* ceph.conf; none: librados's search ($CEPH_CONF, /etc/ceph/CLUSTER.conf) */
+    const char *id;            /* the client's id (client.ID); none: admin */
+    const char *cluster;       /* the cluster's name; none: ceph */
+    uint32_t timeout;          /* seconds before a stalled OSD, monitor or mount fails a request; 0: 30 */
+    uint32_t reserved;         /* 0 */
+};
+/* 0 when librbd can be loaded, else PM_E_NOLIB (thread-safe). */
+int pm_rbd_available(void);
+/* Open an image (or a snapshot, read-only) as a store.  `name` is used in
+ * messages and recorded as the volume's path (pymirror passes the URI);
+ * NULL: "rbd:POOL/IMAGE[@SNAP]".  Flags: PM_STORE_READONLY (PM_STORE_NOLOCK
+ * is accepted; RBD volumes take no lock).  Identity: "rbd:POOL/ID[@SNAP]"
+ * (the image id, stable across renames).  Thread-safe I/O; a request that
+ * fails because the client was cut off (blocklisted) makes the next I/O
+ * reconnect. */
+int pm_store_open_rbd(const struct pm_rbd_config *cfg, const char *name, unsigned flags, pm_store **out);
+/* Create an image of `size` bytes with the cluster's default features
+ * (-EEXIST if it exists: nothing is overwritten). */
+int pm_rbd_create(const struct pm_rbd_config *cfg, uint64_t size);
 /* ---- branch nbdc: the NBD request loop in C, TLS (issue 15) ---- */
 
 /* The transmission phase of one NBD connection, after the (Python)
