@@ -210,6 +210,7 @@ void pm_pair_destroy(pm_pair *p)
     pthread_cond_broadcast(&p->cond);
     pthread_mutex_unlock(&p->mu);
     pm_job_join_threads(p);
+    pm_job_prefetch_join(p);
     pm_meta_close(p->meta);
     pm_tracklock_destroy(p);
     pthread_mutex_destroy(&p->rate_mu);
