@@ -383,10 +383,11 @@ static void prefetch(pm_pair *p, int target, uint64_t from, uint64_t ahead, uint
         return;
     pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
     uint64_t t = from >> p->shift, want = ahead >> p->shift ? ahead >> p->shift : 1;
-    uint64_t dt = *done >> p->shift;
+    uint64_t dt = *done >> p->shift, have = 0;
     if (*done < from || dt > p->tracks)
         dt = t;                             /* a new stream */
-    uint64_t have = dt > t ? pm_bitmap_count_range(pending, t, dt - t) : 0;
+    else if (dt > t && (have = pm_bitmap_count_range(pending, t, dt - t)) > want)
+        dt = t, have = 0;                   /* asked ahead of another stream (a stripe further on) */
     if (dt > t && have >= want / 2)
         return;                             /* asked recently: ask in large pieces */
     while (have < want && dt < p->tracks) {

@@ -264,18 +264,44 @@ int pm_job_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf)
     return rc;
 }
 
-void pm_job_prefetch_first(pm_pair *p, int target)
+static void *prefetch_first_main(void *arg)
 {
-    if (pm_load_relaxed(&p->rate) != 0)
-        return;                     /* a rate limit would not read them soon */
+    pm_pair *p = arg;
+    int target = p->prefetch_target;        /* set before the thread was created */
     pm_bitmap *pending = p->table[target]->flags[PM_PENDING];
     uint64_t want = PM_JOB_PREFETCH_FIRST >> p->shift ? PM_JOB_PREFETCH_FIRST >> p->shift : 1;
     uint64_t t = 0, s, n;
-    while (want > 0 && t < p->tracks && pm_bitmap_next_run(pending, t, want, &s, &n)) {
+    while (want > 0 && t < p->tracks && !pm_load_relaxed(&p->stop) &&
+           pm_bitmap_next_run(pending, t, want, &s, &n)) {
         pm__store_prefetch(p->store[1 - target], n << p->shift, pm_track_off(p, s));
         want -= n;
         t = s + n;
     }
+    return NULL;
+}
+
+void pm_job_prefetch_join(pm_pair *p)
+{
+    pthread_mutex_lock(&p->mu);
+    int running = p->prefetch_running;
+    pthread_t th = p->prefetch_thread;
+    p->prefetch_running = 0;
+    pthread_mutex_unlock(&p->mu);
+    if (running)
+        pthread_join(th, NULL);
+}
+
+void pm_job_prefetch_first(pm_pair *p, int target)
+{
+    if (pm_load_relaxed(&p->rate) != 0)
+        return;                     /* a rate limit would not read them soon */
+    pm_job_prefetch_join(p);        /* an earlier job's, if it is still asking */
+    pthread_mutex_lock(&p->mu);
+    if (!p->prefetch_running) {     /* (another command may have started one meanwhile) */
+        p->prefetch_target = target;
+        p->prefetch_running = pthread_create(&p->prefetch_thread, NULL, prefetch_first_main, p) == 0;
+    }
+    pthread_mutex_unlock(&p->mu);
 }
 
 void pm_job_error(pm_pair *p, int rc, uint64_t track)

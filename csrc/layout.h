@@ -134,6 +134,10 @@ struct pm_pair {
     pm_atomic_u64 tracks_total, tracks_copied, tracks_skipped, tracks_merged;
     pm_atomic_u64 reads_redirected, reads_hydrated, bytes_read, bytes_written;
     pm_atomic_u64 bytes_zeroed;  /* branch sparse: zeroed on the target instead of copied */
+    /* branch sparse: the thread asking for a new job's first reads (job.c),
+     * joined by the next one and at destroy; under mu */
+    pthread_t prefetch_thread;
+    int prefetch_running, prefetch_target;
 
     /* The I/O barrier (arbitrate.c): host writes/flushes in flight, and
      * holds.  A writer adds itself to io_inflight, then checks io_holds; a
@@ -197,10 +201,14 @@ int pm_job_copy_track_locked(pm_pair *p, uint64_t t, unsigned char *buf);
 /* Ask the source to start reading the job's first PENDING tracks (up to
  * PM_JOB_PREFETCH_FIRST bytes of them, scattered or not), so their reads are
  * under way while the copiers commit the job's start (branch sparse: an
- * incremental job's scattered reads then cost almost nothing).  A hint;
- * nothing when a rate limit is set.  Call with no lock held. */
+ * incremental job's scattered reads then cost almost nothing).  A hint,
+ * given on a short-lived thread of its own (asking the kernel to read 8 MiB
+ * takes milliseconds, which the command must not wait for); nothing when a
+ * rate limit is set.  Call with no lock held.  pm_job_prefetch_join waits
+ * for that thread (the next job's call and pm_pair_destroy make it). */
 #define PM_JOB_PREFETCH_FIRST ((uint64_t)8 << 20)
 void pm_job_prefetch_first(pm_pair *p, int target);
+void pm_job_prefetch_join(pm_pair *p);
 /* Pause the job on an error (the first one is kept) and commit it. */
 void pm_job_error(pm_pair *p, int rc, uint64_t track);
 /* Mirror tracks not part of a point-in-time image (see pm_pair_mirror_invalid). */

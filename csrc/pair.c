@@ -250,6 +250,7 @@ void pm_pair_destroy(pm_pair *p)
     pthread_mutex_unlock(&p->mu);
     pm_job_join_threads(p);
     join_compare(p);
+    pm_job_prefetch_join(p);
     pm_meta_close(p->meta);
     pm_tracklock_destroy(p);
     pthread_mutex_destroy(&p->rate_mu);

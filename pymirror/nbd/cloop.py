@@ -69,7 +69,7 @@ def serve(conn: Any) -> bool:
         return False
     flags = (lib.PM_NBD_STRUCTURED if conn.structured else 0) | (lib.PM_NBD_READONLY if ex.readonly else 0)
     side = lib.PM_STANDARD if ex.side == "standard" else lib.PM_MIRROR
-    threads = max(1, min(64, int(getattr(conn.server, "c_threads", 8))))
+    threads = max(1, min(64, int(getattr(conn.server, "c_threads", 16))))
     cc = CConnection()
     out = ffi.new("pm_nbd_conn **")
     key = id(conn)

@@ -69,7 +69,7 @@ class NBDServer:
     handoff_after = 30e-6         # a request slower than this (s) counts as waiting for the disk
     # the C request loop (cloop.py, the default engine): threads per
     # connection, started as requests overlap (benchmarks/README.md)
-    c_threads = 8
+    c_threads = 16
     engine: Optional[str] = None  # "c" or "python"; None: $PYMIRROR_NBD_ENGINE, else "c"
 
     def __init__(self, pair: Any = None, *, socket_path: Optional[str] = None, host: Optional[str] = None,
