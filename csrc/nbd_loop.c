@@ -733,7 +733,9 @@ static int execute(pm_nbd_conn *c, struct worker *w, const struct req *r)
     }
     p = pair_get(c);
     if (p == NULL) {
-        reply_error(c, r->cookie, NBD_ESHUTDOWN, "the pair is closed");
+        /* as the Python loop: a TRIM of the mirror is refused as a write the state forbids */
+        int trim_mirror = r->type == NBD_CMD_TRIM && c->side == PM_MIRROR;
+        reply_error(c, r->cookie, trim_mirror ? NBD_EPERM : NBD_ESHUTDOWN, "the pair is closed");
         return 1;
     }
     const char *what = "flush";

@@ -133,7 +133,7 @@ def test_sigint_and_sigterm_mid_restore(mode, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, cwd=NEUTRAL)
     cli_util.wait_until(lambda: cli_util.committed_state(meta) == "restoring", what="the restore to start")
-    time.sleep(0.5)
+    time.sleep(1.5)      # a 4 MiB batch at 8 MiB/s is paid for before it is copied: 0.5 s each
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
