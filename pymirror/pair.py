@@ -176,33 +176,16 @@ class Pair(Handle):
         ts = int(info.track_size)
         std_path = os.fsdecode(ffi.string(info.standard_path))
         mir_path = os.fsdecode(ffi.string(info.mirror_path))
-        owned: list[Volume] = []
-        try:
-            from .uri import parse as _parse_volume
+        from .uri import parse as _parse_volume
 
-            for role, path in (("standard", std_path), ("mirror", mir_path)):
-                u = _parse_volume(path)     # a remote volume (nbd:, rbd:) is checked by opening it
-                if u.kind == "file" and not os.path.lexists(u.path or path):
-                    import errno as _errno
-                    raise errors.VolumeMissingError(
-                        _errno.ENOENT, f"open pair {meta_path}: its {role} volume {path} does not exist; if the "
-                        f"volumes moved: pymirror pair {meta_path} --relocate --standard NEW --mirror NEW", path)
-            std = Volume.open(std_path, track_size=ts)
-            owned.append(std)
-            mir = Volume.open(mir_path, track_size=ts)
-            owned.append(mir)
-            pair = cls._assemble(lambda sp, mp, out: check(
-                lib.pm_pair_open_meta(fspath(meta_path), sp, mp, out),
-                meta_path, f"open pair {meta_path}"), std, mir, owned, meta_path, config)
-        except BaseException:
-            for v in owned:
-                v.close()
-            raise
-        # what the open's locked read of the header found (the unlocked peek
-        # above may catch another process's commit half written)
-        _warn_metadata(_metadata_warning())
-        pair._configure(pair._config)
-        return pair
+        for role, path in (("standard", std_path), ("mirror", mir_path)):
+            u = _parse_volume(path)     # a remote volume (nbd:, rbd:) is checked by opening it
+            if u.kind == "file" and not os.path.lexists(u.path or path):
+                import errno as _errno
+                raise errors.VolumeMissingError(
+                    _errno.ENOENT, f"open pair {meta_path}: its {role} volume {path} does not exist; if the "
+                    f"volumes moved: pymirror pair {meta_path} --relocate --standard NEW --mirror NEW", path)
+        return cls._open_with(meta_path, std_path, mir_path, ts, lib.pm_pair_open_meta, "open", config)
 
     @classmethod
     def relocate(cls, meta: PathLike, standard: PathLike, mirror: PathLike, *,
@@ -217,25 +200,32 @@ class Pair(Handle):
         meta_path = os.fspath(meta)
         info = ffi.new("struct pm_meta_info *")
         check(lib.pm_meta_peek(fspath(meta_path), info), meta_path, f"relocate pair {meta_path}")
-        ts = int(info.track_size)
+        return cls._open_with(meta_path, standard, mirror, int(info.track_size), lib.pm_pair_relocate_meta,
+                              "relocate", config, distinct=True)
+
+    @classmethod
+    def _open_with(cls, meta_path: str, standard: Any, mirror: Any, ts: int, c_open: Any, verb: str,
+                   config: Optional[CopyConfig], distinct: bool = False) -> "Pair":
+        """Open both volumes and build the pair with ``c_open`` (the C open
+        or relocate); the volumes are closed again if anything fails."""
         owned: list[Volume] = []
         try:
             std = Volume.open(standard, track_size=ts)
             owned.append(std)
             mir = Volume.open(mirror, track_size=ts)
             owned.append(mir)
-            if std.path is not None and mir.path is not None and \
+            if distinct and std.path is not None and mir.path is not None and \
                     os.path.realpath(std.path) == os.path.realpath(mir.path):
                 raise errors.GeometryError(f"the standard and the mirror are the same file: {std.path}")
             pair = cls._assemble(lambda sp, mp, out: check(
-                lib.pm_pair_relocate_meta(fspath(meta_path), sp, mp, out),
-                meta_path, f"relocate pair {meta_path}"), std, mir, owned, meta_path, config)
+                c_open(fspath(meta_path), sp, mp, out),
+                meta_path, f"{verb} pair {meta_path}"), std, mir, owned, meta_path, config)
         except BaseException:
             for v in owned:
                 v.close()
             raise
         # what the open's locked read of the header found (the unlocked peek
-        # above may catch another process's commit half written)
+        # may catch another process's commit half written)
         _warn_metadata(_metadata_warning())
         pair._configure(pair._config)
         return pair
