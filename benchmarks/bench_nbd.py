@@ -304,3 +304,71 @@ def test_nbd_four_pairs_one_process(benchmark, tmp_path, tools):
         "ratios": {k: round(med["pymirror"][k] / med["nbdkit"][k], 2) for k in med["nbdkit"]},
         "all": {n: {k: [round(x) for x in v] for k, v in r.items()} for n, r in res.items()},
         "load_average": os.getloadavg(), "units": "aggregate MB/s (read), aggregate IOPS (qd32)"})
+
+
+def test_nbd_first_write_after_split(benchmark, tmp_path, tools):
+    """The first write after a split, each rep on a freshly split pair (a new
+    ``pymirror serve`` per rep), against nbdkit file and qemu-nbd writing the
+    same bytes: ``nbdcopy --flush src URI``, the served files and the source
+    dropped from the page cache first.  pymirror pays its durable
+    write-intent here (docs/format.md: group commit and mark-ahead); the
+    peers keep no such record."""
+    size = bench_size(benchmark)
+    reps = 1 if benchmark.disabled else int(os.environ.get("PM_BENCH_REPS", "3"))
+    d = tmp_path
+    make_files(d, size, ["kit.img", "qemu.img"] + [f"{k}{i}.img" for i in range(reps) for k in ("std", "mir")])
+    for i in range(reps):
+        make_pair(d / f"p{i}.meta", d / f"std{i}.img", d / f"mir{i}.img")
+    peers = {"nbdkit": subprocess.Popen([need("nbdkit"), "-f", "-U", str(d / "kit.sock"), "file",
+                                         f"file={d / 'kit.img'}"]),
+             "qemu-nbd": subprocess.Popen([need("qemu-nbd"), "-k", str(d / "qemu.sock"), "-f", "raw", "-t",
+                                           "-e", "16", str(d / "qemu.img")])}
+    files = {"nbdkit": [d / "kit.img"], "qemu-nbd": [d / "qemu.img"]}
+    res = {"pymirror": [], "nbdkit": [], "qemu-nbd": []}
+
+    def wait_for(sock):
+        t0 = time.monotonic()
+        while not os.path.exists(sock):
+            assert time.monotonic() - t0 < 30, sock
+            time.sleep(0.05)
+
+    def cold(paths):
+        for f in list(paths) + [d / "src.bin"]:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+    def write(sock):
+        return size / timed([need("nbdcopy"), "--flush", str(d / "src.bin"), f"nbd+unix:///?socket={sock}"]) / 1e6
+
+    try:
+        for name in peers:
+            wait_for(d / ("kit.sock" if name == "nbdkit" else "qemu.sock"))
+        for i in range(reps):
+            sock = d / f"pm{i}.sock"
+            pm = subprocess.Popen([sys.executable, "-m", "pymirror", "serve", str(d / f"p{i}.meta"), "--socket",
+                                   str(sock)], cwd=str(d), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_for(sock)
+                cold([d / f"std{i}.img", d / f"mir{i}.img"])
+                res["pymirror"].append(write(sock))
+            finally:
+                pm.terminate()
+                pm.wait(60)
+            for name in peers:
+                cold(files[name])
+                res[name].append(write(d / ("kit.sock" if name == "nbdkit" else "qemu.sock")))
+    finally:
+        for p in peers.values():
+            p.terminate()
+            p.wait(60)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    med = {n: round(statistics.median(v)) for n, v in res.items()}
+    tools.record("nbd_first_write", {
+        "size_mib": size // MiB, "reps": reps, "medians": med,
+        "ratios": {f"vs_{p}": round(med["pymirror"] / med[p], 2) for p in peers},
+        "all": {n: [round(x) for x in v] for n, v in res.items()},
+        "load_average": os.getloadavg(), "units": "MB/s"})
