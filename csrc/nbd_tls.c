@@ -31,9 +31,25 @@ typedef void *gt_session;
 typedef void *gt_cert_creds;
 typedef void *gt_psk_creds;
 
+typedef struct {
+    unsigned char *data;
+    unsigned size;
+} gt_datum;
+typedef void *gt_crt;
+
 enum {
     GT_SERVER = 1,
+    GT_X509_FMT_DER = 0,
     GT_X509_FMT_PEM = 1,
+    GT_CERT_REQUIRE = 2,
+    GT_CERT_INVALID = 1 << 1,
+    GT_CERT_REVOKED = 1 << 5,
+    GT_CERT_SIGNER_NOT_FOUND = 1 << 6,
+    GT_CERT_NOT_ACTIVATED = 1 << 9,
+    GT_CERT_EXPIRED = 1 << 10,
+    GT_E_NO_CERTIFICATE_FOUND = -49,
+    GT_E_CERTIFICATE_REQUIRED = -112,
+    GT_E_CERTIFICATE_VERIFICATION_ERROR = -348,
     GT_CRD_CERTIFICATE = 1,
     GT_CRD_PSK = 4,
     GT_SHUT_WR = 1,
@@ -47,6 +63,15 @@ static struct {
     void (*cert_free)(gt_cert_creds);
     int (*cert_key_file)(gt_cert_creds, const char *, const char *, int);
     int (*cert_trust_file)(gt_cert_creds, const char *, int);
+    int (*cert_crl_file)(gt_cert_creds, const char *, int);
+    void (*server_set_request)(gt_session, int);
+    void (*set_verify_cert)(gt_session, const char *, unsigned);
+    unsigned (*verify_cert_status)(gt_session);
+    const gt_datum *(*get_peers)(gt_session, unsigned *);
+    int (*crt_init)(gt_crt *);
+    void (*crt_deinit)(gt_crt);
+    int (*crt_import)(gt_crt, const gt_datum *, int);
+    int (*crt_get_dn)(gt_crt, char *, size_t *);
     int (*psk_alloc)(gt_psk_creds *);
     void (*psk_free)(gt_psk_creds);
     int (*psk_file)(gt_psk_creds, const char *);
@@ -95,6 +120,15 @@ static void gt_load_once(void)
     GT_SYM(cert_free, "gnutls_certificate_free_credentials");
     GT_SYM(cert_key_file, "gnutls_certificate_set_x509_key_file");
     GT_SYM(cert_trust_file, "gnutls_certificate_set_x509_trust_file");
+    GT_SYM(cert_crl_file, "gnutls_certificate_set_x509_crl_file");
+    GT_SYM(server_set_request, "gnutls_certificate_server_set_request");
+    GT_SYM(set_verify_cert, "gnutls_session_set_verify_cert");
+    GT_SYM(verify_cert_status, "gnutls_session_get_verify_cert_status");
+    GT_SYM(get_peers, "gnutls_certificate_get_peers");
+    GT_SYM(crt_init, "gnutls_x509_crt_init");
+    GT_SYM(crt_deinit, "gnutls_x509_crt_deinit");
+    GT_SYM(crt_import, "gnutls_x509_crt_import");
+    GT_SYM(crt_get_dn, "gnutls_x509_crt_get_dn");
     GT_SYM(psk_alloc, "gnutls_psk_allocate_server_credentials");
     GT_SYM(psk_free, "gnutls_psk_free_server_credentials");
     GT_SYM(psk_file, "gnutls_psk_set_server_credentials_file");
@@ -132,6 +166,7 @@ static int gt_load(const char *func)
 
 struct pm_tls_creds {
     int psk;
+    int verify_peer;                  /* x509: clients must show a certificate signed by the CA */
     void *cred;
 };
 
@@ -140,19 +175,29 @@ static int readable(const char *path)
     return access(path, R_OK) == 0;
 }
 
-int pm_tls_creds_x509(const char *dir, pm_tls_creds **out)
+static int exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+int pm_tls_creds_x509(const char *dir, unsigned flags, pm_tls_creds **out)
 {
     if (out == NULL || dir == NULL)
         return PM_FAIL(-EINVAL, "a directory and an output pointer are required");
     *out = NULL;
+    if (flags & ~(unsigned)PM_TLS_VERIFY_PEER)
+        return PM_FAIL(-EINVAL, "unknown flags %#x", flags);
+    int verify = (flags & PM_TLS_VERIFY_PEER) != 0;
     int rc = gt_load(__func__);
     if (rc)
         return rc;
-    char cert[4096], key[4096], ca[4096];
+    char cert[4096], key[4096], ca[4096], crl[4096];
     if (snprintf(cert, sizeof cert, "%s/server-cert.pem", dir) >= (int)sizeof cert)
         return PM_FAIL(-ENAMETOOLONG, "the directory name is too long: %s", dir);
     snprintf(key, sizeof key, "%s/server-key.pem", dir);
     snprintf(ca, sizeof ca, "%s/ca-cert.pem", dir);
+    snprintf(crl, sizeof crl, "%s/ca-crl.pem", dir);
     struct stat st;
     if (stat(dir, &st) < 0 || !S_ISDIR(st.st_mode))
         return PM_FAIL(-ENOENT, "%s is not a directory of certificates", dir);
@@ -160,6 +205,11 @@ int pm_tls_creds_x509(const char *dir, pm_tls_creds **out)
         return PM_FAIL(-ENOENT, "%s: cannot read the server certificate (%s)", cert, strerror(errno));
     if (!readable(key))
         return PM_FAIL(-ENOENT, "%s: cannot read the server key (%s)", key, strerror(errno));
+    if (verify && !readable(ca))
+        return PM_FAIL(-ENOENT, "%s: cannot read the CA certificate that client certificates are checked "
+                       "against (--tls-verify-peer): %s", ca, strerror(errno));
+    if (verify && exists(crl) && !readable(crl))
+        return PM_FAIL(-EACCES, "%s: cannot read the certificate revocation list (%s)", crl, strerror(errno));
     gt_cert_creds cr;
     int g = gt.cert_alloc(&cr);
     if (g < 0)
@@ -171,9 +221,18 @@ int pm_tls_creds_x509(const char *dir, pm_tls_creds **out)
     }
     if (readable(ca)) {
         g = gt.cert_trust_file(cr, ca, GT_X509_FMT_PEM);
+        if (g < 0 || (g == 0 && verify)) {
+            gt.cert_free(cr);
+            return PM_FAIL(-EINVAL, "%s: not a usable CA certificate: %s", ca,
+                           g < 0 ? gt.strerror(g) : "it holds no certificate");
+        }
+    }
+    /* revoked client certificates, as qemu-nbd and nbdkit read them */
+    if (verify && exists(crl)) {
+        g = gt.cert_crl_file(cr, crl, GT_X509_FMT_PEM);
         if (g < 0) {
             gt.cert_free(cr);
-            return PM_FAIL(-EINVAL, "%s: not a usable CA certificate: %s", ca, gt.strerror(g));
+            return PM_FAIL(-EINVAL, "%s: not a usable certificate revocation list: %s", crl, gt.strerror(g));
         }
     }
     pm_tls_creds *c = calloc(1, sizeof *c);
@@ -182,6 +241,7 @@ int pm_tls_creds_x509(const char *dir, pm_tls_creds **out)
         return PM_FAIL(-ENOMEM, "no memory");
     }
     c->cred = cr;
+    c->verify_peer = verify;
     *out = c;
     return 0;
 }
@@ -257,7 +317,43 @@ struct pm_tls {
     gt_session s;
     int psk;
     int fd;
+    char peer[1024];                  /* x509 with verify_peer: the client certificate's DN */
 };
+
+/* Why a client certificate was refused, from the verification status. */
+static const char *refusal(gt_session s, int g)
+{
+    if (g == GT_E_NO_CERTIFICATE_FOUND || g == GT_E_CERTIFICATE_REQUIRED)
+        /* a client sends only a certificate whose CA the server names: none,
+         * or one from another CA, looks the same here */
+        return "the client presented no certificate signed by the CA of ca-cert.pem (--tls-verify-peer)";
+    if (g != GT_E_CERTIFICATE_VERIFICATION_ERROR)
+        return NULL;
+    unsigned st = gt.verify_cert_status(s);
+    if (st & GT_CERT_REVOKED)
+        return "the client certificate is revoked (ca-crl.pem)";
+    if (st & GT_CERT_SIGNER_NOT_FOUND)
+        return "the client certificate is not signed by the CA in ca-cert.pem";
+    if (st & GT_CERT_EXPIRED)
+        return "the client certificate has expired";
+    if (st & GT_CERT_NOT_ACTIVATED)
+        return "the client certificate is not valid yet";
+    return "the client certificate is invalid";
+}
+
+/* The DN of the client's certificate into t->peer ("" if none). */
+static void peer_dn(pm_tls *t)
+{
+    unsigned n = 0;
+    const gt_datum *certs = gt.get_peers(t->s, &n);
+    gt_crt crt;
+    if (certs == NULL || n == 0 || gt.crt_init(&crt) < 0)
+        return;
+    size_t len = sizeof t->peer;
+    if (gt.crt_import(crt, &certs[0], GT_X509_FMT_DER) < 0 || gt.crt_get_dn(crt, t->peer, &len) < 0)
+        t->peer[0] = 0;
+    gt.crt_deinit(crt);
+}
 
 int pm_tls_start(pm_tls_creds *creds, int fd, int timeout_ms, pm_tls **out)
 {
@@ -280,6 +376,12 @@ int pm_tls_start(pm_tls_creds *creds, int fd, int timeout_ms, pm_tls **out)
         gt.deinit(s);
         return PM_FAIL(-EINVAL, "cannot set up a TLS session: %s", gt.strerror(g));
     }
+    if (creds->verify_peer) {
+        /* ask for the client's certificate; the handshake fails without one
+         * or when it does not verify against ca-cert.pem (and ca-crl.pem) */
+        gt.server_set_request(s, GT_CERT_REQUIRE);
+        gt.set_verify_cert(s, NULL, 0);
+    }
     gt.transport_int2(s, fd, fd);
     if (timeout_ms > 0)
         gt.handshake_timeout(s, (unsigned)timeout_ms);
@@ -287,8 +389,11 @@ int pm_tls_start(pm_tls_creds *creds, int fd, int timeout_ms, pm_tls **out)
         g = gt.handshake(s);
     } while (g < 0 && !gt.is_fatal(g));
     if (g < 0) {
+        const char *why = creds->verify_peer ? refusal(s, g) : NULL;
+        rc = why ? PM_FAIL(-EACCES, "the TLS handshake failed: %s", why)
+                 : PM_FAIL(-ECONNABORTED, "the TLS handshake failed: %s", gt.strerror(g));
         gt.deinit(s);
-        return PM_FAIL(-ECONNABORTED, "the TLS handshake failed: %s", gt.strerror(g));
+        return rc;
     }
     pm_tls *t = calloc(1, sizeof *t);
     if (t == NULL) {
@@ -298,6 +403,8 @@ int pm_tls_start(pm_tls_creds *creds, int fd, int timeout_ms, pm_tls **out)
     t->s = s;
     t->psk = creds->psk;
     t->fd = fd;
+    if (creds->verify_peer)
+        peer_dn(t);
     *out = t;
     return 0;
 }
@@ -336,7 +443,7 @@ uint64_t pm_tls_pending(pm_tls *t)
 const char *pm_tls_user(pm_tls *t)
 {
     if (!t->psk)
-        return "";
+        return t->peer;
     const char *u = gt.psk_username(t->s);
     return u ? u : "";
 }

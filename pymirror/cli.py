@@ -183,7 +183,7 @@ def _tls_options() -> dict[str, Any]:
     ctx = click.get_current_context(silent=True)
     meta = ctx.meta if ctx is not None else {}
     return dict(tls=meta.get("nbd_tls") or "off", tls_certs=meta.get("nbd_tls_certs"),
-                tls_psk=meta.get("nbd_tls_psk"))
+                tls_psk=meta.get("nbd_tls_psk"), tls_verify_peer=bool(meta.get("nbd_tls_verify_peer")))
 
 
 def serve_options(f: F) -> F:
@@ -201,6 +201,9 @@ def serve_options(f: F) -> F:
                      help="x509: a directory with ca-cert.pem, server-cert.pem, server-key.pem."),
         click.option("--tls-psk", "nbd_tls_psk", type=click.Path(dir_okay=False), default=None,
                      expose_value=False, callback=_keep_tls, help="PSK: a psktool key file."),
+        click.option("--tls-verify-peer", "nbd_tls_verify_peer", is_flag=True, default=False,
+                     expose_value=False, callback=_keep_tls,
+                     help="x509: clients must present a certificate signed by ca-cert.pem's CA."),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -138,10 +138,12 @@ def run_job_verb(t: "LocalTarget | RemoteTarget", kind: str, start: Callable[[],
                                     f"drop --socket/--listen")
         if no_wait and (socket_path or listen):
             raise ValueError("--no-wait and --socket/--listen cannot be combined")
-        start()
         if not t.remote:
+            # the export first: a bad --listen/--tls setting, or a socket in
+            # use, fails before the job changes the pair
             assert isinstance(t, LocalTarget)
             server = start_server(t.pair, socket_path, listen, allow_remote)
+        start()
         if no_wait:
             job = combined_job(t.query())
             left = f"{job['tracks_pending']} of {job['tracks_total']} tracks to copy" if job else "nothing to copy"

@@ -58,21 +58,30 @@ def _status_pairs(status: Any) -> list[dict[str, Any]]:
 @click.option("--tls-certs", type=click.Path(file_okay=False), default=None,
               help="x509: a directory with ca-cert.pem, server-cert.pem, server-key.pem.")
 @click.option("--tls-psk", type=click.Path(dir_okay=False), default=None, help="PSK: a psktool key file.")
+@click.option("--tls-verify-peer", is_flag=True, default=False,
+              help="x509: clients must present a certificate signed by ca-cert.pem's CA.")
 @click.pass_obj
 def daemon(obj: Ctx, metas: tuple[str, ...], daemon_control: Optional[str], state_dir: Optional[str],
            socket_path: Optional[str], listen: Optional[str], socket_group: Optional[str],
-           allow_remote: bool, nbd_tls: str, tls_certs: Optional[str], tls_psk: Optional[str]) -> None:
+           allow_remote: bool, nbd_tls: str, tls_certs: Optional[str], tls_psk: Optional[str],
+           tls_verify_peer: bool) -> None:
     """Run the service in the foreground: hold pairs (these META files plus
     those remembered in the state dir), take commands on the control socket,
     export each pair over NBD (NAME: the standard, NAME/mirror: the mirror).
     Stops cleanly on SIGTERM or SIGINT (exit 0)."""
+    from .nbd.listener import check_tcp
+    from .nbd.tls import Credentials
     from .service.daemon import run
 
     address = parse_listen(listen) if listen is not None else None
+    # bad NBD settings fail here, before the daemon makes its state dir or sockets
+    if address is not None:
+        check_tcp(address[0], address[1], allow_remote)
+    Credentials(nbd_tls, tls_certs, tls_psk, tls_verify_peer)
     rv = run(metas=[os.path.realpath(m) for m in metas], control=daemon_control or obj.control,
              state_dir=state_dir, socket_path=socket_path, listen=address, allow_remote=allow_remote,
              socket_group=socket_group, config=obj.settings.copy,
-             nbd_tls=dict(tls=nbd_tls, tls_certs=tls_certs, tls_psk=tls_psk))
+             nbd_tls=dict(tls=nbd_tls, tls_certs=tls_certs, tls_psk=tls_psk, tls_verify_peer=tls_verify_peer))
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 

@@ -350,7 +350,11 @@ def test_libnbd_clients_of_a_removed_pair_are_let_go_cleanly(tmp_path):
     a, b = pymirror.Pair.memory(SIZE, TRACK), pymirror.Pair.memory(SIZE, TRACK)
     a.write(0, b"\xaa" * SIZE)
     b.write(0, b"\xbb" * SIZE)
-    with NBDServer(socket_path=str(tmp_path / "s")) as server:
+    server = NBDServer(socket_path=str(tmp_path / "s"))
+    # at most 4 requests carried out at once on the C loop, so that some of
+    # the 16 are surely received but not started when the removal begins
+    server.c_threads = 4
+    with server:
         server.add_pair("a", a)
         server.add_pair("b", b)
         ha, hb = nbd.NBD(), nbd.NBD()
@@ -358,9 +362,16 @@ def test_libnbd_clients_of_a_removed_pair_are_let_go_cleanly(tmp_path):
         hb.connect_uri(server.export_uri("b"))
         bufs = [nbd.Buffer(1 << 20) for _ in range(16)]
         cookies = [ha.aio_pread(buf, (i % 4) << 20) for i, buf in enumerate(bufs)]
+        with server._lock:
+            conns = list(server._registry.get("a").clients)
         remover = threading.Thread(target=server.remove_pair, args=("a",), kwargs={"timeout": 20})
         t0 = time.monotonic()
         remover.start()
+        # the client reads no reply before the removal has stopped its
+        # connection (the replies fill the socket meanwhile, so nothing more
+        # is started): otherwise every request could finish first
+        while not all(c._stopping for c in conns) and time.monotonic() - t0 < 10:
+            time.sleep(0.001)
         while ha.aio_in_flight() and time.monotonic() - t0 < 20:     # the client reads its replies
             try:
                 ha.poll(1)

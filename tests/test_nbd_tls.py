@@ -41,35 +41,59 @@ def _run(*args, **kw):
 def _ca(d: Path, name: str) -> tuple[Path, Path]:
     d.mkdir(parents=True, exist_ok=True)
     key, cert = d / "ca-key.pem", d / "ca-cert.pem"
-    (d / "ca.info").write_text(f"cn = {name}\nca\ncert_signing_key\nexpiration_days = 30\n")
+    (d / "ca.info").write_text(f"cn = {name}\nca\ncert_signing_key\ncrl_signing_key\nexpiration_days = 30\n")
     assert _run("certtool", "--generate-privkey", "--outfile", str(key)).returncode == 0
     assert _run("certtool", "--generate-self-signed", "--load-privkey", str(key), "--template",
                 str(d / "ca.info"), "--outfile", str(cert)).returncode == 0
     return key, cert
 
 
+def _signed(root: Path, d: Path, kind: str, template: str, ca: tuple[Path, Path]) -> Path:
+    """d/KIND-key.pem and d/KIND-cert.pem, signed by ca (key, cert)."""
+    (root / f"{kind}.info").write_text(template)
+    key, cert = d / f"{kind}-key.pem", d / f"{kind}-cert.pem"
+    assert _run("certtool", "--generate-privkey", "--outfile", str(key)).returncode == 0
+    assert _run("certtool", "--generate-certificate", "--load-ca-certificate", str(ca[1]), "--load-ca-privkey",
+                str(ca[0]), "--load-privkey", str(key), "--template", str(root / f"{kind}.info"),
+                "--outfile", str(cert)).returncode == 0
+    return cert
+
+
+SERVER_INFO = ("organization = pymirror tests\ncn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\n"
+               "tls_www_server\nencryption_key\nsigning_key\nexpiration_days = 30\n")
+CLIENT_INFO = "organization = pymirror tests\ncn = alice\ntls_www_client\nencryption_key\nsigning_key\n" \
+              "expiration_days = 30\n"
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    """certs/ (the server's directory), client/ (its CA only), wrong/ (another
-    CA's), alice.psk, wrong.psk (alice with another key)."""
+    """certs/ (the server's directory), client/ (its CA only: no client
+    certificate), wrong/ (another CA's), alice.psk, wrong.psk (alice with
+    another key); for client certificates: goodcert/ (our CA and a client
+    certificate it signed), foreigncert/ (our CA, a client certificate
+    another CA signed), revokedcert/ (signed by our CA, then revoked) and
+    certs-crl/ (the server's directory with ca-crl.pem revoking it)."""
     need("certtool")
     need("psktool")
     root = tmp_path_factory.mktemp("pki")
-    ca_key, ca_cert = _ca(root / "ca", "pymirror test CA")
-    _, other_cert = _ca(root / "otherca", "another CA")
+    ca = _ca(root / "ca", "pymirror test CA")
+    other = _ca(root / "otherca", "another CA")
     certs = root / "certs"
     certs.mkdir()
-    shutil.copy(ca_cert, certs / "ca-cert.pem")
-    (root / "server.info").write_text("organization = pymirror tests\ncn = localhost\ndns_name = localhost\n"
-                                      "ip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\n"
-                                      "expiration_days = 30\n")
-    assert _run("certtool", "--generate-privkey", "--outfile", str(certs / "server-key.pem")).returncode == 0
-    assert _run("certtool", "--generate-certificate", "--load-ca-certificate", str(ca_cert), "--load-ca-privkey",
-                str(ca_key), "--load-privkey", str(certs / "server-key.pem"), "--template",
-                str(root / "server.info"), "--outfile", str(certs / "server-cert.pem")).returncode == 0
-    for name, src in (("client", ca_cert), ("wrong", other_cert)):
+    shutil.copy(ca[1], certs / "ca-cert.pem")
+    _signed(root, certs, "server", SERVER_INFO, ca)
+    for name, src in (("client", ca[1]), ("wrong", other[1])):
         (root / name).mkdir()
         shutil.copy(src, root / name / "ca-cert.pem")
+    for name, signer in (("goodcert", ca), ("foreigncert", other), ("revokedcert", ca)):
+        (root / name).mkdir()
+        shutil.copy(ca[1], root / name / "ca-cert.pem")          # the client trusts our server
+        _signed(root, root / name, "client", CLIENT_INFO, signer)
+    shutil.copytree(certs, root / "certs-crl")
+    (root / "crl.info").write_text("crl_next_update = 30\ncrl_number = 1\n")
+    assert _run("certtool", "--generate-crl", "--load-ca-privkey", str(ca[0]), "--load-ca-certificate", str(ca[1]),
+                "--load-certificate", str(root / "revokedcert" / "client-cert.pem"), "--template",
+                str(root / "crl.info"), "--outfile", str(root / "certs-crl" / "ca-crl.pem")).returncode == 0
     for name in ("alice", "wrong"):
         (root / f"{name}psk").mkdir()
         assert _run("psktool", "-u", "alice", "-p", str(root / f"{name}psk" / "keys.psk")).returncode == 0
@@ -182,6 +206,149 @@ def test_a_wrong_ca_or_key_is_refused(pair, tmp_path, pki, kind):
         server.shutdown()
 
 
+def _verifying(pair, tmp_path, pki, certs="certs", **kw):
+    events = []
+    server = NBDServer(pair, socket_path=str(tmp_path / "s"), tls="require", tls_certs=str(pki / certs),
+                       tls_verify_peer=True, on_event=lambda kind, data: events.append((kind, data)), **kw)
+    return server.start(), events
+
+
+def test_verify_peer_with_nbdinfo_nbdcopy_and_libnbd(pair, tmp_path, pki, caplog):
+    """--tls-verify-peer: a client certificate signed by ca-cert.pem's CA is
+    accepted (libnbd reads client-cert.pem/client-key.pem from its
+    tls-certificates directory); none, or one from another CA, is refused
+    with the client's own error, and the server goes on."""
+    need("nbdinfo")
+    need("nbdcopy")
+    server, events = _verifying(pair, tmp_path, pki)
+    try:
+        ok = _run("nbdinfo", uri(server, pki, "x509", "goodcert"))
+        assert ok.returncode == 0 and "with TLS" in ok.stdout, ok.stderr
+        data = os.urandom(SIZE)
+        (tmp_path / "in.img").write_bytes(data)
+        assert _run("nbdcopy", str(tmp_path / "in.img"), uri(server, pki, "x509", "goodcert")).returncode == 0
+        assert pair.read(0, SIZE) == data
+        connected = [d for k, d in events if k == "client-connected"]
+        assert connected and connected[-1]["tls"] == "x509" and "CN=alice" in connected[-1]["tls_user"]
+        for who in ("client", "foreigncert"):                  # no certificate; another CA's
+            out = _run("nbdinfo", "--size", uri(server, pki, "x509", who))
+            assert out.returncode != 0 and "nbdinfo:" in out.stderr, out.stderr
+            refused = _run("nbdcopy", uri(server, pki, "x509", who), str(tmp_path / "out.img"))
+            assert refused.returncode != 0 and refused.stderr, refused.stderr
+        assert "no certificate signed by the CA of ca-cert.pem" in caplog.text
+        assert pair.read(0, SIZE) == data
+        nbd = nbd_util.libnbd()
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(str(pki / "client"))
+        with pytest.raises(nbd.Error):
+            h.connect_unix(server.socket_path)
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(str(pki / "goodcert"))
+        h.connect_unix(server.socket_path)
+        assert h.pread(SIZE, 0) == data
+        h.shutdown()
+    finally:
+        server.shutdown()
+
+
+def test_verify_peer_with_qemu_img(pair, tmp_path, pki):
+    """qemu's tls-creds-x509 endpoint=client sends client-cert.pem from its
+    dir: accepted; without one the handshake fails and qemu-img says so."""
+    need("qemu-img")
+    server, _ = _verifying(pair, tmp_path, pki)
+    try:
+        def info(who):
+            return _run("qemu-img", "info", "--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={pki / who}",
+                        "--image-opts", f"driver=nbd,server.type=unix,server.path={server.socket_path},"
+                        "tls-creds=tls0,tls-hostname=localhost")
+        ok = info("goodcert")
+        assert ok.returncode == 0 and "8 MiB" in ok.stdout, ok.stderr
+        for who in ("client", "foreigncert"):
+            out = info(who)
+            # qemu checks its own certificate too: a foreign one fails before connecting
+            assert out.returncode != 0 and "qemu-img:" in out.stderr, out.stderr
+        out = _run("qemu-img", "convert", "--object",
+                   f"tls-creds-x509,id=tls0,endpoint=client,dir={pki / 'goodcert'}", "--image-opts",
+                   f"driver=nbd,server.type=unix,server.path={server.socket_path},tls-creds=tls0,"
+                   "tls-hostname=localhost", "-O", "raw", str(tmp_path / "copy.img"))
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / "copy.img").read_bytes() == pair.read(0, SIZE)
+    finally:
+        server.shutdown()
+
+
+def _ssl_client(server, pki, who):
+    """A raw client upgraded with Python's ssl (OpenSSL sends its certificate
+    whatever CA the server names, so the server's own check is what refuses)."""
+    import ssl
+
+    c = RawClient(server.socket_path)
+    c.greet()
+    c.option(P.OPT_STARTTLS)
+    assert c.opt_replies()[-1][0] == P.REP_ACK
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(pki / "client" / "ca-cert.pem"))
+    if who is not None:
+        ctx.load_cert_chain(str(pki / who / "client-cert.pem"), str(pki / who / "client-key.pem"))
+    c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
+    return c
+
+
+@pytest.mark.parametrize("who,certs,why", [
+    ("foreigncert", "certs", "not signed by the CA in ca-cert.pem"),
+    ("revokedcert", "certs-crl", "revoked (ca-crl.pem)"),
+    (None, "certs", "no certificate"),
+])
+def test_verify_peer_refuses_what_the_server_checks(pair, tmp_path, pki, caplog, who, certs, why):
+    server, _ = _verifying(pair, tmp_path, pki, certs)
+    try:
+        with pytest.raises((OSError, ConnectionError)):       # ssl.SSLError is an OSError
+            c = _ssl_client(server, pki, who)
+            c.go("")                        # TLS 1.3: the refusal arrives after the client's Finished
+        deadline = time.monotonic() + 10
+        while why not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert why in caplog.text
+        good = _ssl_client(server, pki, "goodcert")            # the server goes on
+        assert good.go("")[P.INFO_EXPORT][0] == SIZE
+        good.sock.close()
+    finally:
+        server.shutdown()
+    if certs == "certs-crl":                # without ca-crl.pem, the same certificate is accepted
+        server, _ = _verifying(pair, tmp_path, pki, "certs")
+        try:
+            c = _ssl_client(server, pki, who)
+            assert c.go("")[P.INFO_EXPORT][0] == SIZE
+            c.sock.close()
+        finally:
+            server.shutdown()
+
+
+def test_verify_peer_bad_settings(pair, tmp_path, pki):
+    s = str(tmp_path / "s")
+    with pytest.raises(ValueError, match="--tls-verify-peer needs --tls=on or --tls=require"):
+        NBDServer(pair, socket_path=s, tls_verify_peer=True)
+    with pytest.raises(ValueError, match="needs --tls-certs DIR, not --tls-psk"):
+        NBDServer(pair, socket_path=s, tls="require", tls_psk=str(pki / "alicepsk" / "keys.psk"),
+                  tls_verify_peer=True)
+    noca = tmp_path / "noca"
+    shutil.copytree(pki / "certs", noca)
+    (noca / "ca-cert.pem").unlink()
+    NBDServer(pair, socket_path=s, tls="require", tls_certs=str(noca))        # fine without verification
+    with pytest.raises(OSError, match="CA certificate that client certificates are checked against"):
+        NBDServer(pair, socket_path=s, tls="require", tls_certs=str(noca), tls_verify_peer=True)
+    (noca / "ca-cert.pem").write_text("")
+    with pytest.raises(OSError, match="holds no certificate"):
+        NBDServer(pair, socket_path=s, tls="require", tls_certs=str(noca), tls_verify_peer=True)
+    shutil.copy(pki / "certs" / "ca-cert.pem", noca / "ca-cert.pem")
+    (noca / "ca-crl.pem").write_text("not a CRL\n")
+    with pytest.raises(OSError, match="not a usable certificate revocation list"):
+        NBDServer(pair, socket_path=s, tls="require", tls_certs=str(noca), tls_verify_peer=True)
+    assert not os.path.exists(s)
+
+
 def test_require_refuses_a_plain_client_and_on_serves_both(pair, tmp_path, pki):
     need("nbdinfo")
     server = served(pair, tmp_path, pki, "x509", "require")
@@ -287,7 +454,8 @@ def test_the_serve_command_with_tls(tmp_path, pki):
 
 
 def test_the_daemon_exports_every_pair_over_tls(tmp_path, pki):
-    """`pymirror daemon --tls=require --tls-certs DIR`: every pair's exports over TLS."""
+    """`pymirror daemon --tls=require --tls-certs DIR --tls-verify-peer`:
+    every pair's exports over TLS, to clients with a certificate."""
     need("nbdinfo")
     run = functools.partial(subprocess.run, capture_output=True, text=True, cwd=str(tmp_path), timeout=60)
     pm = [sys.executable, "-m", "pymirror"]
@@ -297,17 +465,99 @@ def test_the_daemon_exports_every_pair_over_tls(tmp_path, pki):
     sock = tmp_path / "nbd.sock"
     proc = subprocess.Popen(pm + ["daemon", "--control", str(tmp_path / "ctl.sock"), "--state-dir",
                                  str(tmp_path / "state"), "--socket", str(sock), "--tls=require",
-                                 "--tls-certs", str(pki / "certs"), str(tmp_path / "vol.meta")],
+                                 "--tls-certs", str(pki / "certs"), "--tls-verify-peer", str(tmp_path / "vol.meta")],
                             cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
-        ok = run(["nbdinfo", "--size", f"nbds+unix:///vol?socket={sock}&tls-certificates={pki / 'client'}"])
+        ok = run(["nbdinfo", "--size", f"nbds+unix:///vol?socket={sock}&tls-certificates={pki / 'goodcert'}"])
         assert ok.returncode == 0 and ok.stdout.strip() == str(8 << 20), ok.stderr
+        nocert = run(["nbdinfo", "--size", f"nbds+unix:///vol?socket={sock}&tls-certificates={pki / 'client'}"])
+        assert nocert.returncode != 0
         plain = run(["nbdinfo", "--size", f"nbd+unix:///vol?socket={sock}"])
         assert plain.returncode != 0 and "requires TLS" in plain.stderr
     finally:
         proc.terminate()
         assert proc.wait(60) == 0
+
+
+def _cli(tmp_path):
+    run = functools.partial(subprocess.run, capture_output=True, text=True, cwd=str(tmp_path), timeout=60)
+    pm = [sys.executable, "-m", "pymirror"]
+    for name in ("std.img", "mir.img"):
+        assert run(pm + ["create", name, "--size", "8M"]).returncode == 0
+    assert run(pm + ["pair", "pair.meta", "--standard", "std.img", "--mirror", "mir.img"]).returncode == 0
+    return run, pm
+
+
+def test_bad_verify_peer_settings_on_the_command_line_change_nothing(tmp_path, pki):
+    """--tls-verify-peer with PSK or without TLS: one line, exit 2, on
+    serve, a job command (the pair's state unchanged) and the daemon (no
+    state directory, no socket)."""
+    run, pm = _cli(tmp_path)
+    psk = ["--tls=require", "--tls-psk", str(pki / "alicepsk" / "keys.psk"), "--tls-verify-peer"]
+    off = ["--tls-verify-peer"]
+    sock = str(tmp_path / "s.sock")
+    for extra, msg in ((psk, "not --tls-psk"), (off, "needs --tls=on or --tls=require")):
+        for cmd in (["serve", "pair.meta"], ["establish", "pair.meta"],
+                    ["daemon", "--control", str(tmp_path / "ctl.sock"), "--state-dir", str(tmp_path / "state")]):
+            out = run(pm + cmd + ["--socket", sock] + extra)
+            assert out.returncode == 2, out.stderr
+            assert out.stderr.count("\n") == 1 and msg in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "state     new" in run(pm + ["query", "pair.meta"]).stdout
+    assert not os.path.exists(sock) and not (tmp_path / "state").exists() and not (tmp_path / "ctl.sock").exists()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _warns(tmp_path, pm, args, tls=(), expect="without TLS"):
+    """Run a listening command on 0.0.0.0 with --allow-remote: its warning is
+    on stderr, once, and it serves (a client connects) until terminated."""
+    port = _free_port()
+    proc = subprocess.Popen(pm + args + ["--listen", f"0.0.0.0:{port}", "--allow-remote", *tls],
+                            cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else args
+            try:
+                c = RawClient(("127.0.0.1", port))
+                c.greet()
+                c.sock.close()
+                break
+            except OSError:
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    lines = [ln for ln in err.splitlines() if "warning:" in ln]
+    assert len(lines) == 1 and expect in lines[0] and "0.0.0.0" in lines[0], (args, err)
+    return err
+
+
+def test_allow_remote_without_tls_warns_on_every_command_that_listens(tmp_path, pki):
+    run, pm = _cli(tmp_path)
+    _warns(tmp_path, pm, ["establish", "pair.meta", "--rate", "64K"])         # left paused by SIGTERM
+    _warns(tmp_path, pm, ["resume", "pair.meta"])                             # finishes, goes on serving
+    assert run(pm + ["split", "pair.meta"]).returncode == 0
+    _warns(tmp_path, pm, ["restore", "pair.meta"])
+    _warns(tmp_path, pm, ["serve", "pair.meta"])
+    _warns(tmp_path, pm, ["daemon", "--control", str(tmp_path / "ctl.sock"), "--state-dir", str(tmp_path / "st")])
+    # --tls=on still serves plain clients: warned too; --tls=require is not
+    _warns(tmp_path, pm, ["serve", "pair.meta"], ("--tls=on", "--tls-certs", str(pki / "certs")), "--tls=on")
+    port = _free_port()
+    proc = subprocess.Popen(pm + ["serve", "pair.meta", "--listen", f"0.0.0.0:{port}", "--allow-remote",
+                                  "--tls=require", "--tls-certs", str(pki / "certs")],
+                            cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert "serving" in err and "warning" not in err, err

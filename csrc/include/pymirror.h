@@ -858,9 +858,12 @@ void pm_nbd_conn_free(pm_nbd_conn *c);
  * PM_E_NOLIB naming Debian's libgnutls30 when it is missing).  Credentials:
  * x509 from a directory in the layout qemu-nbd and nbdkit use (ca-cert.pem
  * optional, server-cert.pem, server-key.pem), or PSK from a psktool file
- * ("username:hexkey" lines). */
+ * ("username:hexkey" lines).  x509 flags: PM_TLS_VERIFY_PEER, clients must
+ * present a certificate signed by the CA of ca-cert.pem (then required),
+ * and not revoked by ca-crl.pem if that file exists. */
 typedef struct pm_tls_creds pm_tls_creds;
-int pm_tls_creds_x509(const char *dir, pm_tls_creds **out);
+enum pm_tls_flags { PM_TLS_VERIFY_PEER = 1 };
+int pm_tls_creds_x509(const char *dir, unsigned flags, pm_tls_creds **out);
 int pm_tls_creds_psk(const char *file, pm_tls_creds **out);
 void pm_tls_creds_free(pm_tls_creds *c);
 /* The server side of a TLS handshake on fd (after NBD_OPT_STARTTLS was
@@ -872,7 +875,8 @@ int64_t pm_tls_recv(pm_tls *t, void *buf, uint64_t len);
 int64_t pm_tls_send(pm_tls *t, const void *buf, uint64_t len);
 /* Bytes already decrypted and waiting to be read. */
 uint64_t pm_tls_pending(pm_tls *t);
-/* A PSK session: the user name the client gave ("" for x509). */
+/* Who the client is: for PSK the user name it gave; for x509 with
+ * PM_TLS_VERIFY_PEER its certificate's distinguished name; else "". */
 const char *pm_tls_user(pm_tls *t);
 void pm_tls_free(pm_tls *t);
 

@@ -41,7 +41,7 @@ def check_tcp(host: Optional[str], port: Optional[int], allow_remote: bool) -> s
     if not allow_remote and not is_loopback(host):
         raise ValueError(f"refusing to serve on {host}, which is not a loopback address: "
                          "pass allow_remote (CLI: --allow-remote) to expose the volume to the network "
-                         "(the export has no authentication and no TLS)")
+                         "(then use --tls=require, with client certificates or PSK, to authenticate clients)")
     if port is not None and not 0 <= port < 65536:
         raise ValueError(f"port {port} is outside 0..65535")
     return host

@@ -52,8 +52,10 @@ class NBDServer:
     background threads until ``shutdown()``.  A unix socket gets
     ``socket_mode`` (0660) and, with ``socket_group`` (a name or a gid), that
     group, from the moment it appears.  TCP binds 127.0.0.1 unless ``host``
-    is given; a non-loopback host also needs ``allow_remote`` (the export has
-    no authentication and no TLS).  ``readonly`` exports every volume
+    is given; a non-loopback host also needs ``allow_remote`` (and without
+    ``tls="require"`` a warning is logged).  ``tls``, ``tls_certs``,
+    ``tls_psk`` and ``tls_verify_peer`` set up TLS (tls.py, docs/nbd.md).
+    ``readonly`` exports every volume
     read-only.  ``on_event(kind, data)`` is called, from the server's
     threads, with ``"client-connected"`` / ``"client-disconnected"`` and a
     dict holding ``export``, ``pair`` and ``peer``; it must not block.
@@ -76,7 +78,8 @@ class NBDServer:
                  port: Optional[int] = None, allow_remote: bool = False, readonly: bool = False,
                  socket_mode: int = 0o660, socket_group: Union[str, int, None] = None,
                  on_event: Optional[EventHook] = None, engine: Optional[str] = None,
-                 tls: str = "off", tls_certs: Optional[str] = None, tls_psk: Optional[str] = None) -> None:
+                 tls: str = "off", tls_certs: Optional[str] = None, tls_psk: Optional[str] = None,
+                 tls_verify_peer: bool = False) -> None:
         if engine is not None:
             self.engine = engine
             cloop.engine_of(self)          # a ValueError for an unknown engine
@@ -90,12 +93,17 @@ class NBDServer:
         if host is not None or port is not None:
             self.host = L.check_tcp(host, port, allow_remote)
         # TLS (tls.py): credentials loaded now, so a bad file fails here
-        self.tls_credentials = TLSCredentials(tls, tls_certs, tls_psk)
+        self.tls_credentials = TLSCredentials(tls, tls_certs, tls_psk, tls_verify_peer)
         self.tls_warning: Optional[str] = None
-        if self.host is not None and not L.is_loopback(self.host) and tls == "off":
-            self.tls_warning = (f"warning: serving on {self.host} without TLS: anyone who can reach it can read "
-                                "and write the volumes in the clear (add --tls=require with --tls-certs or --tls-psk)")
-            log.warning("nbd: %s", self.tls_warning)
+        if self.host is not None and not L.is_loopback(self.host) and tls != "require":
+            if tls == "off":
+                self.tls_warning = (f"warning: serving on {self.host} without TLS: anyone who can reach it can "
+                                    "read and write the volumes in the clear (add --tls=require with --tls-certs "
+                                    "or --tls-psk)")
+            else:
+                self.tls_warning = (f"warning: serving on {self.host} with --tls=on: clients that skip TLS are "
+                                    "served in the clear, unauthenticated (use --tls=require)")
+            log.warning("%s", self.tls_warning)
         self.port = port
         self.pair = pair
         self.socket_path = os.path.abspath(socket_path) if socket_path else None

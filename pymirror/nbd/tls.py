@@ -2,7 +2,10 @@
 certificates (a directory in the layout qemu-nbd and nbdkit use:
 ``ca-cert.pem`` (optional), ``server-cert.pem``, ``server-key.pem``) or a
 PSK file (psktool's ``username:hexkey`` lines), negotiated with
-``NBD_OPT_STARTTLS``.
+``NBD_OPT_STARTTLS``.  With ``verify_peer`` (x509 only, nbdkit's
+``--tls-verify-peer``, qemu-nbd's ``verify-peer=on``) a client must present
+a certificate signed by the CA of ``ca-cert.pem`` (and not revoked by
+``ca-crl.pem`` if the directory has one), or its TLS handshake fails.
 
 Python's ssl module has no PSK and cannot hand a session to C, so the
 session is GnuTLS's, made in C (csrc/nbd_tls.c, GnuTLS loaded at run time):
@@ -18,38 +21,49 @@ transmission phase over the same session.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
 from typing import Any, Optional
 
-from .._native import check, ffi, lib
+from .._native import check, ffi, last_error, lib
 from . import protocol as P
 
 MODES = ("off", "on", "require")
 REP_ERR_TLS_REQD = (1 << 31) + 5
 HANDSHAKE_MS = 30_000
 
+log = logging.getLogger("pymirror.nbd")
+
 
 class Credentials:
     """A server's TLS credentials (loaded once, at server creation)."""
 
-    def __init__(self, mode: str = "off", certs: Optional[str] = None, psk: Optional[str] = None) -> None:
+    def __init__(self, mode: str = "off", certs: Optional[str] = None, psk: Optional[str] = None,
+                 verify_peer: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"tls must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
         self.kind = ""
+        self.verify_peer = bool(verify_peer)
         self.ptr: Any = None
         if mode == "off":
             if certs or psk:
                 raise ValueError("--tls-certs/--tls-psk need --tls=on or --tls=require")
+            if verify_peer:
+                raise ValueError("--tls-verify-peer needs --tls=on or --tls=require with --tls-certs DIR")
             return
         if bool(certs) == bool(psk):
             raise ValueError(f"--tls={mode} needs either --tls-certs DIR (x509) or --tls-psk FILE (PSK)")
+        if verify_peer and psk:
+            raise ValueError("--tls-verify-peer checks x509 client certificates: it needs --tls-certs DIR, "
+                             "not --tls-psk (a PSK client is already authenticated by its key)")
         out = ffi.new("pm_tls_creds **")
         if certs:
             path = os.fspath(certs)
-            check(lib.pm_tls_creds_x509(os.fsencode(path), out), path)
+            flags = lib.PM_TLS_VERIFY_PEER if verify_peer else 0
+            check(lib.pm_tls_creds_x509(os.fsencode(path), flags, out), path)
             self.kind = "x509"
         else:
             path = os.fspath(psk)   # type: ignore[arg-type]
@@ -91,6 +105,7 @@ class Session:
 
     @property
     def user(self) -> str:
+        """PSK: the client's user name; x509 with verify_peer: its certificate's DN; else ""."""
         return ffi.string(lib.pm_tls_user(self.ptr)).decode("utf-8", "replace")
 
     def close(self) -> None:
@@ -130,8 +145,16 @@ def _start(conn: Any, creds: Credentials) -> None:
     out = ffi.new("pm_tls **")
     rc = lib.pm_tls_start(creds.ptr, sock.fileno(), HANDSHAKE_MS, out)
     if rc < 0:
-        raise P.Closed("TLS handshake failed: " + ffi.string(lib.pm_last_error()).decode("utf-8", "replace"))
+        why = last_error()
+        peer = (getattr(conn, "peer", None) or {}).get("peer", "?")
+        log.warning("nbd: %s: %s", peer, why)
+        raise P.Closed(why)
     conn._tls = Session(out[0], creds)
+    user = conn._tls.user
+    if isinstance(getattr(conn, "peer", None), dict):
+        conn.peer["tls"] = creds.kind
+        if user:
+            conn.peer["tls_user"] = user          # a PSK user, or a verified certificate's DN
     # whatever was negotiated in the clear is forgotten (the protocol's rule)
     conn.structured = False
 

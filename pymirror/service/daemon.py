@@ -83,7 +83,7 @@ class Daemon:
                  socket_mode: int = 0o660, socket_group: Optional[str] = None,
                  nbd_tls: Optional[dict[str, Any]] = None) -> None:
         self.control_path = default_control(control)
-        self.nbd_tls = dict(nbd_tls or {})     # tls, tls_certs, tls_psk for every NBD server (nbd/tls.py)
+        self.nbd_tls = dict(nbd_tls or {})     # tls, tls_certs, tls_psk, tls_verify_peer for every NBD server (nbd/tls.py)
         self.state = StateFile(default_state(state_dir))
         self.socket_path = os.path.abspath(socket_path) if socket_path else None
         self.listen = listen
