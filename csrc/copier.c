@@ -42,6 +42,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "evict.h"
 #include "layout.h"
 
 /* Write-behind: a copier waits until the run it copied this many runs ago
@@ -179,12 +180,11 @@ static void rate_refund(pm_pair *p, uint64_t rate, uint64_t bytes)
 }
 
 /* Copy the run [s, s+k) whose tracks this thread holds. */
-static void copy_run(pm_pair *p, int target, uint64_t s, uint64_t k, unsigned char *buf, uint32_t retries,
-                     int kernel_ok)
+static void copy_run(pm_pair *p, int target, uint64_t s, uint64_t k, unsigned char *buf, uint32_t retries)
 {
     uint64_t off = pm_track_off(p, s);
     uint64_t end = s + k >= p->tracks ? p->size : pm_track_off(p, s + k);
-    int rc = pm_job_copy_span(p, target, off, end - off, buf, retries, kernel_ok);
+    int rc = pm_job_copy_span(p, target, off, end - off, buf, retries, 1);
     if (rc == 0) {
         for (uint64_t t = s; t < s + k; t++)
             pm_job_clear_pending(p, target, t, &p->tracks_copied);
@@ -192,7 +192,7 @@ static void copy_run(pm_pair *p, int target, uint64_t s, uint64_t k, unsigned ch
     }
     /* Find the failing track: copy one by one. */
     for (uint64_t t = s; t < s + k; t++) {
-        rc = k == 1 ? rc : pm_job_copy_span(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries, kernel_ok);
+        rc = k == 1 ? rc : pm_job_copy_span(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries, 1);
         if (rc < 0) {
             pm_job_error(p, rc, t);
             return;
@@ -396,7 +396,12 @@ static void prefetch(pm_pair *p, int target, uint64_t from, uint64_t ahead, uint
             dt = p->tracks;
             break;
         }
-        pm__store_prefetch(p->store[1 - target], n << p->shift, pm_track_off(p, s));
+        /* The tracks right after the run being copied continue its stream:
+         * the kernel reads them ahead on its own (the source is marked
+         * sequential), and a hint there made the copy slower (measured:
+         * docs/copier.md, "Large copies"); only scattered runs are asked. */
+        if (s != t)
+            pm__store_prefetch(p->store[1 - target], n << p->shift, pm_track_off(p, s));
         have += n;
         dt = s + n;
     }
@@ -457,6 +462,7 @@ static void *copier_main(void *arg)
     pm_pair *p = arg;
     pthread_mutex_lock(&p->mu);
     uint32_t batch_bytes = p->cfg.batch_bytes;
+    int target0 = p->target;     /* a copier serves one job: its source is fixed */
     pthread_mutex_unlock(&p->mu);
     unsigned char *buf = aligned_alloc(4096, (batch_bytes + 4095) / 4096 * 4096);
     if (buf == NULL) {
@@ -468,13 +474,14 @@ static void *copier_main(void *arg)
     int rc = pm_meta_changed_durable(p->meta);
     if (rc < 0)
         pm_job_error(p, rc, 0);
-    /* The kernel copy won while the job fit in the page cache's dirty
-     * budget (2 GiB of 24); at 8 GiB, writeback throttled it and buffered
-     * I/O was faster (docs/copier.md).  A job larger than 1/8 of memory
-     * copies through the buffer. */
-    uint64_t job_bytes = pm_load_relaxed(&p->tracks_total) << p->shift;
-    long pages = sysconf(_SC_PHYS_PAGES), page_size = sysconf(_SC_PAGESIZE);
-    int small_job = pages > 0 && page_size > 0 && job_bytes <= (uint64_t)pages * (uint64_t)page_size / 8;
+    /* Large copies (docs/copier.md): the source is read as a sequential
+     * stream (the kernel's read-ahead, doubled), and a copier drops from
+     * the page cache what it brought in once it is copied and on the device. */
+    pm_store *src = p->store[1 - target0];
+    if (pm_fetch_add(&p->seq_users, 1) == 0)
+        pm__store_sequential(src, 1);
+    struct pm_evict ev;
+    int evicting = pm_evict_init(&ev, src, batch_bytes) == 0 && ev.active;
     unsigned misses = 0;
     double backoff = 0.0005;
     struct walker w;
@@ -485,6 +492,7 @@ static void *copier_main(void *arg)
      * dirty data) */
     int wb_target = -1;
     uint64_t wb_off[PM_WB_WINDOWS] = { 0 }, wb_len[PM_WB_WINDOWS] = { 0 }, wb_n = 0;
+    int wb_keep[PM_WB_WINDOWS] = { 0 };
     for (;;) {
         pthread_mutex_lock(&p->mu);
         while (!pm_load_relaxed(&p->stop) && p->job_active && (p->paused_req || p->error))
@@ -557,15 +565,22 @@ static void *copier_main(void *arg)
             pm_store_relaxed(&p->cursor, s + k < p->tracks ? s + k : 0);
         else
             pm_count_add(&p->tracks_hot, k);
+        uint64_t off = pm_track_off(p, s), len = (s + k >= p->tracks ? p->size : pm_track_off(p, s + k)) - off;
+        /* a hot run's pages are the host's working set: they stay cached */
+        int evict = evicting && target == target0 && w.from != FROM_HOT;
+        int keep = w.from == FROM_HOT;
+        if (evict)
+            pm_evict_before(&ev, off, len);
         if (w.from != FROM_HOT)
             prefetch(p, target, pm_track_off(p, s + k), ahead, &prefetched);
         pm_lat_copy_begin(&p->lat);
-        copy_run(p, target, s, k, buf, retries, small_job);
-        uint64_t off = pm_track_off(p, s), len = (s + k >= p->tracks ? p->size : pm_track_off(p, s + k)) - off;
+        copy_run(p, target, s, k, buf, retries);
         pm__store_write_behind(p->store[target], len, off);
         pm_lat_copy_end(&p->lat);
         for (uint64_t t = s; t < s + k; t++)
             pm_track_unlock(p, t);
+        if (evict)
+            pm_evict_after(&ev, off, len);   /* a cache hint: no track held */
         resv_release(p, &w);
         batch_released(p);
         pm_meta_copied(p->meta, k);
@@ -573,11 +588,24 @@ static void *copier_main(void *arg)
             wb_n = 0, wb_target = target;
         unsigned slot = (unsigned)(wb_n % PM_WB_WINDOWS);
         if (wb_n >= PM_WB_WINDOWS) {
-            unsigned old = (unsigned)((wb_n - PM_WB_WINDOWS) % PM_WB_WINDOWS);
-            pm__store_write_wait(p->store[target], wb_len[old], wb_off[old]);
+            pm__store_write_wait(p->store[target], wb_len[slot], wb_off[slot]);
+            if (!wb_keep[slot])
+                pm__store_evict(p->store[target], wb_len[slot], wb_off[slot]);
         }
-        wb_off[slot] = off, wb_len[slot] = len, wb_n++;
+        wb_off[slot] = off, wb_len[slot] = len, wb_keep[slot] = keep, wb_n++;
     }
+    /* the last windows: on the device (the job's final commit synced them,
+     * unless it stopped early) and out of the page cache */
+    for (uint64_t i = wb_n > PM_WB_WINDOWS ? wb_n - PM_WB_WINDOWS : 0; wb_target >= 0 && i < wb_n; i++) {
+        unsigned slot = (unsigned)(i % PM_WB_WINDOWS);
+        if (!wb_keep[slot]) {
+            pm__store_write_wait(p->store[wb_target], wb_len[slot], wb_off[slot]);
+            pm__store_evict(p->store[wb_target], wb_len[slot], wb_off[slot]);
+        }
+    }
+    pm_evict_destroy(&ev);
+    if (pm_fetch_sub(&p->seq_users, 1) == 1)
+        pm__store_sequential(src, 0);    /* the job's last copier: back to normal read-ahead */
     free(buf);
     return NULL;
 }

@@ -247,6 +247,48 @@ void pm__store_write_wait(pm_store *s, uint64_t len, uint64_t off)
                           SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
 }
 
+void pm__store_sequential(pm_store *s, int on)
+{
+    /* SEQUENTIAL doubles the descriptor's read-ahead window (Linux); NORMAL
+     * puts the device's default back */
+    if (s->ops == &file_ops && s->fd_buffered < 0)
+        (void)posix_fadvise(s->fd, 0, 0, on ? POSIX_FADV_SEQUENTIAL : POSIX_FADV_NORMAL);
+}
+
+void pm__store_evict(pm_store *s, uint64_t len, uint64_t off)
+{
+    if (s->ops != &file_ops || s->fd_buffered >= 0 || off >= s->size)
+        return;
+    if (len > s->size - off)
+        len = s->size - off;
+    /* DONTNEED drops the range's clean pages; dirty ones (a host write
+     * since) stay and are written back as usual: a cache hint, never a
+     * change of the data */
+    (void)posix_fadvise(s->fd, (off_t)off, (off_t)len, POSIX_FADV_DONTNEED);
+}
+
+int64_t pm__store_resident(pm_store *s, uint64_t off, uint64_t len, unsigned char *vec)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    if (s->ops != &file_ops || s->fd_buffered >= 0 || page <= 0 || off % (uint64_t)page || off >= s->size)
+        return -EINVAL;
+    if (len > s->size - off)
+        len = s->size - off;
+    if (len == 0)
+        return 0;
+    /* mapping the range touches no page; mincore then says which of its
+     * pages are in the page cache */
+    void *m = mmap(NULL, (size_t)len, PROT_READ, MAP_SHARED, s->fd, (off_t)off);
+    if (m == MAP_FAILED)
+        return -errno;
+    int rc = mincore(m, (size_t)len, vec);
+    int e = errno;
+    munmap(m, (size_t)len);
+    if (rc < 0)
+        return -e;
+    return (int64_t)((len + (uint64_t)page - 1) / (uint64_t)page);
+}
+
 int pm__store_copy_range(pm_store *src, pm_store *dst, uint64_t len, uint64_t off)
 {
     /* relaxed: a stale 0 only costs one more failing attempt */
