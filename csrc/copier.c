@@ -23,11 +23,16 @@
  * shared cursor over the whole table (which also finds tracks skipped
  * because host I/O held them).  Then try-lock each track's BUSY bit in
  * ascending order (stopping at the first busy or no-longer-PENDING track:
- * a copier never waits while holding a track), ask the kernel to read the
- * next batches of the stripe ahead, copy the run (inside the kernel between
- * two files, else through its own buffer), start the run's write-back,
- * clear PENDING track by track and release the locks.  Buffers are bounded
- * by copiers x batch_bytes.  Measurements and choices: docs/copier.md.
+ * a copier never waits while holding a track), ask the kernel to read
+ * scattered PENDING runs ahead (a stream's own continuation is left to the
+ * kernel's read-ahead: the source is marked sequential during the job),
+ * copy the run (inside the kernel between two files, else through its own
+ * buffer), start the run's write-back, clear PENDING track by track and
+ * release the locks; then drop the source pages the run brought into the
+ * page cache, and the target pages of the run before once they are on the
+ * device (evict.c), so a copy of any size keeps the cache small.  Buffers
+ * are bounded by copiers x batch_bytes (plus a 17 KiB residency window per
+ * copier).  Measurements and choices: docs/copier.md.
  *
  * A failed read or write is retried (cfg.retries attempts, with backoff).
  * If a multi-track batch still fails, its tracks are retried one by one so
@@ -60,7 +65,8 @@
 #define PM_HOT_RUN_BYTES (256u << 10)
 #endif
 
-/* How far a copier asks the kernel to read ahead of its stream, in batches. */
+/* How far ahead a copier looks for scattered PENDING runs to ask the
+ * kernel for, in batches. */
 #ifndef PM_PREFETCH_BATCHES
 #define PM_PREFETCH_BATCHES 2
 #endif
@@ -370,13 +376,14 @@ static int next_run(pm_pair *p, pm_bitmap *pending, uint64_t max_tracks, int hot
 
 /* Start reading the source ahead of a copier's stream: the next PENDING
  * tracks after the run it just claimed, `ahead` bytes of them, so the
- * device has the next reads queued while this batch is written (the
- * kernel's own readahead is per descriptor, and the copiers share one).
- * During a full copy those tracks are simply the next `ahead` bytes; during
- * an incremental one they are scattered, and asking for each PENDING run
- * (not for the bytes that follow the run, which nobody will copy) puts many
- * scattered reads in flight at once instead of one per copier (branch
- * sparse, issue 13 item 7).  *done is how far this copier has asked. */
+ * device has the next reads queued while this batch is written.  During
+ * a full copy those tracks simply continue the stream, and the kernel's
+ * read-ahead reads them (nothing is asked: the hint made the copy slower,
+ * docs/copier.md); during an incremental one they are scattered, and asking
+ * for each PENDING run after a gap (not for the bytes that follow the run,
+ * which nobody will copy) puts many scattered reads in flight at once
+ * instead of one per copier (branch sparse, issue 13 item 7).  *done is how
+ * far this copier has looked. */
 static void prefetch(pm_pair *p, int target, uint64_t from, uint64_t ahead, uint64_t *done)
 {
     if (ahead == 0 || from >= p->size)
@@ -534,6 +541,11 @@ static void *copier_main(void *arg)
             resv_release(p, &w);
             continue;
         }
+        /* which source pages are cached before this run is read (evict.c):
+         * asked before the claim, so no track is held meanwhile */
+        int evict = evicting && target == target0 && w.from != FROM_HOT;
+        if (evict)
+            pm_evict_before(&ev, pm_track_off(p, s), n << p->shift);
         uint64_t k = 0;
         while (k < n && pm_track_trylock(p, s + k)) {
             if (pm_bitmap_get(pending, s + k) != 1) {
@@ -567,10 +579,7 @@ static void *copier_main(void *arg)
             pm_count_add(&p->tracks_hot, k);
         uint64_t off = pm_track_off(p, s), len = (s + k >= p->tracks ? p->size : pm_track_off(p, s + k)) - off;
         /* a hot run's pages are the host's working set: they stay cached */
-        int evict = evicting && target == target0 && w.from != FROM_HOT;
         int keep = w.from == FROM_HOT;
-        if (evict)
-            pm_evict_before(&ev, off, len);
         if (w.from != FROM_HOT)
             prefetch(p, target, pm_track_off(p, s + k), ahead, &prefetched);
         pm_lat_copy_begin(&p->lat);
