@@ -34,7 +34,7 @@ with pymirror.Pair.open(meta) as pair:
     if pair.state != "split":
         pair.split()
     open("/proc/sys/vm/drop_caches", "w").write("3\n")
-    time.sleep(1)
+    time.sleep(3)
     config = pymirror.CopyConfig(**cfg)
     t0 = time.perf_counter()
     job = pair.restore(config=config) if kind == "restore" else pair.establish(config=config)
@@ -87,7 +87,7 @@ def main() -> None:
                 if not fast.exists():
                     subprocess.run(["cp", "--reflink=never", str(mir), str(fast)], check=True)
                 Path("/proc/sys/vm/drop_caches").write_text("3\n")
-                time.sleep(1)
+                time.sleep(3)
                 t0 = time.perf_counter()
                 subprocess.run([str(exe), str(mir if kind == "restore" else std), str(fast), "2", "4"], check=True)
                 subprocess.run(["sync", str(fast)], check=True)
@@ -96,7 +96,7 @@ def main() -> None:
                 if fresh.exists():
                     fresh.unlink()
                 Path("/proc/sys/vm/drop_caches").write_text("3\n")
-                time.sleep(1)
+                time.sleep(3)
                 t0 = time.perf_counter()
                 subprocess.run(["nbdcopy", str(mir if kind == "restore" else std), str(fresh)], check=True)
                 subprocess.run(["sync", str(fresh)], check=True)

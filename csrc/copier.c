@@ -31,7 +31,7 @@
  * release the locks; then drop the source pages the run brought into the
  * page cache, and the target pages of the run before once they are on the
  * device (evict.c), so a copy of any size keeps the cache small.  Buffers
- * are bounded by copiers x batch_bytes (plus a 17 KiB residency window per
+ * are bounded by copiers x batch_bytes (plus a 19 KiB residency window per
  * copier).  Measurements and choices: docs/copier.md.
  *
  * A failed read or write is retried (cfg.retries attempts, with backoff).

@@ -14,7 +14,7 @@
  * the kernel's read-ahead reach them; a page asked for later (a jump to a
  * new stripe the kernel already read ahead into) may be taken for the
  * host's and kept, which costs cache, never data.  Memory: one byte per
- * page of the window (window / 4 KiB: 17 KiB at the automatic settings).
+ * page of the window (window / 4 KiB: 19 KiB at the automatic settings).
  */
 #include <stdlib.h>
 #include <string.h>
