@@ -69,6 +69,31 @@ void pm_evict_before(struct pm_evict *e, uint64_t off, uint64_t len)
     e->end = to;
 }
 
+/* Scattered pieces (the tail of a stream that broke off, an incremental
+ * job's lone tracks) are dropped PM_EVICT_LATER at a time.  Pages just read
+ * sit in per-CPU batches, and a DONTNEED that finds one there first drains
+ * every CPU's batches (lru_add_drain_all: it waits for each CPU): once per
+ * group instead of once per track (measured: a 1 % incremental restore of
+ * 1 GiB, 163 scattered 64 KiB tracks, took 86-90 ms dropping each at once,
+ * 78 ms without dropping). */
+static void drop_later_flush(struct pm_evict *e)
+{
+    for (unsigned i = 0; i < e->nlater; i++)
+        pm__store_evict(e->src, e->later[i].hi - e->later[i].lo, e->later[i].lo);
+    e->nlater = 0;
+}
+
+static void drop_later(struct pm_evict *e, uint64_t lo, uint64_t hi)
+{
+    if (e->nlater > 0 && e->later[e->nlater - 1].hi == lo) {
+        e->later[e->nlater - 1].hi = hi;
+        return;
+    }
+    if (e->nlater == PM_EVICT_LATER)
+        drop_later_flush(e);
+    e->later[e->nlater++] = (struct pm_evict_range){ lo, hi };
+}
+
 /* Drop [lo, hi) now, or keep its unaligned tail for later: the page cache
  * holds large folios (up to PM_EVICT_ALIGN, naturally aligned), and
  * DONTNEED leaves a folio that reaches outside its range, so a stream's
@@ -80,7 +105,7 @@ static void drop(struct pm_evict *e, uint64_t lo, uint64_t hi)
     if (e->drop_hi > e->drop_lo && lo == e->drop_hi) {
         lo = e->drop_lo;                    /* the stream goes on */
     } else if (e->drop_hi > e->drop_lo) {
-        pm__store_evict(e->src, e->drop_hi - e->drop_lo, e->drop_lo);   /* a gap: all of it */
+        drop_later(e, e->drop_lo, e->drop_hi);   /* a gap: the rest, a little later */
     }
     uint64_t cut = hi / PM_EVICT_ALIGN * PM_EVICT_ALIGN;
     if (cut > lo) {
@@ -95,6 +120,9 @@ void pm_evict_flush(struct pm_evict *e)
     if (e->active && e->drop_hi > e->drop_lo)
         pm__store_evict(e->src, e->drop_hi - e->drop_lo, e->drop_lo);
     e->drop_lo = e->drop_hi = 0;
+    if (e->active)
+        drop_later_flush(e);
+    e->nlater = 0;
 }
 
 /* Drop the pages of [off, off+len) that were not cached before. */

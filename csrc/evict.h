@@ -14,6 +14,13 @@
  * to its size: ranges are dropped in whole pieces of this (evict.c). */
 #define PM_EVICT_ALIGN (2u << 20)
 
+/* Scattered pieces are dropped this many at a time (evict.c, drop_later). */
+#define PM_EVICT_LATER 32
+
+struct pm_evict_range {
+    uint64_t lo, hi;
+};
+
 struct pm_evict {              /* one copier's view of its source */
     pm_store *src;
     int active;                /* the store has pages to drop */
@@ -22,6 +29,8 @@ struct pm_evict {              /* one copier's view of its source */
     uint64_t base, end;        /* vec holds pages [base, end) */
     unsigned char *vec;        /* mincore bytes: bit 0 set = cached before */
     uint64_t drop_lo, drop_hi; /* to drop, waiting for the rest of its folio */
+    struct pm_evict_range later[PM_EVICT_LATER];   /* scattered pieces to drop */
+    unsigned nlater;
 };
 
 /* max_run: the largest run a copier copies (its batch).  0, or -ENOMEM. */
