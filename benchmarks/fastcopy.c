@@ -3,14 +3,22 @@
  * machine, as a baseline for bench_copy.py (not part of pymirror).
  *
  *   fastcopy SRC DST [THREADS [CHUNK_MIB [MODE]]]
- *   MODE: cfr (default) | rw, with "-nowb" appended: no write-behind
+ *   MODE: cfr (default) | rw, then any of "-nowb" (no write-behind),
+ *         "-keep" (leave the copied pages cached), "-hint" (ask the kernel
+ *         to read two chunks ahead with POSIX_FADV_WILLNEED instead of
+ *         marking the source sequential): cfr-keep-hint is the copy of
+ *         the first issue-12 runs.
  *
- * DST must exist with SRC's size (the benchmark creates it).  THREADS
- * threads each copy one contiguous stripe in CHUNK_MIB pieces, with
- * copy_file_range (cfr) or pread/pwrite through a buffer (rw); each asks
- * the kernel to read two chunks ahead (POSIX_FADV_WILLNEED) and to start
- * writing back each chunk it wrote (sync_file_range WRITE); one fdatasync
- * at the end makes the copy durable.
+ * DST must exist with SRC's size (the benchmark gives it an allocated
+ * one, as a restore's target is).  THREADS threads each copy one
+ * contiguous stripe in CHUNK_MIB pieces, with copy_file_range (cfr) or
+ * pread/pwrite through a buffer (rw).  The source is read as a sequential
+ * stream (POSIX_FADV_SEQUENTIAL); each chunk's write-back is started at
+ * once (sync_file_range WRITE) and waited for one chunk later; then the
+ * chunk's pages are dropped from both files' page cache
+ * (POSIX_FADV_DONTNEED), so the copy never fills the cache (on this
+ * machine that halves a copy's speed from a few GiB on: docs/copier.md).
+ * One fdatasync at the end makes the copy durable.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -23,7 +31,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static int in_fd, out_fd, use_rw, no_wb;
+static int in_fd, out_fd, use_rw, no_wb, keep, hint;
 static uint64_t chunk;
 
 struct stripe {
@@ -57,14 +65,24 @@ static void *run(void *arg)
 {
     struct stripe *s = arg;
     unsigned char *buf = use_rw ? aligned_alloc(4096, chunk) : NULL;
+    uint64_t prev_off = 0, prev_len = 0;
     for (uint64_t off = s->lo; off < s->hi && !s->err; off += chunk) {
         uint64_t len = s->hi - off < chunk ? s->hi - off : chunk;
-        uint64_t ahead = off + len;
-        if (ahead < s->hi)
-            posix_fadvise(in_fd, (off_t)ahead, (off_t)(2 * chunk), POSIX_FADV_WILLNEED);
+        if (hint && off + len < s->hi)
+            posix_fadvise(in_fd, (off_t)(off + len), (off_t)(2 * chunk), POSIX_FADV_WILLNEED);
         s->err = copy_piece(off, len, buf);
-        if (!no_wb)
-            sync_file_range(out_fd, (off_t)off, (off_t)len, SYNC_FILE_RANGE_WRITE);
+        if (!keep)
+            posix_fadvise(in_fd, (off_t)off, (off_t)len, POSIX_FADV_DONTNEED);
+        if (no_wb)
+            continue;
+        sync_file_range(out_fd, (off_t)off, (off_t)len, SYNC_FILE_RANGE_WRITE);
+        if (prev_len) {
+            sync_file_range(out_fd, (off_t)prev_off, (off_t)prev_len,
+                            SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+            if (!keep)
+                posix_fadvise(out_fd, (off_t)prev_off, (off_t)prev_len, POSIX_FADV_DONTNEED);
+        }
+        prev_off = off, prev_len = len;
     }
     free(buf);
     return NULL;
@@ -73,13 +91,16 @@ static void *run(void *arg)
 int main(int argc, char **argv)
 {
     if (argc < 3) {
-        fprintf(stderr, "usage: fastcopy SRC DST [THREADS [CHUNK_MIB [cfr|rw]]]\n");
+        fprintf(stderr, "usage: fastcopy SRC DST [THREADS [CHUNK_MIB [cfr|rw[-nowb][-keep][-hint]]]]\n");
         return 2;
     }
     int threads = argc > 3 ? atoi(argv[3]) : 2;
     chunk = (uint64_t)(argc > 4 ? atoi(argv[4]) : 4) << 20;
-    use_rw = argc > 5 && strncmp(argv[5], "rw", 2) == 0;
-    no_wb = argc > 5 && strstr(argv[5], "-nowb") != NULL;
+    const char *mode = argc > 5 ? argv[5] : "cfr";
+    use_rw = strncmp(mode, "rw", 2) == 0;
+    no_wb = strstr(mode, "-nowb") != NULL;
+    keep = strstr(mode, "-keep") != NULL;
+    hint = strstr(mode, "-hint") != NULL;
     if (threads < 1 || threads > 64 || chunk == 0) {
         fprintf(stderr, "fastcopy: bad THREADS or CHUNK_MIB\n");
         return 2;
@@ -91,6 +112,8 @@ int main(int argc, char **argv)
         perror("fastcopy: open");
         return 1;
     }
+    if (!hint)
+        posix_fadvise(in_fd, 0, 0, POSIX_FADV_SEQUENTIAL);
     uint64_t size = (uint64_t)st.st_size, per = (size / (uint64_t)threads + chunk - 1) / chunk * chunk;
     struct stripe s[64];
     for (int i = 0; i < threads; i++) {

@@ -23,11 +23,16 @@
  * shared cursor over the whole table (which also finds tracks skipped
  * because host I/O held them).  Then try-lock each track's BUSY bit in
  * ascending order (stopping at the first busy or no-longer-PENDING track:
- * a copier never waits while holding a track), ask the kernel to read the
- * next batches of the stripe ahead, copy the run (inside the kernel between
- * two files, else through its own buffer), start the run's write-back,
- * clear PENDING track by track and release the locks.  Buffers are bounded
- * by copiers x batch_bytes.  Measurements and choices: docs/copier.md.
+ * a copier never waits while holding a track), ask the kernel to read
+ * scattered PENDING runs ahead (a stream's own continuation is left to the
+ * kernel's read-ahead: the source is marked sequential during the job),
+ * copy the run (inside the kernel between two files, else through its own
+ * buffer), start the run's write-back, clear PENDING track by track and
+ * release the locks; then drop the source pages the run brought into the
+ * page cache, and the target pages of the run before once they are on the
+ * device (evict.c), so a copy of any size keeps the cache small.  Buffers
+ * are bounded by copiers x batch_bytes (plus a 19 KiB residency window per
+ * copier).  Measurements and choices: docs/copier.md.
  *
  * A failed read or write is retried (cfg.retries attempts, with backoff).
  * If a multi-track batch still fails, its tracks are retried one by one so
@@ -42,6 +47,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "evict.h"
 #include "layout.h"
 
 /* Write-behind: a copier waits until the run it copied this many runs ago
@@ -59,7 +65,8 @@
 #define PM_HOT_RUN_BYTES (256u << 10)
 #endif
 
-/* How far a copier asks the kernel to read ahead of its stream, in batches. */
+/* How far ahead a copier looks for scattered PENDING runs to ask the
+ * kernel for, in batches. */
 #ifndef PM_PREFETCH_BATCHES
 #define PM_PREFETCH_BATCHES 2
 #endif
@@ -179,12 +186,11 @@ static void rate_refund(pm_pair *p, uint64_t rate, uint64_t bytes)
 }
 
 /* Copy the run [s, s+k) whose tracks this thread holds. */
-static void copy_run(pm_pair *p, int target, uint64_t s, uint64_t k, unsigned char *buf, uint32_t retries,
-                     int kernel_ok)
+static void copy_run(pm_pair *p, int target, uint64_t s, uint64_t k, unsigned char *buf, uint32_t retries)
 {
     uint64_t off = pm_track_off(p, s);
     uint64_t end = s + k >= p->tracks ? p->size : pm_track_off(p, s + k);
-    int rc = pm_job_copy_span(p, target, off, end - off, buf, retries, kernel_ok);
+    int rc = pm_job_copy_span(p, target, off, end - off, buf, retries, 1);
     if (rc == 0) {
         for (uint64_t t = s; t < s + k; t++)
             pm_job_clear_pending(p, target, t, &p->tracks_copied);
@@ -192,7 +198,7 @@ static void copy_run(pm_pair *p, int target, uint64_t s, uint64_t k, unsigned ch
     }
     /* Find the failing track: copy one by one. */
     for (uint64_t t = s; t < s + k; t++) {
-        rc = k == 1 ? rc : pm_job_copy_span(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries, kernel_ok);
+        rc = k == 1 ? rc : pm_job_copy_span(p, target, pm_track_off(p, t), pm_track_len(p, t), buf, retries, 1);
         if (rc < 0) {
             pm_job_error(p, rc, t);
             return;
@@ -370,13 +376,14 @@ static int next_run(pm_pair *p, pm_bitmap *pending, uint64_t max_tracks, int hot
 
 /* Start reading the source ahead of a copier's stream: the next PENDING
  * tracks after the run it just claimed, `ahead` bytes of them, so the
- * device has the next reads queued while this batch is written (the
- * kernel's own readahead is per descriptor, and the copiers share one).
- * During a full copy those tracks are simply the next `ahead` bytes; during
- * an incremental one they are scattered, and asking for each PENDING run
- * (not for the bytes that follow the run, which nobody will copy) puts many
- * scattered reads in flight at once instead of one per copier (branch
- * sparse, issue 13 item 7).  *done is how far this copier has asked. */
+ * device has the next reads queued while this batch is written.  During
+ * a full copy those tracks simply continue the stream, and the kernel's
+ * read-ahead reads them (nothing is asked: the hint made the copy slower,
+ * docs/copier.md); during an incremental one they are scattered, and asking
+ * for each PENDING run after a gap (not for the bytes that follow the run,
+ * which nobody will copy) puts many scattered reads in flight at once
+ * instead of one per copier (branch sparse, issue 13 item 7).  *done is how
+ * far this copier has looked. */
 static void prefetch(pm_pair *p, int target, uint64_t from, uint64_t ahead, uint64_t *done)
 {
     if (ahead == 0 || from >= p->size)
@@ -396,7 +403,12 @@ static void prefetch(pm_pair *p, int target, uint64_t from, uint64_t ahead, uint
             dt = p->tracks;
             break;
         }
-        pm__store_prefetch(p->store[1 - target], n << p->shift, pm_track_off(p, s));
+        /* The tracks right after the run being copied continue its stream:
+         * the kernel reads them ahead on its own (the source is marked
+         * sequential), and a hint there made the copy slower (measured:
+         * docs/copier.md, "Large copies"); only scattered runs are asked. */
+        if (s != t)
+            pm__store_prefetch(p->store[1 - target], n << p->shift, pm_track_off(p, s));
         have += n;
         dt = s + n;
     }
@@ -457,6 +469,7 @@ static void *copier_main(void *arg)
     pm_pair *p = arg;
     pthread_mutex_lock(&p->mu);
     uint32_t batch_bytes = p->cfg.batch_bytes;
+    int target0 = p->target;     /* a copier serves one job: its source is fixed */
     pthread_mutex_unlock(&p->mu);
     unsigned char *buf = aligned_alloc(4096, (batch_bytes + 4095) / 4096 * 4096);
     if (buf == NULL) {
@@ -468,13 +481,14 @@ static void *copier_main(void *arg)
     int rc = pm_meta_changed_durable(p->meta);
     if (rc < 0)
         pm_job_error(p, rc, 0);
-    /* The kernel copy won while the job fit in the page cache's dirty
-     * budget (2 GiB of 24); at 8 GiB, writeback throttled it and buffered
-     * I/O was faster (docs/copier.md).  A job larger than 1/8 of memory
-     * copies through the buffer. */
-    uint64_t job_bytes = pm_load_relaxed(&p->tracks_total) << p->shift;
-    long pages = sysconf(_SC_PHYS_PAGES), page_size = sysconf(_SC_PAGESIZE);
-    int small_job = pages > 0 && page_size > 0 && job_bytes <= (uint64_t)pages * (uint64_t)page_size / 8;
+    /* Large copies (docs/copier.md): the source is read as a sequential
+     * stream (the kernel's read-ahead, doubled), and a copier drops from
+     * the page cache what it brought in once it is copied and on the device. */
+    pm_store *src = p->store[1 - target0];
+    if (pm_fetch_add(&p->seq_users, 1) == 0)
+        pm__store_sequential(src, 1);
+    struct pm_evict ev;
+    int evicting = pm_evict_init(&ev, src, batch_bytes) == 0 && ev.active;
     unsigned misses = 0;
     double backoff = 0.0005;
     struct walker w;
@@ -485,6 +499,7 @@ static void *copier_main(void *arg)
      * dirty data) */
     int wb_target = -1;
     uint64_t wb_off[PM_WB_WINDOWS] = { 0 }, wb_len[PM_WB_WINDOWS] = { 0 }, wb_n = 0;
+    int wb_keep[PM_WB_WINDOWS] = { 0 };
     for (;;) {
         pthread_mutex_lock(&p->mu);
         while (!pm_load_relaxed(&p->stop) && p->job_active && (p->paused_req || p->error))
@@ -526,6 +541,11 @@ static void *copier_main(void *arg)
             resv_release(p, &w);
             continue;
         }
+        /* which source pages are cached before this run is read (evict.c):
+         * asked before the claim, so no track is held meanwhile */
+        int evict = evicting && target == target0 && w.from != FROM_HOT;
+        if (evict)
+            pm_evict_before(&ev, pm_track_off(p, s), n << p->shift);
         uint64_t k = 0;
         while (k < n && pm_track_trylock(p, s + k)) {
             if (pm_bitmap_get(pending, s + k) != 1) {
@@ -557,15 +577,19 @@ static void *copier_main(void *arg)
             pm_store_relaxed(&p->cursor, s + k < p->tracks ? s + k : 0);
         else
             pm_count_add(&p->tracks_hot, k);
+        uint64_t off = pm_track_off(p, s), len = (s + k >= p->tracks ? p->size : pm_track_off(p, s + k)) - off;
+        /* a hot run's pages are the host's working set: they stay cached */
+        int keep = w.from == FROM_HOT;
         if (w.from != FROM_HOT)
             prefetch(p, target, pm_track_off(p, s + k), ahead, &prefetched);
         pm_lat_copy_begin(&p->lat);
-        copy_run(p, target, s, k, buf, retries, small_job);
-        uint64_t off = pm_track_off(p, s), len = (s + k >= p->tracks ? p->size : pm_track_off(p, s + k)) - off;
+        copy_run(p, target, s, k, buf, retries);
         pm__store_write_behind(p->store[target], len, off);
         pm_lat_copy_end(&p->lat);
         for (uint64_t t = s; t < s + k; t++)
             pm_track_unlock(p, t);
+        if (evict)
+            pm_evict_after(&ev, off, len);   /* a cache hint: no track held */
         resv_release(p, &w);
         batch_released(p);
         pm_meta_copied(p->meta, k);
@@ -573,11 +597,24 @@ static void *copier_main(void *arg)
             wb_n = 0, wb_target = target;
         unsigned slot = (unsigned)(wb_n % PM_WB_WINDOWS);
         if (wb_n >= PM_WB_WINDOWS) {
-            unsigned old = (unsigned)((wb_n - PM_WB_WINDOWS) % PM_WB_WINDOWS);
-            pm__store_write_wait(p->store[target], wb_len[old], wb_off[old]);
+            pm__store_write_wait(p->store[target], wb_len[slot], wb_off[slot]);
+            if (!wb_keep[slot])
+                pm__store_evict(p->store[target], wb_len[slot], wb_off[slot]);
         }
-        wb_off[slot] = off, wb_len[slot] = len, wb_n++;
+        wb_off[slot] = off, wb_len[slot] = len, wb_keep[slot] = keep, wb_n++;
     }
+    /* the last windows: on the device (the job's final commit synced them,
+     * unless it stopped early) and out of the page cache */
+    for (uint64_t i = wb_n > PM_WB_WINDOWS ? wb_n - PM_WB_WINDOWS : 0; wb_target >= 0 && i < wb_n; i++) {
+        unsigned slot = (unsigned)(i % PM_WB_WINDOWS);
+        if (!wb_keep[slot]) {
+            pm__store_write_wait(p->store[wb_target], wb_len[slot], wb_off[slot]);
+            pm__store_evict(p->store[wb_target], wb_len[slot], wb_off[slot]);
+        }
+    }
+    pm_evict_destroy(&ev);
+    if (pm_fetch_sub(&p->seq_users, 1) == 1)
+        pm__store_sequential(src, 0);    /* the job's last copier: back to normal read-ahead */
     free(buf);
     return NULL;
 }

@@ -13,7 +13,7 @@
  *   5 job.c                   copy a span, clear PENDING, end the job
  *   4 meta.c                  the metadata format and commit protocol
  *   3 tracklock.c, state.c    per-track locks | state names
- *   2 table.c, store_volatile.c, store_nbd.c, store_rbd.c
+ *   2 table.c, store_volatile.c, store_nbd.c, store_rbd.c, evict.c
  *   1 bitmap.c, store.c, store_uri.c, pace.c, heat.c, nbd_tls.c
  *   0 errors.c, crc32c.c, clock.c
  *
@@ -80,6 +80,7 @@ struct pm_pair {
     pm_atomic_int stop;          /* copiers must exit (destroy) */
     pm_atomic_int run;           /* 1 while copiers may copy (not paused, no error) */
     pm_atomic_u64 cursor;        /* where the next copier scan starts (outside stripes) */
+    pm_atomic_int seq_users;     /* copiers reading the source as a stream (copier.c) */
     /* Stripes (copier.c): each copier copies one contiguous range of
      * tracks [cur, end) in order; one that runs out takes the upper half of
      * the largest range left.  Under stripe_mu; reset when the first copier

@@ -78,6 +78,18 @@ int pm__file_change_stamp(int fd, char *buf, size_t len);
  * the device (file stores; a no-op for others): bounds the dirty pages a
  * copy leaves behind.  Not a durability point either. */
 void pm__store_write_wait(pm_store *s, uint64_t len, uint64_t off);
+/* pm__store_evict: drop [off, off+len) from the page cache where it is
+ * clean (file stores on buffered descriptors; a no-op for others), so a
+ * large copy does not fill the page cache (docs/copier.md).
+ * pm__store_resident: which pages of [off, off+len) are in the page cache
+ * now, one byte per system page in vec (bit 0 set: cached); off a multiple
+ * of the page size.  Returns the number of pages, or a negative errno
+ * (not a file store on a buffered descriptor, or the query failed). */
+void pm__store_evict(pm_store *s, uint64_t len, uint64_t off);
+/* pm__store_sequential: the store's reads are (on = 1) or no longer are
+ * (on = 0) one long sequential stream: a larger kernel read-ahead. */
+void pm__store_sequential(pm_store *s, int on);
+int64_t pm__store_resident(pm_store *s, uint64_t off, uint64_t len, unsigned char *vec);
 /* The pid holding a flock on the file (dev, ino), or 0 if not found. */
 int pm__lock_holder(uint64_t dev, uint64_t ino);
 
