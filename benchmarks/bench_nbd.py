@@ -50,8 +50,9 @@ def cpu_seconds(pid):
 class Servers:
     """One server of each kind; each serves its own copy of the same bytes."""
 
-    def __init__(self, d, size, tls=None):
+    def __init__(self, d, size, drop_file, tls=None):
         self.d = d
+        self.drop_file = drop_file         # conftest's: one file out of the page cache
         self.size = size
         self.tls = tls                     # (server dir, client dir) of x509 certificates, or None
         self.names = NAMES if tls is None else ("pymirror", "qemu-nbd", "nbdkit")
@@ -97,12 +98,7 @@ class Servers:
 
     def cold(self, name):
         for f in self.files[name]:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            self.drop_file(f)
 
     def stop(self):
         for p in self.procs.values():
@@ -131,12 +127,12 @@ def bench_size(benchmark):
 
 
 @pytest.fixture
-def servers(tmp_path, benchmark):
+def servers(tmp_path, benchmark, tools):
     size = bench_size(benchmark)
     make_files(tmp_path, size)
     make_pair(tmp_path / "pair.meta", tmp_path / "std.img", tmp_path / "mir.img")
     make_pair(tmp_path / "pair2.meta", tmp_path / "std2.img", tmp_path / "mir2.img")
-    s = Servers(tmp_path, size)
+    s = Servers(tmp_path, size, tools.drop_file)
     s.start()
     yield s
     s.stop()
@@ -165,11 +161,11 @@ def make_certs(d):
 
 
 @pytest.fixture
-def tls_servers(tmp_path, benchmark):
+def tls_servers(tmp_path, benchmark, tools):
     size = bench_size(benchmark)
     make_files(tmp_path, size, ("std.img", "mir.img", "qemu.img", "nbdkit.img"))
     make_pair(tmp_path / "pair.meta", tmp_path / "std.img", tmp_path / "mir.img")
-    s = Servers(tmp_path, size, tls=make_certs(tmp_path))
+    s = Servers(tmp_path, size, tools.drop_file, tls=make_certs(tmp_path))
     s.start()
     yield s
     s.stop()
@@ -334,12 +330,7 @@ def test_nbd_first_write_after_split(benchmark, tmp_path, tools):
 
     def cold(paths):
         for f in list(paths) + [d / "src.bin"]:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            tools.drop_file(f)
 
     def write(sock):
         return size / timed([need("nbdcopy"), "--flush", str(d / "src.bin"), f"nbd+unix:///?socket={sock}"]) / 1e6

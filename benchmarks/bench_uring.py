@@ -119,15 +119,6 @@ def hot(path):
     subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
 
 
-def cold(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def run_measured(cmd):
     """Run cmd; (stdout, wall seconds)."""
     t0 = time.perf_counter()
@@ -248,7 +239,7 @@ def test_io_uring_vs_threads_on_a_file(benchmark, tmp_path, tools):
             for engine in order:
                 if mode == "write" and engine.endswith("qd1") and engine.startswith("io_uring"):
                     continue
-                (hot if mode == "hot" else cold)(path)
+                (hot if mode == "hot" else tools.drop_file)(path)
                 runs[mode][engine].append(fio_file(path, engine, mode, size, runtime))
         load.append(os.getloadavg()[0])
     result = {"size_mib": size // MiB, "seconds": runtime, "reps": reps(), "load_avg": load, "runs": runs,
@@ -312,9 +303,9 @@ def test_io_uring_vs_threads_in_an_nbd_server(benchmark, tmp_path, tools):
             for fig in figures:
                 qd = 32 if fig.endswith("32") else 1
                 for n in names:
-                    (hot if fig.startswith("hot") else cold)(files[n])
+                    (hot if fig.startswith("hot") else tools.drop_file)(files[n])
                     if n == "pymirror":
-                        cold(d / "mir.img")
+                        tools.drop_file(d / "mir.img")
                     c0 = cpu_seconds(running[n].pid)
                     iops, ios = fio_nbd(sock[n], qd, runtime)
                     if fig == "hot_qd32":

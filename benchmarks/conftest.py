@@ -27,6 +27,17 @@ def drop_caches() -> bool:
         return False
 
 
+def drop_file(path) -> None:
+    """Drop one file from the page cache (written back first): a cold read
+    of it without dropping everything else."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -59,7 +70,7 @@ def tools(benchmark):
     they cannot import conftest directly).  Quick runs save nothing."""
     import functools
     import types
-    return types.SimpleNamespace(drop_caches=drop_caches, peak_rss_mib=peak_rss_mib,
+    return types.SimpleNamespace(drop_caches=drop_caches, drop_file=drop_file, peak_rss_mib=peak_rss_mib,
                                  median=median, timed=timed,
                                  record=functools.partial(record, save=not benchmark.disabled))
 

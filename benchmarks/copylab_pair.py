@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from copylab import make_file   # this script's folder is on sys.path
+
 MiB = 1 << 20
 HERE = Path(__file__).resolve().parent
 CHILD = r"""
@@ -49,16 +51,6 @@ with pymirror.Pair.open(meta) as pair:
 print(f"call {t1 - t0:.3f} job {elapsed:.3f} wait {t2 - t0:.3f} flush {t - (t2 - t0):.3f}")
 print(t)
 """
-
-
-def make_file(path: Path, size: int) -> None:
-    if path.exists() and path.stat().st_size == size:
-        return
-    chunk = os.urandom(16 * MiB)
-    with open(path, "wb") as fh:
-        for off in range(0, size, len(chunk)):
-            fh.write(chunk[: min(len(chunk), size - off)])
-        os.fsync(fh.fileno())
 
 
 def main() -> None:

@@ -75,7 +75,7 @@
  * whichever is lower (0 = no limit). */
 static uint64_t effective_rate(pm_pair *p)
 {
-    uint64_t cap = pm_load_relaxed(&p->rate);
+    uint64_t cap = pm_load_acquire(&p->rate);
     uint64_t pace = pm_load_relaxed(&p->pace_on) ? pm_load_relaxed(&p->pace_rate) : 0;
     if (cap == 0)
         return pace;
@@ -555,6 +555,15 @@ static void *copier_main(void *arg)
             k++;
         }
         rate_refund(p, paid, (n - k) << p->shift);
+        if (k > 0 && !pm_load_seqcst(&p->run)) {
+            /* paused (or stopped) since the top of the loop: a pause that
+             * has returned moves nothing more, so the claim is given back */
+            for (uint64_t t = s; t < s + k; t++)
+                pm_track_unlock(p, t);
+            rate_refund(p, paid, k << p->shift);
+            resv_release(p, &w);
+            continue;
+        }
         if (k == 0) {
             /* held by host I/O or another copier: look further on, and
              * sleep once a pass finds nothing to claim */

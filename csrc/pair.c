@@ -639,7 +639,7 @@ int pm_pair_resume(pm_pair *p)
 int pm_pair_set_rate(pm_pair *p, uint64_t rate_bytes)
 {
     pthread_mutex_lock(&p->mu);
-    pm_store_relaxed(&p->rate, rate_bytes);
+    pm_store_release(&p->rate, rate_bytes);   /* a copier that sees it sees a pause made before */
     p->cfg.rate_bytes = rate_bytes;
     pthread_cond_broadcast(&p->cond);   /* copiers waiting out the old rate */
     pthread_mutex_unlock(&p->mu);
