@@ -1,5 +1,7 @@
 """The NBD export against qemu-nbd and nbdkit serving the same bytes, in the
-same run, reps interleaved (pymirror, qemu-nbd, nbdkit, pymirror, ...).
+same run, reps interleaved, each rep in a rotated order (pymirror, qemu-nbd,
+nbdkit; then qemu-nbd, nbdkit, pymirror; ...), so no contender always runs
+first or right after the same other one.
 
 Run:  pytest benchmarks/bench_nbd.py --benchmark-only -s
       (PM_BENCH_MIB=1024 volume size, PM_BENCH_REPS=3 reps, PM_BENCH_SECONDS=4 per fio run)
@@ -10,7 +12,11 @@ same machine:
              ``write_first``, is the first write after a split for pymirror)
   qd1, qd32  4 KiB random reads, fio's nbd engine, page cache hot, IOPS
   cold_qd1, cold_qd32   the same with the served files dropped from the page
-             cache first (``posix_fadvise(DONTNEED)`` on those files only)
+             cache first (``posix_fadvise(DONTNEED)`` on those files only),
+             then PM_BENCH_SETTLE seconds (3) of waiting, as bench_copy.py
+             does: this VM hands freed memory back to its host about 2 s
+             after it is freed, and that work otherwise lands on whichever
+             cold run comes next
   cpu_us_qd32  server CPU time per request in the hot qd32 run (µs)
 """
 from __future__ import annotations
@@ -34,6 +40,7 @@ MiB = 1 << 20
 # pymirror: the C request loop (the default); pymirror-py: the Python loop
 # (PYMIRROR_NBD_ENGINE=python), the same code otherwise
 NAMES = ("pymirror", "pymirror-py", "qemu-nbd", "nbdkit")
+SETTLE_S = float(os.environ.get("PM_BENCH_SETTLE", "3"))   # after each drop (see the docstring)
 
 
 def need(tool):
@@ -93,12 +100,13 @@ class Servers:
         return f"nbd+unix:///?socket={self.sock[name]}"
 
     def hot(self, name):
-        for f in self.files[name]:
-            subprocess.run(["cat", str(f)], stdout=subprocess.DEVNULL, check=True)
+        """The served file in the page cache (a pair serves its standard)."""
+        subprocess.run(["cat", str(self.files[name][0])], stdout=subprocess.DEVNULL, check=True)
 
     def cold(self, name):
         for f in self.files[name]:
             self.drop_file(f)
+        time.sleep(SETTLE_S)
 
     def stop(self):
         for p in self.procs.values():
@@ -204,7 +212,7 @@ def run_against_peers(benchmark, servers, tools, record_as, cold):
     names = servers.names
     res = {n: {k: [] for k in keys} for n in names}
     for rep in range(reps):
-        for n in names:
+        for n in names[rep % len(names):] + names[:rep % len(names)]:
             uri, r = servers.uri(n), res[n]
             r["write_first" if rep == 0 else "write"].append(
                 servers.size / timed([need("nbdcopy"), "--flush", src, uri]) / 1e6)

@@ -200,6 +200,11 @@ static void note_written(pm_store *s)
     atomic_fetch_add_explicit(&s->written, 1, memory_order_seq_cst);
 }
 
+int pm__store_local(const pm_store *s)
+{
+    return s->ops == &file_ops;
+}
+
 void pm__store_prefetch(pm_store *s, uint64_t len, uint64_t off)
 {
     if (s->ops != &file_ops || off >= s->size)

@@ -64,6 +64,9 @@ pm_store *pm__store_alloc(const char *path);
 #define PM__NO_KERNEL_COPY 1
 int pm__store_copy_range(pm_store *src, pm_store *dst, uint64_t len, uint64_t off);
 void pm__store_prefetch(pm_store *s, uint64_t len, uint64_t off);
+/* pm__store_local: 1 for a local file or block device (an I/O on it is a
+ * page-cache copy or one device request), 0 for every other store. */
+int pm__store_local(const pm_store *s);
 /* pm__store_write_behind: start writing [off, off+len) back to the device
  * now, without waiting (file stores; a no-op for others).  Durability still
  * comes only from pm_store_flush. */

@@ -157,6 +157,57 @@ def test_a_waiting_request_holds_up_no_other(tmp_path, counted):
     pair.close()
 
 
+def file_pair(tmp_path, size=SIZE):
+    std, mir = tmp_path / "std.img", tmp_path / "mir.img"
+    std.write_bytes(PATTERN[:size])
+    mir.write_bytes(PATTERN[:size])
+    pair = pymirror.Pair.create(tmp_path / "p.meta", std, mir)
+    pair.establish(assume_equal=True)
+    pair.split()
+    return pair
+
+
+def threads_now():
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_a_queue_depth_1_reader_is_served_by_one_thread(tmp_path, counted):
+    """Short reads of a local file, one at a time: the thread that read the
+    request carries it out and reads the next, so no second thread is ever
+    woken or started (nbd_loop.c, keep_receiving).  Requests that overlap
+    grow the pool as before, and a WRITE held at the barrier still holds up
+    none of the reads sent one by one after it."""
+    pair = file_pair(tmp_path)
+    with NBDServer(pair, socket_path=str(tmp_path / "s")) as server:
+        c, _, _ = connect(server.socket_path)
+        c.request(P.CMD_READ, 0, 4096, cookie=1)
+        assert c.reply(4096) == (0, 1, PATTERN[:4096])
+        before = threads_now()
+        rng = random.Random(1)
+        for i in range(200):
+            off = rng.randrange(SIZE // 4096) * 4096
+            length = rng.choice((512, 4096, 65536)) if off + 65536 <= SIZE else 4096
+            c.request(P.CMD_READ, off, length, cookie=i)
+            assert c.reply(length) == (0, i, PATTERN[off:off + length])
+        assert threads_now() == before
+        # a burst: 30 reads at once; the connection takes more threads
+        c.sock.sendall(b"".join(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, i, i * 4096, 4096)
+                                for i in range(30)))
+        got = sorted(c.reply(4096)[:2] for _ in range(30))
+        assert got == [(0, i) for i in range(30)]
+        assert threads_now() > before
+        # a write waits at the barrier; reads sent one by one are answered meanwhile
+        with pair.hold_io():
+            c.request(P.CMD_WRITE, 0, 4, b"slow", cookie=1000)
+            for i in range(10):
+                c.request(P.CMD_READ, 8192 + i * 4096, 4096, cookie=i)
+                assert c.reply(4096) == (0, i, PATTERN[8192 + i * 4096:12288 + i * 4096])
+        assert c.reply()[:2] == (0, 1000)
+        assert pair.read(0, 4) == b"slow"
+    assert all(counted)
+    pair.close()
+
+
 def test_a_pair_closed_under_a_busy_c_connection(tmp_path, counted):
     """close() waits for the requests using the pair, then the connection
     answers ESHUTDOWN without touching the freed pair."""
