@@ -11,7 +11,9 @@ Contenders (source: the pair's mirror for a restore, its standard for an
 establish; each peer writes a fresh file beside it):
 - pymirror in process: ``restore().wait(); flush()`` (``establish``) on an open pair;
 - pymirror as a whole command: ``pymirror restore META`` (``establish``),
-  interpreter start, open, copy, commit and exit included; once with
+  the console script (of the wheel-installed virtualenv PM_BENCH_VENV, else
+  beside this interpreter), interpreter start, open, copy, commit and exit
+  included; once with
   everything cold, once with the interpreter's and the package's files
   read back into the page cache after the drop (the volumes stay cold);
 - ``cp --reflink=never`` + ``sync FILE``;  ``nbdcopy SRC DST`` + ``sync FILE``;
@@ -51,7 +53,14 @@ HERE = Path(__file__).resolve().parent
 # contender of each round, after the round before's copies, paid for it (a
 # 2 GiB establish: 2.5 and 3.1 s against 1.65 s when it came later).
 SETTLE_S = float(os.environ.get("PM_BENCH_SETTLE", "3"))
-PYMIRROR = [sys.executable, "-c", "import sys; from pymirror.cli import main; sys.argv[0] = 'pymirror'; sys.exit(main())"]
+# The command as users run it: the console script of an installed pymirror.
+# PM_BENCH_VENV names a virtualenv with pymirror installed from a wheel (what
+# `pip install pymirror` gives: benchmarks/wheel_venv.sh makes one from this
+# checkout); by default the console script beside this interpreter (here an
+# editable install, whose interpreter may load more at start: see README).
+VENV_BIN = Path(os.environ["PM_BENCH_VENV"]) / "bin" if os.environ.get("PM_BENCH_VENV") else Path(sys.executable).parent
+PYMIRROR = [str(VENV_BIN / "pymirror")]
+PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 
 
 def build_fastcopy(folder: Path) -> str:
@@ -183,7 +192,8 @@ def test_default_copy_vs_peers(benchmark, tools, tmp_path, scale, kind, size_mib
         an untimed ``import pymirror.cli``): a user's second command.  The
         volumes stay cold."""
         prepare_command()
-        subprocess.run(PYMIRROR[:2] + ["import pymirror.cli, pymirror._core"], check=True, cwd="/", env=CHILD_ENV)
+        subprocess.run([PYTHON, "-c", "import pymirror.command, pymirror.cli, pymirror.pair, pymirror._core"],
+                       check=True, cwd="/", env=CHILD_ENV)
         return timed_command("pymirror_command_warm_interpreter")
 
     contenders = {
@@ -226,6 +236,7 @@ def test_default_copy_vs_peers(benchmark, tools, tmp_path, scale, kind, size_mib
         "command_overhead_s": round(tools.median(overhead["pymirror_command"]), 3),
         "command_overhead_warm_interpreter_s": round(tools.median(overhead["pymirror_command_warm_interpreter"]), 3),
         "command_overhead_all_s": {k: [round(x, 3) for x in v] for k, v in overhead.items()},
+        "command": PYMIRROR[0],
         "child_or_self_peak_rss_mib": {k: round(v, 1) for k, v in rss.items()},
         # copy buffers (copiers x batch) and the page-residency windows of
         # the page-cache eviction (copiers x one byte per 4 KiB page of

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .capi import get_include, get_library_dir
 from .config import ConfigError, CopyConfig, Settings, load_settings
 from .errors import (
     AlignmentError,
@@ -37,6 +36,7 @@ from .state import STATES, State
 from .volume import Volume
 
 if TYPE_CHECKING:
+    from .capi import get_include, get_library_dir
     from .tables import Bitmap, TrackTable
     from .service.client import connect
 
@@ -48,6 +48,9 @@ def __getattr__(name: str) -> Any:
     if name in ("Bitmap", "TrackTable"):
         from . import tables
         return getattr(tables, name)
+    if name in ("get_include", "get_library_dir"):   # the C API's paths (pathlib): not for a command
+        from . import capi
+        return getattr(capi, name)
     if name == "connect":    # the daemon client (sockets, JSON): a third of the import otherwise
         from .service.client import connect
         return connect

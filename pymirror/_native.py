@@ -10,12 +10,13 @@ from __future__ import annotations
 import errno as _errno
 import os
 import re
-from pathlib import Path
 from typing import NoReturn, Optional
 
 
 def _missing_core(exc: ImportError) -> str:
     """A one-line hint for an extension that is not built or not loadable."""
+    from pathlib import Path
+
     package = Path(__file__).resolve().parent
     checkout = package.parent
     if (checkout / "setup.py").is_file() and (checkout / "csrc").is_dir():

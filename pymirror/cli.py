@@ -28,6 +28,7 @@ from typing import Any, Callable, NoReturn, Optional, TypeVar
 import click
 
 from . import errors
+from .command import Interrupted, exit_code_for, signals_stop_the_command, warnings_are_one_line  # noqa: F401
 from .config import ConfigError, Settings, load_settings
 from .sizes import format_size, parse_size
 from .targets import LocalTarget
@@ -76,27 +77,9 @@ class Ctx:
         return self._settings
 
 
-# -- signals: SIGINT exits 130, SIGTERM 143 -----------------------------------
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; ``signum`` says which."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def exit_code_for(exc: KeyboardInterrupt) -> int:
-    return 128 + getattr(exc, "signum", signal.SIGINT)
-
-
-def _signals_stop_the_command() -> None:
-    """SIGINT and SIGTERM both stop a long command cleanly.  SIGINT is set
-    explicitly: a process started in the background by a shell inherits it
-    ignored, and a server must still stop on it."""
-    def handler(signum: int, frame: Any) -> None:
-        raise Interrupted(signum)
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+# -- signals (SIGINT exits 130, SIGTERM 143) and one-line warnings: pymirror.command
+_signals_stop_the_command = signals_stop_the_command
+_warnings_are_one_line = warnings_are_one_line
 
 
 # -- errors: one line, no traceback (unless --debug) --------------------------
@@ -268,21 +251,6 @@ def cli(ctx: click.Context, debug: bool, config_path: Optional[str], control: Op
     ctx.obj = Ctx(debug=debug, config_path=config_path, control=control)
     _signals_stop_the_command()
     _warnings_are_one_line()
-
-
-def _warnings_are_one_line() -> None:
-    """pymirror's warnings (a damaged metadata slot, ...) print as one line
-    on stderr, like its errors, instead of Python's file:line format."""
-    import warnings
-
-    shown = warnings.showwarning
-
-    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        if issubclass(category, errors.MetadataWarning):
-            note(f"warning: {message}")
-        else:
-            shown(message, category, filename, lineno, file, line)
-    warnings.showwarning = show
 
 
 @cli.command()

@@ -19,13 +19,16 @@ from .cli import (EXIT_NO, EXIT_OK, EXIT_TIMEOUT, SIZE, Ctx, cli, copy_options, 
                   job_options, note, out, serve_options, start_server, wait_forever)
 from .sizes import format_size
 from .targets import (DONE, PAUSED_ERROR, TIMEOUT, LocalTarget, RemoteTarget, combined_job, connect_or_none,
-                      control_label)
+                      control_label, take_started)
 
 
 # -- finding the pair: the daemon that holds it, else here --------------------
 def open_target(obj: Ctx, arg: str) -> "LocalTarget | RemoteTarget":
     """The daemon's pair named (or with the meta path) ``arg``, else the pair
     opened here from the meta path ``arg``."""
+    started = take_started(arg)     # its job already started (pymirror.command)
+    if started is not None:
+        return started
     is_path = os.path.exists(arg)
     client = connect_or_none(obj.control)
     if client is not None:

@@ -175,8 +175,9 @@ def record_rate(pair: "Pair", progress: "Progress", kind: str) -> bool:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(data, f, sort_keys=True)
                 f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
+            # No fsync: a hint for plans, not the pair's state; after a crash
+            # a lost or empty file reads as "no rate measured" (last_rate),
+            # and the sync would be the command's last wait for the disk.
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)

@@ -19,6 +19,25 @@ from .config import CopyConfig, Settings
 DONE, PAUSED_ERROR, TIMEOUT = "done", "paused-error", "timeout"
 
 
+# A pair the command opened (and whose job it started) before loading the command line
+# (pymirror.command): its metadata path, and the target.
+_started: dict[str, "LocalTarget"] = {}
+
+
+def set_started(meta: str, kind: str, target: "LocalTarget", started: bool = True) -> None:
+    """Hand the command a pair opened here; ``started``: its ``kind`` job
+    (with the arguments of pymirror.command.EARLY_JOBS) has started."""
+    from .command import EARLY_JOBS
+
+    target._early = (kind, dict(EARLY_JOBS[kind])) if started else None
+    _started[meta] = target
+
+
+def take_started(meta: str) -> "Optional[LocalTarget]":
+    """The target set_started handed over for ``meta`` (once), else None."""
+    return _started.pop(meta, None)
+
+
 class LocalTarget:
     """A pair opened by this process (no daemon holds it)."""
 
@@ -30,6 +49,17 @@ class LocalTarget:
         self.label = label
         self.settings = settings
         self.pair = Pair.open(os.path.realpath(meta), config=settings.copy)
+        self._early: Optional[tuple[str, dict[str, Any]]] = None
+
+    def _started_early(self, kind: str, args: dict[str, Any]) -> bool:
+        """True when this very job was started before the command line
+        loaded (set_started): the command's call then has nothing to do."""
+        early, self._early = self._early, None
+        if early is None:
+            return False
+        if early != (kind, args):
+            raise RuntimeError(f"the early start began {early}, the command asks for {(kind, args)}")
+        return True
 
     def _config(self, rate: Optional[int] = None, copiers: Optional[int] = None,
                 batch_size: Optional[int] = None, read_policy: Optional[str] = None,
@@ -56,11 +86,17 @@ class LocalTarget:
 
     def establish(self, incremental: bool = False, assume_equal: bool = False, compare: bool = False,
                   trust: bool = False, **copy: Any) -> None:
+        if self._started_early("establish", dict(incremental=incremental, assume_equal=assume_equal,
+                                                 compare=compare, **copy, **({"trust": True} if trust else {}))):
+            return
         self.pair.establish(incremental=incremental, config=self._config(**copy),
                             assume_equal=assume_equal, compare=compare, trust=trust)
 
     def restore(self, incremental: bool = False, protect: bool = True, compare: bool = False,
                 trust: bool = False, **copy: Any) -> None:
+        if self._started_early("restore", dict(incremental=incremental, protect=protect, compare=compare,
+                                               **copy, **({"trust": True} if trust else {}))):
+            return
         self.pair.restore(incremental=incremental, protect=protect, config=self._config(**copy),
                           compare=compare, trust=trust)
 
@@ -197,17 +233,23 @@ def _given(copy: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in copy.items() if v is not None}
 
 
-def connect_or_none(control: Optional[str]) -> Any:
-    """A client of the daemon at ``control`` (None: ``$PYMIRROR_CONTROL``,
-    then the default path), or None when no daemon listens there."""
+def daemon_listening(control: Optional[str]) -> bool:
+    """True when a socket is at the daemon's control path (``control``, else
+    ``$PYMIRROR_CONTROL``, else the default path): a daemon may listen."""
     import stat
 
     from .service.paths import control_path
 
-    try:       # no socket there: no daemon, and no need to load the client
-        if not stat.S_ISSOCK(os.stat(control_path(control)).st_mode):
-            return None
+    try:
+        return stat.S_ISSOCK(os.stat(control_path(control)).st_mode)
     except OSError:
+        return False
+
+
+def connect_or_none(control: Optional[str]) -> Any:
+    """A client of the daemon at ``control`` (None: ``$PYMIRROR_CONTROL``,
+    then the default path), or None when no daemon listens there."""
+    if not daemon_listening(control):   # no socket there: no daemon, and no need to load the client
         return None
     from .service.client import connect
     from .service.protocol import DaemonUnreachable

@@ -22,7 +22,6 @@ import importlib
 import os
 import re
 from typing import TYPE_CHECKING, Any, Optional
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 from . import errors
 
@@ -62,6 +61,8 @@ class VolumeURI:
 
 
 def _nbd(text: str) -> VolumeURI:
+    from urllib.parse import parse_qsl, unquote, urlsplit  # only for URIs: a path costs no import
+
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
     if scheme.endswith("+unix"):
@@ -114,6 +115,8 @@ def parse(value: "str | os.PathLike[str]") -> VolumeURI:
     if scheme == "file":
         rest = value[len(m.group(0)):] if m else value
         if rest.startswith("//"):
+            from urllib.parse import unquote, urlsplit
+
             parts = urlsplit(value)
             if parts.netloc not in ("", "localhost"):
                 raise VolumeURIError(f"{value}: a file URI names a local file (file:///PATH)")

@@ -27,11 +27,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import MirrorError
 from ..sizes import parse_size
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 READ_POLICIES = ("redirect", "hydrate")
 TRACK_SIZE_MIN = 4096
@@ -110,13 +112,17 @@ class Settings:
             raise ConfigError(f"track_size must be a power of two from 4K to 16M, got {ts}")
 
 
-def default_config_path() -> Path:
+def default_config_path() -> "Path":
+    from pathlib import Path  # here: pathlib costs a command's start more than it saves
+
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "pymirror" / "config.toml"
 
 
 def find_config(explicit: "str | os.PathLike[str] | None" = None) -> "Path | None":
     """The configuration file to use, or None.  An explicit path must exist."""
+    from pathlib import Path
+
     if explicit is not None:
         path = Path(explicit)
         if not path.is_file():
