@@ -9,6 +9,7 @@
  * other backends (a crash simulator, a remote export) plug in the same way.
  */
 #include <fcntl.h>
+#include <limits.h>
 #include <stddef.h>
 #include <linux/fs.h>
 #include <stdlib.h>
@@ -20,6 +21,7 @@
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <stdio.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "store.h"
@@ -203,6 +205,21 @@ static void note_written(pm_store *s)
 int pm__store_local(const pm_store *s)
 {
     return s->ops == &file_ops;
+}
+
+int pm__store_read_nowait(pm_store *s, void *buf, uint64_t len, uint64_t off)
+{
+#ifdef RWF_NOWAIT
+    if (s->ops != &file_ops || s->fd_buffered >= 0 || faults_armed(s) || len == 0 || len > SSIZE_MAX ||
+        off > s->size || len > s->size - off)
+        return -EAGAIN;
+    struct iovec iov = { buf, (size_t)len };
+    ssize_t n = preadv2(s->fd, &iov, 1, (off_t)off, RWF_NOWAIT);
+    return n == (ssize_t)len ? 0 : -EAGAIN;
+#else
+    (void)s, (void)buf, (void)len, (void)off;
+    return -EAGAIN;
+#endif
 }
 
 void pm__store_prefetch(pm_store *s, uint64_t len, uint64_t off)

@@ -171,25 +171,51 @@ def threads_now():
     return len(os.listdir("/proc/self/task"))
 
 
-def test_a_queue_depth_1_reader_is_served_by_one_thread(tmp_path, counted):
-    """Short reads of a local file, one at a time: the thread that read the
-    request carries it out and reads the next, so no second thread is ever
-    woken or started (nbd_loop.c, keep_receiving).  Requests that overlap
-    grow the pool as before, and a WRITE held at the barrier still holds up
-    none of the reads sent one by one after it."""
+def uncached(fd, off, length):
+    """Drop a clean file from the page cache (all of it: a range smaller
+    than the large folios the kernel may cache it in is not dropped); False
+    if this file system keeps its pages (tmpfs).  The check's RWF_NOWAIT
+    read starts reading the page in, so the file is dropped again once that
+    read is over."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    try:
+        os.preadv(fd, [bytearray(4096)], off, os.RWF_NOWAIT)
+        return False
+    except BlockingIOError:
+        pass
+    time.sleep(0.005)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return True
+
+
+def test_short_reads_take_the_fast_paths(tmp_path, counted):
+    """nbd_loop.c, short_read: a short READ whose data is cached is read
+    while the receive lock is held; one that is not, with nothing else
+    waiting, is carried out by the thread that read it, so a client at
+    queue depth 1 on cold data is served by one thread (none is woken or
+    started).  Requests that overlap grow the pool as before, and a WRITE
+    held at the barrier still holds up none of the reads sent after it."""
     pair = file_pair(tmp_path)
+    fd = os.open(tmp_path / "std.img", os.O_RDONLY)
+    os.fsync(fd)                              # clean pages: they can be dropped
     with NBDServer(pair, socket_path=str(tmp_path / "s")) as server:
         c, _, _ = connect(server.socket_path)
-        c.request(P.CMD_READ, 0, 4096, cookie=1)
-        assert c.reply(4096) == (0, 1, PATTERN[:4096])
+        time.sleep(0.1)                       # the server's side of the handshake is over
         before = threads_now()
         rng = random.Random(1)
-        for i in range(200):
-            off = rng.randrange(SIZE // 4096) * 4096
-            length = rng.choice((512, 4096, 65536)) if off + 65536 <= SIZE else 4096
+        for i in range(100):                  # cold, one at a time
+            off = rng.randrange(SIZE // 65536) * 65536
+            length = rng.choice((512, 4096, 65536))
+            if not uncached(fd, off, length):
+                pytest.skip("this file system keeps its pages cached: no cold read to make")
             c.request(P.CMD_READ, off, length, cookie=i)
             assert c.reply(length) == (0, i, PATTERN[off:off + length])
         assert threads_now() == before
+        for i in range(200):                  # hot: read under the lock, answered after it
+            off = rng.randrange(SIZE - 70000)
+            length = rng.choice((1, 512, 4096, 65536))
+            c.request(P.CMD_READ, off, length, cookie=i)
+            assert c.reply(length) == (0, i, PATTERN[off:off + length])
         # a burst: 30 reads at once; the connection takes more threads
         c.sock.sendall(b"".join(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, i, i * 4096, 4096)
                                 for i in range(30)))
@@ -200,10 +226,14 @@ def test_a_queue_depth_1_reader_is_served_by_one_thread(tmp_path, counted):
         with pair.hold_io():
             c.request(P.CMD_WRITE, 0, 4, b"slow", cookie=1000)
             for i in range(10):
+                uncached(fd, 8192 + i * 4096, 4096)
                 c.request(P.CMD_READ, 8192 + i * 4096, 4096, cookie=i)
                 assert c.reply(4096) == (0, i, PATTERN[8192 + i * 4096:12288 + i * 4096])
         assert c.reply()[:2] == (0, 1000)
         assert pair.read(0, 4) == b"slow"
+        c.request(P.CMD_READ, 0, 8, cookie=5)   # the write is seen by the fast path
+        assert c.reply(8) == (0, 5, b"slow" + PATTERN[4:8])
+    os.close(fd)
     assert all(counted)
     pair.close()
 
