@@ -234,22 +234,6 @@ int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
     return rc;
 }
 
-int pm_pair__read_nowait(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
-{
-    if ((side != PM_STANDARD && side != PM_MIRROR) || len == 0 || offset > p->size || len > p->size - offset)
-        return -EAGAIN;
-    uint64_t t0 = pm_lat_now_ns();
-    int rc = -EAGAIN;
-    pthread_rwlock_rdlock(&p->cmd_lock);
-    int state = pm_pair_state(p);
-    if (side == PM_MIRROR ? mirror_readable(state) : state != PM_STATE_RESTORING)
-        rc = pm__store_read_nowait(p->store[side], buf, len, offset);
-    pthread_rwlock_unlock(&p->cmd_lock);
-    if (side == PM_STANDARD && rc == 0)
-        pm_lat_host(&p->lat, PM_LAT_READ, t0);
-    return rc;
-}
-
 /* ---- writes -------------------------------------------------------------- */
 
 /* Data source for a write: a caller buffer, or zeroes. */

@@ -241,11 +241,6 @@ int pm_pair__establish(pm_pair *p, int incremental, const struct pm_copy_config 
 int pm_pair__restore(pm_pair *p, int incremental, int protect, const struct pm_copy_config *cfg,
                      void *(*compare_main)(void *));
 void pm_pair__compare_done(pm_pair *p);
-/* pm_pair__read_nowait (arbitrate.c): pm_pair_read if it needs no wait for
- * a device (one cached store read, outside a restore), else -EAGAIN with
- * nothing done; -EAGAIN too for what pm_pair_read would refuse, so the
- * caller's pm_pair_read then says why.  The NBD loop's fast path. */
-int pm_pair__read_nowait(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset);
 /* Adopt: a NEW pair whose sides differ in `differ` goes to SPLIT with those
  * tracks CHANGED on both sides, committed.  PM_E_STATE if no longer NEW. */
 int pm_pair__adopted(pm_pair *p, const pm_bitmap *differ);

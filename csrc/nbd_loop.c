@@ -63,7 +63,6 @@ struct req {
     uint64_t cookie, offset;
     uint32_t length;
     int streamed;                     /* a WRITE above the piece size: payload still on the socket */
-    int ready;                        /* a READ whose data is in the thread's buffer already */
 };
 
 struct worker {
@@ -441,7 +440,6 @@ static int read_request(pm_nbd_conn *c, struct worker *w, struct req *r)
     r->offset = nbd_get64(h + 16);
     r->length = nbd_get32(h + 24);
     r->streamed = 0;
-    r->ready = 0;
     c->rpos += NBD_REQUEST_SIZE;
     if (magic != NBD_REQUEST_MAGIC || r->type == NBD_CMD_DISC)
         return 0;
@@ -511,7 +509,7 @@ static void do_read(pm_nbd_conn *c, struct worker *w, const struct req *r)
         reply_error(c, r->cookie, NBD_ESHUTDOWN, "the pair is closed");
         return;
     }
-    int rc = r->ready && piece == len ? 0 : pm_pair_read(p, c->side, w->buf, piece, off);
+    int rc = pm_pair_read(p, c->side, w->buf, piece, off);
     if (rc < 0) {
         pair_put(c);
         reply_failure(c, r->cookie, rc, 0, "read");
@@ -771,46 +769,31 @@ static int execute(pm_nbd_conn *c, struct worker *w, const struct req *r)
 
 /* ---- the threads ----------------------------------------------------------- */
 
-/* The fast paths of a short READ (at most KEEP_MAX, no TLS), tried by the
- * thread that read it while it still holds the receive lock:
- *
- * - Its data cached: read now without waiting (pm_pair__read_nowait), so
- *   after the lock is given up only the reply is left (r->ready).
- * - Not cached, and nothing else waiting to be read (no other request in
- *   the receive buffer, none on the socket: a client at queue depth 1, or
- *   between bursts), from a local file outside a restore (whose reads of
- *   PENDING tracks may hydrate): the thread carries it out before it gives
- *   the lock up, then reads the next request itself.  The next request can
- *   wait at most this one read; in exchange no other thread has to be
- *   woken to take the socket over, which on this 2-vCPU VM cost a cold
- *   4 KiB read at queue depth 1 about 30 us (docs/nbd.md).
- *
- * Returns 1 when the request was carried out under the lock (the second
- * case).  Anything else (writes, flushes, a read during a restore, a read
- * arriving while others are queued) is carried out after the lock is given
- * up, so a slow request holds up only its own thread. */
-static int short_read(pm_nbd_conn *c, struct worker *w, struct req *r)
+/* May the thread that read request r carry it out before it gives the
+ * receive lock up, and then read the next request itself?  Only a READ of
+ * at most KEEP_MAX (no TLS) that will wait for the device (none of its
+ * pages cached: cachestat, which reads nothing in) from a local file
+ * outside a restore (whose reads of PENDING tracks may hydrate), while
+ * nothing else waits to be read (no other request in the receive buffer,
+ * none on the socket: a client at queue depth 1, or between bursts).  The
+ * next request can then wait at most this one read; in exchange no other
+ * thread has to be woken to take the socket over, which on this 2-vCPU VM
+ * cost a cold 4 KiB read at queue depth 1 about 30 us (docs/nbd.md).
+ * Anything else (cached data, writes, flushes, a read during a restore,
+ * requests that overlap) is carried out after the lock is given up, so a
+ * slow request holds up only its own thread. */
+static int keep_receiving(pm_nbd_conn *c, const struct req *r)
 {
     if (r->type != NBD_CMD_READ || r->length == 0 || r->length > KEEP_MAX || c->tls != NULL ||
-        pm_load_relaxed(&c->stopping) || grow(w, r->length) < 0)
+        c->rend > c->rpos || pm_load_relaxed(&c->stopping))
         return 0;
     pm_pair *p = pair_get(c);
     if (p == NULL)
         return 0;
-    if (r->flags == 0 && pm_pair__read_nowait(p, c->side, w->buf, r->length, r->offset) == 0) {
-        pair_put(c);
-        r->ready = 1;
-        return 0;
-    }
-    int s = pm_pair_state(p);
-    int keep = s != PM_STATE_RESTORING && pm__store_local(p->store[c->side]);
+    int keep = pm_pair_state(p) != PM_STATE_RESTORING && pm__store_uncached(p->store[c->side], r->length, r->offset);
     pair_put(c);
     int waiting = 0;
-    if (!keep || c->rend > c->rpos || ioctl(c->fd, FIONREAD, &waiting) != 0 || waiting > 0)
-        return 0;
-    pm_fetch_sub(&c->readers, 1);
-    execute(c, w, r);
-    return 1;
+    return keep && ioctl(c->fd, FIONREAD, &waiting) == 0 && waiting == 0;
 }
 
 static void *worker_main(void *arg);
@@ -850,7 +833,9 @@ static void serve(pm_nbd_conn *c)
             pthread_mutex_unlock(&c->recv_mu);
             break;
         }
-        if (!r.streamed && short_read(c, &w, &r)) {
+        if (!r.streamed && keep_receiving(c, &r)) {
+            pm_fetch_sub(&c->readers, 1);
+            execute(c, &w, &r);
             pthread_mutex_unlock(&c->recv_mu);
             continue;
         }

@@ -9,7 +9,6 @@
  * other backends (a crash simulator, a remote export) plug in the same way.
  */
 #include <fcntl.h>
-#include <limits.h>
 #include <stddef.h>
 #include <linux/fs.h>
 #include <stdlib.h>
@@ -207,21 +206,6 @@ int pm__store_local(const pm_store *s)
     return s->ops == &file_ops;
 }
 
-int pm__store_read_nowait(pm_store *s, void *buf, uint64_t len, uint64_t off)
-{
-#ifdef RWF_NOWAIT
-    if (s->ops != &file_ops || s->fd_buffered >= 0 || faults_armed(s) || len == 0 || len > SSIZE_MAX ||
-        off > s->size || len > s->size - off)
-        return -EAGAIN;
-    struct iovec iov = { buf, (size_t)len };
-    ssize_t n = preadv2(s->fd, &iov, 1, (off_t)off, RWF_NOWAIT);
-    return n == (ssize_t)len ? 0 : -EAGAIN;
-#else
-    (void)s, (void)buf, (void)len, (void)off;
-    return -EAGAIN;
-#endif
-}
-
 void pm__store_prefetch(pm_store *s, uint64_t len, uint64_t off)
 {
     if (s->ops != &file_ops || off >= s->size)
@@ -314,6 +298,13 @@ static int none_cached(int fd, uint64_t off, uint64_t len)
         atomic_store_explicit(&no_cachestat, 1, memory_order_relaxed);
 #endif
     return 0;
+}
+
+int pm__store_uncached(pm_store *s, uint64_t len, uint64_t off)
+{
+    if (s->ops != &file_ops || len == 0 || off >= s->size)
+        return 0;
+    return none_cached(s->fd_buffered >= 0 ? s->fd_buffered : s->fd, off, len);
 }
 
 /* Pieces asked of cachestat first: only the ones with cached pages are

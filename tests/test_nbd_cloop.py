@@ -189,12 +189,12 @@ def uncached(fd, off, length):
 
 
 def test_short_reads_take_the_fast_paths(tmp_path, counted):
-    """nbd_loop.c, short_read: a short READ whose data is cached is read
-    while the receive lock is held; one that is not, with nothing else
-    waiting, is carried out by the thread that read it, so a client at
-    queue depth 1 on cold data is served by one thread (none is woken or
-    started).  Requests that overlap grow the pool as before, and a WRITE
-    held at the barrier still holds up none of the reads sent after it."""
+    """nbd_loop.c, keep_receiving: a short READ of uncached data, with
+    nothing else waiting, is carried out by the thread that read it, so a
+    client at queue depth 1 on cold data is served by one thread (none is
+    woken or started); cached reads go the usual way and read right.
+    Requests that overlap grow the pool as before, and a WRITE held at the
+    barrier still holds up none of the reads sent after it."""
     pair = file_pair(tmp_path)
     fd = os.open(tmp_path / "std.img", os.O_RDONLY)
     os.fsync(fd)                              # clean pages: they can be dropped
@@ -211,7 +211,7 @@ def test_short_reads_take_the_fast_paths(tmp_path, counted):
             c.request(P.CMD_READ, off, length, cookie=i)
             assert c.reply(length) == (0, i, PATTERN[off:off + length])
         assert threads_now() == before
-        for i in range(200):                  # hot: read under the lock, answered after it
+        for i in range(200):                  # hot: the usual way
             off = rng.randrange(SIZE - 70000)
             length = rng.choice((1, 512, 4096, 65536))
             c.request(P.CMD_READ, off, length, cookie=i)
@@ -231,7 +231,7 @@ def test_short_reads_take_the_fast_paths(tmp_path, counted):
                 assert c.reply(4096) == (0, i, PATTERN[8192 + i * 4096:12288 + i * 4096])
         assert c.reply()[:2] == (0, 1000)
         assert pair.read(0, 4) == b"slow"
-        c.request(P.CMD_READ, 0, 8, cookie=5)   # the write is seen by the fast path
+        c.request(P.CMD_READ, 0, 8, cookie=5)   # the write is seen
         assert c.reply(8) == (0, 5, b"slow" + PATTERN[4:8])
     os.close(fd)
     assert all(counted)
