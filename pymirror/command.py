@@ -184,20 +184,21 @@ def leave(code: Any) -> None:
     if not (code is None or isinstance(code, int)) or run_exitfuncs is None or \
             (threading is not None and threading.active_count() > 1):
         sys.exit(code)
-    try:
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()
-    except (OSError, ValueError):
-        sys.exit(code)
+    _flush_or_exit(code)
     run_exitfuncs()
+    _flush_or_exit(code)
+    os._exit(code or 0)
+
+
+def _flush_or_exit(code: Any) -> None:
+    """Flush stdout and stderr; if that fails (a closed pipe), leave through
+    ``sys.exit`` so Python reports it as usual."""
     try:
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
     except (OSError, ValueError):
         sys.exit(code)
-    os._exit(code or 0)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
