@@ -33,7 +33,9 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
-from typing import Any, Callable, Optional
+TYPE_CHECKING = False   # typing is not imported at run time: a command's start (docs/copier.md)
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, Optional
 
 from . import errors
 from ._native import ffi

@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno as _errno
 import os
 import re
-from typing import NoReturn, Optional
+TYPE_CHECKING = False   # typing is not imported at run time: a command's start (docs/copier.md)
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import NoReturn, Optional
 
 
 def _missing_core(exc: ImportError) -> str:

@@ -36,7 +36,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any, Optional
+TYPE_CHECKING = False   # typing is not imported at run time: a command's start (docs/copier.md)
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Optional
 
 # The verbs started early, and the keyword arguments their click commands
 # pass to the target when given no option (cli_pair.restore / establish);

@@ -6,22 +6,27 @@ memory (a Job call after the close raises ClosedError).
 """
 from __future__ import annotations
 
-import dataclasses
 import time
-from typing import TYPE_CHECKING, Any, Optional
 
 from . import errors
 from .state import State
 
+# No typing nor dataclasses at run time (docs/copier.md, "The command's start and end").
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
+    from dataclasses import dataclass as record
+    from typing import Any, Optional
+
     from .pair import Pair
+else:
+    from ._record import record
 
 # Job.wait waits in slices this long, each one a call in flight on the pair:
 # the longest a Pair.close() waits for a waiter, and how soon Ctrl-C is seen.
 _SLICE_MS = 100
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Progress:
     """A snapshot of a job's counters (read without locks from the C core)."""
 
@@ -101,7 +106,7 @@ class Progress:
         return self.tracks_pending * self.track_size / rate
 
     def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = dict(self.__dict__)     # the fields, in order (a frozen record keeps nothing else there)
         d.update(tracks_done=self.tracks_done, rate=self.rate, eta=self.eta, fraction=self.fraction)
         return d
 

@@ -17,7 +17,9 @@ How the controller works: docs/arbitration.md, "Pacing".
 from __future__ import annotations
 
 import re
-from typing import Tuple
+TYPE_CHECKING = False   # typing is not imported at run time: a command's start (docs/copier.md)
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Tuple
 
 PACES = ("auto", "off")
 ORDERS = ("hot", "ascending")

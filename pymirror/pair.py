@@ -14,7 +14,6 @@ import os
 import warnings
 import weakref
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Type, Union
 
 from . import errors
 from ._handle import Handle, destroy_keeping
@@ -24,10 +23,14 @@ from .job import Job, Progress, read_progress
 from .state import STATES, State
 from .volume import DEFAULT_TRACK_SIZE, Volume, check_io
 
+# typing is not imported at run time: a command's start (docs/copier.md)
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, Iterator, Optional, Type, Union
+
     from .plan import Plan
 
-PathLike = Union[str, "os.PathLike[str]"]
+    PathLike = Union[str, "os.PathLike[str]"]
 __all__ = ["Pair", "State", "STATES", "peek", "track_counts"]
 
 

@@ -10,7 +10,9 @@ is a metadata path.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+TYPE_CHECKING = False   # typing is not imported at run time: a command's start (docs/copier.md)
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Optional
 
 from . import errors
 from .config import CopyConfig, Settings

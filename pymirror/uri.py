@@ -17,14 +17,19 @@ path for files, the URI as given for the others), and :meth:`Pair.open
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 import re
-from typing import TYPE_CHECKING, Any, Optional
 
 from . import errors
 
+# No typing nor dataclasses at run time (docs/copier.md, "The command's start and end").
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from dataclasses import dataclass as record
+    from typing import Any, Optional
+else:
+    from ._record import record
 if TYPE_CHECKING:  # pragma: no cover
     from .volume import Volume
 
@@ -45,7 +50,7 @@ class VolumeURIError(errors.MirrorError, ValueError):
     """A volume name that is not a path nor a URI pymirror knows."""
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class VolumeURI:
     """A parsed volume name.  ``kind`` is ``"file"``, ``"nbd"`` or ``"rbd"``;
     ``text`` is what a pair's metadata records; ``path`` the file's absolute

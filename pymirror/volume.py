@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from types import TracebackType
-from typing import Any, Optional, Type
+TYPE_CHECKING = False   # typing is not imported at run time: a command's start (docs/copier.md)
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Optional, Type
 
 from . import errors
 from ._handle import Handle

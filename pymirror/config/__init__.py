@@ -24,16 +24,21 @@ library instead (see :mod:`pymirror.capi`).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import MirrorError
 from ..sizes import parse_size
 
-if TYPE_CHECKING:
+# No typing nor dataclasses at run time: a command's copy starts after this
+# module loads (docs/copier.md, "The command's start and end").
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from dataclasses import dataclass as record
     from pathlib import Path
+    from typing import Any, Mapping
+else:
+    from .._record import record
 
 READ_POLICIES = ("redirect", "hydrate")
 TRACK_SIZE_MIN = 4096
@@ -44,7 +49,7 @@ class ConfigError(MirrorError, ValueError):
     """A configuration file or setting is invalid."""
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class CopyConfig:
     """How a background copy runs.
 
@@ -95,10 +100,12 @@ class CopyConfig:
             )
 
     def replace(self, **changes: Any) -> "CopyConfig":
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        d = dict(self.__dict__)     # the fields (records keep nothing else there)
+        d.update((k, v) for k, v in changes.items() if v is not None)
+        return type(self)(**d)
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Settings:
     """Defaults read from the configuration file."""
 
@@ -112,15 +119,22 @@ class Settings:
             raise ConfigError(f"track_size must be a power of two from 4K to 16M, got {ts}")
 
 
+def _default_config_name() -> str:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "pymirror", "config.toml")
+
+
 def default_config_path() -> "Path":
     from pathlib import Path  # here: pathlib costs a command's start more than it saves
 
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "pymirror" / "config.toml"
+    return Path(_default_config_name())
 
 
 def find_config(explicit: "str | os.PathLike[str] | None" = None) -> "Path | None":
     """The configuration file to use, or None.  An explicit path must exist."""
+    env = os.environ.get("PYMIRROR_CONFIG")
+    if explicit is None and not env and not os.path.isfile(_default_config_name()):
+        return None     # the usual case: no file, and no pathlib import (a command's start)
     from pathlib import Path
 
     if explicit is not None:
@@ -128,7 +142,6 @@ def find_config(explicit: "str | os.PathLike[str] | None" = None) -> "Path | Non
         if not path.is_file():
             raise ConfigError(f"configuration file {str(path)!r} does not exist")
         return path
-    env = os.environ.get("PYMIRROR_CONFIG")
     if env:
         path = Path(env)
         if not path.is_file():

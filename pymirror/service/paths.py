@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+TYPE_CHECKING = False   # typing is not imported at run time: a command's start (docs/copier.md)
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Optional
 
 ENV_CONTROL = "PYMIRROR_CONTROL"
 CONTROL_NAME = "control.sock"
