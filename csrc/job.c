@@ -87,10 +87,8 @@ void pm_job_finish(pm_pair *p)
     if (rc)
         detach(p, rc, UINT64_MAX, 1, 1);
     /* Data before state: the copied tracks are made durable by this commit
-     * (meta.c flushes both stores before writing the tables).  Marked
-     * clean when the caller closes the pair at the job's end
-     * (pm_pair_close_at_job_end): the close then writes nothing. */
-    pm_meta_commit_end(p->meta);
+     * (meta.c flushes both stores before writing the tables). */
+    pm_meta_commit(p->meta);
     pthread_mutex_lock(&p->mu);
     p->finishing = 0;
     pthread_cond_broadcast(&p->cond);

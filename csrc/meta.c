@@ -140,7 +140,6 @@ struct pm_meta {
     double last_commit;
     pm_atomic_u64 commits, syncs;
     pm_atomic_int need_full;    /* the next commit must refresh PENDING (a job began) */
-    pm_atomic_int clean_at_end; /* the job's final commit is the clean close's (pm_meta_set_clean_at_end) */
     pm_atomic_u64 host_clears;  /* PENDING bits of the standard cleared (pm_meta_std_cleared) */
     uint64_t host_clears_durable;   /* ... as of the last full commit (m->lock) */
     int flush_full;             /* PYMIRROR_FLUSH_FULL_COMMIT=1: every host flush commits fully (as before
@@ -321,19 +320,6 @@ static int commit_locked(struct pm_meta *m, int full, int clean)
 {
     if (m->store == NULL)
         return 0;
-    if (clean) {
-        /* A clean header makes a reopen ignore the INTENT regions (the
-         * precise CHANGED tables are used alone), so from this commit on no
-         * region protects a write: the first write to each waits for a
-         * commit, which marks the header unclean again (as after a clean
-         * reopen, pm_meta_load).  Zeroed before the CHANGED tables are
-         * snapshot, with a full fence: a writer that still saw its region
-         * durable had set its CHANGED bit (a seq_cst RMW) before that read,
-         * so this snapshot holds the bit (docs/format.md). */
-        for (int side = 0; side < 2; side++)
-            pm_bitmap_zero(m->intent_durable[side]);
-        atomic_thread_fence(memory_order_seq_cst);   /* the zeroing before the snapshot's reads */
-    }
     uint64_t seq = pm_load_seqcst(&m->noted);
     uint64_t dirty = pm_load_seqcst(&m->dirty);
     uint64_t host_clears = pm_load_seqcst(&m->host_clears);   /* before the snapshot */
@@ -395,24 +381,19 @@ static int commit_locked(struct pm_meta *m, int full, int clean)
     }
     m->have_snap = 1;
     memcpy(h.table_crc, m->crc, sizeof h.table_crc);
+    trust_fill(m, &h, hdr, clean);
+    memcpy(hdr, &h, sizeof h);
+    snprintf((char *)hdr + STD_PATH_AT, PM_PATH_MAX, "%s", m->b.data[PM_STANDARD]->path);
+    snprintf((char *)hdr + MIR_PATH_AT, PM_PATH_MAX, "%s", m->b.data[PM_MIRROR]->path);
+    uint32_t crc = pm_crc32c(0, hdr, CRC_AT);
+    memcpy(hdr + CRC_AT, &crc, 4);
 
     int slot = (int)(h.generation % 2);
     uint64_t st = slot_tables(m->table_bytes, m->intent_bytes);
     /* data before the bits that describe it: durable before the header */
     int rc = data_and_tables(m, full, mirror_needs_no_flush(&now), m->snap, st, TABLES_AT + (uint64_t)slot * st);
-    if (rc == 0) {
-        /* The change stamps and (clean) the checksum samples once the data
-         * is flushed: right after a copy the samples would otherwise be read
-         * behind the copy's last write-back (measured: 60-80 ms at the end
-         * of a 256 MiB restore, against 6 ms after the flush). */
-        trust_fill(m, &h, hdr, clean);
-        memcpy(hdr, &h, sizeof h);
-        snprintf((char *)hdr + STD_PATH_AT, PM_PATH_MAX, "%s", m->b.data[PM_STANDARD]->path);
-        snprintf((char *)hdr + MIR_PATH_AT, PM_PATH_MAX, "%s", m->b.data[PM_MIRROR]->path);
-        uint32_t crc = pm_crc32c(0, hdr, CRC_AT);
-        memcpy(hdr + CRC_AT, &crc, 4);
+    if (rc == 0)
         rc = pm_store_write(m->store, hdr, SLOT_SIZE, (uint64_t)slot * SLOT_SIZE);
-    }
     if (rc == 0)
         rc = pm_store_flush(m->store);
     free(hdr);
@@ -422,10 +403,8 @@ static int commit_locked(struct pm_meta *m, int full, int clean)
     m->last_commit = pm_now();
     pm_count_add(&m->commits, 1);
     pm_count_add(&m->syncs, full ? 4 : 2);
-    if (!clean) {   /* a clean header protects no region (above) */
-        pm_bitmap_union(m->intent_durable[0], m->intent_snap[0]);
-        pm_bitmap_union(m->intent_durable[1], m->intent_snap[1]);
-    }
+    pm_bitmap_union(m->intent_durable[0], m->intent_snap[0]);
+    pm_bitmap_union(m->intent_durable[1], m->intent_snap[1]);
     pm_store_seqcst(&m->durable, seq);
     if (full)
         m->host_clears_durable = host_clears;
@@ -442,27 +421,6 @@ int pm_meta_commit(struct pm_meta *m)
     int rc = commit_locked(m, 1, 0);
     pthread_mutex_unlock(&m->lock);
     return rc;
-}
-
-/* The job's final commit (pm_job_finish).  When the caller said it closes
- * the pair at the job's end (pm_meta_set_clean_at_end), this is the clean
- * close's commit (header marked clean, change stamps and samples taken), so
- * that a close with nothing changed since writes nothing: one metadata
- * write and sync fewer at the end of `pymirror restore META`. */
-int pm_meta_commit_end(struct pm_meta *m)
-{
-    if (m == NULL || m->store == NULL)
-        return 0;
-    pthread_mutex_lock(&m->lock);
-    int rc = commit_locked(m, 1, pm_load_seqcst(&m->clean_at_end));
-    pthread_mutex_unlock(&m->lock);
-    return rc;
-}
-
-void pm_meta_set_clean_at_end(struct pm_meta *m, int on)
-{
-    if (m != NULL)
-        pm_store_seqcst(&m->clean_at_end, on != 0);
 }
 
 void pm_meta_counters(struct pm_meta *m, uint64_t *commits, uint64_t *syncs)

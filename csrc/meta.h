@@ -88,11 +88,6 @@ void pm_meta_close(struct pm_meta *m);
 
 /* ---- the commit protocol (all thread-safe; no-ops without a store) ---- */
 int pm_meta_commit(struct pm_meta *m);                 /* full: data, tables, header */
-/* The job's final commit: full, and marked clean (as a close marks it) when
- * pm_meta_set_clean_at_end was set; a clean commit leaves no region durable,
- * so the next host write commits (unclean) before it lands. */
-int pm_meta_commit_end(struct pm_meta *m);
-void pm_meta_set_clean_at_end(struct pm_meta *m, int on);
 /* Before a host write to tracks t0..t1 of a side: mark them CHANGED, and
  * return once the marks are durable (write-intent; free once their regions
  * are durable). */

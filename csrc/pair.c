@@ -787,9 +787,3 @@ int pm_pair_commit(pm_pair *p)
 {
     return pm_meta_commit(p->meta);
 }
-
-void pm_pair_close_at_job_end(pm_pair *p, int on)
-{
-    if (p != NULL)
-        pm_meta_set_clean_at_end(p->meta, on);
-}

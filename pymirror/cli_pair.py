@@ -146,8 +146,6 @@ def run_job_verb(t: "LocalTarget | RemoteTarget", kind: str, start: Callable[[],
             # use, fails before the job changes the pair
             assert isinstance(t, LocalTarget)
             server = start_server(t.pair, socket_path, listen, allow_remote)
-            if server is None and not no_wait:
-                t.pair.close_at_job_end()    # closed when the job ends: its final commit is the close's
         start()
         if no_wait:
             job = combined_job(t.query())

@@ -114,7 +114,6 @@ def start_early(args: list[str]) -> Optional[tuple[Any, bool]]:
         except Exception:
             return None     # the command opens it again, and says what went wrong
         try:
-            t.pair.close_at_job_end()   # the command closes it when the job ends: one commit, not two
             getattr(t, kind)(**EARLY_JOBS[kind])
             started = True
         except Exception:

@@ -551,17 +551,6 @@ class Pair(Handle):
         """Make the pair's state and track tables durable."""
         self._run("commit", lib.pm_pair_commit)
 
-    def close_at_job_end(self, on: bool = True) -> None:
-        """Say that this pair will be closed as soon as its job ends (a
-        one-shot command does so): the job's final commit is then made as a
-        close's would be (the header marked clean, the change stamps and
-        checksum samples recorded), and the close, finding nothing changed,
-        writes nothing: one metadata write and sync fewer.  Anything done
-        between the job's end and the close is still committed as always
-        (a host write first commits the header unclean)."""
-        with self._call as p:
-            lib.pm_pair_close_at_job_end(p, 1 if on else 0)
-
     def close(self) -> None:
         """Stop the copier (a job stays resumable from the metadata), commit,
         and close both volumes this pair opened.  Waits for calls in flight

@@ -566,13 +566,6 @@ int pm_pair_open_meta_store(pm_store *meta, pm_store *standard, pm_store *mirror
 /* Make the pair's current state and tables durable (a no-op without a
  * metadata file). */
 int pm_pair_commit(pm_pair *p);
-/* The caller will close the pair as soon as its job ends (a one-shot
- * command): the job's final commit is then made as the close's would be
- * (header marked clean, change stamps and checksum samples recorded), so the
- * close, finding nothing changed since, writes nothing.  Anything done in
- * between still works and is still committed (a host write first commits
- * the header unclean; the close then commits clean again).  Thread-safe. */
-void pm_pair_close_at_job_end(pm_pair *p, int on);
 /* Settings for the current and later jobs (used by resume after open). */
 int pm_pair_configure(pm_pair *p, const struct pm_copy_config *cfg);
 
