@@ -5,7 +5,7 @@ without defaults) into what ``@dataclasses.dataclass(frozen=True)`` makes of
 it, as far as pymirror's value classes use it: an ``__init__`` taking the
 fields by position or keyword (then calling ``__post_init__`` if defined),
 ``__repr__`` (``Name(field=value, ...)``), ``__eq__`` and ``__hash__`` over the
-fields, ``__match_args__``, and assignment refused (:class:`FrozenInstanceError`,
+fields, ``__match_args__``, ``__replace__`` (``copy.replace``), and assignment refused (:class:`FrozenInstanceError`,
 an ``AttributeError``).  What it leaves out: ``dataclasses.fields()``,
 ``asdict()`` and ``replace()`` do not apply (the classes offer their own
 ``as_dict``/``replace`` where users need them; :func:`fields` lists the names).
@@ -106,6 +106,11 @@ def _delattr(self: Any, name: str) -> None:
     raise FrozenInstanceError(f"cannot delete field {name!r}")
 
 
+def _replace(self: Any, **changes: Any) -> Any:
+    """``copy.replace(record, **changes)`` (Python 3.13), as for a dataclass."""
+    return type(self)(**dict(self.__dict__, **changes))
+
+
 def _record(cls: T) -> T:
     c: Any = cls
     own = c.__dict__.get("__annotations__", {})
@@ -130,13 +135,14 @@ def _record(cls: T) -> T:
             raise TypeError(f"non-default argument {n!r} follows default argument")
     c._record_fields = tuple(names)
     c._record_defaults_or_required = table
-    c.__match_args__ = tuple(names)
+    setattr(c, "__match_args__", tuple(names))
     c.__init__ = _init
     c.__repr__ = _repr
     c.__eq__ = _eq
     c.__hash__ = _hash
     c.__setattr__ = _setattr
     c.__delattr__ = _delattr
+    c.__replace__ = _replace
     return cls
 
 

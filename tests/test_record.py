@@ -71,6 +71,9 @@ def test_a_record_is_frozen_and_pickles() -> None:
     with pytest.raises(AttributeError):
         del r.x
     assert copy.copy(r) == r and copy.deepcopy(r) == r
+    assert r.__replace__(y=5) == R(1, 5, "a")           # copy.replace (Python 3.13)
+    with pytest.raises(ValueError):
+        r.__replace__(x=-1)                             # through __init__ and __post_init__
     for v in (CopyConfig(copiers=2, host_latency_target="5ms"), Settings(track_size=1 << 20), VolumeURI("file", "/a", "/a")):
         assert pickle.loads(pickle.dumps(v)) == v
 
