@@ -13,7 +13,11 @@
  * hydrating read, a merge, a flush) holds up only its own thread.  The pool
  * starts with the thread that calls pm_nbd_conn_run and grows by one
  * whenever a thread takes a request while no other waits to read, up to
- * max_threads; the threads live until the connection ends.
+ * max_threads; the threads live until the connection ends.  Two rules for
+ * a client at queue depth 1: a cold short read is carried out by the
+ * thread holding the receive lock (keep_receiving), and that thread polls
+ * the socket briefly for the next request before it sleeps (recv_next,
+ * nbd_spin.h).
  *
  * Requests are read through a 64 KiB buffer (a run of small requests that
  * arrived together costs one recv); a WRITE's payload goes from there, and
