@@ -13,7 +13,11 @@
  * hydrating read, a merge, a flush) holds up only its own thread.  The pool
  * starts with the thread that calls pm_nbd_conn_run and grows by one
  * whenever a thread takes a request while no other waits to read, up to
- * max_threads; the threads live until the connection ends.
+ * max_threads; the threads live until the connection ends.  Two rules for
+ * a client at queue depth 1: a cold short read is carried out by the
+ * thread holding the receive lock (keep_receiving), and that thread polls
+ * the socket briefly for the next request before it sleeps (recv_next,
+ * nbd_spin.h).
  *
  * Requests are read through a 64 KiB buffer (a run of small requests that
  * arrived together costs one recv); a WRITE's payload goes from there, and
@@ -48,10 +52,12 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "layout.h"
 #include "nbd_proto.h"
+#include "nbd_spin.h"
 
 #define MAX_THREADS 64
 #define RBUF_SIZE (64u << 10)
@@ -84,9 +90,12 @@ struct pm_nbd_conn {
     pthread_rwlock_t pair_lock;       /* pair: read by requests, cleared by detach */
     pm_pair *pair;
 
-    pthread_mutex_t recv_mu;          /* the reader: rbuf */
+    pthread_mutex_t recv_mu;          /* the reader: rbuf, and the three below */
     unsigned char *rbuf;
     size_t rpos, rend;
+    uint32_t spin_ns;                 /* how long the reader polls for the next request (nbd_spin.h) */
+    int last_kept;                    /* the last request was a cold read carried out by the reader */
+    pm_atomic_u64 spin_hits;          /* requests the reader's polling caught */
 
     pthread_mutex_t send_mu;          /* one reply at a time on the socket */
 
@@ -134,6 +143,7 @@ int pm_nbd_conn_new(int fd, pm_pair *pair, int side, unsigned flags, const char 
     c->track_size = pm_pair_track_size(pair);
     c->max_threads = max_threads;
     c->ctx_alloc = c->ctx_pending = -1;
+    c->spin_ns = PM_NBD_SPIN_MAX_NS;
     pthread_rwlockattr_t ra;
     pthread_rwlockattr_init(&ra);
     /* a detach must not starve behind a stream of requests */
@@ -173,6 +183,7 @@ void pm_nbd_conn_free(pm_nbd_conn *c)
 
 uint64_t pm_nbd_conn_requests(const pm_nbd_conn *c) { return pm_load_relaxed(&c->requests); }
 uint64_t pm_nbd_conn_errors(const pm_nbd_conn *c) { return pm_load_relaxed(&c->errors); }
+uint64_t pm__nbd_conn_spin_hits(const pm_nbd_conn *c) { return pm_load_relaxed(&c->spin_hits); }
 
 /* ---- stopping ------------------------------------------------------------ */
 
@@ -389,6 +400,73 @@ static int grow(struct worker *w, size_t n)
     return 0;
 }
 
+/* ---- polling for the next request (nbd_spin.h) --------------------------- */
+
+static pm_atomic_int spinners;        /* readers polling now, in the whole process */
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* A CPU for one more poller?  At most one fewer than the CPUs online poll
+ * at once, so a client (or the other connections) always has one. */
+static int spin_enter(void)
+{
+    static pm_atomic_int limit = -1;
+    int lim = pm_load_relaxed(&limit);
+    if (lim < 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        lim = n > 1 ? (int)(n - 1) : 0;
+        pm_store_relaxed(&limit, lim);
+    }
+    if (pm_fetch_add(&spinners, 1) < lim)
+        return 1;
+    pm_fetch_sub(&spinners, 1);
+    return 0;
+}
+
+/* The first bytes of the next request into the empty rbuf (recv_mu held),
+ * as xrecv.  On a plain socket, unless the last request was a cold read the
+ * reader carried out itself, the socket is first polled without sleeping
+ * for up to spin_ns: a client at queue depth 1 on cached data sends its
+ * next request a few microseconds after our reply, and catching it awake
+ * saves the sleep and the wake-up (on this VM most of a hot request's
+ * time).  After a cold read it is not: polling then only took the CPU the
+ * read's completion and the client needed (docs/nbd.md). */
+static size_t recv_next(pm_nbd_conn *c)
+{
+    void *buf = c->rbuf;
+    size_t len = RBUF_SIZE;
+    uint32_t spun = 0;
+    if (c->tls == NULL && c->spin_ns > 0 && !c->last_kept && !pm_load_acquire(&c->stopping) && spin_enter()) {
+        uint64_t t0 = now_ns(), t = t0;
+        ssize_t k;
+        do {
+            k = recv(c->fd, buf, len, MSG_DONTWAIT);
+        } while (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) &&
+                 (t = now_ns()) - t0 < c->spin_ns);
+        pm_fetch_sub(&spinners, 1);
+        if (k > 0) {
+            pm_count_add(&c->spin_hits, 1);
+            c->spin_ns = pm_nbd_spin_next(c->spin_ns, 1, 0);
+            return (size_t)k;
+        }
+        if (k == 0)
+            return 0;                 /* the client is gone */
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            return 0;
+        spun = (uint32_t)(t - t0);
+    }
+    uint64_t t0 = now_ns();
+    size_t k = xrecv(c, buf, len);
+    if (c->tls == NULL)
+        c->spin_ns = pm_nbd_spin_next(c->spin_ns, 0, spun + (now_ns() - t0));
+    return k;
+}
+
 /* At least n bytes in rbuf (recv_mu held); 0 if the client is gone. */
 static int need(pm_nbd_conn *c, size_t n)
 {
@@ -401,7 +479,7 @@ static int need(pm_nbd_conn *c, size_t n)
         c->rend = avail;
     }
     while (c->rend < n) {
-        size_t k = xrecv(c, c->rbuf + c->rend, RBUF_SIZE - c->rend);
+        size_t k = c->rend == 0 ? recv_next(c) : xrecv(c, c->rbuf + c->rend, RBUF_SIZE - c->rend);
         if (k == 0)
             return 0;
         c->rend += k;
@@ -821,6 +899,7 @@ static void serve(pm_nbd_conn *c)
     for (;;) {
         pm_fetch_add(&c->readers, 1);
         pthread_mutex_lock(&c->recv_mu);
+    next:
         if (pm_load_acquire(&c->closing)) {
             pm_fetch_sub(&c->readers, 1);
             pthread_mutex_unlock(&c->recv_mu);
@@ -834,11 +913,15 @@ static void serve(pm_nbd_conn *c)
             break;
         }
         if (!r.streamed && keep_receiving(c, &r)) {
-            pm_fetch_sub(&c->readers, 1);
+            /* still counted as a reader, and the lock is not given up in
+             * between: an unlock would wake a thread waiting for it only
+             * for that thread to find it taken again and sleep (a wake-up
+             * per request, which took the CPU the client needed) */
+            c->last_kept = 1;
             execute(c, &w, &r);
-            pthread_mutex_unlock(&c->recv_mu);
-            continue;
+            goto next;
         }
+        c->last_kept = 0;
         if (pm_fetch_sub(&c->readers, 1) == 1)
             maybe_spawn(c);
         if (r.streamed) {

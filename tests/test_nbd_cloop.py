@@ -171,6 +171,18 @@ def threads_now():
     return len(os.listdir("/proc/self/task"))
 
 
+def voluntary_switches():
+    """{thread id: voluntary context switches} of this process's threads."""
+    out = {}
+    for t in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{t}/status") as f:
+                out[t] = next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+        except (FileNotFoundError, ProcessLookupError):
+            pass                                # the thread ended meanwhile
+    return out
+
+
 def uncached(fd, off, length):
     """Drop a clean file from the page cache (all of it: a range smaller
     than the large folios the kernel may cache it in is not dropped); False
@@ -222,6 +234,22 @@ def test_short_reads_take_the_fast_paths(tmp_path, counted):
         got = sorted(c.reply(4096)[:2] for _ in range(30))
         assert got == [(0, i) for i in range(30)]
         assert threads_now() > before
+        # the pool has grown: cold reads one at a time still wake none of
+        # the threads that wait for the receive lock (the reader keeps it)
+        me = str(threading.get_native_id())
+        s0 = voluntary_switches()
+        for i in range(40):
+            off = rng.randrange(SIZE // 65536) * 65536
+            uncached(fd, off, 4096)
+            c.request(P.CMD_READ, off, 4096, cookie=i)
+            assert c.reply(4096) == (0, i, PATTERN[off:off + 4096])
+        s1 = voluntary_switches()
+        woken = sorted(s1[t] - s0[t] for t in s1 if t in s0 and t != me)
+        # the reader sleeps at least once a read (on the disk); a read the
+        # check left partly cached may hand the lock over once, so two
+        # threads may share that; the others stay asleep (before this rule
+        # each request woke one of them: 8 to 24 wake-ups each)
+        assert woken[-1] >= 20 and sum(woken[:-2]) < 10, woken
         # a write waits at the barrier; reads sent one by one are answered meanwhile
         with pair.hold_io():
             c.request(P.CMD_WRITE, 0, 4, b"slow", cookie=1000)

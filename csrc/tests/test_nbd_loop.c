@@ -10,10 +10,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "pymirror.h"
 #include "../nbd_proto.h"
+#include "../nbd_spin.h"
 #include "check.h"
 
 #define SIZE (16u << 20)
@@ -365,8 +367,98 @@ static void test_bad_magic_and_truncation(void)
     pm_store_destroy(b);
 }
 
+/* ---- the reader's poll for the next request (nbd_spin.h) ------------------ */
+
+/* The window rule against its description: within {0} u [MIN, MAX]; a hit
+ * keeps it; waits shorter than GROW grow it to MAX, longer ones shrink it to
+ * 0 (an idle connection polls no more), each in a few steps. */
+static void test_spin_rule(void)
+{
+    uint32_t w = PM_NBD_SPIN_MAX_NS;
+    unsigned seed = 7;
+    for (int i = 0; i < 100000; i++) {
+        seed = seed * 1103515245u + 12345u;
+        int hit = (seed >> 16) % 3 == 0;
+        uint64_t waited = (seed >> 8) % (4 * PM_NBD_SPIN_MAX_NS);
+        uint32_t n = pm_nbd_spin_next(w, hit, waited);
+        CHECK(n == 0 || (n >= PM_NBD_SPIN_MIN_NS && n <= PM_NBD_SPIN_MAX_NS));
+        if (hit)
+            CHECK_EQ(n, w);
+        else if (waited < PM_NBD_SPIN_GROW_NS)
+            CHECK(n > w || n == PM_NBD_SPIN_MAX_NS);
+        else
+            CHECK(n < w || n == 0);
+        w = n;
+    }
+    int steps = 0;
+    for (w = PM_NBD_SPIN_MAX_NS; w; steps++)
+        w = pm_nbd_spin_next(w, 0, 1000000);
+    CHECK(steps <= 5);
+    CHECK_EQ(pm_nbd_spin_next(0, 0, 1000000), 0);
+    for (steps = 0; w < PM_NBD_SPIN_MAX_NS; steps++)
+        w = pm_nbd_spin_next(w, 0, 1000);
+    CHECK(steps <= 5);
+}
+
+static int read_one(int fd, uint64_t cookie, uint64_t off, unsigned char *buf)
+{
+    uint32_t err;
+    uint64_t got;
+    request(fd, NBD_CMD_READ, 0, cookie, off, 4096, NULL);
+    if (simple_reply(fd, &err, &got) || err || got != cookie)
+        return -1;
+    return xrecv(fd, buf, 4096);
+}
+
+/* A client at queue depth 1 that answers at once is caught by the poll (on
+ * a machine with a CPU to spare for it); one that pauses between requests
+ * makes the poll stop. */
+static void test_spin_catches_queue_depth_one(void)
+{
+    pm_store *a, *b;
+    pm_pair *p;
+    CHECK_EQ(pm_store_create_memory(SIZE, &a), 0);
+    CHECK_EQ(pm_store_create_memory(SIZE, &b), 0);
+    CHECK_EQ(pm_pair_create(a, b, TRACK, &p), 0);
+    unsigned char *pat = malloc(SIZE), buf[4096];
+    for (uint32_t i = 0; i < SIZE; i++)
+        pat[i] = (unsigned char)(i * 7 + 3);
+    CHECK_EQ(pm_pair_write(p, PM_STANDARD, pat, SIZE, 0, 0), 0);
+    int sv[2];
+    CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    struct server srv;
+    start(&srv, sv[0], p, 0, 4);
+    for (int i = 0; i < 400; i++) {
+        uint64_t off = (uint64_t)(i * 7919 % (SIZE / 4096)) * 4096;
+        CHECK_EQ(read_one(sv[1], (uint64_t)i, off, buf), 0);
+        CHECK(memcmp(buf, pat + off, 4096) == 0);
+    }
+    uint64_t hits = pm__nbd_conn_spin_hits(srv.c);
+    if (sysconf(_SC_NPROCESSORS_ONLN) > 1)
+        CHECK(hits > 0);
+    else
+        CHECK_EQ(hits, 0);                      /* no CPU to spare: no poll */
+    struct timespec pause = { 0, 2000000 };
+    for (int i = 0; i < 30; i++) {
+        nanosleep(&pause, NULL);
+        CHECK_EQ(read_one(sv[1], (uint64_t)i, 4096, buf), 0);
+        if (i == 9)
+            hits = pm__nbd_conn_spin_hits(srv.c);   /* by now the window is 0 */
+    }
+    CHECK_EQ(pm__nbd_conn_spin_hits(srv.c), hits);
+    close(sv[1]);
+    finish(&srv);
+    close(sv[0]);
+    free(pat);
+    pm_pair_destroy(p);
+    pm_store_destroy(a);
+    pm_store_destroy(b);
+}
+
 int main(void)
 {
+    test_spin_rule();
+    test_spin_catches_queue_depth_one();
     test_pipelined_during_restore();
     test_large_errors_status_stop();
     test_bad_magic_and_truncation();
