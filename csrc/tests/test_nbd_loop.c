@@ -50,6 +50,23 @@ static void finish(struct server *s)
     pm_nbd_conn_free(s->c);
 }
 
+/* A pair of two memory stores of SIZE bytes, TRACK-sized tracks. */
+static pm_pair *memory_pair(pm_store **a, pm_store **b)
+{
+    pm_pair *p = NULL;
+    CHECK_EQ(pm_store_create_memory(SIZE, a), 0);
+    CHECK_EQ(pm_store_create_memory(SIZE, b), 0);
+    CHECK_EQ(pm_pair_create(*a, *b, TRACK, &p), 0);
+    return p;
+}
+
+static void memory_pair_free(pm_pair *p, pm_store *a, pm_store *b)
+{
+    pm_pair_destroy(p);
+    pm_store_destroy(a);
+    pm_store_destroy(b);
+}
+
 static void xsend(int fd, const void *buf, size_t n)
 {
     const unsigned char *p = buf;
@@ -122,10 +139,7 @@ static void *sender_main(void *arg)
 static void test_pipelined_during_restore(void)
 {
     pm_store *a, *b;
-    pm_pair *p;
-    CHECK_EQ(pm_store_create_memory(SIZE, &a), 0);
-    CHECK_EQ(pm_store_create_memory(SIZE, &b), 0);
-    CHECK_EQ(pm_pair_create(a, b, TRACK, &p), 0);
+    pm_pair *p = memory_pair(&a, &b);
     /* the mirror holds the image; the standard must read as it once restored */
     for (uint32_t i = 0; i < SIZE; i++)
         model[i] = (unsigned char)(i * 7 + i / 4096);
@@ -207,9 +221,7 @@ static void test_pipelined_during_restore(void)
     free(seen);
     close(sv[0]);
     close(sv[1]);
-    pm_pair_destroy(p);
-    pm_store_destroy(a);
-    pm_store_destroy(b);
+    memory_pair_free(p, a, b);
 }
 
 /* ---- large requests, errors, block status, stop, detach -------------------- */
@@ -217,10 +229,7 @@ static void test_pipelined_during_restore(void)
 static void test_large_errors_status_stop(void)
 {
     pm_store *a, *b;
-    pm_pair *p;
-    CHECK_EQ(pm_store_create_memory(SIZE, &a), 0);
-    CHECK_EQ(pm_store_create_memory(SIZE, &b), 0);
-    CHECK_EQ(pm_pair_create(a, b, TRACK, &p), 0);
+    pm_pair *p = memory_pair(&a, &b);
     int sv[2];
     CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
     struct server srv;
@@ -324,9 +333,7 @@ static void test_large_errors_status_stop(void)
     free(back);
     close(sv[0]);
     close(sv[1]);
-    pm_pair_destroy(p);
-    pm_store_destroy(a);
-    pm_store_destroy(b);
+    memory_pair_free(p, a, b);
 }
 
 /* ---- a broken client drops only itself ------------------------------------- */
@@ -334,10 +341,7 @@ static void test_large_errors_status_stop(void)
 static void test_bad_magic_and_truncation(void)
 {
     pm_store *a, *b;
-    pm_pair *p;
-    CHECK_EQ(pm_store_create_memory(SIZE, &a), 0);
-    CHECK_EQ(pm_store_create_memory(SIZE, &b), 0);
-    CHECK_EQ(pm_pair_create(a, b, TRACK, &p), 0);
+    pm_pair *p = memory_pair(&a, &b);
     for (int k = 0; k < 3; k++) {
         int sv[2];
         CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
@@ -362,9 +366,7 @@ static void test_bad_magic_and_truncation(void)
     unsigned char z[1000], zero[1000] = { 0 };
     CHECK_EQ(pm_pair_read(p, PM_STANDARD, z, 1000, 0), 0);
     CHECK(memcmp(z, zero, 1000) == 0);                  /* nothing half-received was written */
-    pm_pair_destroy(p);
-    pm_store_destroy(a);
-    pm_store_destroy(b);
+    memory_pair_free(p, a, b);
 }
 
 /* ---- the reader's poll for the next request (nbd_spin.h) ------------------ */
@@ -416,10 +418,7 @@ static int read_one(int fd, uint64_t cookie, uint64_t off, unsigned char *buf)
 static void test_spin_catches_queue_depth_one(void)
 {
     pm_store *a, *b;
-    pm_pair *p;
-    CHECK_EQ(pm_store_create_memory(SIZE, &a), 0);
-    CHECK_EQ(pm_store_create_memory(SIZE, &b), 0);
-    CHECK_EQ(pm_pair_create(a, b, TRACK, &p), 0);
+    pm_pair *p = memory_pair(&a, &b);
     unsigned char *pat = malloc(SIZE), buf[4096];
     for (uint32_t i = 0; i < SIZE; i++)
         pat[i] = (unsigned char)(i * 7 + 3);
@@ -450,9 +449,7 @@ static void test_spin_catches_queue_depth_one(void)
     finish(&srv);
     close(sv[0]);
     free(pat);
-    pm_pair_destroy(p);
-    pm_store_destroy(a);
-    pm_store_destroy(b);
+    memory_pair_free(p, a, b);
 }
 
 int main(void)
