@@ -18,6 +18,11 @@ same machine:
              after it is freed, and that work otherwise lands on whichever
              cold run comes next
   cpu_us_qd32  server CPU time per request in the hot qd32 run (µs)
+With TLS (``test_nbd_tls_against_peers``) the same figures: fio's nbd engine
+cannot be given a certificate directory in its URI (libnbd refuses a URI that
+names a local file), so fio finds the CA where libnbd looks by default
+($HOME/.pki/libnbd); as root, where libnbd would look in /etc/pki instead,
+fio runs as nobody with HOME pointing there (``Servers.fio_prefix``).
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,7 +71,23 @@ class Servers:
         self.tls = tls                     # (server dir, client dir) of x509 certificates, or None
         self.names = NAMES if tls is None else ("pymirror", "qemu-nbd", "nbdkit")
         self.procs = {}
-        self.sock = {n: str(d / f"{n}.sock") for n in self.names}
+        self.fio_prefix = []
+        sockdir = d
+        if tls is not None:
+            # a directory fio can reach as nobody: its sockets and libnbd's default CA directory
+            sockdir = self.pub = Path(tempfile.mkdtemp(prefix="pm-bench-tls-"))
+            home = self.pub / "home"
+            (home / ".pki" / "libnbd").mkdir(parents=True)
+            shutil.copy(tls[1] / "ca-cert.pem", home / ".pki" / "libnbd" / "ca-cert.pem")
+            for root, dirs, files in os.walk(self.pub):
+                os.chmod(root, 0o755)
+                for f in files:
+                    os.chmod(os.path.join(root, f), 0o644)
+            self.fio_prefix = ["env", f"HOME={home}"]
+            if os.geteuid() == 0:
+                self.fio_prefix = [need("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups"] + \
+                    self.fio_prefix
+        self.sock = {n: str(sockdir / f"{n}.sock") for n in self.names}
         self.files = {"pymirror": [d / "std.img", d / "mir.img"], "pymirror-py": [d / "std2.img", d / "mir2.img"],
                       "qemu-nbd": [d / "qemu.img"], "nbdkit": [d / "nbdkit.img"]}
 
@@ -93,11 +116,16 @@ class Servers:
                 if time.monotonic() - t0 > 30:
                     raise TimeoutError(s)
                 time.sleep(0.05)
+            os.chmod(s, 0o777)          # fio may connect as nobody (fio_prefix)
 
     def uri(self, name):
         if self.tls:
             return f"nbds+unix:///?socket={self.sock[name]}&tls-certificates={self.tls[1]}"
         return f"nbd+unix:///?socket={self.sock[name]}"
+
+    def fio_uri(self, name):
+        """fio's URI: with TLS, no certificate directory (see the docstring)."""
+        return f"nbds+unix:///?socket={self.sock[name]}" if self.tls else self.uri(name)
 
     def hot(self, name):
         """The served file in the page cache (a pair serves its standard)."""
@@ -113,6 +141,8 @@ class Servers:
             p.terminate()
         for p in self.procs.values():
             p.wait(timeout=60)
+        if self.tls is not None:
+            shutil.rmtree(self.pub, ignore_errors=True)
 
 
 def make_files(d, size, names=("std.img", "mir.img", "std2.img", "mir2.img", "qemu.img", "nbdkit.img")):
@@ -185,8 +215,8 @@ def timed(cmd):
     return time.perf_counter() - t0
 
 
-def fio_iops(uri, qd, runtime):
-    out = subprocess.run([need("fio"), "--name=r", "--ioengine=nbd", f"--uri={uri}", "--rw=randread", "--bs=4k",
+def fio_iops(uri, qd, runtime, prefix=()):
+    out = subprocess.run([*prefix, need("fio"), "--name=r", "--ioengine=nbd", f"--uri={uri}", "--rw=randread", "--bs=4k",
                           f"--iodepth={qd}", f"--runtime={runtime}", "--time_based", "--output-format=json"],
                          check=True, capture_output=True, text=True, timeout=600).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]["read"]
@@ -198,10 +228,9 @@ def test_nbd_against_peers(benchmark, servers, tools):
 
 
 def test_nbd_tls_against_peers(benchmark, tls_servers, tools):
-    """Sequential read and write with TLS (x509) on all three: pymirror
-    --tls=require, qemu-nbd --tls-creds, nbdkit --tls=require (fio's nbd
-    engine cannot be given certificates, so no random-read figures)."""
-    run_against_peers(benchmark, tls_servers, tools, "nbd_tls_vs_peers", cold=False)
+    """Every figure of test_nbd_against_peers with TLS (x509) on all three:
+    pymirror --tls=require, qemu-nbd --tls-creds, nbdkit --tls=require."""
+    run_against_peers(benchmark, tls_servers, tools, "nbd_tls_vs_peers", cold=True)
 
 
 def run_against_peers(benchmark, servers, tools, record_as, cold):
@@ -218,16 +247,15 @@ def run_against_peers(benchmark, servers, tools, record_as, cold):
                 servers.size / timed([need("nbdcopy"), "--flush", src, uri]) / 1e6)
             servers.hot(n)
             r["read"].append(servers.size / timed([need("nbdcopy"), uri, "null:"]) / 1e6)
-            if servers.tls:
-                continue       # fio's nbd engine refuses a URI naming certificate files (libnbd's rule)
-            r["qd1"].append(fio_iops(uri, 1, runtime)[0])
+            furi, fp = servers.fio_uri(n), servers.fio_prefix
+            r["qd1"].append(fio_iops(furi, 1, runtime, fp)[0])
             cpu0 = cpu_seconds(servers.procs[n].pid)
-            iops, ios = fio_iops(uri, 32, runtime)
+            iops, ios = fio_iops(furi, 32, runtime, fp)
             r["qd32"].append(iops)
             r["cpu_us_qd32"].append((cpu_seconds(servers.procs[n].pid) - cpu0) / ios * 1e6)
             for qd in (1, 32) if cold else ():
                 servers.cold(n)
-                r[f"cold_qd{qd}"].append(fio_iops(uri, qd, runtime)[0])
+                r[f"cold_qd{qd}"].append(fio_iops(furi, qd, runtime, fp)[0])
     benchmark.pedantic(lambda: timed([need("nbdcopy"), servers.uri("pymirror"), "null:"]), rounds=1, iterations=1)
     med = {n: {k: round(statistics.median(v), 1 if k.startswith("cpu") else None) for k, v in r.items() if v}
            for n, r in res.items()}
