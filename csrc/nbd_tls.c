@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "nbd_tls.h"
 
 typedef void *gt_session;
 typedef void *gt_cert_creds;
@@ -55,7 +56,10 @@ enum {
     GT_SHUT_WR = 1,
     GT_E_AGAIN = -28,
     GT_E_INTERRUPTED = -52,
+    GT_RECORD_WAIT = 1,
 };
+
+#define TLS_RECORD_MAX 16384u         /* the largest record's payload (RFC 8446, 5.1) */
 
 static struct {
     int (*global_init)(void);
@@ -85,6 +89,8 @@ static struct {
     ssize_t (*recv)(gt_session, void *, size_t);
     ssize_t (*send)(gt_session, const void *, size_t);
     size_t (*check_pending)(gt_session);
+    void (*cork)(gt_session);
+    int (*uncork)(gt_session, unsigned);
     int (*bye)(gt_session, int);
     const char *(*strerror)(int);
     int (*is_fatal)(int);
@@ -142,6 +148,8 @@ static void gt_load_once(void)
     GT_SYM(recv, "gnutls_record_recv");
     GT_SYM(send, "gnutls_record_send");
     GT_SYM(check_pending, "gnutls_record_check_pending");
+    GT_SYM(cork, "gnutls_record_cork");
+    GT_SYM(uncork, "gnutls_record_uncork");
     GT_SYM(bye, "gnutls_bye");
     GT_SYM(strerror, "gnutls_strerror");
     GT_SYM(is_fatal, "gnutls_error_is_fatal");
@@ -433,6 +441,50 @@ int64_t pm_tls_send(pm_tls *t, const void *buf, uint64_t len)
             continue;
         return PM_FAIL(-EPIPE, "TLS: %s", gt.strerror((int)k));
     }
+}
+
+/* Send what the session holds corked (GNUTLS_RECORD_WAIT: all of it). */
+static int uncork(pm_tls *t)
+{
+    for (;;) {
+        int g = gt.uncork(t->s, GT_RECORD_WAIT);
+        if (g >= 0)
+            return 0;
+        if (g != GT_E_AGAIN && g != GT_E_INTERRUPTED)
+            return pm_fail("pm_tls_send", -EPIPE, "TLS: %s", gt.strerror(g));
+    }
+}
+
+int pm__tls_sendv(pm_tls *t, const struct iovec *iov, int n)
+{
+    /* Corked, gnutls_record_send only copies into the session (taking every
+     * byte) and the uncork encrypts and sends.  Only the first record's
+     * worth is corked: that puts a reply's header into the record of its
+     * first data bytes, and copies no more than a record. */
+    size_t budget = n > 1 ? TLS_RECORD_MAX : 0;
+    if (budget)
+        gt.cork(t->s);
+    for (int i = 0; i < n; i++) {
+        const unsigned char *p = iov[i].iov_base;
+        size_t left = iov[i].iov_len;
+        while (left) {
+            size_t chunk = budget && left > budget ? budget : left;
+            int64_t k = pm_tls_send(t, p, chunk);
+            if (k <= 0) {
+                if (budget)
+                    uncork(t);
+                return -1;
+            }
+            p += k;
+            left -= (size_t)k;
+            if (budget) {
+                budget -= (size_t)k;
+                if (budget == 0 && uncork(t) < 0)
+                    return -1;
+            }
+        }
+    }
+    return budget && uncork(t) < 0 ? -1 : 0;
 }
 
 uint64_t pm_tls_pending(pm_tls *t)
