@@ -104,6 +104,7 @@ struct pm_nbd_conn {
     pthread_t threads[MAX_THREADS];
     int nspawned;                     /* threads started besides the caller of run */
     pm_atomic_int readers;            /* threads waiting to read or reading */
+    pm_atomic_int inflight;           /* requests read and not yet carried out */
     pm_atomic_int closing;            /* read no further requests */
     pm_atomic_int stopping;           /* answer ESHUTDOWN to requests not started */
     pm_atomic_int start_error;
@@ -424,7 +425,10 @@ static int spin_enter(void)
  * a few microseconds after our reply, and catching it awake saves the
  * sleep and the wake-up (on this VM most of a hot request's time).  After
  * a cold read it is not: polling then only took the CPU the read's
- * completion and the client needed (docs/nbd.md).  Over TLS the poll peeks
+ * completion and the client needed (docs/nbd.md).  Nor while other
+ * requests are in flight: the client is not at queue depth 1, its next
+ * request comes when one of those is answered, and the CPU the poll would
+ * take is the one that answers it.  Over TLS the poll peeks
  * at the socket (the bytes are a record for GnuTLS to read), and a request
  * GnuTLS already holds needs no poll. */
 static size_t recv_next(pm_nbd_conn *c)
@@ -434,7 +438,8 @@ static size_t recv_next(pm_nbd_conn *c)
     uint32_t spun = 0;
     if (c->tls != NULL && pm_tls_pending(c->tls) > 0)
         return xrecv(c, buf, len);
-    if (c->spin_ns > 0 && !c->last_kept && !pm_load_acquire(&c->stopping) && spin_enter()) {
+    if (c->spin_ns > 0 && !c->last_kept && pm_load_relaxed(&c->inflight) <= 1 &&
+        !pm_load_acquire(&c->stopping) && spin_enter()) {
         uint64_t t0 = now_ns(), t = t0;
         unsigned char peek;
         ssize_t k;
@@ -846,7 +851,9 @@ static int execute(pm_nbd_conn *c, struct worker *w, const struct req *r)
  * pages cached: cachestat, which reads nothing in) from a local file
  * outside a restore (whose reads of PENDING tracks may hydrate), while
  * nothing else waits to be read (no other request in the receive buffer,
- * none on the socket: a client at queue depth 1, or between bursts).  The
+ * none on the socket) or is being carried out (a client at queue depth 1:
+ * a deeper client's reads go to the pool, and the two system calls of the
+ * check are spared).  The
  * next request can then wait at most this one read; in exchange no other
  * thread has to be woken to take the socket over, which on this 2-vCPU VM
  * cost a cold 4 KiB read at queue depth 1 about 30 us (docs/nbd.md).
@@ -857,7 +864,8 @@ static int execute(pm_nbd_conn *c, struct worker *w, const struct req *r)
 static int keep_receiving(pm_nbd_conn *c, const struct req *r)
 {
     if (r->type != NBD_CMD_READ || r->length == 0 || r->length > KEEP_MAX || c->rend > c->rpos ||
-        (c->tls != NULL && pm_tls_pending(c->tls) > 0) || pm_load_relaxed(&c->stopping))
+        pm_load_relaxed(&c->inflight) > 1 || (c->tls != NULL && pm_tls_pending(c->tls) > 0) ||
+        pm_load_relaxed(&c->stopping))
         return 0;
     pm_pair *p = pair_get(c);
     if (p == NULL)
@@ -906,6 +914,7 @@ static void serve(pm_nbd_conn *c)
             pthread_mutex_unlock(&c->recv_mu);
             break;
         }
+        pm_fetch_add(&c->inflight, 1);
         if (!r.streamed && keep_receiving(c, &r)) {
             /* still counted as a reader, and the lock is not given up in
              * between: an unlock would wake a thread waiting for it only
@@ -913,6 +922,7 @@ static void serve(pm_nbd_conn *c)
              * per request, which took the CPU the client needed) */
             c->last_kept = 1;
             execute(c, &w, &r);
+            pm_fetch_sub(&c->inflight, 1);
             goto next;
         }
         c->last_kept = 0;
@@ -920,6 +930,7 @@ static void serve(pm_nbd_conn *c)
             maybe_spawn(c);
         if (r.streamed) {
             ok = execute(c, &w, &r);
+            pm_fetch_sub(&c->inflight, 1);
             if (!ok)
                 pm_store_seqcst(&c->closing, 1);
             pthread_mutex_unlock(&c->recv_mu);
@@ -929,6 +940,7 @@ static void serve(pm_nbd_conn *c)
         }
         pthread_mutex_unlock(&c->recv_mu);
         execute(c, &w, &r);
+        pm_fetch_sub(&c->inflight, 1);
         /* keep at most one piece between requests */
         if (w.cap > PM_NBD_PIECE) {
             free(w.buf);
