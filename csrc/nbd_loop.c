@@ -441,10 +441,16 @@ static size_t recv_next(pm_nbd_conn *c)
     if (c->spin_ns > 0 && !c->last_kept && pm_load_relaxed(&c->inflight) <= 1 &&
         !pm_load_acquire(&c->stopping) && spin_enter()) {
         uint64_t t0 = now_ns(), t = t0;
-        unsigned char peek;
         ssize_t k;
         do {
-            k = c->tls ? recv(c->fd, &peek, 1, MSG_DONTWAIT | MSG_PEEK) : recv(c->fd, buf, len, MSG_DONTWAIT);
+            if (c->tls) {
+                int got = pm__tls_poll(c->tls);
+                k = got > 0 ? 1 : got == 0 ? -1 : 0;
+                if (got == 0)
+                    errno = EAGAIN;
+            } else {
+                k = recv(c->fd, buf, len, MSG_DONTWAIT);
+            }
         } while (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) &&
                  (t = now_ns()) - t0 < c->spin_ns);
         pm_fetch_sub(&spinners, 1);
