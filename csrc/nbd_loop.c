@@ -428,9 +428,9 @@ static int spin_enter(void)
  * completion and the client needed (docs/nbd.md).  Nor while other
  * requests are in flight: the client is not at queue depth 1, its next
  * request comes when one of those is answered, and the CPU the poll would
- * take is the one that answers it.  Over TLS the poll peeks
- * at the socket (the bytes are a record for GnuTLS to read), and a request
- * GnuTLS already holds needs no poll. */
+ * take is the one that answers it.  Over TLS the poll receives into the
+ * buffer GnuTLS reads its records from (pm__tls_poll), and bytes already
+ * received need no poll. */
 static size_t recv_next(pm_nbd_conn *c)
 {
     void *buf = c->rbuf;
