@@ -425,12 +425,9 @@ static int spin_enter(void)
  * a few microseconds after our reply, and catching it awake saves the
  * sleep and the wake-up (on this VM most of a hot request's time).  After
  * a cold read it is not: polling then only took the CPU the read's
- * completion and the client needed (docs/nbd.md).  Nor while other
- * requests are in flight: the client is not at queue depth 1, its next
- * request comes when one of those is answered, and the CPU the poll would
- * take is the one that answers it.  Over TLS the poll receives into the
- * buffer GnuTLS reads its records from (pm__tls_poll), and bytes already
- * received need no poll. */
+ * completion and the client needed (docs/nbd.md).  Over TLS the poll
+ * receives into the buffer GnuTLS reads its records from (pm__tls_poll),
+ * and bytes already received need no poll. */
 static size_t recv_next(pm_nbd_conn *c)
 {
     void *buf = c->rbuf;
@@ -438,8 +435,7 @@ static size_t recv_next(pm_nbd_conn *c)
     uint32_t spun = 0;
     if (c->tls != NULL && pm_tls_pending(c->tls) > 0)
         return xrecv(c, buf, len);
-    if (c->spin_ns > 0 && !c->last_kept && pm_load_relaxed(&c->inflight) <= 1 &&
-        !pm_load_acquire(&c->stopping) && spin_enter()) {
+    if (c->spin_ns > 0 && !c->last_kept && !pm_load_acquire(&c->stopping) && spin_enter()) {
         uint64_t t0 = now_ns(), t = t0;
         ssize_t k;
         do {
