@@ -58,6 +58,7 @@
 #include "layout.h"
 #include "nbd_proto.h"
 #include "nbd_spin.h"
+#include "nbd_tls.h"
 
 #define MAX_THREADS 64
 #define RBUF_SIZE (64u << 10)
@@ -103,6 +104,7 @@ struct pm_nbd_conn {
     pthread_t threads[MAX_THREADS];
     int nspawned;                     /* threads started besides the caller of run */
     pm_atomic_int readers;            /* threads waiting to read or reading */
+    pm_atomic_int inflight;           /* requests read and not yet carried out */
     pm_atomic_int closing;            /* read no further requests */
     pm_atomic_int stopping;           /* answer ESHUTDOWN to requests not started */
     pm_atomic_int start_error;
@@ -231,20 +233,8 @@ static size_t xrecv(pm_nbd_conn *c, void *buf, size_t len)
 /* Send every byte of iov[0..n) (the send lock held); -1 if the client is gone. */
 static int xsendv(pm_nbd_conn *c, struct iovec *iov, int n)
 {
-    if (c->tls) {
-        for (int i = 0; i < n; i++) {
-            const unsigned char *p = iov[i].iov_base;
-            size_t left = iov[i].iov_len;
-            while (left) {
-                int64_t k = pm_tls_send(c->tls, p, left);
-                if (k <= 0)
-                    return -1;
-                p += k;
-                left -= (size_t)k;
-            }
-        }
-        return 0;
-    }
+    if (c->tls)
+        return pm__tls_sendv(c->tls, iov, n);
     while (n > 0) {
         struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
         ssize_t k = sendmsg(c->fd, &mh, MSG_NOSIGNAL);
@@ -429,30 +419,41 @@ static int spin_enter(void)
 }
 
 /* The first bytes of the next request into the empty rbuf (recv_mu held),
- * as xrecv.  On a plain socket, unless the last request was a cold read the
- * reader carried out itself, the socket is first polled without sleeping
- * for up to spin_ns: a client at queue depth 1 on cached data sends its
- * next request a few microseconds after our reply, and catching it awake
- * saves the sleep and the wake-up (on this VM most of a hot request's
- * time).  After a cold read it is not: polling then only took the CPU the
- * read's completion and the client needed (docs/nbd.md). */
+ * as xrecv.  Unless the last request was a cold read the reader carried
+ * out itself, the socket is first polled without sleeping for up to
+ * spin_ns: a client at queue depth 1 on cached data sends its next request
+ * a few microseconds after our reply, and catching it awake saves the
+ * sleep and the wake-up (on this VM most of a hot request's time).  After
+ * a cold read it is not: polling then only took the CPU the read's
+ * completion and the client needed (docs/nbd.md).  Over TLS the poll
+ * receives into the buffer GnuTLS reads its records from (pm__tls_poll),
+ * and bytes already received need no poll. */
 static size_t recv_next(pm_nbd_conn *c)
 {
     void *buf = c->rbuf;
     size_t len = RBUF_SIZE;
     uint32_t spun = 0;
-    if (c->tls == NULL && c->spin_ns > 0 && !c->last_kept && !pm_load_acquire(&c->stopping) && spin_enter()) {
+    if (c->tls != NULL && pm_tls_pending(c->tls) > 0)
+        return xrecv(c, buf, len);
+    if (c->spin_ns > 0 && !c->last_kept && !pm_load_acquire(&c->stopping) && spin_enter()) {
         uint64_t t0 = now_ns(), t = t0;
         ssize_t k;
         do {
-            k = recv(c->fd, buf, len, MSG_DONTWAIT);
+            if (c->tls) {
+                int got = pm__tls_poll(c->tls);
+                k = got > 0 ? 1 : got == 0 ? -1 : 0;
+                if (got == 0)
+                    errno = EAGAIN;
+            } else {
+                k = recv(c->fd, buf, len, MSG_DONTWAIT);
+            }
         } while (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) &&
                  (t = now_ns()) - t0 < c->spin_ns);
         pm_fetch_sub(&spinners, 1);
         if (k > 0) {
             pm_count_add(&c->spin_hits, 1);
             c->spin_ns = pm_nbd_spin_next(c->spin_ns, 1, 0);
-            return (size_t)k;
+            return c->tls ? xrecv(c, buf, len) : (size_t)k;
         }
         if (k == 0)
             return 0;                 /* the client is gone */
@@ -462,8 +463,7 @@ static size_t recv_next(pm_nbd_conn *c)
     }
     uint64_t t0 = now_ns();
     size_t k = xrecv(c, buf, len);
-    if (c->tls == NULL)
-        c->spin_ns = pm_nbd_spin_next(c->spin_ns, 0, spun + (now_ns() - t0));
+    c->spin_ns = pm_nbd_spin_next(c->spin_ns, 0, spun + (now_ns() - t0));
     return k;
 }
 
@@ -849,21 +849,25 @@ static int execute(pm_nbd_conn *c, struct worker *w, const struct req *r)
 
 /* May the thread that read request r carry it out before it gives the
  * receive lock up, and then read the next request itself?  Only a READ of
- * at most KEEP_MAX (no TLS) that will wait for the device (none of its
+ * at most KEEP_MAX that will wait for the device (none of its
  * pages cached: cachestat, which reads nothing in) from a local file
  * outside a restore (whose reads of PENDING tracks may hydrate), while
  * nothing else waits to be read (no other request in the receive buffer,
- * none on the socket: a client at queue depth 1, or between bursts).  The
+ * none on the socket) or is being carried out (a client at queue depth 1:
+ * a deeper client's reads go to the pool, and the two system calls of the
+ * check are spared).  The
  * next request can then wait at most this one read; in exchange no other
  * thread has to be woken to take the socket over, which on this 2-vCPU VM
  * cost a cold 4 KiB read at queue depth 1 about 30 us (docs/nbd.md).
+ * Over TLS, no record GnuTLS has read may be waiting either.
  * Anything else (cached data, writes, flushes, a read during a restore,
  * requests that overlap) is carried out after the lock is given up, so a
  * slow request holds up only its own thread. */
 static int keep_receiving(pm_nbd_conn *c, const struct req *r)
 {
-    if (r->type != NBD_CMD_READ || r->length == 0 || r->length > KEEP_MAX || c->tls != NULL ||
-        c->rend > c->rpos || pm_load_relaxed(&c->stopping))
+    if (r->type != NBD_CMD_READ || r->length == 0 || r->length > KEEP_MAX || c->rend > c->rpos ||
+        pm_load_relaxed(&c->inflight) > 1 || (c->tls != NULL && pm_tls_pending(c->tls) > 0) ||
+        pm_load_relaxed(&c->stopping))
         return 0;
     pm_pair *p = pair_get(c);
     if (p == NULL)
@@ -912,6 +916,7 @@ static void serve(pm_nbd_conn *c)
             pthread_mutex_unlock(&c->recv_mu);
             break;
         }
+        pm_fetch_add(&c->inflight, 1);
         if (!r.streamed && keep_receiving(c, &r)) {
             /* still counted as a reader, and the lock is not given up in
              * between: an unlock would wake a thread waiting for it only
@@ -919,6 +924,7 @@ static void serve(pm_nbd_conn *c)
              * per request, which took the CPU the client needed) */
             c->last_kept = 1;
             execute(c, &w, &r);
+            pm_fetch_sub(&c->inflight, 1);
             goto next;
         }
         c->last_kept = 0;
@@ -926,6 +932,7 @@ static void serve(pm_nbd_conn *c)
             maybe_spawn(c);
         if (r.streamed) {
             ok = execute(c, &w, &r);
+            pm_fetch_sub(&c->inflight, 1);
             if (!ok)
                 pm_store_seqcst(&c->closing, 1);
             pthread_mutex_unlock(&c->recv_mu);
@@ -935,6 +942,7 @@ static void serve(pm_nbd_conn *c)
         }
         pthread_mutex_unlock(&c->recv_mu);
         execute(c, &w, &r);
+        pm_fetch_sub(&c->inflight, 1);
         /* keep at most one piece between requests */
         if (w.cap > PM_NBD_PIECE) {
             free(w.buf);

@@ -18,14 +18,17 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
 
 #include "internal.h"
+#include "nbd_tls.h"
 
 typedef void *gt_session;
 typedef void *gt_cert_creds;
@@ -55,7 +58,10 @@ enum {
     GT_SHUT_WR = 1,
     GT_E_AGAIN = -28,
     GT_E_INTERRUPTED = -52,
+    GT_RECORD_WAIT = 1,
 };
+
+#define TLS_RECORD_MAX 16384u         /* the largest record's payload (RFC 8446, 5.1) */
 
 static struct {
     int (*global_init)(void);
@@ -85,6 +91,10 @@ static struct {
     ssize_t (*recv)(gt_session, void *, size_t);
     ssize_t (*send)(gt_session, const void *, size_t);
     size_t (*check_pending)(gt_session);
+    void (*cork)(gt_session);
+    void (*set_pull)(gt_session, ssize_t (*)(void *, void *, size_t));
+    void (*set_ptr2)(gt_session, void *, void *);
+    int (*uncork)(gt_session, unsigned);
     int (*bye)(gt_session, int);
     const char *(*strerror)(int);
     int (*is_fatal)(int);
@@ -142,6 +152,10 @@ static void gt_load_once(void)
     GT_SYM(recv, "gnutls_record_recv");
     GT_SYM(send, "gnutls_record_send");
     GT_SYM(check_pending, "gnutls_record_check_pending");
+    GT_SYM(cork, "gnutls_record_cork");
+    GT_SYM(set_pull, "gnutls_transport_set_pull_function");
+    GT_SYM(set_ptr2, "gnutls_transport_set_ptr2");
+    GT_SYM(uncork, "gnutls_record_uncork");
     GT_SYM(bye, "gnutls_bye");
     GT_SYM(strerror, "gnutls_strerror");
     GT_SYM(is_fatal, "gnutls_error_is_fatal");
@@ -318,7 +332,36 @@ struct pm_tls {
     int psk;
     int fd;
     char peer[1024];                  /* x509 with verify_peer: the client certificate's DN */
+    /* bytes taken off the socket (by pull, or by a poll: pm__tls_poll)
+     * that GnuTLS has not read yet: the receiving thread's only */
+    size_t spos, send;
+    unsigned char stash[4096];
 };
+
+/* GnuTLS's reads of the socket once the handshake is over.  GnuTLS asks
+ * for a record's 5-byte header, then its body: two system calls a record,
+ * where one receive into the stash often holds several short records (the
+ * requests of a client at a queue depth above 1) and what a poll took.
+ * A read as large as the stash goes straight to GnuTLS's buffer. */
+static ssize_t pull(void *ptr, void *buf, size_t len)
+{
+    pm_tls *t = ptr;
+    size_t have = t->send - t->spos;
+    if (have == 0) {
+        if (len >= sizeof t->stash)
+            return recv(t->fd, buf, len, 0);
+        ssize_t k = recv(t->fd, t->stash, sizeof t->stash, 0);
+        if (k <= 0)
+            return k;
+        t->spos = 0;
+        t->send = (size_t)k;
+        have = (size_t)k;
+    }
+    size_t n = have < len ? have : len;
+    memcpy(buf, t->stash + t->spos, n);
+    t->spos += n;
+    return (ssize_t)n;
+}
 
 /* Why a client certificate was refused, from the verification status. */
 static const char *refusal(gt_session s, int g)
@@ -405,6 +448,8 @@ int pm_tls_start(pm_tls_creds *creds, int fd, int timeout_ms, pm_tls **out)
     t->fd = fd;
     if (creds->verify_peer)
         peer_dn(t);
+    gt.set_ptr2(s, t, (void *)(intptr_t)fd);  /* sends stay GnuTLS's own, on fd */
+    gt.set_pull(s, pull);
     *out = t;
     return 0;
 }
@@ -435,9 +480,68 @@ int64_t pm_tls_send(pm_tls *t, const void *buf, uint64_t len)
     }
 }
 
+/* Send what the session holds corked (GNUTLS_RECORD_WAIT: all of it). */
+static int uncork(pm_tls *t)
+{
+    for (;;) {
+        int g = gt.uncork(t->s, GT_RECORD_WAIT);
+        if (g >= 0)
+            return 0;
+        if (g != GT_E_AGAIN && g != GT_E_INTERRUPTED)
+            return pm_fail("pm_tls_send", -EPIPE, "TLS: %s", gt.strerror(g));
+    }
+}
+
+int pm__tls_sendv(pm_tls *t, const struct iovec *iov, int n)
+{
+    /* Corked, gnutls_record_send only copies into the session (taking every
+     * byte) and the uncork encrypts and sends.  Only the first record's
+     * worth is corked: that puts a reply's header into the record of its
+     * first data bytes, and copies no more than a record. */
+    size_t budget = n > 1 ? TLS_RECORD_MAX : 0;
+    if (budget)
+        gt.cork(t->s);
+    for (int i = 0; i < n; i++) {
+        const unsigned char *p = iov[i].iov_base;
+        size_t left = iov[i].iov_len;
+        while (left) {
+            size_t chunk = budget && left > budget ? budget : left;
+            int64_t k = pm_tls_send(t, p, chunk);
+            if (k <= 0) {
+                if (budget)
+                    uncork(t);
+                return -1;
+            }
+            p += k;
+            left -= (size_t)k;
+            if (budget) {
+                budget -= (size_t)k;
+                if (budget == 0 && uncork(t) < 0)
+                    return -1;
+            }
+        }
+    }
+    return budget && uncork(t) < 0 ? -1 : 0;
+}
+
 uint64_t pm_tls_pending(pm_tls *t)
 {
-    return gt.check_pending(t->s);
+    return gt.check_pending(t->s) + (t->send - t->spos);
+}
+
+int pm__tls_poll(pm_tls *t)
+{
+    if (t->send > t->spos || gt.check_pending(t->s) > 0)
+        return 1;
+    ssize_t k = recv(t->fd, t->stash, sizeof t->stash, MSG_DONTWAIT);
+    if (k > 0) {
+        t->spos = 0;
+        t->send = (size_t)k;
+        return 1;
+    }
+    if (k == 0)
+        return -1;
+    return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : -1;
 }
 
 const char *pm_tls_user(pm_tls *t)

@@ -109,6 +109,8 @@ class RawClient:
     def request(self, cmd: int, offset: int = 0, length: int = 0, data: bytes = b"", flags: int = 0,
                 cookie: int = 7) -> None:
         self.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, flags, cmd, cookie, offset, length) + data)
+        self.offsets = getattr(self, "offsets", {})
+        self.offsets[cookie] = offset          # where a structured reply's data chunks go
 
     def reply(self, read_len: int = 0) -> tuple[int, int, bytes]:
         """(error, cookie, data) of the next reply, simple or structured."""
@@ -127,7 +129,8 @@ class RawClient:
             if rtype == P.REPLY_TYPE_OFFSET_DATA:
                 (off,) = struct.unpack_from(">Q", payload)
                 self.last_data_offset = off
-                data[:len(payload) - 8] = payload[8:]
+                pos = off - getattr(self, "offsets", {}).get(ck, off)   # 0 when the request was sent raw
+                data[pos:pos + len(payload) - 8] = payload[8:]
             elif rtype & (1 << 15):
                 err, mlen = struct.unpack_from(">IH", payload)
                 self.message = payload[6:6 + mlen].decode()

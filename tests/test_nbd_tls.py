@@ -561,3 +561,140 @@ def test_allow_remote_without_tls_warns_on_every_command_that_listens(tmp_path, 
     proc.terminate()
     _, err = proc.communicate(timeout=60)
     assert "serving" in err and "warning" not in err, err
+
+
+class _CountingTLS:
+    """A TLS client socket over memory BIOs (Python's ssl), for RawClient,
+    that counts the TLS records the server sends: ``records`` since the
+    last reset."""
+
+    def __init__(self, sock, cafile):
+        import ssl
+
+        self.raw = sock
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile)
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname="localhost")
+        self.pending = b""                 # raw bytes of a record not yet whole
+        self.records = 0
+        self._until(self.obj.do_handshake)
+
+    def _until(self, fn, *args):
+        import ssl
+
+        while True:
+            try:
+                result = fn(*args)
+                self._flush()
+                return result
+            except ssl.SSLWantReadError:
+                self._flush()
+                data = self.raw.recv(1 << 16)
+                if not data:
+                    raise ConnectionError("the server closed the connection")
+                self._count(data)
+                self.inc.write(data)
+
+    def _flush(self):
+        data = self.out.read()
+        if data:
+            self.raw.sendall(data)
+
+    def _count(self, data):
+        buf = self.pending + data
+        while len(buf) >= 5:
+            end = 5 + int.from_bytes(buf[3:5], "big")
+            if len(buf) < end:
+                break
+            self.records += 1
+            buf = buf[end:]
+        self.pending = buf
+
+    def sendall(self, data):
+        self._until(self.obj.write, data)
+
+    def recv(self, n):
+        return self._until(self.obj.read, n)
+
+
+def _raw_tls_client(server, pki, structured=False):
+    c = RawClient(server.socket_path)
+    c.greet()
+    c.option(P.OPT_STARTTLS)
+    assert c.opt_replies()[-1][0] == P.REP_ACK
+    c.sock = _CountingTLS(c.sock, str(pki / "client" / "ca-cert.pem"))
+    if structured:
+        c.negotiate_structured()
+    c.go("")
+    return c
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_a_short_reply_is_one_record(pair, tmp_path, pki, structured):
+    """csrc/nbd_tls.c, pm__tls_sendv: a read's reply header goes in the TLS
+    record of its data (GnuTLS corked for the first record's worth), not in
+    a record of its own; replies of every size read right."""
+    data = os.urandom(SIZE)
+    pair.write(0, data)
+    server = served(pair, tmp_path, pki, "x509")
+    try:
+        c = _raw_tls_client(server, pki, structured)
+        c.request(P.CMD_READ, 0, 4096, cookie=1)          # after the session's tickets
+        assert c.reply(4096) == (0, 1, data[:4096])
+        c.sock.records = 0
+        for i in range(50):
+            off = (i * 7919 * 4096) % (SIZE - 4096)
+            c.request(P.CMD_READ, off, 4096, cookie=i)
+            assert c.reply(4096) == (0, i, data[off:off + 4096])
+        assert c.sock.records == 50
+        for length in (1, 512, 16384 - 32, 16384, 16384 + 1, 65536, 1 << 20, 5 << 20):
+            c.request(P.CMD_READ, 4095, length, cookie=length)
+            assert c.reply(length) == (0, length, data[4095:4095 + length])
+        c.request(P.CMD_WRITE, 100, 5, b"after", cookie=9)  # a reply with no data
+        assert c.reply() == (0, 9, b"")
+        assert pair.read(100, 5) == b"after"
+    finally:
+        server.shutdown()
+
+
+def test_cold_reads_at_queue_depth_one_keep_one_thread_over_tls(tmp_path, pki):
+    """nbd_loop.c, keep_receiving, over TLS as in the clear: a short read of
+    uncached data with nothing else waiting (on the socket, or read by
+    GnuTLS) is carried out by the thread that read it, so cold reads one at
+    a time start no thread; a burst still grows the pool."""
+    std, mir = tmp_path / "std.img", tmp_path / "mir.img"
+    data = os.urandom(SIZE)
+    std.write_bytes(data)
+    mir.write_bytes(data)
+    p = pymirror.Pair.create(tmp_path / "p.meta", std, mir)
+    p.establish(assume_equal=True)
+    p.split()
+    fd = os.open(std, os.O_RDONLY)
+    os.fsync(fd)
+    server = served(p, tmp_path, pki, "x509")
+    try:
+        c = _raw_tls_client(server, pki)
+        time.sleep(0.1)
+        before = len(os.listdir("/proc/self/task"))
+        for i in range(40):
+            off = (i * 104729 * 4096) % (SIZE - 4096)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            try:
+                os.preadv(fd, [bytearray(4096)], off, os.RWF_NOWAIT)
+                pytest.skip("this file system keeps its pages cached: no cold read to make")
+            except BlockingIOError:
+                pass
+            time.sleep(0.005)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            c.request(P.CMD_READ, off, 4096, cookie=i)
+            assert c.reply(4096) == (0, i, data[off:off + 4096])
+        assert len(os.listdir("/proc/self/task")) == before
+        c.sock.sendall(b"".join(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, i, i * 4096, 4096)
+                                for i in range(30)))
+        assert sorted(c.reply(4096)[:2] for _ in range(30)) == [(0, i) for i in range(30)]
+        assert len(os.listdir("/proc/self/task")) > before
+    finally:
+        server.shutdown()
+        os.close(fd)
+        p.close()
