@@ -873,7 +873,8 @@ int pm_tls_start(pm_tls_creds *creds, int fd, int timeout_ms, pm_tls **out);
  * may be called at once from two threads (one receiving, one sending). */
 int64_t pm_tls_recv(pm_tls *t, void *buf, uint64_t len);
 int64_t pm_tls_send(pm_tls *t, const void *buf, uint64_t len);
-/* Bytes already decrypted and waiting to be read. */
+/* Bytes received and not read yet: decrypted, or taken off the socket and
+ * not decrypted yet (part of a record, perhaps). */
 uint64_t pm_tls_pending(pm_tls *t);
 /* Who the client is: for PSK the user name it gave; for x509 with
  * PM_TLS_VERIFY_PEER its certificate's distinguished name; else "". */
