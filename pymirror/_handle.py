@@ -45,16 +45,32 @@ __all__ = ["Handle", "destroy_keeping"]
 _OPEN, _CLOSING, _CLOSED = 0, 1, 2
 _loans = itertools.count()
 
+# The borrowed pointers of the C objects not destroyed yet (destroy_keeping).
+# A module global, not the destructor's own reference: a handle is always in
+# a cycle (its _call refers back to it), so an unclosed pair and its volumes
+# die together in the cycle collector, which runs the finalizer of every
+# ffi.gc pointer in the dead set (cffi destroys there) before it clears
+# anything, in the order it found them: often the volumes' stores first,
+# whatever the pair's destructor refers to.  A pointer reachable from here
+# is not in the dead set.
+_kept: dict[int, tuple[Any, ...]] = {}
+_kept_keys = itertools.count()
 
-def _destroy_keeping(destroy: Callable[[Any], None], keep: tuple[Any, ...], ptr: Any) -> None:
-    destroy(ptr)
+
+def _destroy_keeping(destroy: Callable[[Any], None], key: int, ptr: Any) -> None:
+    try:
+        destroy(ptr)
+    finally:
+        _kept.pop(key, None)
 
 
 def destroy_keeping(destroy: Callable[[Any], None], *keep: Any) -> Callable[[Any], None]:
     """A destructor for ``ffi.gc`` that holds ``keep`` (the borrowed
     pointers) until it has run: if the garbage collector frees a pair and
     its volumes together, the volumes' stores outlive the pair."""
-    return functools.partial(_destroy_keeping, destroy, keep)
+    key = next(_kept_keys)
+    _kept[key] = keep
+    return functools.partial(_destroy_keeping, destroy, key)
 
 
 class _Call:
