@@ -234,6 +234,26 @@ int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
     return rc;
 }
 
+/* pm_pair_read if it can be done without waiting for a device or a lock
+ * (the NBD loop's reader tries it before it hands a read to another
+ * thread): -EAGAIN otherwise, with no error said, and the caller reads the
+ * ordinary way.  Never during a restore, whose reads may hydrate. */
+int pm_pair__read_nowait(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
+{
+    if ((side != PM_STANDARD && side != PM_MIRROR) || offset > p->size || len > p->size - offset)
+        return -EAGAIN;
+    uint64_t t0 = pm_lat_now_ns();
+    if (pthread_rwlock_tryrdlock(&p->cmd_lock) != 0)
+        return -EAGAIN;
+    int state = pm_pair_state(p), rc = -EAGAIN;
+    if (side == PM_MIRROR ? mirror_readable(state) : state != PM_STATE_RESTORING)
+        rc = pm__store_read_nowait(p->store[side], buf, len, offset);
+    pthread_rwlock_unlock(&p->cmd_lock);
+    if (side == PM_STANDARD && rc == 0)
+        pm_lat_host(&p->lat, PM_LAT_READ, t0);
+    return rc;
+}
+
 /* ---- writes -------------------------------------------------------------- */
 
 /* Data source for a write: a caller buffer, or zeroes. */

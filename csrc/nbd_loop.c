@@ -70,6 +70,7 @@ struct req {
     uint64_t cookie, offset;
     uint32_t length;
     int streamed;                     /* a WRITE above the piece size: payload still on the socket */
+    int have_data;                    /* a READ whose data the reader already has in the thread's buffer */
 };
 
 struct worker {
@@ -518,6 +519,7 @@ static int read_request(pm_nbd_conn *c, struct worker *w, struct req *r)
     r->offset = nbd_get64(h + 16);
     r->length = nbd_get32(h + 24);
     r->streamed = 0;
+    r->have_data = 0;
     c->rpos += NBD_REQUEST_SIZE;
     if (magic != NBD_REQUEST_MAGIC || r->type == NBD_CMD_DISC)
         return 0;
@@ -587,7 +589,7 @@ static void do_read(pm_nbd_conn *c, struct worker *w, const struct req *r)
         reply_error(c, r->cookie, NBD_ESHUTDOWN, "the pair is closed");
         return;
     }
-    int rc = pm_pair_read(p, c->side, w->buf, piece, off);
+    int rc = r->have_data ? 0 : pm_pair_read(p, c->side, w->buf, piece, off);
     if (rc < 0) {
         pair_put(c);
         reply_failure(c, r->cookie, rc, 0, "read");
@@ -849,33 +851,49 @@ static int execute(pm_nbd_conn *c, struct worker *w, const struct req *r)
 
 /* May the thread that read request r carry it out before it gives the
  * receive lock up, and then read the next request itself?  Only a READ of
- * at most KEEP_MAX that will wait for the device (none of its
- * pages cached: cachestat, which reads nothing in) from a local file
- * outside a restore (whose reads of PENDING tracks may hydrate), while
- * nothing else waits to be read (no other request in the receive buffer,
- * none on the socket) or is being carried out (a client at queue depth 1:
- * a deeper client's reads go to the pool, and the two system calls of the
- * check are spared).  The
- * next request can then wait at most this one read; in exchange no other
- * thread has to be woken to take the socket over, which on this 2-vCPU VM
- * cost a cold 4 KiB read at queue depth 1 about 30 us (docs/nbd.md).
- * Over TLS, no record GnuTLS has read may be waiting either.
- * Anything else (cached data, writes, flushes, a read during a restore,
- * requests that overlap) is carried out after the lock is given up, so a
- * slow request holds up only its own thread. */
-static int keep_receiving(pm_nbd_conn *c, const struct req *r)
+ * at most KEEP_MAX, in two cases:
+ *  - its data is in the page cache (a hot read): the reader reads it at
+ *    once without waiting (pm_pair__read_nowait, into w, r->have_data).
+ *    Such a read is a copy from memory, shorter than handing the socket to
+ *    another thread, whose wake-up and the lock's hand-over cost more CPU
+ *    than the read itself; the reader then goes through a burst of such
+ *    requests alone, without a context switch.  With four connections on
+ *    this 2-vCPU VM those switches were half the server's CPU per request,
+ *    and the throughput swung by 2x from run to run (docs/nbd.md).
+ *  - otherwise (the read will wait for the device), from a local file
+ *    outside a restore (whose reads of PENDING tracks may hydrate), while
+ *    nothing else waits to be read (no other request in the receive
+ *    buffer, none on the socket, over TLS no record GnuTLS has read) or is
+ *    being carried out: a cold read from a client at queue depth 1.  The
+ *    next request can then wait at most this one read; in exchange no
+ *    other thread has to be woken to take the socket over, which on this
+ *    VM cost a cold 4 KiB read about 30 us.  A deeper client's cold reads
+ *    go to the pool, which reads them in parallel (the refused RWF_NOWAIT
+ *    read has already started reading the pages in).
+ * Anything else (writes, flushes, a read during a restore or from a remote
+ * store) is carried out after the lock is given up, so a slow request
+ * holds up only its own thread.  0: give the lock up. */
+enum { KEEP_HOT = 1, KEEP_COLD = 2 };
+static int keep_receiving(pm_nbd_conn *c, struct worker *w, struct req *r)
 {
-    if (r->type != NBD_CMD_READ || r->length == 0 || r->length > KEEP_MAX || c->rend > c->rpos ||
-        pm_load_relaxed(&c->inflight) > 1 || (c->tls != NULL && pm_tls_pending(c->tls) > 0) ||
-        pm_load_relaxed(&c->stopping))
+    if (r->type != NBD_CMD_READ || r->length == 0 || r->length > KEEP_MAX || pm_load_relaxed(&c->stopping) ||
+        grow(w, r->length) < 0)
         return 0;
     pm_pair *p = pair_get(c);
     if (p == NULL)
         return 0;
-    int keep = pm_pair_state(p) != PM_STATE_RESTORING && pm__store_uncached(p->store[c->side], r->length, r->offset);
+    if (pm_pair__read_nowait(p, c->side, w->buf, r->length, r->offset) == 0) {
+        pair_put(c);
+        r->have_data = 1;
+        return KEEP_HOT;
+    }
+    int cold = pm_pair_state(p) != PM_STATE_RESTORING && pm__store_local(p->store[c->side]);
     pair_put(c);
+    if (!cold || c->rend > c->rpos || pm_load_relaxed(&c->inflight) > 1 ||
+        (c->tls != NULL && pm_tls_pending(c->tls) > 0))
+        return 0;
     int waiting = 0;
-    return keep && ioctl(c->fd, FIONREAD, &waiting) == 0 && waiting == 0;
+    return ioctl(c->fd, FIONREAD, &waiting) == 0 && waiting == 0 ? KEEP_COLD : 0;
 }
 
 static void *worker_main(void *arg);
@@ -917,12 +935,13 @@ static void serve(pm_nbd_conn *c)
             break;
         }
         pm_fetch_add(&c->inflight, 1);
-        if (!r.streamed && keep_receiving(c, &r)) {
+        int keep = r.streamed ? 0 : keep_receiving(c, &w, &r);
+        if (keep) {
             /* still counted as a reader, and the lock is not given up in
              * between: an unlock would wake a thread waiting for it only
              * for that thread to find it taken again and sleep (a wake-up
              * per request, which took the CPU the client needed) */
-            c->last_kept = 1;
+            c->last_kept = keep == KEEP_COLD;
             execute(c, &w, &r);
             pm_fetch_sub(&c->inflight, 1);
             goto next;

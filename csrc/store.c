@@ -300,13 +300,6 @@ static int none_cached(int fd, uint64_t off, uint64_t len)
     return 0;
 }
 
-int pm__store_uncached(pm_store *s, uint64_t len, uint64_t off)
-{
-    if (s->ops != &file_ops || len == 0 || off >= s->size)
-        return 0;
-    return none_cached(s->fd_buffered >= 0 ? s->fd_buffered : s->fd, off, len);
-}
-
 /* Pieces asked of cachestat first: only the ones with cached pages are
  * looked at page by page (an incremental job's scattered read-ahead leaves
  * a few cached tracks in most windows). */
@@ -729,6 +722,26 @@ int pm_store_read(pm_store *s, void *buf, uint64_t len, uint64_t offset)
         return PM_FAIL(rc, "%s: injected fault on read at %llu", s->path[0] ? s->path : "memory",
                        (unsigned long long)offset);
     return s->ops->read(s->ctx, buf, len, offset);
+}
+
+/* A read only if it needs no wait for the device: preadv2 with RWF_NOWAIT,
+ * which copies from the page cache and refuses (EAGAIN) when a page is
+ * missing or still being read in.  File stores only, and only when no
+ * fault is injected; anything short of the whole range is -EAGAIN too, and
+ * no error message is set: the caller then reads the ordinary way, which
+ * says what is wrong. */
+int pm__store_read_nowait(pm_store *s, void *buf, uint64_t len, uint64_t offset)
+{
+#ifdef RWF_NOWAIT
+    if (s->ops != &file_ops || len == 0 || len > (1u << 30) || offset > s->size || len > s->size - offset ||
+        atomic_load_explicit(&s->nfaults, memory_order_acquire) != 0)
+        return -EAGAIN;
+    struct iovec v = { buf, (size_t)len };
+    ssize_t n = preadv2(s->fd_buffered >= 0 ? s->fd_buffered : s->fd, &v, 1, (off_t)offset, RWF_NOWAIT);
+    return n == (ssize_t)len ? 0 : -EAGAIN;
+#else
+    return -EAGAIN;
+#endif
 }
 
 /* The checks every write-like call makes first: range, read-only, an

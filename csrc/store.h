@@ -67,10 +67,10 @@ void pm__store_prefetch(pm_store *s, uint64_t len, uint64_t off);
 /* pm__store_local: 1 for a local file or block device (an I/O on it is a
  * page-cache copy or one device request), 0 for every other store. */
 int pm__store_local(const pm_store *s);
-/* pm__store_uncached: 1 if no page of [off, off+len) of a local file is in
- * the page cache (cachestat(2), which reads nothing in), 0 if some are, or
- * for any other store, or when the kernel cannot say. */
-int pm__store_uncached(pm_store *s, uint64_t len, uint64_t off);
+/* pm__store_read_nowait: pm_store_read from the page cache only (a local
+ * file, no injected fault): -EAGAIN, and nothing said, if any of it would
+ * wait for the device. */
+int pm__store_read_nowait(pm_store *s, void *buf, uint64_t len, uint64_t offset);
 /* pm__store_write_behind: start writing [off, off+len) back to the device
  * now, without waiting (file stores; a no-op for others).  Durability still
  * comes only from pm_store_flush. */

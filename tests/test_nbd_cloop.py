@@ -204,9 +204,9 @@ def test_short_reads_take_the_fast_paths(tmp_path, counted):
     """nbd_loop.c, keep_receiving: a short READ of uncached data, with
     nothing else waiting, is carried out by the thread that read it, so a
     client at queue depth 1 on cold data is served by one thread (none is
-    woken or started); cached reads go the usual way and read right.
-    Requests that overlap grow the pool as before, and a WRITE held at the
-    barrier still holds up none of the reads sent after it."""
+    woken or started); cached reads read right.  Cold requests that overlap
+    grow the pool as before, and a WRITE held at the barrier still holds up
+    none of the reads sent after it."""
     pair = file_pair(tmp_path)
     fd = os.open(tmp_path / "std.img", os.O_RDONLY)
     os.fsync(fd)                              # clean pages: they can be dropped
@@ -237,7 +237,8 @@ def _short_reads_take_the_fast_paths(pair, fd, tmp_path):
             length = rng.choice((1, 512, 4096, 65536))
             c.request(P.CMD_READ, off, length, cookie=i)
             assert c.reply(length) == (0, i, PATTERN[off:off + length])
-        # a burst: 30 reads at once; the connection takes more threads
+        # a burst of 30 cold reads at once: the connection takes more threads
+        uncached(fd, 0, 30 * 4096)
         c.sock.sendall(b"".join(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, i, i * 4096, 4096)
                                 for i in range(30)))
         got = sorted(c.reply(4096)[:2] for _ in range(30))
@@ -271,6 +272,42 @@ def _short_reads_take_the_fast_paths(pair, fd, tmp_path):
         c.request(P.CMD_READ, 0, 8, cookie=5)   # the write is seen
         assert c.reply(8) == (0, 5, b"slow" + PATTERN[4:8])
         c.close()
+
+
+def test_hot_reads_are_served_by_the_thread_that_reads_them(tmp_path, counted):
+    """nbd_loop.c, keep_receiving: a short READ whose data is all in the
+    page cache is read at once (RWF_NOWAIT) by the thread holding the
+    receive lock, which then reads the next request itself: a burst of hot
+    reads starts no thread and wakes none (before, each request was handed
+    to the pool: the burst started threads).  Reads not all cached, and
+    writes, still go to the pool; every reply is right and in order of its
+    cookie's data."""
+    pair = file_pair(tmp_path)
+    fd = os.open(tmp_path / "std.img", os.O_RDONLY)
+    try:
+        os.pread(fd, SIZE, 0)                     # all of it cached
+        with NBDServer(pair, socket_path=str(tmp_path / "s")) as server:
+            c, _, _ = connect(server.socket_path)
+            time.sleep(0.1)
+            before = threads_now()
+            rng = random.Random(3)
+            for burst in range(20):
+                reqs = [(i, rng.randrange(SIZE - 65536), rng.choice((1, 512, 4096, 65536))) for i in range(32)]
+                c.sock.sendall(b"".join(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, i, off, n)
+                                        for i, off, n in reqs))
+                for i, off, n in reqs:                # one thread: the replies come in order
+                    assert c.reply(n) == (0, i, PATTERN[off:off + n])
+            assert threads_now() == before
+            # a write among them goes to the pool; reads after it see it
+            c.request(P.CMD_WRITE, 4096, 4, b"new!", cookie=99)
+            assert c.reply()[:2] == (0, 99)
+            c.request(P.CMD_READ, 4094, 8, cookie=100)
+            assert c.reply(8) == (0, 100, PATTERN[4094:4096] + b"new!" + PATTERN[4100:4102])
+            c.close()
+    finally:
+        os.close(fd)
+        pair.close()
+    assert all(counted)
 
 
 def test_a_pair_closed_under_a_busy_c_connection(tmp_path, counted):
