@@ -234,22 +234,31 @@ int pm_pair_read(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
     return rc;
 }
 
-/* pm_pair_read if it can be done without waiting for a device or a lock
- * (the NBD loop's reader tries it before it hands a read to another
- * thread): -EAGAIN otherwise, with no error said, and the caller reads the
- * ordinary way.  Never during a restore, whose reads may hydrate. */
-int pm_pair__read_nowait(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
+/* pm_pair_read if every byte is in the page cache of a local file (the
+ * NBD loop's reader tries it before it hands a read to another thread):
+ * PM__READ_DONE, or PM__READ_COLD when none is cached (the read will wait
+ * for the device), or -EAGAIN (partly cached, a page still being read in,
+ * a busy command lock, a remote store, a restore, whose reads may hydrate,
+ * an injected fault, a bad range); nothing said in any case, the caller
+ * then reads the ordinary way.  cachestat comes first because a refused
+ * RWF_NOWAIT read has already started reading the missing pages in. */
+int pm_pair__read_cached(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset)
 {
-    if ((side != PM_STANDARD && side != PM_MIRROR) || offset > p->size || len > p->size - offset)
+    if ((side != PM_STANDARD && side != PM_MIRROR) || len == 0 || offset > p->size || len > p->size - offset)
         return -EAGAIN;
     uint64_t t0 = pm_lat_now_ns();
     if (pthread_rwlock_tryrdlock(&p->cmd_lock) != 0)
         return -EAGAIN;
     int state = pm_pair_state(p), rc = -EAGAIN;
-    if (side == PM_MIRROR ? mirror_readable(state) : state != PM_STATE_RESTORING)
-        rc = pm__store_read_nowait(p->store[side], buf, len, offset);
+    if (side == PM_MIRROR ? mirror_readable(state) : state != PM_STATE_RESTORING) {
+        int cached = pm__store_cached(p->store[side], len, offset);
+        if (cached == PM__CACHED_NONE)
+            rc = PM__READ_COLD;
+        else if (cached == PM__CACHED_ALL)
+            rc = pm__store_read_nowait(p->store[side], buf, len, offset);
+    }
     pthread_rwlock_unlock(&p->cmd_lock);
-    if (side == PM_STANDARD && rc == 0)
+    if (side == PM_STANDARD && rc == PM__READ_DONE)
         pm_lat_host(&p->lat, PM_LAT_READ, t0);
     return rc;
 }

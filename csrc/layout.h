@@ -244,9 +244,12 @@ void pm_pair__compare_done(pm_pair *p);
 /* Adopt: a NEW pair whose sides differ in `differ` goes to SPLIT with those
  * tracks CHANGED on both sides, committed.  PM_E_STATE if no longer NEW. */
 int pm_pair__adopted(pm_pair *p, const pm_bitmap *differ);
-/* arbitrate.c: pm_pair_read if it needs no wait (a device, a lock): from
- * the page cache of a local file, outside a restore; -EAGAIN otherwise,
- * with no error said (the NBD loop's reader, nbd_loop.c). */
-int pm_pair__read_nowait(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset);
+/* arbitrate.c: pm_pair_read if all of it is in the page cache of a local
+ * file, outside a restore: PM__READ_DONE; PM__READ_COLD if none of it is
+ * (nothing read); -EAGAIN otherwise; no error said (the NBD loop's reader,
+ * nbd_loop.c). */
+#define PM__READ_DONE 0
+#define PM__READ_COLD 1
+int pm_pair__read_cached(pm_pair *p, int side, void *buf, uint64_t len, uint64_t offset);
 
 #endif

@@ -851,28 +851,27 @@ static int execute(pm_nbd_conn *c, struct worker *w, const struct req *r)
 
 /* May the thread that read request r carry it out before it gives the
  * receive lock up, and then read the next request itself?  Only a READ of
- * at most KEEP_MAX, in two cases:
- *  - its data is in the page cache (a hot read): the reader reads it at
- *    once without waiting (pm_pair__read_nowait, into w, r->have_data).
- *    Such a read is a copy from memory, shorter than handing the socket to
+ * at most KEEP_MAX from a local file outside a restore (whose reads of
+ * PENDING tracks may hydrate), in two cases, told by cachestat (which
+ * reads nothing in; pm_pair__read_cached):
+ *  - all of it is in the page cache (a hot read): the reader reads it at
+ *    once, without waiting (RWF_NOWAIT, into w: r->have_data).  Such a
+ *    read is a copy from memory, shorter than handing the socket to
  *    another thread, whose wake-up and the lock's hand-over cost more CPU
- *    than the read itself; the reader then goes through a burst of such
- *    requests alone, without a context switch.  With four connections on
- *    this 2-vCPU VM those switches were half the server's CPU per request,
- *    and the throughput swung by 2x from run to run (docs/nbd.md).
- *  - otherwise (the read will wait for the device), from a local file
- *    outside a restore (whose reads of PENDING tracks may hydrate), while
- *    nothing else waits to be read (no other request in the receive
- *    buffer, none on the socket, over TLS no record GnuTLS has read) or is
- *    being carried out: a cold read from a client at queue depth 1.  The
- *    next request can then wait at most this one read; in exchange no
- *    other thread has to be woken to take the socket over, which on this
- *    VM cost a cold 4 KiB read about 30 us.  A deeper client's cold reads
- *    go to the pool, which reads them in parallel (the refused RWF_NOWAIT
- *    read has already started reading the pages in).
- * Anything else (writes, flushes, a read during a restore or from a remote
- * store) is carried out after the lock is given up, so a slow request
- * holds up only its own thread.  0: give the lock up. */
+ *    than the read; the reader then goes through a burst of such requests
+ *    alone, without a context switch.  With four connections on this
+ *    2-vCPU VM those switches were half the server's CPU per request, and
+ *    the throughput swung by 2x from run to run (docs/nbd.md).
+ *  - none of it is (a cold read), while nothing else waits to be read (no
+ *    other request in the receive buffer, none on the socket, over TLS no
+ *    record GnuTLS has read) or is being carried out: a client at queue
+ *    depth 1.  The next request can then wait at most this one read; in
+ *    exchange no other thread has to be woken to take the socket over,
+ *    which on this VM cost a cold 4 KiB read about 30 us.  A deeper
+ *    client's cold reads go to the pool, which reads them in parallel.
+ * Anything else (partly cached data, writes, flushes, a read during a
+ * restore or from a remote store) is carried out after the lock is given
+ * up, so a slow request holds up only its own thread.  0: give it up. */
 enum { KEEP_HOT = 1, KEEP_COLD = 2 };
 static int keep_receiving(pm_nbd_conn *c, struct worker *w, struct req *r)
 {
@@ -882,14 +881,13 @@ static int keep_receiving(pm_nbd_conn *c, struct worker *w, struct req *r)
     pm_pair *p = pair_get(c);
     if (p == NULL)
         return 0;
-    if (pm_pair__read_nowait(p, c->side, w->buf, r->length, r->offset) == 0) {
-        pair_put(c);
+    int rc = pm_pair__read_cached(p, c->side, w->buf, r->length, r->offset);
+    pair_put(c);
+    if (rc == PM__READ_DONE) {
         r->have_data = 1;
         return KEEP_HOT;
     }
-    int cold = pm_pair_state(p) != PM_STATE_RESTORING && pm__store_local(p->store[c->side]);
-    pair_put(c);
-    if (!cold || c->rend > c->rpos || pm_load_relaxed(&c->inflight) > 1 ||
+    if (rc != PM__READ_COLD || c->rend > c->rpos || pm_load_relaxed(&c->inflight) > 1 ||
         (c->tls != NULL && pm_tls_pending(c->tls) > 0))
         return 0;
     int waiting = 0;

@@ -284,20 +284,39 @@ struct pm_cachestat_range { uint64_t off, len; };
 struct pm_cachestat { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; };
 static pm_atomic_int no_cachestat;
 
-/* 1: no page of [off, off+len) is cached; 0: some are, or no answer. */
-static int none_cached(int fd, uint64_t off, uint64_t len)
+/* How much of [off, off+len) is in the page cache: PM__CACHED_NONE, _SOME,
+ * _ALL, or -1 when the kernel cannot say. */
+static int cached(int fd, uint64_t off, uint64_t len)
 {
 #ifdef PM_NR_CACHESTAT
     if (atomic_load_explicit(&no_cachestat, memory_order_relaxed))
-        return 0;
+        return -1;
     struct pm_cachestat_range r = { off, len };
     struct pm_cachestat cs;
-    if (syscall(PM_NR_CACHESTAT, fd, &r, &cs, 0) == 0)
-        return cs.nr_cache == 0;
+    if (syscall(PM_NR_CACHESTAT, fd, &r, &cs, 0) == 0) {
+        long page = sysconf(_SC_PAGESIZE);           /* glibc: a variable's read */
+        uint64_t pg = page > 0 ? (uint64_t)page : 4096, pages = (off + len - 1) / pg - off / pg + 1;
+        return cs.nr_cache == 0 ? PM__CACHED_NONE : cs.nr_cache >= pages ? PM__CACHED_ALL : PM__CACHED_SOME;
+    }
     if (errno == ENOSYS)
         atomic_store_explicit(&no_cachestat, 1, memory_order_relaxed);
 #endif
-    return 0;
+    return -1;
+}
+
+/* 1: no page of [off, off+len) is cached; 0: some are, or no answer. */
+static int none_cached(int fd, uint64_t off, uint64_t len)
+{
+    return cached(fd, off, len) == PM__CACHED_NONE;
+}
+
+int pm__store_cached(pm_store *s, uint64_t len, uint64_t off)
+{
+    if (s->ops != &file_ops || len == 0 || off >= s->size)
+        return -1;
+    if (len > s->size - off)
+        len = s->size - off;
+    return cached(s->fd_buffered >= 0 ? s->fd_buffered : s->fd, off, len);
 }
 
 /* Pieces asked of cachestat first: only the ones with cached pages are

@@ -67,6 +67,13 @@ void pm__store_prefetch(pm_store *s, uint64_t len, uint64_t off);
 /* pm__store_local: 1 for a local file or block device (an I/O on it is a
  * page-cache copy or one device request), 0 for every other store. */
 int pm__store_local(const pm_store *s);
+/* pm__store_cached: how much of [off, off+len) of a local file is in the
+ * page cache (cachestat(2), which reads nothing in): PM__CACHED_NONE, _SOME
+ * or _ALL; -1 for any other store, or when the kernel cannot say. */
+#define PM__CACHED_NONE 0
+#define PM__CACHED_SOME 1
+#define PM__CACHED_ALL 2
+int pm__store_cached(pm_store *s, uint64_t len, uint64_t off);
 /* pm__store_read_nowait: pm_store_read from the page cache only (a local
  * file, no injected fault): -EAGAIN, and nothing said, if any of it would
  * wait for the device. */
