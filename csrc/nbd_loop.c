@@ -64,6 +64,7 @@
 #define RBUF_SIZE (64u << 10)
 #define MAX_DESCRIPTORS 1024          /* per context in one BLOCK_STATUS reply */
 #define KEEP_MAX (64u << 10)          /* the largest read that may keep the receive lock */
+#define OBUF_SIZE (128u << 10)        /* replies the reader gathers before one send */
 
 struct req {
     uint16_t flags, type;
@@ -98,6 +99,8 @@ struct pm_nbd_conn {
     uint32_t spin_ns;                 /* how long the reader polls for the next request (nbd_spin.h) */
     int last_kept;                    /* the last request was a cold read carried out by the reader */
     pm_atomic_u64 spin_hits;          /* requests the reader's polling caught */
+    unsigned char *obuf;              /* replies to hot reads not sent yet (batch_reply) */
+    size_t olen;
 
     pthread_mutex_t send_mu;          /* one reply at a time on the socket */
 
@@ -180,6 +183,7 @@ void pm_nbd_conn_free(pm_nbd_conn *c)
     pthread_mutex_destroy(&c->send_mu);
     pthread_mutex_destroy(&c->mu);
     free(c->rbuf);
+    free(c->obuf);
     free(c->name);
     free(c);
 }
@@ -273,6 +277,45 @@ static void send_reply(pm_nbd_conn *c, struct iovec *iov, int n)
     pthread_mutex_lock(&c->send_mu);
     send_locked(c, iov, n);
     pthread_mutex_unlock(&c->send_mu);
+}
+
+/* ---- gathered replies ------------------------------------------------------
+ * The reader serves a run of hot reads alone (keep_receiving); while the
+ * next request is already received, their replies are gathered in obuf
+ * (recv_mu held) and leave in one send, one TLS record per 16 KiB instead
+ * of one per reply: the system calls, records and the client's wake-ups
+ * of a burst are shared.  The batch is sent before the reader does
+ * anything that may wait (a receive that may sleep, a request it does not
+ * serve this way, the end of the connection), so no reply waits for the
+ * client. */
+static void flush_replies(pm_nbd_conn *c)
+{
+    if (c->olen == 0)
+        return;
+    struct iovec iov = { c->obuf, c->olen };
+    send_reply(c, &iov, 1);
+    c->olen = 0;
+}
+
+/* Room for n more bytes of replies in obuf (recv_mu held); NULL if none
+ * can be had (no memory): the caller sends its reply alone. */
+static unsigned char *reply_room(pm_nbd_conn *c, size_t n)
+{
+    if (n > OBUF_SIZE)
+        return NULL;
+    if (c->obuf == NULL && (c->obuf = malloc(OBUF_SIZE)) == NULL)
+        return NULL;
+    if (OBUF_SIZE - c->olen < n)
+        flush_replies(c);
+    return c->obuf + c->olen;
+}
+
+/* May the reader leave the replies it gathered unsent for one more
+ * request?  Only if the next request can be read without waiting: its
+ * header is in rbuf, or over TLS GnuTLS holds received bytes. */
+static int more_ready(pm_nbd_conn *c)
+{
+    return c->rend - c->rpos >= NBD_REQUEST_SIZE || (c->tls != NULL && pm_tls_pending(c->tls) > 0);
 }
 
 static void simple_header(unsigned char h[16], uint32_t error, uint64_t cookie)
@@ -593,6 +636,21 @@ static void do_read(pm_nbd_conn *c, struct worker *w, const struct req *r)
     if (rc < 0) {
         pair_put(c);
         reply_failure(c, r->cookie, rc, 0, "read");
+        return;
+    }
+    size_t hl = structured ? 28 : 16;
+    unsigned char *o = r->have_data ? reply_room(c, hl + piece) : NULL;
+    if (o != NULL) {                  /* the reader's hot read (one piece): gathered */
+        if (structured) {
+            chunk_header(o, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, r->cookie, 8 + (uint32_t)piece);
+            nbd_put64(o + 20, off);
+        } else {
+            simple_header(o, 0, r->cookie);
+        }
+        memcpy(o + hl, w->buf, piece);
+        c->olen += hl + piece;
+        pair_put(c);
+        pm_count_add(&c->requests, 1);
         return;
     }
     unsigned char h[28];
@@ -921,12 +979,14 @@ static void serve(pm_nbd_conn *c)
         pthread_mutex_lock(&c->recv_mu);
     next:
         if (pm_load_acquire(&c->closing)) {
+            flush_replies(c);
             pm_fetch_sub(&c->readers, 1);
             pthread_mutex_unlock(&c->recv_mu);
             break;
         }
         int ok = read_request(c, &w, &r);
         if (!ok) {
+            flush_replies(c);
             pm_store_seqcst(&c->closing, 1);
             pm_fetch_sub(&c->readers, 1);
             pthread_mutex_unlock(&c->recv_mu);
@@ -934,6 +994,8 @@ static void serve(pm_nbd_conn *c)
         }
         pm_fetch_add(&c->inflight, 1);
         int keep = r.streamed ? 0 : keep_receiving(c, &w, &r);
+        if (keep != KEEP_HOT)
+            flush_replies(c);
         if (keep) {
             /* still counted as a reader, and the lock is not given up in
              * between: an unlock would wake a thread waiting for it only
@@ -942,6 +1004,8 @@ static void serve(pm_nbd_conn *c)
             c->last_kept = keep == KEEP_COLD;
             execute(c, &w, &r);
             pm_fetch_sub(&c->inflight, 1);
+            if (!more_ready(c))
+                flush_replies(c);
             goto next;
         }
         c->last_kept = 0;

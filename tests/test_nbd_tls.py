@@ -659,6 +659,47 @@ def test_a_short_reply_is_one_record(pair, tmp_path, pki, structured):
         server.shutdown()
 
 
+@pytest.mark.parametrize("structured", [False, True])
+def test_a_burst_of_hot_reads_shares_its_records(tmp_path, pki, structured):
+    """nbd_loop.c, flush_replies: the reader serves a burst of cached reads
+    alone and gathers their replies while the next request is already
+    received, so 30 replies of 4 KiB leave in 16 KiB records (8 of them),
+    not one record each; every reply is right and they come in order.  A
+    request it does not serve so (a write) sends the gathered ones first."""
+    std, mir = tmp_path / "std.img", tmp_path / "mir.img"
+    data = os.urandom(SIZE)
+    std.write_bytes(data)
+    mir.write_bytes(data)
+    p = pymirror.Pair.create(tmp_path / "p.meta", std, mir)
+    p.establish(assume_equal=True)
+    p.split()
+    server = served(p, tmp_path, pki, "x509")
+    try:
+        c = _raw_tls_client(server, pki, structured)
+        c.request(P.CMD_READ, 0, 4096, cookie=1)          # after the session's tickets
+        assert c.reply(4096) == (0, 1, data[:4096])
+        for burst in range(3):
+            offs = [(burst * 30 + i) * 12289 % (SIZE - 4096) for i in range(30)]
+            c.sock.records = 0
+            c.sock.sendall(b"".join(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 100 + i, off, 4096)
+                                    for i, off in enumerate(offs)))
+            for i, off in enumerate(offs):
+                assert c.reply(4096) == (0, 100 + i, data[off:off + 4096])
+            assert c.sock.records <= 10, c.sock.records
+        # a write after two reads: the gathered replies leave before the
+        # write is handed over (so before its reply)
+        c.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 201, 0, 512) +
+                       P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 202, 512, 512) +
+                       P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 203, 8192, 4) + b"new!")
+        assert c.reply(512) == (0, 201, data[:512])
+        assert c.reply(512) == (0, 202, data[512:1024])
+        assert c.reply() == (0, 203, b"")
+        assert p.read(8192, 4) == b"new!"
+    finally:
+        server.shutdown()
+        p.close()
+
+
 def test_cold_reads_at_queue_depth_one_keep_one_thread_over_tls(tmp_path, pki):
     """nbd_loop.c, keep_receiving, over TLS as in the clear: a short read of
     uncached data with nothing else waiting (on the socket, or read by
