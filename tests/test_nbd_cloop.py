@@ -275,8 +275,8 @@ def _short_reads_take_the_fast_paths(pair, fd, tmp_path):
 
 
 def test_hot_reads_are_served_by_the_thread_that_reads_them(tmp_path, counted):
-    """nbd_loop.c, keep_receiving: a short READ whose data is all in the
-    page cache is read at once (RWF_NOWAIT) by the thread holding the
+    """nbd_loop.c, keep_receiving: a READ of at most 1 MiB whose data is all
+    in the page cache is read at once (RWF_NOWAIT) by the thread holding the
     receive lock, which then reads the next request itself: a burst of hot
     reads starts no thread and wakes none (before, each request was handed
     to the pool: the burst started threads).  Reads not all cached, and
@@ -292,7 +292,8 @@ def test_hot_reads_are_served_by_the_thread_that_reads_them(tmp_path, counted):
             before = threads_now()
             rng = random.Random(3)
             for burst in range(20):
-                reqs = [(i, rng.randrange(SIZE - 65536), rng.choice((1, 512, 4096, 65536))) for i in range(32)]
+                reqs = [(i, rng.randrange(SIZE - (1 << 20)), rng.choice((1, 512, 4096, 65536, 1 << 20)))
+                        for i in range(32)]
                 c.sock.sendall(b"".join(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, i, off, n)
                                         for i, off, n in reqs))
                 for i, off, n in reqs:                # one thread: the replies come in order
