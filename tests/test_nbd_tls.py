@@ -659,13 +659,8 @@ def test_a_short_reply_is_one_record(pair, tmp_path, pki, structured):
         server.shutdown()
 
 
-@pytest.mark.parametrize("structured", [False, True])
-def test_a_burst_of_hot_reads_shares_its_records(tmp_path, pki, structured):
-    """nbd_loop.c, flush_replies: the reader serves a burst of cached reads
-    alone and gathers their replies while the next request is already
-    received, so 30 replies of 4 KiB leave in 16 KiB records (8 of them),
-    not one record each; every reply is right and they come in order.  A
-    request it does not serve so (a write) sends the gathered ones first."""
+def _split_file_pair(tmp_path):
+    """A split pair of two files of random data (the same on both)."""
     std, mir = tmp_path / "std.img", tmp_path / "mir.img"
     data = os.urandom(SIZE)
     std.write_bytes(data)
@@ -673,6 +668,17 @@ def test_a_burst_of_hot_reads_shares_its_records(tmp_path, pki, structured):
     p = pymirror.Pair.create(tmp_path / "p.meta", std, mir)
     p.establish(assume_equal=True)
     p.split()
+    return p, std, data
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_a_burst_of_hot_reads_shares_its_records(tmp_path, pki, structured):
+    """nbd_loop.c, flush_replies: the reader serves a burst of cached reads
+    alone and gathers their replies while the next request is already
+    received, so 30 replies of 4 KiB leave in 16 KiB records (8 of them),
+    not one record each; every reply is right and they come in order.  A
+    request it does not serve so (a write) sends the gathered ones first."""
+    p, std, data = _split_file_pair(tmp_path)
     server = served(p, tmp_path, pki, "x509")
     try:
         c = _raw_tls_client(server, pki, structured)
@@ -705,13 +711,7 @@ def test_cold_reads_at_queue_depth_one_keep_one_thread_over_tls(tmp_path, pki):
     uncached data with nothing else waiting (on the socket, or read by
     GnuTLS) is carried out by the thread that read it, so cold reads one at
     a time start no thread; a burst still grows the pool."""
-    std, mir = tmp_path / "std.img", tmp_path / "mir.img"
-    data = os.urandom(SIZE)
-    std.write_bytes(data)
-    mir.write_bytes(data)
-    p = pymirror.Pair.create(tmp_path / "p.meta", std, mir)
-    p.establish(assume_equal=True)
-    p.split()
+    p, std, data = _split_file_pair(tmp_path)
     fd = os.open(std, os.O_RDONLY)
     os.fsync(fd)
     server = served(p, tmp_path, pki, "x509")
