@@ -100,7 +100,7 @@ struct pm_nbd_conn {
     uint32_t spin_ns;                 /* how long the reader polls for the next request (nbd_spin.h) */
     int last_kept;                    /* the last request was a cold read carried out by the reader */
     pm_atomic_u64 spin_hits;          /* requests the reader's polling caught */
-    unsigned char *obuf;              /* replies to hot reads not sent yet (batch_reply) */
+    unsigned char *obuf;              /* replies to hot reads not sent yet (flush_replies) */
     size_t olen;
 
     pthread_mutex_t send_mu;          /* one reply at a time on the socket */
@@ -298,8 +298,9 @@ static void flush_replies(pm_nbd_conn *c)
     c->olen = 0;
 }
 
-/* Room for n more bytes of replies in obuf (recv_mu held); NULL if none
- * can be had (no memory): the caller sends its reply alone. */
+/* Room for n more bytes of replies in obuf (recv_mu held), after sending
+ * what is gathered if it must; NULL for a reply larger than obuf, or with
+ * no memory: the caller sends its reply alone. */
 static unsigned char *reply_room(pm_nbd_conn *c, size_t n)
 {
     if (n > OBUF_SIZE)
@@ -925,10 +926,10 @@ static int execute(pm_nbd_conn *c, struct worker *w, const struct req *r)
  *    alone, without a context switch.  With four connections on this
  *    2-vCPU VM those switches were half the server's CPU per request, and
  *    the throughput swung by 2x from run to run (docs/nbd.md).
- *  - none of it is (a cold read of at most KEEP_MAX), while nothing else waits to be read (no
- *    other request in the receive buffer, none on the socket, over TLS no
- *    record GnuTLS has read) or is being carried out: a client at queue
- *    depth 1.  The next request can then wait at most this one read; in
+ *  - none of it is (a cold read of at most KEEP_MAX), while nothing else
+ *    waits to be read (no other request in the receive buffer, none on
+ *    the socket, over TLS no record GnuTLS has read) or is being carried
+ *    out: a client at queue depth 1.  The next request can then wait at most this one read; in
  *    exchange no other thread has to be woken to take the socket over,
  *    which on this VM cost a cold 4 KiB read about 30 us.  A deeper
  *    client's cold reads go to the pool, which reads them in parallel.
