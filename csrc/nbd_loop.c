@@ -483,28 +483,24 @@ static size_t recv_next(pm_nbd_conn *c)
         return xrecv(c, buf, len);
     if (c->spin_ns > 0 && !c->last_kept && !pm_load_acquire(&c->stopping) && spin_enter()) {
         uint64_t t0 = now_ns(), t = t0;
-        ssize_t k;
+        ssize_t k = 0;
+        int got;                      /* 1: bytes came, 0: not yet, -1: the client is gone */
         do {
             if (c->tls) {
-                int got = pm__tls_poll(c->tls);
-                k = got > 0 ? 1 : got == 0 ? -1 : 0;
-                if (got == 0)
-                    errno = EAGAIN;
+                got = pm__tls_poll(c->tls);
             } else {
                 k = recv(c->fd, buf, len, MSG_DONTWAIT);
+                got = k > 0 ? 1 : k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : -1;
             }
-        } while (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) &&
-                 (t = now_ns()) - t0 < c->spin_ns);
+        } while (got == 0 && (t = now_ns()) - t0 < c->spin_ns);
         pm_fetch_sub(&spinners, 1);
-        if (k > 0) {
+        if (got < 0)
+            return 0;
+        if (got > 0) {
             pm_count_add(&c->spin_hits, 1);
             c->spin_ns = pm_nbd_spin_next(c->spin_ns, 1, 0);
             return c->tls ? xrecv(c, buf, len) : (size_t)k;
         }
-        if (k == 0)
-            return 0;                 /* the client is gone */
-        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
-            return 0;
         spun = (uint32_t)(t - t0);
     }
     uint64_t t0 = now_ns();

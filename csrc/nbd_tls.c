@@ -531,7 +531,9 @@ uint64_t pm_tls_pending(pm_tls *t)
 
 int pm__tls_poll(pm_tls *t)
 {
-    if (t->send > t->spos || gt.check_pending(t->s) > 0)
+    /* the caller polls only with nothing received yet (pm_tls_pending 0);
+     * a stash not yet read must never be overwritten all the same */
+    if (t->send > t->spos)
         return 1;
     ssize_t k = recv(t->fd, t->stash, sizeof t->stash, MSG_DONTWAIT);
     if (k > 0) {

@@ -15,9 +15,10 @@
 int pm__tls_sendv(pm_tls *t, const struct iovec *iov, int n);
 
 /* Poll the socket once without sleeping (the C loop's poll for the next
- * request, nbd_spin.h): 1 if bytes wait to be read (taken off the socket
- * for GnuTLS to read first, or already read by it), 0 if none yet, -1 if
- * the client is gone.  The receiving thread's only. */
+ * request, nbd_spin.h), when nothing received is left to read
+ * (pm_tls_pending 0): 1 if bytes came (taken off the socket for GnuTLS to
+ * read first), 0 if none yet, -1 if the client is gone.  The receiving
+ * thread's only. */
 int pm__tls_poll(pm_tls *t);
 
 #endif

@@ -28,6 +28,10 @@ _spec = importlib.util.spec_from_file_location("nbd_util", Path(__file__).with_n
 nbd_util = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("nbd_util", nbd_util)
 _spec.loader.exec_module(nbd_util)
+_spec = importlib.util.spec_from_file_location("pagecache", Path(__file__).with_name("pagecache.py"))
+pagecache = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("pagecache", pagecache)
+_spec.loader.exec_module(pagecache)
 RawClient = nbd_util.RawClient
 connect = nbd_util.connect
 
@@ -184,20 +188,9 @@ def voluntary_switches():
 
 
 def uncached(fd, off, length):
-    """Drop a clean file from the page cache (all of it: a range smaller
-    than the large folios the kernel may cache it in is not dropped); False
-    if this file system keeps its pages (tmpfs).  The check's RWF_NOWAIT
-    read starts reading the page in, so the file is dropped again once that
-    read is over."""
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    try:
-        os.preadv(fd, [bytearray(4096)], off, os.RWF_NOWAIT)
-        return False
-    except BlockingIOError:
-        pass
-    time.sleep(0.005)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    return True
+    """Drop a clean file from the page cache until [off, off+length) is out
+    (tests/pagecache.py); False if this file system keeps its pages (tmpfs)."""
+    return pagecache.drop(fd, off, length)
 
 
 def test_short_reads_take_the_fast_paths(tmp_path, counted):
@@ -272,6 +265,47 @@ def _short_reads_take_the_fast_paths(pair, fd, tmp_path):
         c.request(P.CMD_READ, 0, 8, cookie=5)   # the write is seen
         assert c.reply(8) == (0, 5, b"slow" + PATTERN[4:8])
         c.close()
+
+
+def test_a_cold_read_beside_a_running_request_goes_to_the_pool(tmp_path, counted):
+    """nbd_loop.c, keep_receiving: the reader keeps a cold read only when no
+    other request is being carried out (a client at queue depth 1).  With a
+    WRITE held at the barrier, cold reads sent one at a time, each with
+    nothing behind it on the socket, are handed over: the threads take
+    turns at the socket, so the wake-ups are shared among them (kept, one
+    thread would take them all, as in test_short_reads_take_the_fast_paths).
+    Every read is answered while the write waits, and right."""
+    pair = file_pair(tmp_path)
+    fd = os.open(tmp_path / "std.img", os.O_RDONLY)
+    os.fsync(fd)
+    try:
+        with NBDServer(pair, socket_path=str(tmp_path / "s")) as server:
+            c, _, _ = connect(server.socket_path)
+            uncached(fd, 0, 30 * 4096)            # a cold burst: the pool grows first
+            c.sock.sendall(b"".join(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, i, i * 4096, 4096)
+                                    for i in range(30)))
+            assert sorted(c.reply(4096)[:2] for _ in range(30)) == [(0, i) for i in range(30)]
+            me = str(threading.get_native_id())
+            with pair.hold_io():
+                c.request(P.CMD_WRITE, 0, 4, b"slow", cookie=1000)
+                time.sleep(0.05)                  # the write is at the barrier
+                s0 = voluntary_switches()
+                for i in range(30):
+                    off = (i + 1) * 65536
+                    if not uncached(fd, off, 4096):
+                        pytest.skip("this file system keeps its pages cached: no cold read to make")
+                    c.request(P.CMD_READ, off, 4096, cookie=i)
+                    assert c.reply(4096) == (0, i, PATTERN[off:off + 4096])
+                s1 = voluntary_switches()
+            assert c.reply()[:2] == (0, 1000)
+            woken = sorted(s1[t] - s0[t] for t in s1 if t in s0 and t != me)
+            # kept, the others share fewer than 10 (the fast-path test's bound)
+            assert sum(woken[:-1]) >= 20, woken
+            c.close()
+    finally:
+        os.close(fd)
+        pair.close()
+    assert all(counted)
 
 
 def test_hot_reads_are_served_by_the_thread_that_reads_them(tmp_path, counted):

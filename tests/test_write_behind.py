@@ -6,39 +6,32 @@ final flush has little left to do; a small write stays in the page cache
 soon is written once.  Dirty pages are counted with cachestat(2)."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import importlib.util
 import os
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 import pymirror
 
+_spec = importlib.util.spec_from_file_location("pagecache", Path(__file__).with_name("pagecache.py"))
+pagecache = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("pagecache", pagecache)
+_spec.loader.exec_module(pagecache)
+
 MiB = 1 << 20
 SIZE = 16 * MiB
-NR_CACHESTAT = 451            # the same on x86-64 and arm64 (the generic table)
-
-libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-class _Range(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _Stat(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint64) for n in
-                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
 
 
 def dirty(path, off: int, length: int) -> int:
     """Dirty pages of [off, off+length) of the file (not yet being written back)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        st = _Stat()
-        rc = libc.syscall(NR_CACHESTAT, fd, ctypes.byref(_Range(off, length)), ctypes.byref(st), 0)
-        if rc != 0:
-            pytest.skip(f"no cachestat(2) here: {os.strerror(ctypes.get_errno())}")
+        st = pagecache.cachestat(fd, off, length)
+        if st is None:
+            pytest.skip("no cachestat(2) here (Linux 6.5 or later)")
         return st.nr_dirty
     finally:
         os.close(fd)
