@@ -7,7 +7,13 @@ Run:  pytest benchmarks/bench_nbd.py --benchmark-only -s
       (PM_BENCH_MIB=1024 volume size, PM_BENCH_REPS=3 reps, PM_BENCH_SECONDS=4 per fio run)
 Figures (medians over reps), all over unix sockets, client and server on the
 same machine:
-  read       sequential read, ``nbdcopy URI null:`` (4 connections), MB/s
+  read       sequential read, ``nbdcopy URI null:`` (4 connections), MB/s,
+             the median of READ_RUNS (3) copies in each rep: one copy of
+             1 GiB takes 0.2-1.4 s, too short for one sample a rep
+  read_ceiling  the same from ``nbdkit --filter=noextents null``, a server
+             that reads no disk and copies nothing (with TLS, with TLS on):
+             what the client, the socket and (with TLS) the encryption
+             allow on this machine, measured in every rep
   write      sequential write, ``nbdcopy --flush file URI``, MB/s (rep 0,
              ``write_first``, is the first write after a split for pymirror)
   qd1, qd32  4 KiB random reads, fio's nbd engine, page cache hot, IOPS
@@ -48,6 +54,7 @@ MiB = 1 << 20
 # (PYMIRROR_NBD_ENGINE=python), the same code otherwise
 NAMES = ("pymirror", "pymirror-py", "qemu-nbd", "nbdkit")
 SETTLE_S = float(os.environ.get("PM_BENCH_SETTLE", "3"))   # after each drop (see the docstring)
+READ_RUNS = 3                                               # nbdcopy copies per rep (see the docstring)
 
 
 def need(tool):
@@ -87,7 +94,7 @@ class Servers:
             if os.geteuid() == 0:
                 self.fio_prefix = [need("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups"] + \
                     self.fio_prefix
-        self.sock = {n: str(sockdir / f"{n}.sock") for n in self.names}
+        self.sock = {n: str(sockdir / f"{n}.sock") for n in self.names + ("ceiling",)}
         self.files = {"pymirror": [d / "std.img", d / "mir.img"], "pymirror-py": [d / "std2.img", d / "mir2.img"],
                       "qemu-nbd": [d / "qemu.img"], "nbdkit": [d / "nbdkit.img"]}
 
@@ -110,6 +117,9 @@ class Servers:
             + [str(d / "qemu.img")])
         self.procs["nbdkit"] = subprocess.Popen(
             [need("nbdkit"), "-f", "-U", self.sock["nbdkit"]] + tls_kit + ["file", f"file={d / 'nbdkit.img'}"])
+        self.procs["ceiling"] = subprocess.Popen(
+            [need("nbdkit"), "-f", "-U", self.sock["ceiling"]] + tls_kit
+            + ["--filter=noextents", "null", f"size={self.size}"])
         t0 = time.monotonic()
         for s in self.sock.values():
             while not os.path.exists(s):
@@ -215,6 +225,11 @@ def timed(cmd):
     return time.perf_counter() - t0
 
 
+def read_mbs(servers, uri):
+    """Sequential read with nbdcopy, MB/s: the median of READ_RUNS copies."""
+    return statistics.median(servers.size / timed([need("nbdcopy"), uri, "null:"]) / 1e6 for _ in range(READ_RUNS))
+
+
 def fio_iops(uri, qd, runtime, prefix=()):
     out = subprocess.run([*prefix, need("fio"), "--name=r", "--ioengine=nbd", f"--uri={uri}", "--rw=randread", "--bs=4k",
                           f"--iodepth={qd}", f"--runtime={runtime}", "--time_based", "--output-format=json"],
@@ -240,13 +255,14 @@ def run_against_peers(benchmark, servers, tools, record_as, cold):
     keys = ("write_first", "write", "read", "qd1", "qd32", "cpu_us_qd32", "cold_qd1", "cold_qd32")
     names = servers.names
     res = {n: {k: [] for k in keys} for n in names}
+    ceiling = []
     for rep in range(reps):
         for n in names[rep % len(names):] + names[:rep % len(names)]:
             uri, r = servers.uri(n), res[n]
             r["write_first" if rep == 0 else "write"].append(
                 servers.size / timed([need("nbdcopy"), "--flush", src, uri]) / 1e6)
             servers.hot(n)
-            r["read"].append(servers.size / timed([need("nbdcopy"), uri, "null:"]) / 1e6)
+            r["read"].append(read_mbs(servers, uri))
             furi, fp = servers.fio_uri(n), servers.fio_prefix
             r["qd1"].append(fio_iops(furi, 1, runtime, fp)[0])
             cpu0 = cpu_seconds(servers.procs[n].pid)
@@ -256,6 +272,7 @@ def run_against_peers(benchmark, servers, tools, record_as, cold):
             for qd in (1, 32) if cold else ():
                 servers.cold(n)
                 r[f"cold_qd{qd}"].append(fio_iops(furi, qd, runtime, fp)[0])
+        ceiling.append(read_mbs(servers, servers.uri("ceiling")))
     benchmark.pedantic(lambda: timed([need("nbdcopy"), servers.uri("pymirror"), "null:"]), rounds=1, iterations=1)
     med = {n: {k: round(statistics.median(v), 1 if k.startswith("cpu") else None) for k, v in r.items() if v}
            for n, r in res.items()}
@@ -264,8 +281,12 @@ def run_against_peers(benchmark, servers, tools, record_as, cold):
         for k in med["pymirror"]:
             if k in med[peer] and med[peer][k]:
                 ratios[f"{k}_vs_{peer}"] = round(med["pymirror"][k] / med[peer][k], 2)
+    med["ceiling"] = {"read": round(statistics.median(ceiling))}
+    for n in ("pymirror", "nbdkit"):
+        ratios[f"read_{n}_vs_ceiling"] = round(med[n]["read"] / med["ceiling"]["read"], 2)
     tools.record(record_as, {
-        "size_mib": servers.size // MiB, "reps": reps, "fio_seconds": runtime, "medians": med, "ratios": ratios,
+        "size_mib": servers.size // MiB, "reps": reps, "read_runs": READ_RUNS, "fio_seconds": runtime,
+        "medians": med, "ratios": ratios, "ceiling_read": [round(x, 1) for x in ceiling],
         "all": {n: {k: [round(x, 1) for x in v] for k, v in r.items() if v} for n, r in res.items()},
         "units": "MB/s for read/write, IOPS for qd*, µs of server CPU per request for cpu_us_qd32",
         "load_average": os.getloadavg()})
@@ -289,8 +310,9 @@ server.shutdown()
 
 def test_nbd_four_pairs_one_process(benchmark, tmp_path, tools):
     """Four pairs exported from one pymirror process, four clients at once,
-    against four nbdkit processes: aggregate sequential read (four nbdcopy)
-    and 4 KiB random reads at qd 32 (four fio), hot."""
+    against four nbdkit processes: aggregate sequential read (four nbdcopy;
+    the median of READ_RUNS in each rep) and 4 KiB random reads at qd 32
+    (four fio), hot; the two go first in turn."""
     size = bench_size(benchmark) // 4
     reps = 1 if benchmark.disabled else int(os.environ.get("PM_BENCH_REPS", "3"))
     runtime = 1 if benchmark.disabled else int(os.environ.get("PM_BENCH_SECONDS", "4"))
@@ -316,12 +338,15 @@ def test_nbd_four_pairs_one_process(benchmark, tmp_path, tools):
             for k in ("std", "mir", "kit"):
                 subprocess.run(["cat", str(d / f"{k}{i}.img")], stdout=subprocess.DEVNULL, check=True)
         res = {n: {"read": [], "qd32": []} for n in procs}
-        for _ in range(reps):
-            for n in procs:
-                t = time.perf_counter()
-                ps = [subprocess.Popen([need("nbdcopy"), u, "null:"]) for u in uris[n]]
-                assert all(p.wait(600) == 0 for p in ps)
-                res[n]["read"].append(4 * size / (time.perf_counter() - t) / 1e6)
+        for rep in range(reps):
+            for n in list(procs)[rep % 2:] + list(procs)[:rep % 2]:
+                reads = []
+                for _ in range(READ_RUNS):
+                    t = time.perf_counter()
+                    ps = [subprocess.Popen([need("nbdcopy"), u, "null:"]) for u in uris[n]]
+                    assert all(p.wait(600) == 0 for p in ps)
+                    reads.append(4 * size / (time.perf_counter() - t) / 1e6)
+                res[n]["read"].append(statistics.median(reads))
                 with concurrent.futures.ThreadPoolExecutor(4) as ex:
                     res[n]["qd32"].append(sum(i for i, _ in ex.map(lambda u: fio_iops(u, 32, runtime), uris[n])))
     finally:
