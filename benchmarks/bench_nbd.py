@@ -22,7 +22,12 @@ same machine:
              then PM_BENCH_SETTLE seconds (3) of waiting, as bench_copy.py
              does: this VM hands freed memory back to its host about 2 s
              after it is freed, and that work otherwise lands on whichever
-             cold run comes next
+             cold run comes next.  A rep's cold runs come after all its hot
+             ones, server after server, seconds apart: this VM's disk is
+             shared, and its speed drifts 2-3x over minutes for every server
+             alike (benchmarks/nbd_cold_diag.py shows it), so a cold figure
+             is also given as the median of its per-rep ratios
+             (``cold_qd32_vs_nbdkit_per_rep``)
   cpu_us_qd32  server CPU time per request in the hot qd32 run (µs)
 With TLS (``test_nbd_tls_against_peers``) the same figures: fio's nbd engine
 cannot be given a certificate directory in its URI (libnbd refuses a URI that
@@ -269,9 +274,12 @@ def run_against_peers(benchmark, servers, tools, record_as, cold):
             iops, ios = fio_iops(furi, 32, runtime, fp)
             r["qd32"].append(iops)
             r["cpu_us_qd32"].append((cpu_seconds(servers.procs[n].pid) - cpu0) / ios * 1e6)
-            for qd in (1, 32) if cold else ():
+        # the cold runs of a rep together, so the servers' are seconds apart:
+        # the disk's speed drifts over minutes (see the docstring)
+        for n in (names[rep % len(names):] + names[:rep % len(names)]) if cold else ():
+            for qd in (1, 32):
                 servers.cold(n)
-                r[f"cold_qd{qd}"].append(fio_iops(furi, qd, runtime, fp)[0])
+                res[n][f"cold_qd{qd}"].append(fio_iops(servers.fio_uri(n), qd, runtime, servers.fio_prefix)[0])
         ceiling.append(read_mbs(servers, servers.uri("ceiling")))
     benchmark.pedantic(lambda: timed([need("nbdcopy"), servers.uri("pymirror"), "null:"]), rounds=1, iterations=1)
     med = {n: {k: round(statistics.median(v), 1 if k.startswith("cpu") else None) for k, v in r.items() if v}
@@ -281,6 +289,9 @@ def run_against_peers(benchmark, servers, tools, record_as, cold):
         for k in med["pymirror"]:
             if k in med[peer] and med[peer][k]:
                 ratios[f"{k}_vs_{peer}"] = round(med["pymirror"][k] / med[peer][k], 2)
+    for k in ("cold_qd1", "cold_qd32") if cold else ():
+        per_rep = [a / b for a, b in zip(res["pymirror"][k], res["nbdkit"][k])]
+        ratios[f"{k}_vs_nbdkit_per_rep"] = round(statistics.median(per_rep), 2)
     med["ceiling"] = {"read": round(statistics.median(ceiling))}
     for n in ("pymirror", "nbdkit"):
         ratios[f"read_{n}_vs_ceiling"] = round(med[n]["read"] / med["ceiling"]["read"], 2)
