@@ -73,6 +73,24 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def fio_tls_dir(client_dir):
+    """A directory fio can reach as nobody, for its sockets and libnbd's
+    default CA directory (see the docstring), and the command prefix that
+    runs fio there: (directory, prefix).  The caller removes it."""
+    pub = Path(tempfile.mkdtemp(prefix="pm-bench-tls-"))
+    home = pub / "home"
+    (home / ".pki" / "libnbd").mkdir(parents=True)
+    shutil.copy(Path(client_dir) / "ca-cert.pem", home / ".pki" / "libnbd" / "ca-cert.pem")
+    for root, dirs, files in os.walk(pub):
+        os.chmod(root, 0o755)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
+    prefix = ["env", f"HOME={home}"]
+    if os.geteuid() == 0:
+        prefix = [need("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups"] + prefix
+    return pub, prefix
+
+
 class Servers:
     """One server of each kind; each serves its own copy of the same bytes."""
 
@@ -86,19 +104,8 @@ class Servers:
         self.fio_prefix = []
         sockdir = d
         if tls is not None:
-            # a directory fio can reach as nobody: its sockets and libnbd's default CA directory
-            sockdir = self.pub = Path(tempfile.mkdtemp(prefix="pm-bench-tls-"))
-            home = self.pub / "home"
-            (home / ".pki" / "libnbd").mkdir(parents=True)
-            shutil.copy(tls[1] / "ca-cert.pem", home / ".pki" / "libnbd" / "ca-cert.pem")
-            for root, dirs, files in os.walk(self.pub):
-                os.chmod(root, 0o755)
-                for f in files:
-                    os.chmod(os.path.join(root, f), 0o644)
-            self.fio_prefix = ["env", f"HOME={home}"]
-            if os.geteuid() == 0:
-                self.fio_prefix = [need("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups"] + \
-                    self.fio_prefix
+            self.pub, self.fio_prefix = fio_tls_dir(tls[1])
+            sockdir = self.pub
         self.sock = {n: str(sockdir / f"{n}.sock") for n in self.names + ("ceiling",)}
         self.files = {"pymirror": [d / "std.img", d / "mir.img"], "pymirror-py": [d / "std2.img", d / "mir2.img"],
                       "qemu-nbd": [d / "qemu.img"], "nbdkit": [d / "nbdkit.img"]}

@@ -41,12 +41,12 @@ import statistics
 import subprocess
 import sys
 import threading
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_nbd as b  # noqa: E402
+from conftest import drop_file  # noqa: E402
 
 SIZE = 1 << 30
 SERVE = """
@@ -67,7 +67,10 @@ pair.close()
 
 def disk_of(path: Path) -> str:
     dev = os.stat(path).st_dev
-    name = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
+    link = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if not link.exists():
+        sys.exit(f"nbd_cold_diag: {path} is not on a disk's file system (tmpfs, overlay?): choose another DIR")
+    name = link.resolve()
     return name.parent.name if (name / "partition").exists() else name.name
 
 
@@ -91,6 +94,13 @@ def throttle(pids, iops, disk):
         (cg / "cgroup.procs").write_text(str(pid))
 
 
+def throttle_or_exit(pids, iops, disk):
+    try:
+        throttle(pids, iops, disk)
+    except OSError as e:
+        sys.exit(f"nbd_cold_diag: --throttle needs a blkio cgroup it may write (root): {e.strerror}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dir", type=Path)
@@ -103,6 +113,7 @@ def main():
     a = ap.parse_args()
     d = a.dir
     d.mkdir(parents=True, exist_ok=True)
+    disk = disk_of(d)
     files = {"pymirror": [d / "std.img", d / "mir.img"], "nbdkit": [d / "kit.img"]}
     if not (d / "kit.img").exists():
         b.make_files(d, SIZE, ["std.img", "mir.img", "kit.img"])
@@ -111,23 +122,12 @@ def main():
     b.make_pair(meta, d / "std.img", d / "mir.img")
     sockdir, prefix, tls_pm, tls_kit, scheme = d, [], [], [], "nbd"
     if a.tls:
-        # as bench_nbd.Servers: fio reaches the sockets and libnbd's default CA directory as nobody
         certs = d / "certs"
         if not certs.exists():
             for f in ("certs", "client"):
                 shutil.rmtree(d / f, ignore_errors=True)
             b.make_certs(d)
-        sockdir = Path(tempfile.mkdtemp(prefix="pm-cold-diag-"))
-        home = sockdir / "home"
-        (home / ".pki" / "libnbd").mkdir(parents=True)
-        shutil.copy(d / "client" / "ca-cert.pem", home / ".pki" / "libnbd" / "ca-cert.pem")
-        for root, _, fs in os.walk(sockdir):
-            os.chmod(root, 0o755)
-            for f in fs:
-                os.chmod(os.path.join(root, f), 0o644)
-        prefix = ["env", f"HOME={home}"]
-        if os.geteuid() == 0:
-            prefix = [b.need("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups"] + prefix
+        sockdir, prefix = b.fio_tls_dir(d / "client")
         tls_pm, tls_kit, scheme = [str(certs)], ["--tls=require", f"--tls-certificates={certs}"], "nbds"
     socks = {n: sockdir / f"{n}.sock" for n in files}
     for s in socks.values():
@@ -136,7 +136,6 @@ def main():
                                            str(a.threads)] + tls_pm, cwd=str(d)),
              "nbdkit": subprocess.Popen([b.need("nbdkit"), "-f", "-U", str(socks["nbdkit"])] + tls_kit
                                         + ["file", f"file={d / 'kit.img'}"], stderr=subprocess.DEVNULL)}
-    disk = disk_of(d)
     perf = shutil.which("perf")
     rows = {n: [] for n in procs}
     try:
@@ -145,21 +144,20 @@ def main():
                 time.sleep(0.05)
             os.chmod(s, 0o777)
         if a.throttle:
-            throttle([p.pid for p in procs.values()], a.throttle, disk)
+            throttle_or_exit([p.pid for p in procs.values()], a.throttle, disk)
         order = list(procs)
         for rep in range(a.reps):
             for n in order[rep % 2:] + order[:rep % 2]:
                 for f in files[n]:
-                    fd = os.open(f, os.O_RDONLY)
-                    os.fsync(fd)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                    os.close(fd)
+                    drop_file(f)
                 time.sleep(b.SETTLE_S)
                 pid = procs[n].pid
                 pst = None
+                (d / "perf.txt").unlink(missing_ok=True)
                 if perf:
                     pst = subprocess.Popen([perf, "stat", "-x,", "-e", "context-switches,raw_syscalls:sys_enter",
-                                            "-p", str(pid), "-o", str(d / "perf.txt")])
+                                            "-p", str(pid), "-o", str(d / "perf.txt")],
+                                           stderr=subprocess.DEVNULL)
                     time.sleep(0.3)
                 samples, stop = [], threading.Event()
 
@@ -182,14 +180,15 @@ def main():
                 if pst is not None:
                     pst.send_signal(2)
                     pst.wait()
-                    for line in open(d / "perf.txt"):
+                    lines = (d / "perf.txt").read_text().splitlines() if (d / "perf.txt").exists() else []
+                    for line in lines:               # none if perf may not watch the server
                         f = line.strip().split(",")
                         if len(f) > 3 and f[0].isdigit():
                             r["cs" if f[2] == "context-switches" else "sc"] = round(int(f[0]) / ios, 2)
                 rows[n].append(r)
                 print(rep, n, r, flush=True)
         for n, rs in rows.items():
-            print("median", n, {k: statistics.median(x[k] for x in rs) for k in rs[0]})
+            print("median", n, {k: statistics.median(x[k] for x in rs) for k in rs[0] if all(k in x for x in rs)})
         print("pymirror / nbdkit, ratio of the medians:",
               round(statistics.median(x["iops"] for x in rows["pymirror"])
                     / statistics.median(x["iops"] for x in rows["nbdkit"]), 2))

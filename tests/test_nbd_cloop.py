@@ -281,7 +281,8 @@ def test_a_cold_read_beside_a_running_request_goes_to_the_pool(tmp_path, counted
     try:
         with NBDServer(pair, socket_path=str(tmp_path / "s")) as server:
             c, _, _ = connect(server.socket_path)
-            uncached(fd, 0, 30 * 4096)            # a cold burst: the pool grows first
+            if not uncached(fd, 0, 30 * 4096):    # a cold burst: the pool grows first
+                pytest.skip("this file system keeps its pages cached: no cold read to make")
             c.sock.sendall(b"".join(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, i, i * 4096, 4096)
                                     for i in range(30)))
             assert sorted(c.reply(4096)[:2] for _ in range(30)) == [(0, i) for i in range(30)]
