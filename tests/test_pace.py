@@ -93,8 +93,12 @@ def test_restore_under_host_io_keeps_the_invariants(cfg):
         import time
         end = time.monotonic() + 3.0
         i = 0
-        # until the pacing has judged a window of host I/O (>= 0.1 s each), with the copy going on
-        while i < 300 or (cfg.pace == "auto" and pair.progress.host_read_p99 is None
+        def judged(p) -> bool:                # what the assertions below ask of the pacing
+            return p.host_read_p99 is not None and (p.host_write_p99 is not None or p.host_merge_p99 is not None)
+
+        # until the pacing has judged a window of host reads and one of host
+        # writes (>= 0.1 s each), with the copy going on
+        while i < 300 or (cfg.pace == "auto" and not judged(pair.progress)
                           and time.monotonic() < end and not job.done):
             i += 1
             off, n = r.randrange(0, size - 5000), r.randrange(1, 5000)
